@@ -1,0 +1,223 @@
+"""`SparsityCallback`: N:M sparse training with any `transformers.Trainer`, in one line."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import TrainerCallback
+
+from .config import SparsityConfig
+from .masks import format_report, is_nm, layer_sparsity, nm_mask
+from .pruning import apply_masks_, compute_masks, local_tensor
+from .selection import select_layers
+
+logger = logging.getLogger(__name__)
+
+MASKS_NAME = "hf_sparse_masks.safetensors"
+"""File the callback writes into every Trainer checkpoint, so that a resumed run continues with the same masks."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / DataParallel / DeepSpeed / `torch.compile` wrappers."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model)
+
+
+class SparsityCallback(TrainerCallback):
+    """Trains N:M (default 2:4) sparse models with `transformers.Trainer`.
+
+    When training starts it selects the layers (`SparsityConfig.target_modules`, default every `nn.Linear` of the
+    transformer blocks) and computes their masks; around every optimizer step it zeroes the masked gradients and
+    re-applies the masks, so the pruned weights stay exactly zero whatever the optimizer, weight decay, mixed
+    precision or gradient accumulation do; it recomputes masks on the configured schedule; and when training ends
+    it leaves plain weight tensors with exact zeros (the model has no parametrization or hook at any time, so
+    every checkpoint loads with plain `from_pretrained`). Masks are saved in each checkpoint (`MASKS_NAME`) so
+    `trainer.train(resume_from_checkpoint=...)` continues with the same masks.
+
+    Under the gradient clipping of the Trainer (`max_grad_norm`), the norm is taken before the masked gradients
+    are zeroed, as the Trainer clips before any callback sees the gradients.
+
+    Args:
+        config: what to prune and when; default `SparsityConfig()` (2:4, magnitude, once at train start).
+
+    Example:
+
+    ```python
+    >>> from transformers import Trainer
+    >>> from hf_sparse import SparsityCallback
+    >>> trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[SparsityCallback()])
+    >>> trainer.train()   # every targeted nn.Linear is now exactly 2:4
+    ```
+    """
+
+    def __init__(self, config: SparsityConfig | None = None):
+        if config is not None and not isinstance(config, SparsityConfig):
+            raise TypeError(f"SparsityCallback(config=...) takes a SparsityConfig; got {type(config).__name__}.")
+        self.config = config or SparsityConfig()
+        self.masks: dict[str, torch.Tensor] = {}
+        self.layers: dict[str, nn.Linear] = {}
+        self._log_layers = False
+
+    # -- training events ---------------------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("SparsityCallback needs the Trainer's model; the Trainer passed none.")
+        model = unwrap_model(model)
+        selection = select_layers(model, self.config)
+        self.layers = selection.targets
+        if selection.skipped:
+            logger.warning(selection.format_skipped())
+        logger.info(
+            "hf-sparse: %d layer(s) selected for %s sparsity (%s); masks at step %d%s.",
+            len(self.layers),
+            self.config.sparsity_pattern,
+            self.config.criterion,
+            self.config.mask_start_step,
+            f", then every {self.config.mask_update_every} steps" if self.config.mask_update_every else "",
+        )
+        self.masks = {}
+        if state.global_step > 0 and state.global_step >= self.config.mask_start_step:
+            self._restore_masks(args, state)
+        elif self.config.mask_due(state.global_step):
+            self._update_masks()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # Keeps the optimizer's state (momentum, Adam moments) of pruned weights at zero.
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                grad = self.layers[name].weight.grad
+                if grad is not None:
+                    local_tensor(grad, f"{name}.weight.grad").mul_(mask)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # Weight decay and moments built up before the masks existed still move pruned weights: zero them again.
+        apply_masks_(self.layers, self.masks)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step > 0 and self.config.mask_due(state.global_step):
+            self._update_masks()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.masks or logs is None:
+            return
+        rows = self.report()
+        extra = {"sparsity": sum(r.zeros for r in rows) / max(sum(r.numel for r in rows), 1)}
+        if self._log_layers and self.config.log_per_layer:
+            extra.update({f"sparsity/{r.name}": round(r.sparsity, 6) for r in rows})
+            self._log_layers = False
+        logs.update(extra)
+        # The Trainer stores its own copy of the logs before callbacks run: keep `state.log_history` complete.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self.masks:
+            return
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(checkpoint):
+            logger.warning("hf-sparse: checkpoint folder %s not found; masks not saved with it.", checkpoint)
+            return
+        if args.should_save:
+            save_file(_pack_masks(self.masks), os.path.join(checkpoint, MASKS_NAME), metadata=self._metadata())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.squash_()
+
+    # -- mask management ---------------------------------------------------------------------------------------
+
+    def squash_(self) -> None:
+        """Applies the masks a last time, checks every layer is exactly N:M, and drops the masks."""
+        if not self.masks:
+            return
+        apply_masks_(self.layers, self.masks)
+        rows = self.report()
+        broken = [r.name for r in rows if not r.is_nm]
+        if broken:
+            raise RuntimeError(f"hf-sparse: layers {broken} are not {self.config.sparsity_pattern} after training.")
+        logger.info("hf-sparse: final sparsity\n%s", format_report(rows))
+        self.masks = {}
+
+    def report(self):
+        """Per-layer sparsity of the selected layers (local shards under FSDP2)."""
+        return [
+            layer_sparsity(name, local_tensor(layer.weight), self.config.n, self.config.m)
+            for name, layer in self.layers.items()
+        ]
+
+    def _update_masks(self) -> None:
+        self.masks = _same_on_all_ranks(compute_masks(self.layers, self.config))
+        apply_masks_(self.layers, self.masks)
+        self._log_layers = True
+        logger.info("hf-sparse: masks computed\n%s", format_report(self.report()))
+
+    def _restore_masks(self, args, state) -> None:
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", MASKS_NAME)
+        if os.path.isfile(path):
+            packed = load_file(path)
+            self.masks = _unpack_masks(packed, self.layers, path)
+            logger.info("hf-sparse: resumed with the masks saved in %s.", path)
+        else:
+            # A checkpoint from elsewhere: its weights are already N:M, so their nonzeros are the masks.
+            not_nm = [
+                n
+                for n, layer in self.layers.items()
+                if not is_nm(local_tensor(layer.weight), self.config.n, self.config.m)
+            ]
+            if not_nm:
+                raise ValueError(
+                    f"hf-sparse: resuming at step {state.global_step} without {path}, and layers {not_nm[:5]} are "
+                    f"not {self.config.sparsity_pattern}; resume from a checkpoint written with SparsityCallback."
+                )
+            logger.warning("hf-sparse: %s not found; resuming with the masks of the weights' nonzeros.", path)
+            self.masks = {
+                name: nm_mask(local_tensor(layer.weight), self.config.n, self.config.m, name)
+                for name, layer in self.layers.items()
+            }
+        apply_masks_(self.layers, self.masks)
+
+    def _metadata(self) -> dict[str, str]:
+        return {"sparsity_pattern": self.config.sparsity_pattern, "criterion": self.config.criterion}
+
+
+def _same_on_all_ranks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Under data parallelism every rank computes the same masks from the same weights; broadcasting rank 0's
+    makes that a guarantee rather than an assumption about deterministic kernels."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return masks
+    synced = {}
+    for name, mask in masks.items():
+        as_bytes = mask.to(torch.uint8)
+        dist.broadcast(as_bytes, src=0)
+        synced[name] = as_bytes.bool()
+    return synced
+
+
+def _pack_masks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # One bit per weight: a BERT-base's masks take ~10 MB per checkpoint instead of ~85 MB.
+    return {name: torch.from_numpy(np.packbits(mask.cpu().numpy().reshape(-1))) for name, mask in masks.items()}
+
+
+def _unpack_masks(packed: dict[str, torch.Tensor], layers: dict[str, nn.Linear], path: str) -> dict:
+    missing = sorted(set(layers) - set(packed))
+    if missing:
+        raise ValueError(f"hf-sparse: {path} has no masks for layers {missing[:5]}; was it written for this model?")
+    masks = {}
+    for name, layer in layers.items():
+        weight = local_tensor(layer.weight)
+        bits = np.unpackbits(packed[name].numpy())
+        if bits.size < weight.numel() or bits.size - weight.numel() >= 8:
+            raise ValueError(
+                f"hf-sparse: the mask of {name} in {path} holds {bits.size} bits, not {weight.numel()} "
+                f"(weight shape {tuple(weight.shape)}); the file does not belong to this model."
+            )
+        masks[name] = torch.from_numpy(bits[: weight.numel()].astype(bool)).reshape(weight.shape).to(weight.device)
+    return masks

@@ -1,0 +1,138 @@
+"""`SparsityConfig`: what to prune, how, and when."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+CRITERIA = ("magnitude",)
+"""Pruning criteria known to the library. Activation-aware criteria register here (see `hf_sparse.criteria`)."""
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """Parses an "N:M" sparsity pattern into `(n, m)`: keep at most `n` of every `m` consecutive weights."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    if match is None:
+        raise ValueError(f"sparsity_pattern must look like 'N:M' (for example '2:4'); got {pattern!r}.")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(f"sparsity_pattern {pattern!r} must satisfy 0 < N < M; got N={n}, M={m}.")
+    return n, m
+
+
+@dataclass
+class SparsityConfig:
+    """Configuration of N:M (default 2:4) semi-structured pruning.
+
+    The same object drives `SparsityCallback`, `hf_sparse.prune_` and the recipe's command line
+    (through `transformers.HfArgumentParser`).
+
+    Example:
+
+    ```python
+    >>> from hf_sparse import SparsityConfig
+    >>> config = SparsityConfig(sparsity_pattern="2:4", exclude_modules=[r".*\\.attention\\.output\\.dense"])
+    >>> config.n, config.m
+    (2, 4)
+    ```
+    """
+
+    sparsity_pattern: str = field(
+        default="2:4",
+        metadata={
+            "help": "N:M pattern: keep at most N of every M consecutive weights along the input dimension "
+            "(the layout sparse tensor cores need). NVIDIA GPUs accelerate 2:4."
+        },
+    )
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules to prune: full-match regular expressions or names (a name also matches as the last "
+            "dotted components, e.g. 'query' matches 'bert.encoder.layer.0.attention.self.query'). Default: every "
+            "nn.Linear inside the model's repeated transformer blocks; embeddings and task heads are never pruned "
+            "by default."
+        },
+    )
+    exclude_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules never to prune, matched like target_modules. Applied after target_modules."},
+    )
+    criterion: str = field(
+        default="magnitude",
+        metadata={"help": f"Which weights to keep in each group. One of: {', '.join(CRITERIA)}."},
+    )
+    mask_start_step: int = field(
+        default=0,
+        metadata={
+            "help": "Optimizer step at which masks are first computed. 0 prunes when training starts (as in "
+            "PyTorch's 2:4 BERT tutorial); a later step trains densely until then."
+        },
+    )
+    mask_update_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "Recompute the masks from the current weights every this many optimizer steps after "
+            "mask_start_step. None keeps the first masks for the whole run."
+        },
+    )
+    mask_freeze_step: int | None = field(
+        default=None,
+        metadata={"help": "Stop recomputing masks from this optimizer step on (with mask_update_every)."},
+    )
+    log_per_layer: bool = field(
+        default=True,
+        metadata={"help": "Add per-layer sparsity to the Trainer's logs whenever masks are (re)computed."},
+    )
+
+    def __post_init__(self):
+        self.n, self.m = parse_pattern(self.sparsity_pattern)
+        self.sparsity_pattern = f"{self.n}:{self.m}"
+        self.target_modules = _as_pattern_list("target_modules", self.target_modules)
+        self.exclude_modules = _as_pattern_list("exclude_modules", self.exclude_modules)
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {list(CRITERIA)}; got {self.criterion!r}.")
+        if not isinstance(self.mask_start_step, int) or self.mask_start_step < 0:
+            raise ValueError(f"mask_start_step must be an integer >= 0; got {self.mask_start_step!r}.")
+        if self.mask_update_every is not None and (
+            not isinstance(self.mask_update_every, int) or self.mask_update_every < 1
+        ):
+            raise ValueError(f"mask_update_every must be None or an integer >= 1; got {self.mask_update_every!r}.")
+        if self.mask_freeze_step is not None:
+            if self.mask_update_every is None:
+                raise ValueError(
+                    f"mask_freeze_step={self.mask_freeze_step} has no effect without mask_update_every; "
+                    "set mask_update_every (steps between mask updates) or drop mask_freeze_step."
+                )
+            if not isinstance(self.mask_freeze_step, int) or self.mask_freeze_step < self.mask_start_step:
+                raise ValueError(
+                    f"mask_freeze_step must be an integer >= mask_start_step ({self.mask_start_step}); "
+                    f"got {self.mask_freeze_step!r}."
+                )
+
+    def mask_due(self, step: int) -> bool:
+        """Whether masks are (re)computed once `step` optimizer steps have been taken."""
+        if step == self.mask_start_step:
+            return True
+        if self.mask_update_every is None or step < self.mask_start_step:
+            return False
+        if self.mask_freeze_step is not None and step > self.mask_freeze_step:
+            return False
+        return (step - self.mask_start_step) % self.mask_update_every == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _as_pattern_list(name: str, value) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name} must be a string or a list of strings; got {value!r}.")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{name} entry {pattern!r} is not a valid regular expression: {err}.") from None
+    return list(value)

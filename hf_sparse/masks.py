@@ -1,0 +1,132 @@
+"""N:M mask math: computing masks from scores, and checking that weights are exactly N:M.
+
+Groups are `m` consecutive elements along the last (input) dimension of a weight, the layout that sparse
+tensor cores and cuSPARSELt expect for the left operand of `W @ x`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _check_groupable(tensor: torch.Tensor, m: int, name: str) -> None:
+    if tensor.dim() < 1 or tensor.shape[-1] % m != 0:
+        raise ValueError(
+            f"{name}: the last dimension ({tuple(tensor.shape)[-1:] or 'none'}) of a tensor of shape "
+            f"{tuple(tensor.shape)} is not divisible by M={m}; N:M groups run along the input dimension."
+        )
+
+
+@torch.no_grad()
+def nm_mask_from_scores(scores: torch.Tensor, n: int = 2, m: int = 4, name: str = "tensor") -> torch.Tensor:
+    """Boolean mask keeping the `n` highest scores of every `m` consecutive elements along the last dimension.
+
+    Ties are broken towards the lower index, so the result is deterministic on every device.
+
+    Args:
+        scores: importance of each weight (for magnitude pruning, `weight.abs()`), any float dtype and device.
+        n: elements kept per group.
+        m: group size.
+        name: what to call the tensor in error messages (a layer name, usually).
+
+    Example:
+
+    ```python
+    >>> nm_mask_from_scores(torch.tensor([[0.1, -3.0, 2.0, 0.5]]).abs())
+    tensor([[False,  True,  True, False]])
+    ```
+    """
+    _check_groupable(scores, m, name)
+    if not torch.is_floating_point(scores):
+        scores = scores.float()
+    if torch.isnan(scores).any():
+        raise ValueError(f"{name}: scores contain NaN; a mask cannot be computed from NaN weights or activations.")
+    groups = scores.reshape(-1, m)
+    # Stable sort: among equal scores the lower index comes first, whatever the device.
+    order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :n]
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(1, order, True)
+    return mask.reshape(scores.shape)
+
+
+def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4, name: str = "weight") -> torch.Tensor:
+    """Magnitude N:M mask of `weight`: keep the `n` largest |w| of every `m` consecutive weights along the input
+    dimension. A weight that already is N:M gets the mask of its nonzeros (pruning it again changes nothing)."""
+    return nm_mask_from_scores(weight.detach().abs(), n, m, name)
+
+
+@torch.no_grad()
+def is_nm(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
+    """True if every group of `m` consecutive weights along the last dimension holds at most `n` nonzeros."""
+    if weight.dim() < 1 or weight.shape[-1] % m != 0:
+        return False
+    return bool(((weight.reshape(-1, m) != 0).sum(dim=1) <= n).all())
+
+
+@dataclass
+class LayerSparsity:
+    """Sparsity of one layer's weight, as reported by `sparsity_report`."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    zeros: int
+    is_nm: bool
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+
+@torch.no_grad()
+def layer_sparsity(name: str, weight: torch.Tensor, n: int = 2, m: int = 4) -> LayerSparsity:
+    return LayerSparsity(
+        name=name,
+        shape=tuple(weight.shape),
+        numel=weight.numel(),
+        zeros=int((weight == 0).sum()),
+        is_nm=is_nm(weight, n, m),
+    )
+
+
+def sparsity_report(
+    model: torch.nn.Module, n: int = 2, m: int = 4, layers: list[str] | None = None
+) -> list[LayerSparsity]:
+    """Per-layer N:M check of a model's `nn.Linear` weights (or of the named modules' weights).
+
+    Args:
+        model: any module.
+        n, m: the pattern to check.
+        layers: fully qualified module names to check; default: every `nn.Linear`.
+
+    Example:
+
+    ```python
+    >>> report = sparsity_report(model)
+    >>> [r.name for r in report if not r.is_nm]   # layers that are not exactly 2:4
+    ```
+    """
+    modules = dict(model.named_modules())
+    if layers is None:
+        layers = [name for name, module in modules.items() if isinstance(module, torch.nn.Linear)]
+    missing = [name for name in layers if name not in modules]
+    if missing:
+        raise ValueError(f"sparsity_report: no module named {missing[:5]} in {type(model).__name__}.")
+    return [layer_sparsity(name, modules[name].weight, n, m) for name in layers]
+
+
+def format_report(rows: list[LayerSparsity]) -> str:
+    """A plain-text table of a `sparsity_report`."""
+    if not rows:
+        return "(no layers)"
+    width = max(len(r.name) for r in rows)
+    lines = [f"{'layer':<{width}}  {'shape':>14}  {'sparsity':>8}  N:M"]
+    for r in rows:
+        shape = "x".join(map(str, r.shape))
+        lines.append(f"{r.name:<{width}}  {shape:>14}  {r.sparsity:8.2%}  {'yes' if r.is_nm else 'NO'}")
+    total = sum(r.numel for r in rows)
+    zeros = sum(r.zeros for r in rows)
+    lines.append(f"{'total':<{width}}  {total:>14}  {zeros / max(total, 1):8.2%}  {all(r.is_nm for r in rows)}")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""Which modules of a model get N:M masks, and why the others do not."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import SparsityConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Selection:
+    """The result of `select_layers`: the layers to prune, and the matched modules skipped with a reason."""
+
+    targets: dict[str, nn.Linear]
+    skipped: dict[str, str]
+
+    def format_skipped(self) -> str:
+        if not self.skipped:
+            return ""
+        width = max(len(name) for name in self.skipped)
+        rows = [f"  {name:<{width}}  {reason}" for name, reason in self.skipped.items()]
+        return f"{len(self.skipped)} module(s) not pruned:\n" + "\n".join(rows)
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    for pattern in patterns:
+        if re.fullmatch(pattern, name) or name == pattern or name.endswith("." + pattern):
+            return True
+    return False
+
+
+def _in_repeated_block(name: str) -> bool:
+    # Transformer blocks live in an nn.ModuleList, so their modules have a numeric path component
+    # ("bert.encoder.layer.3.output.dense", "model.layers.0.mlp.up_proj"); embeddings, poolers and task
+    # heads ("qa_outputs", "classifier", "lm_head") do not.
+    return any(part.isdigit() for part in name.split(".")[:-1])
+
+
+def _head_names(model: nn.Module) -> set[int]:
+    heads = set()
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    if callable(get_output_embeddings):
+        try:
+            output = get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            output = None
+        if output is not None:
+            heads.add(id(output))
+    return heads
+
+
+def select_layers(model: nn.Module, config: SparsityConfig) -> Selection:
+    """Finds the layers `config` selects in `model`.
+
+    Default (no `target_modules`): every `nn.Linear` inside the repeated transformer blocks. With
+    `target_modules`, every module whose name matches; matched modules that cannot hold an N:M weight (not an
+    `nn.Linear`, or an input dimension not divisible by M) are reported in `Selection.skipped`.
+
+    Raises:
+        ValueError: if the selection matches no module at all, naming the patterns and some module names.
+    """
+    targets: dict[str, nn.Linear] = {}
+    skipped: dict[str, str] = {}
+    heads = _head_names(model)
+    named = [(name, module) for name, module in model.named_modules() if name]
+    for name, module in named:
+        if config.target_modules is None:
+            if not isinstance(module, nn.Linear) or not _in_repeated_block(name) or id(module) in heads:
+                continue
+        elif not _matches(name, config.target_modules):
+            continue
+        if config.exclude_modules is not None and _matches(name, config.exclude_modules):
+            continue
+        if not isinstance(module, nn.Linear):
+            if config.target_modules is not None and any(isinstance(child, nn.Linear) for child in module.modules()):
+                # A container matched by a pattern (e.g. "attention"): its Linear children are matched by name
+                # only if a pattern matches them too, so say how to select them.
+                skipped[name] = f"{type(module).__name__} is a container; name its nn.Linear children to prune them"
+            else:
+                skipped[name] = f"{type(module).__name__} is not an nn.Linear"
+            continue
+        if module.in_features % config.m != 0:
+            skipped[name] = f"in_features={module.in_features} is not divisible by M={config.m}"
+            continue
+        targets[name] = module
+
+    if not targets:
+        what = (
+            f"target_modules={config.target_modules}"
+            if config.target_modules is not None
+            else "the default selection (nn.Linear layers inside repeated transformer blocks)"
+        )
+        if config.exclude_modules:
+            what += f" minus exclude_modules={config.exclude_modules}"
+        examples = [name for name, module in named if isinstance(module, nn.Linear)][:8] or [n for n, _ in named][:8]
+        found = "matched only modules that cannot be pruned" if skipped else "matched no module"
+        raise ValueError(
+            f"{what} {found} in {type(model).__name__}. Some nn.Linear names that exist: {examples}. "
+            "Pass target_modules as full-match regular expressions or trailing names (e.g. 'query', "
+            r"'.*\.mlp\..*')." + (f"\n{Selection({}, skipped).format_skipped()}" if skipped else "")
+        )
+    return Selection(targets=targets, skipped=skipped)
