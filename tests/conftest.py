@@ -1,0 +1,74 @@
+"""Shared test fixtures: tiny models built from configs, and the real SQuAD files beside the checkout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """Path of a file in `../shared/data`. Skips the test where it is absent (a user's clone); fails in CI,
+    which always has it."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{path} is missing; CI must run with ../shared beside the checkout.")
+        pytest.skip(f"{path} not found: these tests read the real SQuAD files in ../shared/data.")
+    return path
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for child processes (accelerate launch, recipes) that import this checkout's hf_sparse."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def tiny_bert_config(**overrides):
+    from transformers import BertConfig
+
+    values = dict(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+    )
+    values.update(overrides)
+    return BertConfig(**values)
+
+
+@pytest.fixture
+def tiny_qa_model():
+    from transformers import BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    return BertForQuestionAnswering(tiny_bert_config())
+
+
+class RandomQADataset(torch.utils.data.Dataset):
+    """Deterministic random QA features: enough for the Trainer to take real optimizer steps."""
+
+    def __init__(self, size: int = 64, seq_len: int = 32, vocab_size: int = 128):
+        self.size, self.seq_len, self.vocab_size = size, seq_len, vocab_size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {
+            "input_ids": torch.randint(0, self.vocab_size, (self.seq_len,), generator=g),
+            "start_positions": torch.tensor(i % self.seq_len),
+            "end_positions": torch.tensor((i + 3) % self.seq_len),
+        }
