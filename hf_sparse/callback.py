@@ -62,6 +62,8 @@ class SparsityCallback(TrainerCallback):
         self.config = config or SparsityConfig()
         self.masks: dict[str, torch.Tensor] = {}
         self.layers: dict[str, nn.Linear] = {}
+        # Values the pruned weights had when pruned, kept only while a mask recomputation is still scheduled.
+        self.pruned_values: dict[str, torch.Tensor] = {}
         self._log_layers = False
 
     # -- training events ---------------------------------------------------------------------------------------
@@ -82,11 +84,11 @@ class SparsityCallback(TrainerCallback):
             self.config.mask_start_step,
             f", then every {self.config.mask_update_every} steps" if self.config.mask_update_every else "",
         )
-        self.masks = {}
+        self.masks, self.pruned_values = {}, {}
         if state.global_step > 0 and state.global_step >= self.config.mask_start_step:
             self._restore_masks(args, state)
         elif self.config.mask_due(state.global_step):
-            self._update_masks()
+            self._update_masks(state.global_step)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # Keeps the optimizer's state (momentum, Adam moments) of pruned weights at zero.
@@ -102,7 +104,7 @@ class SparsityCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step > 0 and self.config.mask_due(state.global_step):
-            self._update_masks()
+            self._update_masks(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.masks or logs is None:
@@ -125,7 +127,9 @@ class SparsityCallback(TrainerCallback):
             logger.warning("hf-sparse: checkpoint folder %s not found; masks not saved with it.", checkpoint)
             return
         if args.should_save:
-            save_file(_pack_masks(self.masks), os.path.join(checkpoint, MASKS_NAME), metadata=self._metadata())
+            tensors = _pack_masks(self.masks)
+            tensors.update({f"pruned_values.{name}": value.cpu() for name, value in self.pruned_values.items()})
+            save_file(tensors, os.path.join(checkpoint, MASKS_NAME), metadata=self._metadata())
 
     def on_train_end(self, args, state, control, **kwargs):
         self.squash_()
@@ -142,7 +146,7 @@ class SparsityCallback(TrainerCallback):
         if broken:
             raise RuntimeError(f"hf-sparse: layers {broken} are not {self.config.sparsity_pattern} after training.")
         logger.info("hf-sparse: final sparsity\n%s", format_report(rows))
-        self.masks = {}
+        self.masks, self.pruned_values = {}, {}
 
     def report(self):
         """Per-layer sparsity of the selected layers (local shards under FSDP2)."""
@@ -151,8 +155,20 @@ class SparsityCallback(TrainerCallback):
             for name, layer in self.layers.items()
         ]
 
-    def _update_masks(self) -> None:
+    def _update_masks(self, step: int) -> None:
+        if self.pruned_values:
+            # Score the pruned weights at the values they had when pruned: the weights are zero there.
+            with torch.no_grad():
+                for name, values in self.pruned_values.items():
+                    local_tensor(self.layers[name].weight).add_(values)
         self.masks = _same_on_all_ranks(compute_masks(self.layers, self.config))
+        if self.config.updates_after(step):
+            with torch.no_grad():
+                self.pruned_values = {
+                    name: local_tensor(layer.weight) * ~self.masks[name] for name, layer in self.layers.items()
+                }
+        else:
+            self.pruned_values = {}
         apply_masks_(self.layers, self.masks)
         self._log_layers = True
         logger.info("hf-sparse: masks computed\n%s", format_report(self.report()))
@@ -162,6 +178,10 @@ class SparsityCallback(TrainerCallback):
         if os.path.isfile(path):
             packed = load_file(path)
             self.masks = _unpack_masks(packed, self.layers, path)
+            for key, value in packed.items():
+                if key.startswith("pruned_values."):
+                    name = key.removeprefix("pruned_values.")
+                    self.pruned_values[name] = value.to(local_tensor(self.layers[name].weight).device)
             logger.info("hf-sparse: resumed with the masks saved in %s.", path)
         else:
             # A checkpoint from elsewhere: its weights are already N:M, so their nonzeros are the masks.
@@ -212,6 +232,8 @@ def _unpack_masks(packed: dict[str, torch.Tensor], layers: dict[str, nn.Linear],
         raise ValueError(f"hf-sparse: {path} has no masks for layers {missing[:5]}; was it written for this model?")
     masks = {}
     for name, layer in layers.items():
+        if packed[name].dtype != torch.uint8:
+            raise ValueError(f"hf-sparse: the mask of {name} in {path} is {packed[name].dtype}, not packed uint8.")
         weight = local_tensor(layer.weight)
         bits = np.unpackbits(packed[name].numpy())
         if bits.size < weight.numel() or bits.size - weight.numel() >= 8:

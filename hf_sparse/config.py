@@ -71,8 +71,10 @@ class SparsityConfig:
     mask_update_every: int | None = field(
         default=None,
         metadata={
-            "help": "Recompute the masks from the current weights every this many optimizer steps after "
-            "mask_start_step. None keeps the first masks for the whole run."
+            "help": "Recompute the masks every this many optimizer steps after mask_start_step, scoring the kept "
+            "weights as trained and the pruned ones at the values they had when pruned (as torch.ao's "
+            "WeightNormSparsifier does), so pruned weights can come back. Costs one copy of the targeted weights. "
+            "None keeps the first masks for the whole run."
         },
     )
     mask_freeze_step: int | None = field(
@@ -118,6 +120,12 @@ class SparsityConfig:
         if self.mask_freeze_step is not None and step > self.mask_freeze_step:
             return False
         return (step - self.mask_start_step) % self.mask_update_every == 0
+
+    def updates_after(self, step: int) -> bool:
+        """Whether masks will be recomputed at some step after `step`."""
+        if self.mask_update_every is None:
+            return step < self.mask_start_step
+        return self.mask_freeze_step is None or step + 1 <= self.mask_freeze_step
 
     def to_dict(self) -> dict:
         return asdict(self)

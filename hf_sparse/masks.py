@@ -14,8 +14,8 @@ import torch
 def _check_groupable(tensor: torch.Tensor, m: int, name: str) -> None:
     if tensor.dim() < 1 or tensor.shape[-1] % m != 0:
         raise ValueError(
-            f"{name}: the last dimension ({tuple(tensor.shape)[-1:] or 'none'}) of a tensor of shape "
-            f"{tuple(tensor.shape)} is not divisible by M={m}; N:M groups run along the input dimension."
+            f"{name}: the last (input) dimension of a tensor of shape {tuple(tensor.shape)} is not divisible by "
+            f"M={m}; N:M groups run along the input dimension. Exclude this layer or pick another M."
         )
 
 
