@@ -61,9 +61,16 @@ class NMProbe(TrainerCallback):
         {},
         {"gradient_accumulation_steps": 3, "weight_decay": 0.1},
         {"bf16": True},
+        {"fp16": True},
         {"gradient_checkpointing": True, "weight_decay": 0.5, "optim": "sgd"},
     ],
-    ids=["plain", "grad-accumulation+weight-decay", "bf16-mixed-precision", "grad-checkpointing+sgd"],
+    ids=[
+        "plain",
+        "grad-accumulation+weight-decay",
+        "bf16-mixed-precision",
+        "fp16-grad-scaler",
+        "grad-checkpointing+sgd",
+    ],
 )
 def test_weights_are_exactly_2_4_after_every_optimizer_step(tmp_path, tiny_qa_model, extra):
     head_before = tiny_qa_model.qa_outputs.weight.detach().clone()
@@ -244,3 +251,25 @@ def test_two_processes_hold_identical_masks_and_end_exactly_2_4(tmp_path):
     assert ranks[0]["weight_digest"] == ranks[1]["weight_digest"]
     assert ranks[0]["all_nm"] and ranks[1]["all_nm"] and ranks[0]["violations"] == []
     assert os.path.exists(tmp_path / "final" / "model.safetensors")
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_exact_2_4_through_mixed_precision_training_on_gpu(tmp_path, tiny_qa_model, precision):
+    probe = NMProbe(TARGETS)
+    trainer = make_trainer(tmp_path, tiny_qa_model, [SparsityCallback(), probe], use_cpu=False, **{precision: True})
+    trainer.train()
+    assert next(tiny_qa_model.parameters()).is_cuda
+    assert probe.steps_checked == 6 and probe.violations == []
+
+
+@needs_cuda
+def test_bert_large_masks_take_well_under_a_second_on_gpu():
+    from hf_sparse.benchmarks.callback_overhead import time_masks
+
+    seconds = time_masks(1024, 24, torch.device("cuda"))
+    print(f"BERT-large 2:4 masks on {torch.cuda.get_device_name()}: {seconds:.4f} s")
+    assert seconds < 0.5
