@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 
 from .config import SparsityConfig
 from .masks import format_report, is_nm, layer_sparsity, nm_mask
-from .pruning import apply_masks_, compute_masks, local_tensor
+from .pruning import apply_masks_, compute_masks, is_sharded, local_tensor
 from .selection import select_layers
 
 logger = logging.getLogger(__name__)
@@ -126,10 +126,12 @@ class SparsityCallback(TrainerCallback):
         if not os.path.isdir(checkpoint):
             logger.warning("hf-sparse: checkpoint folder %s not found; masks not saved with it.", checkpoint)
             return
-        if args.should_save:
+        # Sharded weights (FSDP2) have masks that differ by rank: every rank saves its own shard's.
+        sharded = self._sharded()
+        if args.should_save or sharded:
             tensors = _pack_masks(self.masks)
             tensors.update({f"pruned_values.{name}": value.cpu() for name, value in self.pruned_values.items()})
-            save_file(tensors, os.path.join(checkpoint, MASKS_NAME), metadata=self._metadata())
+            save_file(tensors, os.path.join(checkpoint, _masks_file(sharded)), metadata=self._metadata())
 
     def on_train_end(self, args, state, control, **kwargs):
         self.squash_()
@@ -161,7 +163,10 @@ class SparsityCallback(TrainerCallback):
             with torch.no_grad():
                 for name, values in self.pruned_values.items():
                     local_tensor(self.layers[name].weight).add_(values)
-        self.masks = _same_on_all_ranks(compute_masks(self.layers, self.config))
+        masks = compute_masks(self.layers, self.config)
+        if not self._sharded():
+            masks = _same_on_all_ranks(masks)
+        self.masks = masks
         if self.config.updates_after(step):
             with torch.no_grad():
                 self.pruned_values = {
@@ -173,8 +178,11 @@ class SparsityCallback(TrainerCallback):
         self._log_layers = True
         logger.info("hf-sparse: masks computed\n%s", format_report(self.report()))
 
+    def _sharded(self) -> bool:
+        return any(is_sharded(layer.weight) for layer in self.layers.values())
+
     def _restore_masks(self, args, state) -> None:
-        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", MASKS_NAME)
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", _masks_file(self._sharded()))
         if os.path.isfile(path):
             packed = load_file(path)
             self.masks = _unpack_masks(packed, self.layers, path)
@@ -204,6 +212,15 @@ class SparsityCallback(TrainerCallback):
 
     def _metadata(self) -> dict[str, str]:
         return {"sparsity_pattern": self.config.sparsity_pattern, "criterion": self.config.criterion}
+
+
+def _masks_file(sharded: bool) -> str:
+    import torch.distributed as dist
+
+    if not sharded:
+        return MASKS_NAME
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return MASKS_NAME.replace(".safetensors", f"-rank{rank:05d}-of-{world:05d}.safetensors")
 
 
 def _same_on_all_ranks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -40,6 +40,15 @@ def local_tensor(tensor: torch.Tensor, name: str = "weight") -> torch.Tensor:
     return tensor
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """True for a `DTensor` whose processes hold different parts (FSDP2 / tensor parallel)."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(tensor, DTensor) and any(isinstance(p, Shard) for p in tensor.placements)
+
+
 def compute_masks(layers: dict[str, nn.Linear], config: SparsityConfig) -> dict[str, torch.Tensor]:
     """N:M masks of `layers`' weights (local shards under FSDP2) by `config.criterion`."""
     if config.criterion != "magnitude":  # pragma: no cover - guarded by SparsityConfig

@@ -273,3 +273,18 @@ def test_bert_large_masks_take_well_under_a_second_on_gpu():
     seconds = time_masks(1024, 24, torch.device("cuda"))
     print(f"BERT-large 2:4 masks on {torch.cuda.get_device_name()}: {seconds:.4f} s")
     assert seconds < 0.5
+
+
+def test_fsdp2_row_shards_keep_exact_2_4_and_resume_per_rank(tmp_path):
+    script = REPO / "tests" / "scripts" / "train_fsdp2.py"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in range(2):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert (report["local_rows"], report["full_rows"]) == (32, 64)  # each rank really held half the rows
+        assert report["sharded_masks_equal_unsharded"] and report["restored_equal"]
+        assert report["full_weights_nm"] and report["full_weights_follow_masks"]
+        assert report["mask_files"] == [f"hf_sparse_masks-rank0000{r}-of-00002.safetensors" for r in range(2)]
