@@ -1,6 +1,7 @@
 """hf-sparse: 2:4 semi-structured sparsity for Hugging Face training, fast sparse inference, shareable checkpoints."""
 
 from .callback import SparsityCallback
+from .checkpoint import attach_sparsity_metadata, from_pretrained, save_pretrained
 from .config import SparsityConfig
 from .masks import is_nm, nm_mask, sparsity_report
 from .pruning import prune_
@@ -11,9 +12,12 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "SparsityCallback",
     "SparsityConfig",
+    "attach_sparsity_metadata",
+    "from_pretrained",
     "is_nm",
     "nm_mask",
     "prune_",
+    "save_pretrained",
     "select_layers",
     "sparsity_report",
 ]
