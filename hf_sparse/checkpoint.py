@@ -190,6 +190,8 @@ def attach_sparsity_metadata(
         )
     meta = sparsity_metadata(model, config, layers)
     setattr(model.config, METADATA_KEY, meta)
+    if hasattr(model, "add_model_tags"):  # the Trainer's own model card lists these tags
+        model.add_model_tags(["hf-sparse", f"{meta['sparsity_pattern']}-sparsity"])
     return meta
 
 

@@ -364,7 +364,7 @@ def push_to_hub(
             continue
         operations.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)))
     try:
-        api.create_repo(repo_id, private=bool(private), exist_ok=True, repo_type="model")
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.create_commit(
