@@ -86,10 +86,20 @@ def _layer_weights(model: nn.Module, layers: list[str]) -> dict[str, torch.Tenso
     return weights
 
 
+def _group_counts(nonzero: torch.Tensor) -> torch.Tensor:
+    """Nonzeros per group of a `[groups, m]` boolean tensor. Adding the m columns is several times faster on CPU
+    than `sum(dim=1)`, whose reduction over 4 elements per row dominates saving and loading large models."""
+    columns = nonzero.to(torch.uint8).unbind(dim=1)
+    total = columns[0].clone()
+    for column in columns[1:]:
+        total += column
+    return total
+
+
 def _count_nonzero_groups_over(weight: torch.Tensor, n: int, m: int) -> int:
     if weight.dim() < 1 or weight.shape[-1] % m:
         return -1
-    return int(((weight.reshape(-1, m) != 0).sum(dim=1) > n).sum())
+    return int((_group_counts(weight.reshape(-1, m) != 0) > n).sum())
 
 
 def sparsity_metadata(
@@ -214,13 +224,21 @@ def compact_encode(weight: torch.Tensor, n: int, m: int, name: str = "weight") -
         )
     groups = weight.detach().cpu().reshape(-1, m)
     nonzero = groups != 0
-    over = int((nonzero.sum(dim=1) > n).sum())
+    counts = _group_counts(nonzero)
+    over = int((counts > n).sum())
     if over:
         raise ValueError(f"{name}: {over} group(s) of {m} hold more than {n} nonzeros; the layer is not {n}:{m}.")
-    # Nonzero positions first (stable: ascending), then pad with the first zero positions; keep them sorted.
-    order = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)[:, :n]
-    indices = order.sort(dim=1).values
-    values = torch.gather(groups, 1, indices).reshape(weight.shape[0], -1).contiguous()
+    # Keep every nonzero, and pad groups with fewer than n nonzeros with their first zero positions; boolean
+    # indexing then lists the kept positions of each group in ascending order.
+    zero = ~nonzero
+    missing = (n - counts.to(torch.int32)).unsqueeze(1)
+    running, ranks = torch.zeros(groups.shape[0], dtype=torch.int32), []
+    for column in zero.unbind(dim=1):  # running count of zeros, column by column (see _group_counts)
+        running = running + column
+        ranks.append(running)
+    keep = nonzero | (zero & (torch.stack(ranks, dim=1) <= missing))
+    indices = keep.nonzero()[:, 1].reshape(-1, n)
+    values = groups[keep].reshape(weight.shape[0], -1).contiguous()
     bits = _index_bits(m)
     index_bits = ((indices.reshape(-1, 1).to(torch.uint8) >> torch.arange(bits, dtype=torch.uint8)) & 1).numpy()
     packed = np.packbits(index_bits.reshape(-1), bitorder="little")
