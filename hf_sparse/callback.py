@@ -134,12 +134,13 @@ class SparsityCallback(TrainerCallback):
             save_file(tensors, os.path.join(checkpoint, _masks_file(sharded)), metadata=self._metadata())
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.squash_()
+        self.squash_(kwargs.get("model"))
 
     # -- mask management ---------------------------------------------------------------------------------------
 
-    def squash_(self) -> None:
-        """Applies the masks a last time, checks every layer is exactly N:M, and drops the masks."""
+    def squash_(self, model: nn.Module | None = None) -> None:
+        """Applies the masks a last time, checks every layer is exactly N:M, and drops the masks. With `model`, also
+        records the sparsity metadata in `model.config.sparsity`, which `save_pretrained` writes into config.json."""
         if not self.masks:
             return
         apply_masks_(self.layers, self.masks)
@@ -148,6 +149,10 @@ class SparsityCallback(TrainerCallback):
         if broken:
             raise RuntimeError(f"hf-sparse: layers {broken} are not {self.config.sparsity_pattern} after training.")
         logger.info("hf-sparse: final sparsity\n%s", format_report(rows))
+        if model is not None and getattr(unwrap_model(model), "config", None) is not None:
+            from .checkpoint import attach_sparsity_metadata
+
+            attach_sparsity_metadata(unwrap_model(model), self.config, layers=list(self.layers))
         self.masks, self.pruned_values = {}, {}
 
     def report(self):

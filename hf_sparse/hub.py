@@ -1,0 +1,386 @@
+"""Model cards for sparse checkpoints, and pushing them to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .checkpoint import CONFIG_NAME, METADATA_KEY, load_state_dict, save_pretrained
+from .config import parse_pattern
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_NAME = "sparse_model_card.md"
+CARD_NAME = "README.md"
+
+_TASKS = {
+    "ForQuestionAnswering": "question-answering",
+    "ForSequenceClassification": "text-classification",
+    "ForTokenClassification": "token-classification",
+    "ForMaskedLM": "fill-mask",
+    "ForCausalLM": "text-generation",
+}
+_METRIC_NAMES = {"exact_match": "Exact match", "f1": "F1"}
+
+
+class HubPushError(RuntimeError):
+    """Pushing to the Hub failed; the local checkpoint is left as it was."""
+
+
+def template_path() -> Path:
+    """The model card template: inside the installed package (`hf_sparse/model_cards/`, mapped from the
+    top-level `model_cards/` folder by pyproject.toml), or in `model_cards/` of a source checkout."""
+    packaged = resources.files("hf_sparse").joinpath("model_cards", TEMPLATE_NAME)
+    if packaged.is_file():
+        return Path(str(packaged))
+    source = Path(__file__).resolve().parents[1] / "model_cards" / TEMPLATE_NAME
+    if source.is_file():
+        return source
+    raise FileNotFoundError(
+        f"model card template {TEMPLATE_NAME} is in neither {packaged} nor {source}; reinstall hf-sparse."
+    )
+
+
+def current_command() -> str:
+    """The command line of this process, as a user would type it again (for the card's "Reproduce" section)."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(".py"):
+        return "python " + shlex.join(argv)
+    return shlex.join(argv)
+
+
+def _load_config(model_or_folder) -> dict:
+    if isinstance(model_or_folder, (str, os.PathLike)):
+        file = Path(model_or_folder) / CONFIG_NAME
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found: pass a saved checkpoint folder or the model itself.")
+        return json.loads(file.read_text())
+    config = getattr(model_or_folder, "config", None)
+    if config is None:
+        raise ValueError(f"{type(model_or_folder).__name__} has no config; pass a PreTrainedModel or a folder.")
+    return config.to_dict()
+
+
+def _hub_id(name: str | None) -> str | None:
+    # config._name_or_path is often a local path; only a Hub repo id makes a link.
+    if name and re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", name) and not Path(name).exists():
+        return name
+    return None
+
+
+def _number(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number; got {value!r}.")
+    return float(value)
+
+
+def _format_cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def model_card(
+    model_or_folder: nn.Module | str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    dataset: str | None = None,
+    dataset_name: str | None = None,
+    metrics: dict[str, dict[str, float]] | None = None,
+    benchmark: list[dict[str, Any]] | None = None,
+    benchmark_plot: str | os.PathLike | None = None,
+    benchmark_description: str | None = None,
+    command: str | None = None,
+    task: str | None = None,
+    license: str | None = None,
+    model_name: str | None = None,
+):
+    """Renders the model card of a sparse model from what a run measured.
+
+    Sections whose numbers were not given (evaluation, latency, the command) are left out of the card, never
+    filled with placeholders. The sparse model's metrics also go into the card's `model-index` metadata.
+
+    Args:
+        model_or_folder: the sparse model, or a checkpoint folder written by `hf_sparse.save_pretrained`.
+        repo_id: the Hub repo the card describes (used in the loading snippet; without it that section is left out).
+        base_model: Hub id of the dense model it was pruned from (default: `config._name_or_path` if a Hub id).
+        dataset: Hub id of the training/evaluation dataset (e.g. "rajpurkar/squad").
+        dataset_name: a readable dataset name for the metrics (default: `dataset`).
+        metrics: measured metrics, e.g. `{"dense": {"exact_match": 80.9, "f1": 88.2}, "sparse": {...}}`; either
+            key may be absent.
+        benchmark: latency rows as dicts with the same keys (e.g. batch size, dense ms, sparse ms, speedup).
+        benchmark_plot: an image of the benchmark, copied beside the card by `write_model_card` / `push_to_hub`.
+        benchmark_description: where and how the latency was measured (GPU, dtype, ...).
+        command: the exact command that produced the model (see `current_command()`).
+        task: Hub task id for `model-index` (default: from the model's architecture).
+        license: license id for the card metadata.
+        model_name: the card's title (default: the repo name).
+
+    Example:
+
+    ```python
+    >>> card = model_card(model, repo_id="me/bert-squad-2of4", base_model="bert-base-cased",
+    ...                   dataset="rajpurkar/squad", metrics={"sparse": {"exact_match": 79.1, "f1": 86.9}})
+    >>> card.save("out/README.md")
+    ```
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from . import __version__
+
+    config = _load_config(model_or_folder)
+    meta = config.get(METADATA_KEY)
+    if not isinstance(meta, dict) or "layers" not in meta:
+        raise ValueError(
+            "the model carries no sparsity metadata (config.sparsity); save it with hf_sparse.save_pretrained or "
+            "train it with SparsityCallback first."
+        )
+    n, m = parse_pattern(meta["sparsity_pattern"])
+    architectures = config.get("architectures") or []
+    model_class = architectures[0] if architectures else "AutoModel"
+    base_model = base_model or _hub_id(config.get("_name_or_path"))
+    model_name = model_name or (repo_id.split("/")[-1] if repo_id else f"{model_class} {n}:{m} sparse")
+
+    rows, eval_results = [], []
+    metrics = metrics or {}
+    unknown = set(metrics) - {"dense", "sparse"}
+    if unknown:
+        raise ValueError(f"metrics keys must be 'dense' and/or 'sparse'; got {sorted(unknown)}.")
+    for label, key in (
+        (f"dense{f' ({base_model})' if base_model else ''}", "dense"),
+        (f"{n}:{m} sparse (this model)", "sparse"),
+    ):
+        values = {name: _number(f"metrics[{key!r}][{name!r}]", v) for name, v in (metrics.get(key) or {}).items()}
+        if values:
+            rows.append({"label": label, "scores": {_METRIC_NAMES.get(k, k): v for k, v in values.items()}})
+    if metrics.get("sparse"):
+        task = task or next((t for suffix, t in _TASKS.items() if model_class.endswith(suffix)), None)
+        if task is None or dataset is None:
+            raise ValueError(
+                f"model-index results need a task and a dataset; got task={task!r}, dataset={dataset!r} "
+                f"(architecture {model_class}). Pass task= and dataset= to model_card."
+            )
+        for name, value in metrics["sparse"].items():
+            eval_results.append(
+                EvalResult(
+                    task_type=task,
+                    dataset_type=dataset,
+                    dataset_name=dataset_name or dataset,
+                    metric_type=name,
+                    metric_name=_METRIC_NAMES.get(name, name),
+                    metric_value=float(value),
+                )
+            )
+    metric_names = list(dict.fromkeys(k for row in rows for k in row["scores"]))
+
+    benchmark_columns = []
+    if benchmark:
+        benchmark_columns = list(dict.fromkeys(k for row in benchmark for k in row))
+        benchmark = [{c: _format_cell(row[c]) if c in row else "" for c in benchmark_columns} for row in benchmark]
+    if benchmark_plot is not None and not benchmark:
+        raise ValueError("benchmark_plot was given without the benchmark rows it plots; pass benchmark= too.")
+    if benchmark_plot is not None and not Path(benchmark_plot).is_file():
+        raise FileNotFoundError(f"benchmark_plot {benchmark_plot} does not exist.")
+
+    card_data = ModelCardData(
+        base_model=base_model,
+        datasets=[dataset] if dataset else None,
+        library_name="transformers",
+        license=license,
+        tags=["hf-sparse", "sparse", f"{n}:{m}-sparsity", "semi-structured-sparsity"],
+        model_name=model_name,
+        eval_results=eval_results or None,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path()),
+        model_name=model_name,
+        base_model=base_model,
+        dataset=dataset,
+        pattern=f"{n}:{m}",
+        n=n,
+        m=m,
+        index_bits=max(1, math.ceil(math.log2(m))),
+        library_version=meta.get("library_version", __version__),
+        criterion=meta.get("criterion"),
+        layers=meta["layers"],
+        num_layers=len(meta["layers"]),
+        sparse_parameters=meta.get("sparse_parameters", 0),
+        total_sparsity=meta.get("total_sparsity", 0.0),
+        model_sparsity=meta.get("model_sparsity", 0.0),
+        compact=meta.get("format") == "compact",
+        results=rows,
+        results_description=f"Measured on {dataset_name or dataset}." if dataset else "",
+        metric_names=metric_names,
+        benchmark=benchmark,
+        benchmark_columns=benchmark_columns,
+        benchmark_description=benchmark_description or "",
+        benchmark_plot=Path(benchmark_plot).name if benchmark_plot else None,
+        model_class=model_class,
+        repo_id=repo_id,
+        command=command,
+    )
+    # Left-out sections leave blank lines behind: tidy them so the card reads as written by hand.
+    text = re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t]+\n", "\n", card.content)).rstrip() + "\n"
+    return ModelCard(text)
+
+
+def write_model_card(folder: str | os.PathLike, **card_kwargs) -> Path:
+    """Renders `model_card(folder, **card_kwargs)` into `folder/README.md` (copying the benchmark plot beside it).
+
+    Example:
+
+    ```python
+    >>> write_model_card("bert-squad-24", repo_id="me/bert-squad-24", dataset="rajpurkar/squad")
+    ```
+    """
+    folder = Path(folder)
+    card = model_card(folder, **card_kwargs)
+    plot = card_kwargs.get("benchmark_plot")
+    if plot is not None and Path(plot).resolve() != (folder / Path(plot).name).resolve():
+        shutil.copy(plot, folder / Path(plot).name)
+    card.save(str(folder / CARD_NAME))
+    return folder / CARD_NAME
+
+
+def _explain(err: Exception, repo_id: str, endpoint: str) -> str:
+    response = getattr(err, "response", None)
+    status = getattr(response, "status_code", None)
+    if status == 401:
+        why = "the Hub rejected the token (401): log in with `hf auth login`, set HF_TOKEN, or pass token="
+    elif status == 403:
+        why = f"the token has no write access to {repo_id} (403): use a write token of an account that owns it"
+    elif status == 404:
+        why = f"{repo_id} or the revision was not found (404): check the repo id and revision"
+    elif status is not None:
+        why = f"the Hub answered HTTP {status}"
+    elif "token" in type(err).__name__.lower() or "token" in str(err).lower():
+        why = "no Hugging Face token was found: log in with `hf auth login`, set HF_TOKEN, or pass token="
+    else:
+        why = f"the Hub at {endpoint} could not be reached (network error, proxy or HF_ENDPOINT)"
+    return f"{why}. ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+
+
+def push_to_hub(
+    model_or_folder,
+    repo_id: str | None = None,
+    *,
+    token: str | bool | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str = "Upload 2:4 sparse model with hf-sparse",
+    compact: bool = False,
+    save_directory: str | os.PathLike | None = None,
+    endpoint: str | None = None,
+    **card_kwargs,
+):
+    """Uploads a sparse checkpoint, its metadata and its model card to a Hub repo (created if needed).
+
+    Takes a model (saved first, into `save_directory` or a temporary folder), a folder written by
+    `hf_sparse.save_pretrained` / `Trainer.save_model` after `SparsityCallback`, or a `transformers.Trainer` (its
+    final model is saved to `args.output_dir`, and `hub_model_id`, `hub_token`, `hub_private_repo`, `hub_revision`
+    are used unless given here). The checkpoint is verified before upload; the card is rendered by `model_card` and
+    uploaded as README.md without touching the local folder. Hub errors raise `HubPushError` saying what to fix;
+    the local checkpoint is left intact (a temporary one is kept, and its path given).
+
+    Args:
+        model_or_folder: a sparse model, a checkpoint folder, or a Trainer.
+        repo_id: "namespace/name" of the repo.
+        token, private, revision, create_pr: as in `huggingface_hub.HfApi.upload_folder` / `create_repo`;
+            a `revision` branch that does not exist is created from the main branch.
+        commit_message: the commit message.
+        compact: save a model in the compact format (for a model or Trainer; a folder is uploaded as it is).
+        save_directory: where to save a model before upload (default: a temporary folder).
+        endpoint: Hub endpoint (default: `HF_ENDPOINT` / huggingface.co).
+        card_kwargs: passed to `model_card` (base_model, dataset, metrics, benchmark, benchmark_plot, command, ...).
+
+    Returns:
+        The `huggingface_hub.CommitInfo` of the upload.
+
+    Example:
+
+    ```python
+    >>> import hf_sparse
+    >>> trainer.train()
+    >>> hf_sparse.push_to_hub(trainer, "me/bert-squad-2of4", dataset="rajpurkar/squad", private=True)
+    ```
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import constants as hub_constants
+
+    temporary = False
+    if hasattr(model_or_folder, "args") and hasattr(model_or_folder, "save_model"):
+        trainer = model_or_folder
+        args = trainer.args
+        repo_id = repo_id or args.hub_model_id
+        token = token if token is not None else args.hub_token
+        private = private if private is not None else getattr(args, "hub_private_repo", None)
+        revision = revision or getattr(args, "hub_revision", None)
+        folder = Path(save_directory or args.output_dir)
+        # _internal_call keeps the Trainer from starting its own push (with its own card) when args.push_to_hub.
+        trainer.save_model(str(folder), _internal_call=True)
+        if compact:
+            save_pretrained(trainer.model, folder, compact=True)
+        if not args.should_save:
+            return None
+    elif isinstance(model_or_folder, (str, os.PathLike)):
+        folder = Path(model_or_folder)
+        if compact:
+            raise ValueError("compact=True applies when saving a model; save the folder with compact=True first.")
+    else:
+        if save_directory is None:
+            folder, temporary = Path(tempfile.mkdtemp(prefix="hf_sparse_push-")), True
+        else:
+            folder = Path(save_directory)
+        save_pretrained(model_or_folder, folder, compact=compact)
+    if not repo_id or "/" not in repo_id:
+        raise ValueError(f"repo_id must be 'namespace/name' (e.g. 'your-name/bert-squad-2of4'); got {repo_id!r}.")
+
+    load_state_dict(folder)  # never upload a checkpoint that hf_sparse.from_pretrained would refuse
+    card = model_card(folder, repo_id=repo_id, **card_kwargs)
+    api = HfApi(endpoint=endpoint, token=token)
+    endpoint = api.endpoint or hub_constants.ENDPOINT
+    operations = [CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode())]
+    plot = card_kwargs.get("benchmark_plot")
+    if plot is not None:
+        operations.append(CommitOperationAdd(path_in_repo=Path(plot).name, path_or_fileobj=str(plot)))
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if not path.is_file() or rel == CARD_NAME or rel.startswith((".", "_", "checkpoint-")) or "/." in rel:
+            continue
+        operations.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)))
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.create_commit(
+            repo_id,
+            operations=operations,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+        )
+    except Exception as err:
+        raise HubPushError(
+            f"pushing {folder} to {repo_id}{f'@{revision}' if revision else ''} failed: {_explain(err, repo_id, endpoint)} "
+            f"The local checkpoint in {folder} is intact; push it again with hf_sparse.push_to_hub({str(folder)!r}, "
+            f"{repo_id!r})."
+        ) from err
+    if temporary:
+        shutil.rmtree(folder, ignore_errors=True)
+    logger.info("hf-sparse: pushed %s to %s", folder, info.commit_url)
+    return info

@@ -1,0 +1,273 @@
+"""Sparse checkpoints: Trainer -> save -> plain from_pretrained, the compact format, and damaged files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForQuestionAnswering, BertForQuestionAnswering, Trainer, TrainingArguments
+
+import hf_sparse
+from hf_sparse import SparsityCallback, SparsityConfig, prune_
+from hf_sparse.checkpoint import (
+    COMPACT_WEIGHTS_NAME,
+    INDICES_SUFFIX,
+    VALUES_SUFFIX,
+    SparseCheckpointError,
+    compact_decode,
+    compact_encode,
+)
+from tests.conftest import RandomQADataset, tiny_bert_config
+
+LAYER = "bert.encoder.layer.0.attention.self.query"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny BERT QA trained 4 steps with SparsityCallback and saved with Trainer.save_model."""
+    out = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(tiny_bert_config())
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=RandomQADataset(32), callbacks=[SparsityCallback()])
+    trainer.train()
+    trainer.save_model(str(out / "final"))
+    model.eval()
+    return model, out / "final"
+
+
+def _inputs():
+    return {"input_ids": torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(1))}
+
+
+def _outputs(model):
+    with torch.no_grad():
+        out = model(**_inputs())
+    return out.start_logits, out.end_logits
+
+
+def test_trainer_checkpoint_loads_with_plain_from_pretrained(trained):
+    model, path = trained
+    config = json.loads((path / "config.json").read_text())
+    meta = config["sparsity"]
+    assert meta["sparsity_pattern"] == "2:4" and meta["criterion"] == "magnitude" and meta["format"] == "dense"
+    assert meta["library"] == "hf-sparse" and meta["library_version"] == hf_sparse.__version__
+    assert len(meta["layers"]) == 12  # 6 nn.Linear per block x 2 blocks
+    assert all(info["sparsity"] == 0.5 for info in meta["layers"].values())
+    assert meta["total_sparsity"] == 0.5
+
+    loaded, info = AutoModelForQuestionAnswering.from_pretrained(path, output_loading_info=True)
+    assert {k: sorted(v) for k, v in info.items()} == {
+        "missing_keys": [],
+        "unexpected_keys": [],
+        "mismatched_keys": [],
+        "error_msgs": [],
+    }
+    for name in meta["layers"]:
+        saved = loaded.get_submodule(name).weight
+        assert torch.equal(saved, model.get_submodule(name).weight)
+        assert int((saved == 0).sum()) == saved.numel() // 2
+        assert hf_sparse.is_nm(saved)
+    for a, b in zip(_outputs(loaded.eval()), _outputs(model)):
+        assert torch.equal(a, b)
+    assert loaded.config.sparsity == meta
+
+
+def test_compact_round_trip_and_size(trained, tmp_path):
+    model, _ = trained
+    half = BertForQuestionAnswering(tiny_bert_config()).half()
+    half.load_state_dict({k: v.half() for k, v in model.state_dict().items()})
+    half.config.sparsity = model.config.sparsity
+    hf_sparse.save_pretrained(half, tmp_path / "dense")
+    meta = hf_sparse.save_pretrained(half, tmp_path / "compact", compact=True)
+    assert meta["format"] == "compact"
+    assert sorted(p.name for p in (tmp_path / "compact").iterdir()) == ["config.json", COMPACT_WEIGHTS_NAME]
+
+    dense_bytes, compact_bytes = 0, 0
+    with safe_open(str(tmp_path / "dense" / "model.safetensors"), "pt") as f:
+        dense = {k: f.get_tensor(k) for k in f.keys()}
+    with safe_open(str(tmp_path / "compact" / COMPACT_WEIGHTS_NAME), "pt") as f:
+        compact = {k: f.get_tensor(k) for k in f.keys()}
+    for name in meta["layers"]:
+        key = f"{name}.weight"
+        dense_bytes += dense[key].numel() * dense[key].element_size()
+        compact_bytes += sum(
+            compact[key + s].numel() * compact[key + s].element_size() for s in (VALUES_SUFFIX, INDICES_SUFFIX)
+        )
+    ratio = compact_bytes / dense_bytes
+    # fp16 values: half the weights (8 bits per weight) + 2-bit positions of the kept two (1 bit per weight).
+    assert ratio == pytest.approx(9 / 16)
+    assert ratio <= 0.6
+    # Every other tensor is stored unchanged.
+    for key, tensor in dense.items():
+        if key.removesuffix(".weight") not in meta["layers"]:
+            assert torch.equal(compact[key], tensor)
+
+    loaded = hf_sparse.from_pretrained(tmp_path / "compact")
+    assert type(loaded) is BertForQuestionAnswering and loaded.dtype == torch.float16
+    for key, tensor in half.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    assert loaded.config.sparsity["format"] == "dense"  # in memory it is an ordinary model again
+    from_dense = hf_sparse.from_pretrained(tmp_path / "dense", dtype=torch.float32)
+    for a, b in zip(_outputs(from_dense), _outputs(loaded.float())):
+        assert torch.equal(a, b)
+    # A compact folder is refused by plain from_pretrained (no model.safetensors), never loaded half-empty.
+    with pytest.raises(OSError):
+        BertForQuestionAnswering.from_pretrained(tmp_path / "compact")
+
+
+def test_compact_encoding_is_exact_including_short_groups():
+    weight = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.5, 0.0, 0.0, -2.0], [0.0, 3.0, 0.0, 0.0, -1.0, 2.0, 0.0, 0.0]])
+    values, packed = compact_encode(weight, 2, 4)
+    assert values.tolist() == [[0.0, 0.0, 1.5, -2.0], [0.0, 3.0, -1.0, 2.0]]
+    assert packed.dtype == torch.uint8 and packed.numel() == 2  # 4 groups x 2 positions x 2 bits = 16 bits
+    assert torch.equal(compact_decode(values, packed, 2, 4), weight)
+    with pytest.raises(ValueError, match="1 group"):
+        compact_encode(torch.tensor([[1.0, 1.0, 1.0, 0.0]]), 2, 4, "x")
+
+
+def test_save_refuses_a_layer_that_is_not_nm(tiny_qa_model, tmp_path):
+    prune_(tiny_qa_model)
+    with torch.no_grad():
+        tiny_qa_model.get_submodule(LAYER).weight[0, :4] = 1.0
+    with pytest.raises(ValueError, match=f"layer {LAYER} is not 2:4"):
+        hf_sparse.save_pretrained(tiny_qa_model, tmp_path, config=SparsityConfig())
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_save_without_metadata_or_config_says_what_to_pass(tiny_qa_model, tmp_path):
+    with pytest.raises(ValueError, match="pass the SparsityConfig"):
+        hf_sparse.save_pretrained(tiny_qa_model, tmp_path)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(tiny_bert_config())
+    prune_(model)
+    hf_sparse.save_pretrained(model, tmp_path / "dense", config=SparsityConfig())
+    hf_sparse.save_pretrained(model, tmp_path / "compact", compact=True)
+    return tmp_path
+
+
+def test_tampered_dense_values_name_layer_and_file(saved):
+    file = saved / "dense" / "model.safetensors"
+    tensors = load_file(file)
+    tensors[f"{LAYER}.weight"][5, :3] = 0.25  # a group with 3 nonzeros
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(SparseCheckpointError, match=rf"layer {LAYER} in {file} is not 2:4 sparse \(1 group"):
+        hf_sparse.from_pretrained(saved / "dense")
+
+
+def test_values_changed_but_still_nm_disagree_with_metadata(saved):
+    file = saved / "dense" / "model.safetensors"
+    tensors = load_file(file)
+    weight = tensors[f"{LAYER}.weight"]
+    weight[0, weight[0] != 0] = 0.0  # zero the kept weights of row 0: still 2:4, but zeros differ from metadata
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(SparseCheckpointError, match=rf"layer {LAYER} in {file} has \d+ zeros but the metadata"):
+        hf_sparse.from_pretrained(saved / "dense")
+
+
+def test_tampered_compact_positions_name_layer_and_file(saved):
+    file = saved / "compact" / COMPACT_WEIGHTS_NAME
+    tensors = load_file(file)
+    tensors[f"{LAYER}.weight{INDICES_SUFFIX}"][0] = 0  # group 0 positions (0, 0): not distinct
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(SparseCheckpointError, match=rf"layer {LAYER} in {file}: group 0 has positions \[0, 0\]"):
+        hf_sparse.from_pretrained(saved / "compact")
+
+
+def test_missing_tensor_names_layer_and_file(saved):
+    file = saved / "compact" / COMPACT_WEIGHTS_NAME
+    tensors = load_file(file)
+    del tensors[f"{LAYER}.weight{VALUES_SUFFIX}"]
+    save_file(tensors, file)
+    with pytest.raises(
+        SparseCheckpointError, match=rf"layer {LAYER}: tensor .*{VALUES_SUFFIX} is missing from {file}"
+    ):
+        hf_sparse.from_pretrained(saved / "compact")
+    dense = saved / "dense" / "model.safetensors"
+    tensors = load_file(dense)
+    del tensors[f"{LAYER}.weight"]
+    save_file(tensors, dense)
+    with pytest.raises(SparseCheckpointError, match=rf"layer {LAYER}: tensor {LAYER}.weight is missing from {dense}"):
+        hf_sparse.from_pretrained(saved / "dense")
+
+
+def test_missing_non_sparse_tensor_is_an_error_not_a_random_init(saved):
+    file = saved / "compact" / COMPACT_WEIGHTS_NAME
+    tensors = load_file(file)
+    del tensors["qa_outputs.weight"]
+    save_file(tensors, file)
+    with pytest.raises(SparseCheckpointError, match=rf"{file} lacks weights \['qa_outputs.weight'\]"):
+        hf_sparse.from_pretrained(saved / "compact")
+
+
+def test_wrong_metadata_is_reported(saved):
+    config_file = saved / "dense" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["sparsity"]["layers"]["bert.embeddings.word_embeddings"] = {"zeros": 0}  # dense, not 2:4
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(
+        SparseCheckpointError, match=r"layer bert.embeddings.word_embeddings in .*model.safetensors is not 2:4"
+    ):
+        hf_sparse.from_pretrained(saved / "dense")
+    config["sparsity"]["sparsity_pattern"] = "4:2"
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(SparseCheckpointError, match=rf"{config_file}: sparsity_pattern '4:2'"):
+        hf_sparse.from_pretrained(saved / "dense")
+
+
+@pytest.mark.parametrize("fmt,name", [("dense", "model.safetensors"), ("compact", COMPACT_WEIGHTS_NAME)])
+def test_truncated_file_names_the_file(saved, fmt, name):
+    file = saved / fmt / name
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(SparseCheckpointError, match=rf"{file} .*truncated or damaged"):
+        hf_sparse.from_pretrained(saved / fmt)
+
+
+def test_fast_load_explains_it_needs_a_gpu(saved):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the CPU message is tested on CPU machines")
+    with pytest.raises(RuntimeError, match="need a CUDA GPU.*fast=False"):
+        hf_sparse.from_pretrained(saved / "compact", fast=True)
+
+
+def test_swapped_layers_save_through_their_state_dict(saved, tmp_path):
+    """A layer whose weight is held by a module that only exposes it through `state_dict` (as the
+    semi-structured layers do) is measured and saved like a plain nn.Linear."""
+    model = hf_sparse.from_pretrained(saved / "dense")
+    linear = model.get_submodule(LAYER)
+
+    class Swapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self._inner = [inner]  # not a submodule: the weight is only reachable through state_dict
+
+        def forward(self, x):
+            return self._inner[0](x)
+
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            destination[prefix + "weight"] = self._inner[0].weight.detach()
+            destination[prefix + "bias"] = self._inner[0].bias.detach()
+
+    parent = model.get_submodule(LAYER.rsplit(".", 1)[0])
+    parent.query = Swapped(linear)
+    meta = hf_sparse.save_pretrained(model, tmp_path / "out", compact=True)
+    assert meta["layers"][LAYER]["sparsity"] == 0.5
+    reloaded = hf_sparse.from_pretrained(tmp_path / "out")
+    assert torch.equal(reloaded.get_submodule(LAYER).weight, linear.weight)
