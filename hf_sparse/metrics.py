@@ -314,3 +314,160 @@ def evaluate_module_path(name: str = "squad") -> str:
     if name not in ("squad", "squad_v2"):
         raise ValueError(f"evaluate_module_path: name must be 'squad' or 'squad_v2'; got {name!r}.")
     return str(Path(__file__).resolve().parent / "evaluate_metrics" / name)
+
+
+# ------------------------------------------------------------------------------------------- Trainer compute_metrics
+def _numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _start_end(predictions: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """`(start, end)` arrays from what the Trainer passes: a pair of arrays, or (with `eval_do_concat_batches=False`
+    or `batch_eval_metrics=True`) a list of per-batch pairs."""
+    if (
+        isinstance(predictions, (tuple, list))
+        and len(predictions) == 2
+        and all(_numpy(p).ndim == (1 if what == "label_ids" else 2) for p in predictions)
+    ):
+        return _numpy(predictions[0]), _numpy(predictions[1])
+    if (
+        isinstance(predictions, (tuple, list))
+        and predictions
+        and all(isinstance(b, (tuple, list)) and len(b) == 2 for b in predictions)
+    ):
+        pairs = [_start_end(b, what) for b in predictions]
+        if what != "label_ids":
+            width = max(p[0].shape[1] for p in pairs)  # batches can differ in length: pad like the Trainer does
+
+            def pad(a):
+                return np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=-100)
+
+            pairs = [(pad(s), pad(e)) for s, e in pairs]
+        return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+    raise ValueError(
+        f"compute_metrics expected {what} to be a pair (start, end) of arrays, as a question-answering model "
+        f"returns; got {type(predictions).__name__}"
+        + (f" of {len(predictions)} items" if isinstance(predictions, (tuple, list)) else "")
+        + ". Keep the model's outputs to start_logits and end_logits (no output_hidden_states / attentions)."
+    )
+
+
+class SquadComputeMetrics:
+    """A `compute_metrics` for `transformers.Trainer` on SQuAD features; see `squad_compute_metrics`."""
+
+    def __init__(
+        self,
+        examples: Any,
+        features: Any,
+        version_2_with_negative: bool = False,
+        n_best_size: int = 20,
+        max_answer_length: int = 30,
+        null_score_diff_threshold: float = 0.0,
+    ):
+        from .postprocess import SquadPostprocessor, _column
+
+        self.version_2_with_negative = bool(version_2_with_negative)
+        self.postprocessor = SquadPostprocessor(
+            examples,
+            features,
+            n_best_size=n_best_size,
+            max_answer_length=max_answer_length,
+            version_2_with_negative=version_2_with_negative,
+            null_score_diff_threshold=null_score_diff_threshold,
+        )
+        answers = _column(examples, "answers", "examples")
+        self.references = [{"id": i, "answers": a} for i, a in zip(self.postprocessor.ids, answers)]
+        _check_references(self.references, allow_empty_answers=self.version_2_with_negative)
+        names = getattr(features, "column_names", None) or (list(features) if isinstance(features, Mapping) else [])
+        if not {"start_positions", "end_positions"} <= set(names):
+            raise ValueError(
+                "features have no start_positions/end_positions: the Trainer calls compute_metrics only when the "
+                "evaluation set has labels. Build them with hf_sparse.data.prepare_validation_features(..., "
+                "with_labels=True) (the default when the examples have answers)."
+            )
+        self.labels = (
+            np.asarray(list(_column(features, "start_positions", "features")), dtype=np.int64),
+            np.asarray(list(_column(features, "end_positions", "features")), dtype=np.int64),
+        )
+        self.last_predictions = None
+        self._batches: list = []
+
+    def __call__(self, eval_pred: Any, compute_result: bool | None = None) -> dict[str, float]:
+        predictions, label_ids = eval_pred.predictions, eval_pred.label_ids
+        if compute_result is not None:  # TrainingArguments(batch_eval_metrics=True): one call per batch
+            self._batches.append(
+                ((_numpy(predictions[0]), _numpy(predictions[1])), (_numpy(label_ids[0]), _numpy(label_ids[1])))
+            )
+            if not compute_result:
+                return {}
+            predictions = [b[0] for b in self._batches]
+            label_ids = [b[1] for b in self._batches]
+            self._batches = []
+        start, end = _start_end(predictions, "predictions")
+        if label_ids is not None:
+            label_start, label_end = _start_end(label_ids, "label_ids")
+            expected = len(self.labels[0])
+            if len(label_start) != expected:
+                raise ValueError(
+                    f"compute_metrics got {len(label_start)} evaluation features but was built from {expected}; pass "
+                    "the same features as eval_dataset and to squad_compute_metrics."
+                )
+            wrong = (label_start != self.labels[0]) | (label_end != self.labels[1])
+            if wrong.any():
+                f = int(np.flatnonzero(wrong)[0])
+                raise ValueError(
+                    f"the labels the Trainer gathered do not match the features' at {int(wrong.sum())} positions "
+                    f"(first: feature {f}): predictions are not in the order of the features given to "
+                    "squad_compute_metrics. Pass the same features as eval_dataset, unshuffled."
+                )
+        answers = self.postprocessor(start, end)
+        self.last_predictions = answers
+        if self.version_2_with_negative:
+            result = squad_v2_metric(answers.metric_inputs(True), self.references)
+            return {"exact_match": result["exact"], **result}
+        return squad_metric(answers.metric_inputs(False), self.references)
+
+
+def squad_compute_metrics(
+    examples: Any,
+    features: Any,
+    version_2_with_negative: bool = False,
+    n_best_size: int = 20,
+    max_answer_length: int = 30,
+    null_score_diff_threshold: float = 0.0,
+) -> SquadComputeMetrics:
+    """Builds a `compute_metrics` for `transformers.Trainer` that reports SQuAD `exact_match` and `f1`.
+
+    Pass the same `features` as the Trainer's `eval_dataset`. They carry the gold start/end positions as labels
+    (`prepare_validation_features` adds them when the examples have answers): that is what makes the Trainer call
+    `compute_metrics` at all, gives an `eval_loss`, and lets the callable check that the gathered predictions are
+    in the order of the features (also across processes: the Trainer's `gather_for_metrics` drops the samples
+    repeated to even out the last batch). The callable post-processes the logits (`SquadPostprocessor`) and scores
+    the answers with `squad_metric`, or with `squad_v2_metric` in v2 mode (all its keys, plus `exact_match`).
+    The answers of the last call stay in `.last_predictions`.
+
+    Args:
+        examples: the validation examples (`id`, `context`, `answers`).
+        features: their features from `prepare_validation_features`, with labels.
+        version_2_with_negative (`bool`, defaults to `False`): SQuAD v2 (null answers).
+        n_best_size, max_answer_length, null_score_diff_threshold: see `SquadPostprocessor`.
+
+    Example:
+
+    ```python
+    >>> eval_features = tokenize_squad(eval_examples, tokenizer, train=False)
+    >>> trainer = Trainer(model, args, eval_dataset=eval_features,
+    ...                   compute_metrics=squad_compute_metrics(eval_examples, eval_features))
+    >>> trainer.evaluate()["eval_f1"]
+    ```
+    """
+    return SquadComputeMetrics(
+        examples,
+        features,
+        version_2_with_negative=version_2_with_negative,
+        n_best_size=n_best_size,
+        max_answer_length=max_answer_length,
+        null_score_diff_threshold=null_score_diff_threshold,
+    )
