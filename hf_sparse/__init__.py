@@ -2,7 +2,18 @@
 
 from .callback import SparsityCallback
 from .config import SparsityConfig
+from .data import (
+    load_squad,
+    prepare_train_features,
+    prepare_validation_features,
+    read_squad_json,
+    synthetic_squad,
+    synthetic_tokenizer,
+    tokenize_squad,
+)
 from .masks import is_nm, nm_mask, sparsity_report
+from .metrics import squad_compute_metrics, squad_metric, squad_v2_metric
+from .postprocess import SquadPostprocessor, postprocess_qa_predictions
 from .pruning import prune_
 from .selection import select_layers
 
@@ -16,4 +27,17 @@ __all__ = [
     "prune_",
     "select_layers",
     "sparsity_report",
+    # SQuAD data, post-processing and metrics
+    "load_squad",
+    "prepare_train_features",
+    "prepare_validation_features",
+    "read_squad_json",
+    "synthetic_squad",
+    "synthetic_tokenizer",
+    "tokenize_squad",
+    "squad_compute_metrics",
+    "squad_metric",
+    "squad_v2_metric",
+    "SquadPostprocessor",
+    "postprocess_qa_predictions",
 ]

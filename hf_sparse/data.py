@@ -209,9 +209,11 @@ def _answer_positions(encoded, batch, context_index: int, tokenizer) -> tuple[li
             starts.append(cls_index)  # the answer is not (fully) inside this feature
             ends.append(cls_index)
             continue
-        while token_start < len(offsets) and offsets[token_start][0] <= start_char:
+        # Walk only over context tokens: the [SEP] and padding after them have offsets (0, 0).
+        first, last = token_start, token_end
+        while token_start <= last and offsets[token_start][0] <= start_char:
             token_start += 1
-        while offsets[token_end][1] >= end_char:
+        while token_end >= first and offsets[token_end][1] >= end_char:
             token_end -= 1
         starts.append(token_start - 1)
         ends.append(token_end + 1)
