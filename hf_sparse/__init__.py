@@ -3,25 +3,51 @@
 from .callback import SparsityCallback
 from .checkpoint import attach_sparsity_metadata, from_pretrained, save_pretrained
 from .config import SparsityConfig
+from .data import (
+    load_squad,
+    prepare_train_features,
+    prepare_validation_features,
+    read_squad_json,
+    synthetic_squad,
+    synthetic_tokenizer,
+    tokenize_squad,
+)
 from .hub import model_card, push_to_hub, write_model_card
 from .masks import is_nm, nm_mask, sparsity_report
+from .metrics import squad_compute_metrics, squad_metric, squad_v2_metric
+from .postprocess import SquadPostprocessor, postprocess_qa_predictions
 from .pruning import prune_
 from .selection import select_layers
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    # Sparse training and pruning
     "SparsityCallback",
     "SparsityConfig",
-    "attach_sparsity_metadata",
-    "from_pretrained",
     "is_nm",
-    "model_card",
     "nm_mask",
     "prune_",
-    "push_to_hub",
-    "save_pretrained",
     "select_layers",
     "sparsity_report",
+    # Checkpoints, model cards and the Hub
+    "attach_sparsity_metadata",
+    "from_pretrained",
+    "model_card",
+    "push_to_hub",
+    "save_pretrained",
     "write_model_card",
+    # SQuAD data, post-processing and metrics
+    "load_squad",
+    "prepare_train_features",
+    "prepare_validation_features",
+    "read_squad_json",
+    "synthetic_squad",
+    "synthetic_tokenizer",
+    "tokenize_squad",
+    "squad_compute_metrics",
+    "squad_metric",
+    "squad_v2_metric",
+    "SquadPostprocessor",
+    "postprocess_qa_predictions",
 ]

@@ -1,0 +1,521 @@
+"""SQuAD data: loading (Hub name or official JSON), tokenization into model features, and a synthetic dataset.
+
+Training features (`prepare_train_features`) and validation features (`prepare_validation_features`) follow the
+Hugging Face question-answering tutorial: question + context, only the context truncated, long contexts split into
+several features of `max_length` tokens overlapping by `doc_stride`, and answer start/end token positions (the CLS
+position, 0 for BERT, when the answer is not inside a feature). Validation features also keep `example_id` and an
+`offset_mapping` restricted to the context (`[-1, -1]` elsewhere) for `hf_sparse.postprocess`, and carry the gold
+positions as labels so that the Trainer computes an evaluation loss and calls `compute_metrics`.
+
+`datasets` is imported only by the functions that need it; everything else works on plain lists and dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# ------------------------------------------------------------------------------------------------------- loading
+
+
+def squad_records(squad: Mapping[str, Any], source: str = "SQuAD data") -> list[dict[str, Any]]:
+    """Flattens official SQuAD JSON (`{"data": [{"title", "paragraphs": [{"context", "qas"}]}]}`) into one record
+    per question, in the layout of the Hub's `squad` dataset: `id`, `title`, `context`, `question`,
+    `answers = {"text": [...], "answer_start": [...]}` (empty lists for unanswerable v2 questions).
+
+    Example:
+
+    ```python
+    >>> records = squad_records(json.load(open("dev-v1.1.json")))
+    >>> records[0]["answers"]["text"][0]
+    'Denver Broncos'
+    ```
+    """
+    if not isinstance(squad, Mapping) or not isinstance(squad.get("data"), list):
+        raise ValueError(f"{source}: expected the official SQuAD format, a dict with a 'data' list of articles.")
+    records, seen = [], set()
+    for a, article in enumerate(squad["data"]):
+        if not isinstance(article, Mapping) or not isinstance(article.get("paragraphs"), list):
+            raise ValueError(f"{source}: data[{a}] must be a dict with a 'paragraphs' list.")
+        title = article.get("title", "")
+        for p, paragraph in enumerate(article["paragraphs"]):
+            where = f"{source}: data[{a}]['paragraphs'][{p}]"
+            if not isinstance(paragraph, Mapping) or not isinstance(paragraph.get("context"), str):
+                raise ValueError(f"{where} must be a dict with a 'context' string.")
+            if not isinstance(paragraph.get("qas"), list):
+                raise ValueError(f"{where} must have a 'qas' list.")
+            context = paragraph["context"]
+            for qa in paragraph["qas"]:
+                if not isinstance(qa, Mapping) or not isinstance(qa.get("id"), str):
+                    raise ValueError(f"{where}: every question needs a string 'id'; got {qa!r:.200}.")
+                qid = qa["id"]
+                if qid in seen:
+                    raise ValueError(f"{source}: question id {qid!r} appears more than once.")
+                seen.add(qid)
+                if not isinstance(qa.get("question"), str) or not isinstance(qa.get("answers"), list):
+                    raise ValueError(f"{source}: question {qid!r} needs a 'question' string and an 'answers' list.")
+                texts, starts = [], []
+                for answer in qa["answers"]:
+                    if (
+                        not isinstance(answer, Mapping)
+                        or not isinstance(answer.get("text"), str)
+                        or not isinstance(answer.get("answer_start"), int)
+                    ):
+                        raise ValueError(
+                            f"{source}: question {qid!r}: each answer must be {{'text': str, 'answer_start': int}}; "
+                            f"got {answer!r:.200}."
+                        )
+                    texts.append(answer["text"])
+                    starts.append(answer["answer_start"])
+                if not texts and not qa.get("is_impossible", False):
+                    raise ValueError(f"{source}: question {qid!r} has no answers and is not marked 'is_impossible'.")
+                records.append(
+                    {
+                        "id": qid,
+                        "title": title,
+                        "context": context,
+                        "question": qa["question"],
+                        "answers": {"text": texts, "answer_start": starts},
+                    }
+                )
+    return records
+
+
+def read_squad_json(path: str | Path) -> list[dict[str, Any]]:
+    """Reads a SQuAD file in the official JSON format (v1.1 or v2.0) into records (see `squad_records`)."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as f:
+        try:
+            squad = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path} is not valid JSON ({err}); expected a SQuAD file in the official format."
+            ) from err
+    return squad_records(squad, source=str(path))
+
+
+def load_squad(name_or_path: str | Path = "squad", split: str = "validation"):
+    """Loads SQuAD as a `datasets.Dataset`: a local file in the official JSON format (any `split` ignored), or a
+    dataset of the Hub (`"squad"`, `"squad_v2"`, ...) through `datasets.load_dataset`, which needs the network.
+
+    Args:
+        name_or_path (`str` or `Path`, defaults to `"squad"`): a path to a `.json` file or a Hub dataset name.
+        split (`str`, defaults to `"validation"`): the split to load from the Hub.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse.data import load_squad
+    >>> examples = load_squad("../shared/data/squad/xquad-en.json")
+    >>> examples.num_rows
+    1190
+    ```
+    """
+    import datasets
+
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise ValueError(f"{path} does not exist; pass an existing SQuAD JSON file or a Hub name such as 'squad'.")
+        return datasets.Dataset.from_list(read_squad_json(path))
+    return datasets.load_dataset(str(name_or_path), split=split)
+
+
+# --------------------------------------------------------------------------------------------------- tokenization
+
+
+def _columns(examples: Any, needed: Sequence[str]) -> dict[str, list]:
+    """A batch as a dict of columns (what `Dataset.map(batched=True)` passes), from columns or a list of dicts."""
+    if isinstance(examples, Mapping):
+        batch = examples
+    elif isinstance(examples, Sequence) and not isinstance(examples, (str, bytes)):
+        batch = {}
+        for i, row in enumerate(examples):
+            if not isinstance(row, Mapping):
+                raise ValueError(f"examples[{i}] must be a dict; got {type(row).__name__}.")
+            for key in needed:
+                if key not in row:
+                    raise ValueError(f"examples[{i}] (id {row.get('id')!r}) has no {key!r} key.")
+        batch = {key: [row[key] for row in examples] for key in needed}
+    else:
+        raise ValueError(f"examples must be a dict of columns or a list of dicts; got {type(examples).__name__}.")
+    for key in needed:
+        if key not in batch:
+            raise ValueError(f"examples have no {key!r} column (columns: {sorted(batch)}); expected {list(needed)}.")
+    return batch
+
+
+def _tokenize(batch: Mapping[str, list], tokenizer, max_length: int, doc_stride: int):
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer; SQuAD features need offset mappings, which only fast "
+            "(Rust) tokenizers provide. Load it with AutoTokenizer.from_pretrained(..., use_fast=True)."
+        )
+    if doc_stride >= max_length:
+        raise ValueError(f"doc_stride ({doc_stride}) must be smaller than max_length ({max_length}).")
+    for name in ("question", "context"):
+        for i, value in enumerate(batch[name]):
+            if not isinstance(value, str):
+                raise ValueError(f"example {batch['id'][i]!r}: {name!r} must be a str; got {type(value).__name__}.")
+    pad_on_right = tokenizer.padding_side == "right"
+    # Leading spaces in questions waste tokens and can push the context out of the window.
+    questions = [q.lstrip() for q in batch["question"]]
+    contexts = batch["context"]
+    encoded = tokenizer(
+        questions if pad_on_right else contexts,
+        contexts if pad_on_right else questions,
+        truncation="only_second" if pad_on_right else "only_first",
+        max_length=max_length,
+        stride=doc_stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        padding="max_length",
+    )
+    return encoded, (1 if pad_on_right else 0)
+
+
+def _answer_positions(encoded, batch, context_index: int, tokenizer) -> tuple[list[int], list[int]]:
+    """Start/end token positions of the first gold answer in each feature; the CLS position when it is outside."""
+    starts, ends = [], []
+    cls_id = tokenizer.cls_token_id
+    for f, offsets in enumerate(encoded["offset_mapping"]):
+        input_ids = encoded["input_ids"][f]
+        cls_index = input_ids.index(cls_id) if cls_id is not None and cls_id in input_ids else 0
+        e = encoded["overflow_to_sample_mapping"][f]
+        answers = batch["answers"][e]
+        if not isinstance(answers, Mapping) or "text" not in answers or "answer_start" not in answers:
+            raise ValueError(
+                f"example {batch['id'][e]!r}: 'answers' must be {{'text': [...], 'answer_start': [...]}}; got {answers!r}."
+            )
+        if len(answers["answer_start"]) == 0:
+            starts.append(cls_index)
+            ends.append(cls_index)
+            continue
+        start_char = answers["answer_start"][0]
+        end_char = start_char + len(answers["text"][0])
+        sequence_ids = encoded.sequence_ids(f)
+        token_start = 0
+        while sequence_ids[token_start] != context_index:
+            token_start += 1
+        token_end = len(input_ids) - 1
+        while sequence_ids[token_end] != context_index:
+            token_end -= 1
+        if not (offsets[token_start][0] <= start_char and offsets[token_end][1] >= end_char):
+            starts.append(cls_index)  # the answer is not (fully) inside this feature
+            ends.append(cls_index)
+            continue
+        # Walk only over context tokens: the [SEP] and padding after them have offsets (0, 0).
+        first, last = token_start, token_end
+        while token_start <= last and offsets[token_start][0] <= start_char:
+            token_start += 1
+        while token_end >= first and offsets[token_end][1] >= end_char:
+            token_end -= 1
+        starts.append(token_start - 1)
+        ends.append(token_end + 1)
+    return starts, ends
+
+
+def prepare_train_features(examples: Any, tokenizer, max_length: int = 384, doc_stride: int = 128) -> dict[str, list]:
+    """Tokenizes SQuAD examples into training features with `start_positions` / `end_positions`.
+
+    Works as a batched `datasets.Dataset.map` function and on plain lists of example dicts. Each example can give
+    several features (long contexts); a feature that does not contain the (first) gold answer, or an unanswerable
+    v2 question, gets the CLS position for both.
+
+    Args:
+        examples: a batch (dict of columns) or a list of dicts with `id`, `question`, `context`, `answers`.
+        tokenizer: any fast tokenizer (`PreTrainedTokenizerFast`).
+        max_length (`int`, defaults to 384): tokens per feature.
+        doc_stride (`int`, defaults to 128): tokens of overlap between consecutive features of one context.
+
+    Returns:
+        `dict[str, list]`: the tokenizer's columns (`input_ids`, `attention_mask`, ...), `start_positions`,
+        `end_positions`.
+
+    Example:
+
+    ```python
+    >>> train = examples.map(prepare_train_features, batched=True, remove_columns=examples.column_names,
+    ...                      fn_kwargs={"tokenizer": tokenizer})
+    ```
+    """
+    batch = _columns(examples, ("id", "question", "context", "answers"))
+    encoded, context_index = _tokenize(batch, tokenizer, max_length, doc_stride)
+    starts, ends = _answer_positions(encoded, batch, context_index, tokenizer)
+    features = {k: v for k, v in encoded.items() if k not in ("offset_mapping", "overflow_to_sample_mapping")}
+    features["start_positions"] = starts
+    features["end_positions"] = ends
+    return features
+
+
+def prepare_validation_features(
+    examples: Any, tokenizer, max_length: int = 384, doc_stride: int = 128, with_labels: bool | None = None
+) -> dict[str, list]:
+    """Tokenizes SQuAD examples into evaluation features for `hf_sparse.postprocess` and the Trainer.
+
+    Args:
+        examples: a batch (dict of columns) or a list of dicts with `id`, `question`, `context` (and `answers`).
+        tokenizer: any fast tokenizer.
+        max_length (`int`, defaults to 384): tokens per feature.
+        doc_stride (`int`, defaults to 128): tokens of overlap between consecutive features of one context.
+        with_labels (`bool`, *optional*): add `start_positions` / `end_positions` (as in training). Default: when
+            the examples have `answers`. With labels the Trainer reports `eval_loss` and calls `compute_metrics`.
+
+    Returns:
+        `dict[str, list]`: the tokenizer's columns, `example_id`, `offset_mapping` (`[-1, -1]` outside the context)
+        and, with labels, `start_positions` / `end_positions`.
+
+    Example:
+
+    ```python
+    >>> features = examples.map(prepare_validation_features, batched=True, remove_columns=examples.column_names,
+    ...                         fn_kwargs={"tokenizer": tokenizer})
+    ```
+    """
+    needed = ["id", "question", "context"]
+    has_answers = (isinstance(examples, Mapping) and "answers" in examples) or (
+        isinstance(examples, Sequence)
+        and len(examples) > 0
+        and isinstance(examples[0], Mapping)
+        and "answers" in examples[0]
+    )
+    if with_labels is None:
+        with_labels = has_answers
+    if with_labels:
+        needed.append("answers")
+    batch = _columns(examples, needed)
+    encoded, context_index = _tokenize(batch, tokenizer, max_length, doc_stride)
+    features = {k: v for k, v in encoded.items() if k not in ("offset_mapping", "overflow_to_sample_mapping")}
+    if with_labels:
+        features["start_positions"], features["end_positions"] = _answer_positions(
+            encoded, batch, context_index, tokenizer
+        )
+    features["example_id"] = [batch["id"][e] for e in encoded["overflow_to_sample_mapping"]]
+    features["offset_mapping"] = [
+        [list(o) if s == context_index else [-1, -1] for o, s in zip(offsets, encoded.sequence_ids(f))]
+        for f, offsets in enumerate(encoded["offset_mapping"])
+    ]
+    return features
+
+
+def tokenize_squad(examples: Any, tokenizer, train: bool, max_length: int = 384, doc_stride: int = 128) -> Any:
+    """Features for a whole split: a `datasets.Dataset` from a `datasets.Dataset`, or a `QAFeatures` (torch
+    dataset) from a list of example dicts (no `datasets` needed).
+
+    Example:
+
+    ```python
+    >>> train_features = tokenize_squad(train_examples, tokenizer, train=True)
+    >>> eval_features = tokenize_squad(eval_examples, tokenizer, train=False)
+    ```
+    """
+    fn = prepare_train_features if train else prepare_validation_features
+    kwargs = {"tokenizer": tokenizer, "max_length": max_length, "doc_stride": doc_stride}
+    if hasattr(examples, "map") and hasattr(examples, "column_names"):
+        return examples.map(fn, batched=True, remove_columns=examples.column_names, fn_kwargs=kwargs)
+    return QAFeatures(fn(list(examples), **kwargs))
+
+
+class QAFeatures(torch.utils.data.Dataset):
+    """A dict of feature columns as a torch dataset: numeric columns come back as tensors, others as they are
+    (the Trainer drops `example_id` / `offset_mapping` before collating, as they are no model inputs).
+
+    It also answers `column_names` and `__getitem__(column name)`, so `SquadPostprocessor` and
+    `squad_compute_metrics` accept it like a `datasets.Dataset`.
+    """
+
+    _TENSOR_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions")
+
+    def __init__(self, columns: Mapping[str, list]):
+        lengths = {k: len(v) for k, v in columns.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"QAFeatures: columns have different lengths: {lengths}.")
+        self.columns = dict(columns)
+        self._len = next(iter(lengths.values()), 0)
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.columns)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return self.columns[key]
+        return {k: torch.tensor(v[key]) if k in self._TENSOR_COLUMNS else v[key] for k, v in self.columns.items()}
+
+
+# ------------------------------------------------------------------------------------------------ synthetic data
+
+_SYLLABLES = ["zor", "bia", "quel", "len", "mar", "tos", "vin", "dra", "kel", "pha", "ron", "sil", "tam", "wex", "yul"]
+_JOBS = ["baker", "pilot", "farmer", "teacher", "ship builder", "doctor", "painter", "river guide", "miner", "poet"]
+_FOODS = ["bread", "rice", "apples", "fish soup", "cheese", "honey", "plums", "green beans", "noodles", "figs"]
+_INSTRUMENTS = ["violin", "drum", "flute", "harp", "piano", "trumpet", "guitar", "cello", "horn", "bass flute"]
+_COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black", "silver", "gold"]
+
+
+def _names(count: int, seed: int, suffix: str) -> list[str]:
+    rng = random.Random(seed)
+    names: list[str] = []
+    while len(names) < count:
+        name = ("".join(rng.sample(_SYLLABLES, 2)) + suffix).capitalize()
+        if name not in names:
+            names.append(name)
+    return names
+
+
+_COUNTRIES = _names(40, 1, "ia")
+_CITIES = _names(40, 2, "")
+_PEOPLE = _names(40, 3, "o")
+_YEARS = [str(y) for y in range(1900, 2000, 3)]
+
+# (statement, question, subject kind, answer pool)
+_RELATIONS = [
+    ("The capital of {s} is {a}.", "What is the capital of {s}?", _COUNTRIES, _CITIES),
+    ("The flag of {s} is {a}.", "What color is the flag of {s}?", _COUNTRIES, _COLORS),
+    ("{s} was born in {a}.", "When was {s} born?", _PEOPLE, _YEARS),
+    ("{s} works as a {a}.", "What does {s} work as?", _PEOPLE, _JOBS),
+    ("{s} lives in {a}.", "Where does {s} live?", _PEOPLE, _CITIES),
+    ("The favorite food of {s} is {a}.", "What is the favorite food of {s}?", _PEOPLE, _FOODS),
+    ("{s} plays the {a}.", "Which instrument does {s} play?", _PEOPLE, _INSTRUMENTS),
+]
+
+
+def synthetic_squad(
+    num_paragraphs: int = 200,
+    facts_per_paragraph: int = 5,
+    questions_per_paragraph: int = 3,
+    unanswerable_fraction: float = 0.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A synthetic SQuAD-format dataset of generated facts with extractive questions about them.
+
+    Each paragraph states a few facts ("The capital of Zorbia is Quellen.", "Marvino works as a ship builder.");
+    each question asks for one of them ("What is the capital of Zorbia?" -> "Quellen"). Several facts of the same
+    relation share a paragraph, so a model must match the subject, not only the relation. With
+    `unanswerable_fraction > 0`, that share of questions asks about a subject absent from the paragraph (SQuAD v2
+    `is_impossible`). Same `seed`, same data. The vocabulary is small (see `synthetic_tokenizer`), so a tiny BERT
+    trained from scratch on CPU learns it within minutes.
+
+    Args:
+        num_paragraphs (`int`, defaults to 200): paragraphs to generate.
+        facts_per_paragraph (`int`, defaults to 5): sentences per paragraph.
+        questions_per_paragraph (`int`, defaults to 3): questions per paragraph (at most `facts_per_paragraph`).
+        unanswerable_fraction (`float`, defaults to 0.0): share of unanswerable questions (v2).
+        seed (`int`, defaults to 0): random seed.
+
+    Returns:
+        `dict`: `{"version", "data": [{"title", "paragraphs": [{"context", "qas"}]}]}`, the official format
+        (`squad_records` flattens it; `datasets.Dataset.from_list(squad_records(...))` makes a dataset).
+
+    Example:
+
+    ```python
+    >>> from hf_sparse.data import squad_records, synthetic_squad
+    >>> records = squad_records(synthetic_squad(num_paragraphs=2, seed=0))
+    >>> records[0]["question"], records[0]["answers"]["text"]
+    ```
+    """
+    if not 1 <= questions_per_paragraph <= facts_per_paragraph:
+        raise ValueError(
+            f"questions_per_paragraph must be between 1 and facts_per_paragraph ({facts_per_paragraph}); "
+            f"got {questions_per_paragraph}."
+        )
+    if not 0.0 <= unanswerable_fraction <= 1.0:
+        raise ValueError(f"unanswerable_fraction must be in [0, 1]; got {unanswerable_fraction}.")
+    rng = random.Random(seed)
+    paragraphs = []
+    for p in range(num_paragraphs):
+        sentences, facts, used = [], [], set()
+        for _ in range(facts_per_paragraph):
+            statement, question, subjects, answers = rng.choice(_RELATIONS)
+            subject = rng.choice([s for s in subjects if (statement, s) not in used])
+            used.add((statement, subject))
+            answer = rng.choice(answers)
+            facts.append((statement, question, subjects, subject, answer))
+            sentences.append(statement.format(s=subject, a=answer))
+        context, starts = "", []
+        for (statement, _, _, subject, _), sentence in zip(facts, sentences):
+            prefix = context + (" " if context else "")
+            starts.append(len(prefix) + statement.replace("{s}", subject).index("{a}"))
+            context = prefix + sentence
+        qas = []
+        for q, f in enumerate(rng.sample(range(facts_per_paragraph), questions_per_paragraph)):
+            statement, question, subjects, subject, answer = facts[f]
+            qid = f"syn-{seed}-{p}-{q}"
+            if rng.random() < unanswerable_fraction:
+                absent = [s for s in subjects if all(s != fact[3] for fact in facts)]
+                qas.append(
+                    {
+                        "id": qid,
+                        "question": question.format(s=rng.choice(absent)),
+                        "answers": [],
+                        "is_impossible": True,
+                    }
+                )
+                continue
+            start = starts[f]
+            assert context[start : start + len(answer)] == answer
+            qas.append(
+                {
+                    "id": qid,
+                    "question": question.format(s=subject),
+                    "answers": [{"text": answer, "answer_start": start}],
+                    "is_impossible": False,
+                }
+            )
+        paragraphs.append({"context": context, "qas": qas})
+    return {"version": f"synthetic-{seed}", "data": [{"title": "synthetic facts", "paragraphs": paragraphs}]}
+
+
+def synthetic_vocabulary() -> list[str]:
+    """Every word and punctuation mark `synthetic_squad` can produce, lower-cased, sorted."""
+    words = set()
+    for statement, question, subjects, answers in _RELATIONS:
+        for text in [statement, question, *subjects, *answers]:
+            words.update(
+                text.replace("{s}", " ").replace("{a}", " ").replace(".", " . ").replace("?", " ? ").lower().split()
+            )
+    return sorted(words)
+
+
+def synthetic_tokenizer():
+    """A fast uncased WordPiece (BERT) tokenizer whose vocabulary covers `synthetic_squad` word for word, built
+    in code: no download. Other text tokenizes to `[UNK]` with correct offsets.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse.data import synthetic_tokenizer
+    >>> tokenizer = synthetic_tokenizer()
+    >>> tokenizer("What is the capital of Zorbia?").input_ids[:3]
+    ```
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {token: i for i, token in enumerate(specials + synthetic_vocabulary())}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return BertTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+        do_lower_case=True,
+    )
