@@ -1,0 +1,149 @@
+"""The report of a dense -> 2:4 run: `report.json` (every measured number), `report.md` (the tutorial's table) and
+plots. Used by `recipes/squad_24.py`; usable for any workflow that records its stages the same way."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+STAGES = ("dense", "pruned", "sparse", "swapped")
+STAGE_NAMES = {
+    "dense": "dense (fine-tuned)",
+    "pruned": "2:4, zero-shot (pruned, no training)",
+    "sparse": "2:4, recovered (fine-tuned with masks)",
+    "swapped": "2:4, recovered, on sparse kernels",
+}
+
+
+def environment() -> dict[str, Any]:
+    """Versions and hardware a run's numbers depend on."""
+    import accelerate
+    import huggingface_hub
+    import torch
+    import transformers
+
+    from . import __version__
+
+    env = {
+        "hf_sparse": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "huggingface_hub": huggingface_hub.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        env["gpu"] = f"{torch.cuda.get_device_name()} (compute capability {major}.{minor})"
+        env["cuda"] = torch.version.cuda
+        try:
+            env["cusparselt"] = torch.backends.cusparselt.version()
+        except Exception:  # noqa: BLE001 - older builds have no cuSPARSELt
+            env["cusparselt"] = None
+    return env
+
+
+def load_report(path: str | os.PathLike) -> dict[str, Any]:
+    """The report of an earlier (maybe interrupted) run, or an empty one."""
+    path = Path(path)
+    if not path.is_file():
+        return {"stages": {}, "skipped": {}}
+    with open(path) as f:
+        report = json.load(f)
+    if not isinstance(report, dict) or not isinstance(report.get("stages"), dict):
+        raise ValueError(f"{path} is not a report written by hf-sparse (no 'stages'); move it away or pick another "
+                         "output_dir.")  # fmt: skip
+    report.setdefault("skipped", {})
+    return report
+
+
+def save_report(report: dict[str, Any], output_dir: str | os.PathLike) -> None:
+    """Writes `report.json`, `report.md` and `f1_by_stage.png` into `output_dir` (atomically, stage by stage)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=False))
+    os.replace(tmp, output_dir / "report.json")
+    (output_dir / "report.md").write_text(markdown(report))
+    if any("f1" in report["stages"].get(s, {}) for s in STAGES):
+        plot_f1(report, output_dir / "f1_by_stage.png")
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The tutorial-style table: each metric for the dense and the 2:4 model, with the delta or speed-up."""
+    stages = report["stages"]
+    dense, sparse = stages.get("dense", {}), stages.get("swapped") or stages.get("sparse", {})
+    lines = [f"# {report.get('title', '2:4 sparsity report')}", ""]
+    if report.get("command"):
+        lines += ["Produced by:", "", "```bash", report["command"], "```", ""]
+    lines += ["| metric | dense | 2:4 | delta |", "|---|---|---|---|"]
+    for key, name in (("exact_match", "exact match"), ("f1", "F1")):
+        if key in dense or key in sparse:
+            a, b = dense.get(key), sparse.get(key)
+            delta = None if a is None or b is None else b - a
+            lines.append(f"| {name} | {_fmt(a)} | {_fmt(b)} | {'—' if delta is None else f'{delta:+.2f}'} |")
+    for row in report.get("timing", {}).get("rows", []):
+        lines.append(
+            f"| latency, batch {row['batch_size']} (ms) | {_fmt(row['dense_ms'])} | {_fmt(row['sparse_ms'])} | "
+            f"{_fmt(row['speedup'])}x |"
+        )
+    lines += ["", "## Stages", "", "| stage | exact match | F1 | evaluated in | sparsity |", "|---|---|---|---|---|"]
+    for stage in STAGES:
+        if stage in stages:
+            s = stages[stage]
+            sparsity = s.get("sparsity")
+            lines.append(
+                f"| {STAGE_NAMES[stage]} | {_fmt(s.get('exact_match'))} | {_fmt(s.get('f1'))} | "
+                f"{s.get('eval_dtype', '—')} | {'—' if sparsity is None else f'{sparsity:.2%}'} |"
+            )
+    if report.get("timing"):
+        timing = report["timing"]
+        lines += ["", "## Latency", "", timing.get("description", ""), ""]
+        lines += ["| batch | dense (ms) | 2:4 (ms) | speed-up |", "|---|---|---|---|"]
+        for row in timing.get("rows", []):
+            lines.append(
+                f"| {row['batch_size']} | {_fmt(row['dense_ms'], 3)} | {_fmt(row['sparse_ms'], 3)} | "
+                f"{_fmt(row['speedup'])}x |"
+            )
+    if report.get("skipped"):
+        lines += ["", "## Skipped", ""] + [f"- **{k}**: {v}" for k, v in report["skipped"].items()]
+    env = report.get("environment")
+    if env:
+        lines += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def plot_f1(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """Bar chart of F1 (and exact match) across the stages of a run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [s for s in STAGES if "f1" in report["stages"].get(s, {})]
+    f1 = [report["stages"][s]["f1"] for s in stages]
+    em = [report["stages"][s].get("exact_match", 0.0) for s in stages]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = range(len(stages))
+    ax.bar([x - 0.2 for x in xs], f1, width=0.4, label="F1")
+    ax.bar([x + 0.2 for x in xs], em, width=0.4, label="exact match")
+    for x, value in zip(xs, f1):
+        ax.text(x - 0.2, value + 1, f"{value:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(list(xs), [STAGE_NAMES[s].replace(" (", "\n(") for s in stages], fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("score")
+    ax.set_title(report.get("title", "F1 across stages"))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
