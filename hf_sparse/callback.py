@@ -127,8 +127,12 @@ class SparsityCallback(TrainerCallback):
         if args.should_save:
             save_file(_pack_masks(self.masks), os.path.join(checkpoint, MASKS_NAME), metadata=self._metadata())
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
         self.squash_()
+        if self.config.swap_at_end and model is not None:
+            from .inference import swap_at_train_end
+
+            swap_at_train_end(unwrap_model(model), self.config)
 
     # -- mask management ---------------------------------------------------------------------------------------
 
