@@ -318,7 +318,9 @@ class SemiStructuredLinear(nn.Module):
     def _new_plan(self, bucket: int, tokens: int) -> Plan:
         if self.packed is None:
             return self.plans.setdefault(bucket, Plan("dense"))
-        busy = torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
+        busy = torch.compiler.is_compiling() or (
+            torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        )
         if self.tuner is None or busy:
             # No timing inside a capture or a trace: use the plan of the nearest tuned bucket (not stored, so the
             # bucket is tuned properly at the next eager call).
