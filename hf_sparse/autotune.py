@@ -114,8 +114,12 @@ class Autotuner:
         min_speedup: the sparse kernel is chosen only if it is at least this much faster than dense (a margin for
             timing noise, so a near tie never makes the model slower).
         reps: timed replays per candidate (the median is kept).
-        max_algorithms: at most this many cuSPARSELt algorithm ids are tried (0 .. max id reported by cuSPARSELt).
-        split_k: split-k factors tried on the two fastest algorithms (with cuSPARSELt's one- and two-kernel modes).
+        max_algorithms: at most this many cuSPARSELt algorithm ids are tried (0, 1, ... until one is refused).
+        split_k: split-k factors also tried on the two fastest algorithms (default none: see `docs/bench`).
+        split_k_modes: cuSPARSELt split-k modes tried with them (-1: its default, 1: one kernel, 2: two kernels).
+
+    cuSPARSELt's own search (`torch._C._cusparselt.mm_search`) is not used: with PyTorch 2.11 and cuSPARSELt 0.8
+    on an H200 it fails with an internal error for this layout and leaves the CUDA context unusable.
 
     Example:
 
@@ -130,7 +134,8 @@ class Autotuner:
     min_speedup: float = 1.03
     reps: int = 15
     max_algorithms: int = 32
-    split_k: tuple[int, ...] = (2, 4)
+    split_k: tuple[int, ...] = ()
+    split_k_modes: tuple[int, ...] = (-1,)
     _memory: dict[str, dict[str, GemmChoice]] = field(default_factory=dict, init=False, repr=False)
     _loaded: bool = field(default=False, init=False, repr=False)
     measurements: int = field(default=0, init=False)
@@ -253,21 +258,14 @@ class Autotuner:
             return lambda: cslt_linear(x, packed, b, alg_id, split_k, split_k_mode)
 
         timings: dict[tuple[int, int, int], float] = {}
-        searched, max_alg = _mm_search(packed, x, b)
-        n_algs = min(self.max_algorithms, max_alg + 1) if max_alg is not None else self.max_algorithms
-        for alg_id in range(n_algs):
+        for alg_id in range(self.max_algorithms):
             ms = _time_graphed(sparse(alg_id), inner, self.reps)
-            if ms is None:
-                if max_alg is None:  # ids past the last valid one fail: stop there
-                    break
-                continue
+            if ms is None:  # algorithm ids run from 0 to a maximum that depends on the shape: stop past it
+                break
             timings[(alg_id, 1, -1)] = ms
-        if split_k_supported():
+        if self.split_k and split_k_supported():
             best_algs = sorted({cfg[0] for cfg in timings}, key=lambda a: timings[(a, 1, -1)])[:2]
-            configs = [(a, k, mode) for a in best_algs for k in self.split_k for mode in (1, 2)]
-            if searched is not None and searched not in timings:
-                configs.append(searched)
-            for cfg in configs:
+            for cfg in [(a, k, mode) for a in best_algs for k in self.split_k for mode in self.split_k_modes]:
                 ms = _time_graphed(sparse(*cfg), inner, self.reps)
                 if ms is not None:
                     timings[cfg] = ms
@@ -313,22 +311,6 @@ def cslt_linear(x, packed, bias, alg_id: int = 0, split_k: int = 1, split_k_mode
             split_k_mode=split_k_mode,
         )
     return torch._cslt_sparse_mm(packed, x.t(), bias, transpose_result=True, alg_id=alg_id)
-
-
-def _mm_search(packed, x, bias) -> tuple[tuple[int, int, int] | None, int | None]:
-    """cuSPARSELt's own search: its pick `(alg_id, split_k, split_k_mode)` and the largest algorithm id."""
-    search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
-    if search is None:
-        return None, None
-    try:
-        result = search(packed, x.t(), bias, None, None, True)
-    except (RuntimeError, TypeError) as err:
-        logger.debug("hf-sparse: cuSPARSELt mm_search failed (%s).", err)
-        return None, None
-    values = [int(v) for v in (result if isinstance(result, (tuple, list)) else [result])]
-    if len(values) >= 4:
-        return (values[0], values[1], values[2]), values[3]
-    return (values[0], 1, -1), None
 
 
 def _time_graphed(fn, inner: int, reps: int) -> float | None:

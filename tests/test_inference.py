@@ -233,7 +233,7 @@ def gpu_inputs(batch=2, seq=64, seed=0):
 def quick_tuner(tmp_path, **kwargs):
     from hf_sparse import Autotuner
 
-    return Autotuner(cache_path=tmp_path / "tune.json", reps=3, max_algorithms=4, split_k=(2,), **kwargs)
+    return Autotuner(cache_path=tmp_path / "tune.json", reps=3, max_algorithms=4, **kwargs)
 
 
 def rel_error(a, b):
