@@ -17,6 +17,7 @@ import logging
 import os
 import statistics
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -115,6 +116,8 @@ class Autotuner:
             timing noise, so a near tie never makes the model slower).
         reps: timed replays per candidate (the median is kept).
         max_algorithms: at most this many cuSPARSELt algorithm ids are tried (0, 1, ... until one is refused).
+        time_budget_s: stop trying further algorithms of one shape after this many seconds (each new cuSPARSELt
+            algorithm costs host time to plan and load the first time it runs).
         split_k: split-k factors also tried on the two fastest algorithms (default none: see `docs/bench`).
         split_k_modes: cuSPARSELt split-k modes tried with them (-1: its default, 1: one kernel, 2: two kernels).
 
@@ -132,8 +135,9 @@ class Autotuner:
 
     cache_path: str | os.PathLike | bool | None = None
     min_speedup: float = 1.03
-    reps: int = 15
+    reps: int = 10
     max_algorithms: int = 32
+    time_budget_s: float = 4.0
     split_k: tuple[int, ...] = ()
     split_k_modes: tuple[int, ...] = (-1,)
     _memory: dict[str, dict[str, GemmChoice]] = field(default_factory=dict, init=False, repr=False)
@@ -258,7 +262,11 @@ class Autotuner:
             return lambda: cslt_linear(x, packed, b, alg_id, split_k, split_k_mode)
 
         timings: dict[tuple[int, int, int], float] = {}
+        deadline = time.perf_counter() + self.time_budget_s
         for alg_id in range(self.max_algorithms):
+            if alg_id > 0 and time.perf_counter() > deadline:
+                logger.info("hf-sparse: tuning time budget spent after %d algorithms.", alg_id)
+                break
             ms = _time_graphed(sparse(alg_id), inner, self.reps)
             if ms is None:  # algorithm ids run from 0 to a maximum that depends on the shape: stop past it
                 break

@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Autotuning cache file (default: $HF_SPARSE_CACHE or ~/.cache/hf_sparse/autotune.json).",
     )
+    parser.add_argument(
+        "--max-algorithms", type=int, default=32, help="cuSPARSELt algorithm ids tried per GEMM shape (autotuning)."
+    )
+    parser.add_argument(
+        "--tune-seconds", type=float, default=4.0, help="Autotuning time budget per GEMM shape and token count."
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights and inputs.")
     return parser
 
@@ -90,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--batch-sizes must be positive integers; got {args.batch_sizes}.")
     if args.seq_len < 1:
         parser.error(f"--seq-len must be a positive integer; got {args.seq_len}.")
+    if args.max_algorithms < 1 or args.tune_seconds <= 0:
+        parser.error("--max-algorithms must be >= 1 and --tune-seconds > 0.")
     if args.reps < 1 or args.rounds < 1:
         parser.error(f"--reps and --rounds must be >= 1; got {args.reps} and {args.rounds}.")
     args.batch_sizes = sorted(set(args.batch_sizes))
@@ -203,7 +211,7 @@ def run(args: argparse.Namespace) -> dict:
     names = prune_to_2_4(base)
     dense_2_4_bytes = weight_bytes([base.get_submodule(n) for n in names])
     token_counts = [b * args.seq_len for b in args.batch_sizes]
-    tuner = Autotuner(cache_path=args.cache)
+    tuner = Autotuner(cache_path=args.cache, max_algorithms=args.max_algorithms, time_budget_s=args.tune_seconds)
     fuse = not args.no_fuse_qkv
 
     models: dict[str, nn.Module] = {}
@@ -364,7 +372,8 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     """Entry point of `python -m hf_sparse.bench` and `hf-sparse-bench`."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("hf_sparse.autotune").setLevel(logging.INFO)
     result = run(args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,6 @@
 import logging
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,10 +232,16 @@ def gpu_inputs(batch=2, seq=64, seed=0):
     return {"input_ids": torch.randint(0, 512, (batch, seq), device="cuda", generator=g)}
 
 
+_TUNE_DIR = tempfile.mkdtemp(prefix="hf_sparse_test_tune_")
+
+
 def quick_tuner(tmp_path, **kwargs):
+    """A fast autotuner whose timings are shared by the GPU tests of this session (tmp_path is unused: the cache
+    must outlive one test so every parametrization does not tune the same shapes again)."""
     from hf_sparse import Autotuner
 
-    return Autotuner(cache_path=tmp_path / "tune.json", reps=3, max_algorithms=4, **kwargs)
+    name = "tune.json" if not kwargs else f"tune-{sorted(kwargs.items())}.json"
+    return Autotuner(cache_path=Path(_TUNE_DIR) / name, reps=3, max_algorithms=2, **kwargs)
 
 
 def rel_error(a, b):
