@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tune-seconds", type=float, default=4.0, help="Autotuning time budget per GEMM shape and token count."
     )
+    parser.add_argument(
+        "--sdpa-backend",
+        choices=["default", "flash", "efficient", "cudnn", "math"],
+        default="default",
+        help="Force one scaled-dot-product-attention backend for every variant (captures included). On the H200 "
+        "the graphed dense model ran ~4x slower than eager; the attention backend picked under capture is the "
+        "first suspect (see docs/bench/h200.md).",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights and inputs.")
     return parser
 
@@ -195,7 +203,6 @@ def weight_bytes(layers: list[nn.Module]) -> int:
 
 def run(args: argparse.Namespace) -> dict:
     from .autotune import Autotuner
-    from .graphs import cuda_graphs
     from .inference import fuse_qkv_, swap_to_semi_structured_
 
     if not torch.cuda.is_available():
@@ -257,43 +264,9 @@ def run(args: argparse.Namespace) -> dict:
 
     rows = []
     errors: dict[str, float] = {}
-    for batch in args.batch_sizes:
-        inputs = make_inputs(base, batch, args.seq_len, args.seed, args.attention_mask)
-        runners = {v: (cuda_graphs(m) if args.mode == "graphs" else m) for v, m in models.items()}
-        samples: dict[str, list[float]] = {v: [] for v in runners}
-        failed: dict[str, str] = {}
-        with torch.no_grad():
-            reference = first_tensor(base(**inputs)).float() if batch == args.batch_sizes[0] else None
-            for variant, runner in runners.items():
-                try:
-                    out = runner(**inputs)  # captures the graph (and tunes unseen token counts)
-                    torch.cuda.synchronize()
-                except Exception as err:
-                    failed[variant] = f"{type(err).__name__}: {str(err)[:200]}"
-                    print(f"{variant} failed at batch {batch}: {failed[variant]}", flush=True)
-                    continue
-                if reference is not None:
-                    errors[variant] = float((first_tensor(out).float() - reference).abs().max())
-            for _ in range(args.rounds):
-                for variant, runner in runners.items():
-                    if variant not in failed:
-                        samples[variant] += time_calls(lambda r=runner, x=inputs: r(**x), args.reps)
-        row = {"batch": batch, "tokens": batch * args.seq_len}
-        dense_ms = statistics.median(samples["dense"])
-        for variant in runners:
-            if variant in failed:
-                row[variant] = None
-                continue
-            ms = statistics.median(samples[variant])
-            row[variant] = {"ms": ms, "speedup": dense_ms / ms, "samples": len(samples[variant])}
-        rows.append(row)
-        print(f"batch {batch}: " + ", ".join(f"{v} {row[v]['ms']:.3f} ms" for v in runners if row[v]), flush=True)
-        for runner in runners.values():
-            if hasattr(runner, "reset"):
-                runner.reset()
-        del runners
-        torch.cuda.empty_cache()
-
+    with _sdpa_backend(args.sdpa_backend):
+        for batch in args.batch_sizes:
+            rows.append(_time_batch(args, base, models, batch, errors))
     return {
         "device": device_name,
         "capability": list(torch.cuda.get_device_capability()),
@@ -308,6 +281,62 @@ def run(args: argparse.Namespace) -> dict:
         "swap_reports": reports,
         "command": "python -m hf_sparse.bench " + " ".join(sys.argv[1:]),
     }
+
+
+def _sdpa_backend(name: str):
+    import contextlib
+
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
+    return sdpa_kernel(backend)
+
+
+def _time_batch(args, base, models, batch, errors) -> dict:
+    from .graphs import cuda_graphs
+
+    inputs = make_inputs(base, batch, args.seq_len, args.seed, args.attention_mask)
+    runners = {v: (cuda_graphs(m) if args.mode == "graphs" else m) for v, m in models.items()}
+    samples: dict[str, list[float]] = {v: [] for v in runners}
+    failed: dict[str, str] = {}
+    with torch.no_grad():
+        reference = first_tensor(base(**inputs)).float() if batch == args.batch_sizes[0] else None
+        for variant, runner in runners.items():
+            try:
+                out = runner(**inputs)  # captures the graph (and tunes unseen token counts)
+                torch.cuda.synchronize()
+            except Exception as err:
+                failed[variant] = f"{type(err).__name__}: {str(err)[:200]}"
+                print(f"{variant} failed at batch {batch}: {failed[variant]}", flush=True)
+                continue
+            if reference is not None:
+                errors[variant] = float((first_tensor(out).float() - reference).abs().max())
+        for _ in range(args.rounds):
+            for variant, runner in runners.items():
+                if variant not in failed:
+                    samples[variant] += time_calls(lambda r=runner, x=inputs: r(**x), args.reps)
+    row = {"batch": batch, "tokens": batch * args.seq_len}
+    dense_ms = statistics.median(samples["dense"])
+    for variant in runners:
+        if variant in failed:
+            row[variant] = None
+            continue
+        ms = statistics.median(samples[variant])
+        row[variant] = {"ms": ms, "speedup": dense_ms / ms, "samples": len(samples[variant])}
+    print(f"batch {batch}: " + ", ".join(f"{v} {row[v]['ms']:.3f} ms" for v in runners if row[v]), flush=True)
+    for runner in runners.values():
+        if hasattr(runner, "reset"):
+            runner.reset()
+    del runners
+    torch.cuda.empty_cache()
+    return row
 
 
 def format_table(result: dict) -> str:
