@@ -1,5 +1,6 @@
 """hf-sparse: 2:4 semi-structured sparsity for Hugging Face training, fast sparse inference, shareable checkpoints."""
 
+from .autotune import Autotuner
 from .callback import SparsityCallback
 from .checkpoint import attach_sparsity_metadata, from_pretrained, save_pretrained
 from .config import SparsityConfig
@@ -12,7 +13,16 @@ from .data import (
     synthetic_tokenizer,
     tokenize_squad,
 )
+from .graphs import cuda_graphs, remove_cuda_graphs
 from .hub import model_card, push_to_hub, write_model_card
+from .inference import (
+    SemiStructuredLinear,
+    SwapReport,
+    fuse_qkv_,
+    restore_dense_,
+    semi_structured_support,
+    swap_to_semi_structured_,
+)
 from .masks import is_nm, nm_mask, sparsity_report
 from .metrics import squad_compute_metrics, squad_metric, squad_v2_metric
 from .postprocess import SquadPostprocessor, postprocess_qa_predictions
@@ -50,4 +60,14 @@ __all__ = [
     "squad_v2_metric",
     "SquadPostprocessor",
     "postprocess_qa_predictions",
+    # Fast inference on sparse tensor cores
+    "Autotuner",
+    "SemiStructuredLinear",
+    "SwapReport",
+    "cuda_graphs",
+    "fuse_qkv_",
+    "remove_cuda_graphs",
+    "restore_dense_",
+    "semi_structured_support",
+    "swap_to_semi_structured_",
 ]

@@ -133,8 +133,12 @@ class SparsityCallback(TrainerCallback):
             tensors.update({f"pruned_values.{name}": value.cpu() for name, value in self.pruned_values.items()})
             save_file(tensors, os.path.join(checkpoint, _masks_file(sharded)), metadata=self._metadata())
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self.squash_(kwargs.get("model"))
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.squash_(model)
+        if self.config.swap_at_end and model is not None:
+            from .inference import swap_at_train_end
+
+            swap_at_train_end(unwrap_model(model), self.config)
 
     # -- mask management ---------------------------------------------------------------------------------------
 

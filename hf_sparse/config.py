@@ -81,6 +81,16 @@ class SparsityConfig:
         default=None,
         metadata={"help": "Stop recomputing masks from this optimizer step on (with mask_update_every)."},
     )
+    swap_at_end: bool = field(
+        default=False,
+        metadata={
+            "help": "When training ends, swap the trained 2:4 layers for fast cuSPARSELt kernels "
+            "(hf_sparse.swap_to_semi_structured_) and run the model's forward through CUDA graphs, so the "
+            "Trainer's final evaluate()/predict() use the fast path. Needs fp16/bf16 weights on an NVIDIA GPU of "
+            "compute capability >= 8.0; elsewhere it logs why and leaves the model as it is. Checkpoints saved "
+            "afterwards are still ordinary dense ones."
+        },
+    )
     log_per_layer: bool = field(
         default=True,
         metadata={"help": "Add per-layer sparsity to the Trainer's logs whenever masks are (re)computed."},

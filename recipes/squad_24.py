@@ -114,7 +114,9 @@ class RecipeArguments:
     max_seq_length: int = field(default=48, metadata={"help": "Tokens per feature (question + context window)."})
     doc_stride: int = field(default=16, metadata={"help": "Overlap between the windows of a long context."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training questions."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many evaluation questions."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many evaluation questions."}
+    )
     synthetic_train_paragraphs: int = field(default=1000, metadata={"help": "Synthetic data: training paragraphs."})
     synthetic_eval_paragraphs: int = field(default=100, metadata={"help": "Synthetic data: evaluation paragraphs."})
     synthetic_facts_per_paragraph: int = field(default=3, metadata={"help": "Synthetic data: facts per paragraph."})
@@ -222,7 +224,9 @@ def load_data(args: RecipeArguments):
         train = hf_sparse.load_squad(args.dataset_name, split="train")
         validation = hf_sparse.load_squad(args.dataset_name, split="validation")
     if args.max_train_samples is not None:
-        train = train[: args.max_train_samples] if isinstance(train, list) else train.select(range(args.max_train_samples))
+        train = (
+            train[: args.max_train_samples] if isinstance(train, list) else train.select(range(args.max_train_samples))
+        )
     if args.max_eval_samples is not None:
         validation = (
             validation[: args.max_eval_samples]

@@ -1,0 +1,369 @@
+"""Per-shape autotuning of 2:4 sparse (cuSPARSELt) against dense GEMMs, cached in memory and on disk.
+
+Which kernel wins depends on the GEMM's shape and on the number of tokens: on an H200 the sparse kernel loses by
+up to 30% below a few thousand tokens and wins by up to ~45% above (see `docs/bench`). So every distinct
+(weight shape, dtype, bias, token-count bucket) is timed once, dense against the sparse kernel over its
+algorithms and split-k settings, and the fastest is remembered. Timings run under CUDA graphs, so they measure
+the GPU and not the ~0.5 ms of host work that `torch._cslt_sparse_mm` spends per eager call.
+
+The disk cache is one JSON file, keyed by the GPU, PyTorch, CUDA and cuSPARSELt versions: a choice measured on
+one machine is never used on another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "HF_SPARSE_CACHE"
+"""Environment variable naming the autotuning cache file (default `~/.cache/hf_sparse/autotune.json`)."""
+
+CACHE_VERSION = 1
+
+
+def default_cache_path() -> Path:
+    """`$HF_SPARSE_CACHE`, else `$XDG_CACHE_HOME/hf_sparse/autotune.json`, else `~/.cache/hf_sparse/autotune.json`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "hf_sparse" / "autotune.json"
+
+
+def token_bucket(tokens: int) -> int:
+    """The bucket a token count (batch x sequence length) falls into: the next power of two, at least 8."""
+    tokens = max(int(tokens), 1)
+    return max(8, 1 << (tokens - 1).bit_length())
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def gemm_key(out_features: int, in_features: int, dtype: torch.dtype, bias: bool, bucket: int) -> str:
+    """Cache key of one GEMM shape at one token-count bucket, e.g. `'3072x768|float16|bias|tokens<=2048'`."""
+    return f"{out_features}x{in_features}|{dtype_name(dtype)}|{'bias' if bias else 'nobias'}|tokens<={bucket}"
+
+
+@dataclass
+class GemmChoice:
+    """What the autotuner chose for one GEMM shape and token-count bucket.
+
+    `backend` is "sparse" or "dense". The sparse settings (`alg_id`, `split_k`, `split_k_mode`) are those of the
+    fastest sparse candidate even when dense won, so a layer that holds only the compressed weight still runs its
+    best sparse kernel. Times are per GEMM, in milliseconds, measured at `tokens` tokens.
+    """
+
+    backend: str
+    alg_id: int = 0
+    split_k: int = 1
+    split_k_mode: int = -1
+    dense_ms: float | None = None
+    sparse_ms: float | None = None
+    tokens: int = 0
+    candidates: int = 0
+
+    @property
+    def speedup(self) -> float | None:
+        """Dense time over best sparse time (> 1: sparse is faster)."""
+        if not self.dense_ms or not self.sparse_ms:
+            return None
+        return self.dense_ms / self.sparse_ms
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GemmChoice:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+def device_key(device: torch.device | str | None = None) -> str:
+    """What a cached timing depends on: the GPU model and the PyTorch, CUDA and cuSPARSELt versions."""
+    device = torch.device(device if device is not None else "cuda")
+    name = torch.cuda.get_device_name(device)
+    major, minor = torch.cuda.get_device_capability(device)
+    cusparselt = torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None
+    return format_device_key(name, (major, minor), torch.__version__, torch.version.cuda, cusparselt)
+
+
+def format_device_key(
+    gpu_name: str, capability: tuple[int, int], torch_version: str, cuda_version: str | None, cusparselt: int | None
+) -> str:
+    return (
+        f"{gpu_name} (sm{capability[0]}{capability[1]})|torch {torch_version}|cuda {cuda_version}"
+        f"|cusparselt {cusparselt}"
+    )
+
+
+@dataclass
+class Autotuner:
+    """Chooses, per GEMM shape and token-count bucket, between dense `F.linear` and the cuSPARSELt 2:4 kernel.
+
+    Args:
+        cache_path: JSON file of measured choices; default `default_cache_path()`. `False` keeps them in memory only.
+        min_speedup: the sparse kernel is chosen only if it is at least this much faster than dense (a margin for
+            timing noise, so a near tie never makes the model slower).
+        reps: timed replays per candidate (the median is kept).
+        max_algorithms: at most this many cuSPARSELt algorithm ids are tried (0, 1, ... until one is refused).
+        time_budget_s: stop trying further algorithms of one shape after this many seconds (each new cuSPARSELt
+            algorithm costs host time to plan and load the first time it runs).
+        split_k: split-k factors also tried on the two fastest algorithms (default none: see `docs/bench`).
+        split_k_modes: cuSPARSELt split-k modes tried with them (-1: its default, 1: one kernel, 2: two kernels).
+
+    cuSPARSELt's own search (`torch._C._cusparselt.mm_search`) is not used: with PyTorch 2.11 and cuSPARSELt 0.8
+    on an H200 it fails with an internal error for this layout and leaves the CUDA context unusable.
+
+    Example:
+
+    ```python
+    >>> tuner = Autotuner()
+    >>> tuner.choice(3072, 768, torch.float16, bias=True, tokens=24576, device="cuda")
+    GemmChoice(backend='sparse', alg_id=..., dense_ms=..., sparse_ms=..., ...)
+    ```
+    """
+
+    cache_path: str | os.PathLike | bool | None = None
+    min_speedup: float = 1.03
+    reps: int = 10
+    max_algorithms: int = 32
+    time_budget_s: float = 4.0
+    split_k: tuple[int, ...] = ()
+    split_k_modes: tuple[int, ...] = (-1,)
+    _memory: dict[str, dict[str, GemmChoice]] = field(default_factory=dict, init=False, repr=False)
+    _loaded: bool = field(default=False, init=False, repr=False)
+    measurements: int = field(default=0, init=False)
+
+    def __post_init__(self):
+        if self.cache_path is None or self.cache_path is True:
+            self.cache_path = default_cache_path()
+        elif self.cache_path is not False:
+            self.cache_path = Path(self.cache_path).expanduser()
+        if not self.min_speedup > 0:
+            raise ValueError(f"min_speedup must be > 0; got {self.min_speedup!r}.")
+        if int(self.reps) < 1:
+            raise ValueError(f"reps must be >= 1; got {self.reps!r}.")
+
+    # -- cache -----------------------------------------------------------------------------------------------------
+
+    def device_key(self, device) -> str:
+        return device_key(device)
+
+    def cached(
+        self, out_features: int, in_features: int, dtype: torch.dtype, bias: bool, tokens: int, device
+    ) -> GemmChoice | None:
+        """The cached choice for this GEMM's bucket, or None (never measures)."""
+        self._load()
+        table = self._memory.get(self.device_key(device), {})
+        return table.get(gemm_key(out_features, in_features, dtype, bias, token_bucket(tokens)))
+
+    def choice(
+        self, out_features: int, in_features: int, dtype: torch.dtype, bias: bool, tokens: int, device
+    ) -> GemmChoice:
+        """The cached choice for this GEMM's bucket; measured (on the GPU) and cached first if there is none."""
+        found = self.cached(out_features, in_features, dtype, bias, tokens, device)
+        if found is not None:
+            return found
+        chosen = self.measure(out_features, in_features, dtype, bias, tokens, device)
+        self.measurements += 1
+        self.store(out_features, in_features, dtype, bias, tokens, device, chosen)
+        return chosen
+
+    def store(self, out_features, in_features, dtype, bias, tokens, device, chosen: GemmChoice) -> None:
+        key = self.device_key(device)
+        self._memory.setdefault(key, {})[gemm_key(out_features, in_features, dtype, bias, token_bucket(tokens))] = (
+            chosen
+        )
+        self._save()
+
+    def _load(self) -> None:
+        if self._loaded or self.cache_path is False:
+            self._loaded = True
+            return
+        self._loaded = True
+        for key, table in self._read_disk().items():
+            mine = self._memory.setdefault(key, {})
+            for gemm, choice in table.items():
+                mine.setdefault(gemm, choice)
+
+    def _read_disk(self) -> dict[str, dict[str, GemmChoice]]:
+        path = Path(self.cache_path)
+        if not path.is_file():
+            return {}
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            logger.warning("hf-sparse: ignoring unreadable autotuning cache %s (%s).", path, err)
+            return {}
+        if raw.get("version") != CACHE_VERSION:
+            logger.warning("hf-sparse: ignoring autotuning cache %s of another format version.", path)
+            return {}
+        return {
+            key: {gemm: GemmChoice.from_dict(value) for gemm, value in table.items()}
+            for key, table in raw.get("devices", {}).items()
+        }
+
+    def _save(self) -> None:
+        if self.cache_path is False:
+            return
+        path = Path(self.cache_path)
+        # Merge with what other processes wrote since we read the file, then replace it atomically.
+        merged = self._read_disk()
+        for key, table in self._memory.items():
+            merged.setdefault(key, {}).update(table)
+        payload = {
+            "version": CACHE_VERSION,
+            "devices": {k: {g: c.to_dict() for g, c in sorted(t.items())} for k, t in sorted(merged.items())},
+        }
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+                json.dump(payload, handle, indent=1)
+            os.replace(handle.name, path)
+        except OSError as err:
+            logger.warning("hf-sparse: could not write the autotuning cache %s (%s); keeping it in memory.", path, err)
+
+    # -- measuring (GPU) -------------------------------------------------------------------------------------------
+
+    def measure(
+        self, out_features: int, in_features: int, dtype: torch.dtype, bias: bool, tokens: int, device
+    ) -> GemmChoice:
+        """Times dense against every sparse candidate for this shape on `device`, under CUDA graphs."""
+        import torch.nn.functional as F
+
+        from .masks import nm_mask
+
+        device = torch.device(device)
+        rows = tokens + (-tokens) % 8
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(rows, in_features, device=device, dtype=dtype, generator=gen)
+        w = torch.randn(out_features, in_features, device=device, dtype=dtype, generator=gen)
+        w = w * nm_mask(w)
+        b = torch.randn(out_features, device=device, dtype=dtype, generator=gen) if bias else None
+        packed = torch._cslt_compress(w)
+        flops = 2.0 * rows * in_features * out_features
+        inner = int(min(20, max(1, 2e10 // flops)))
+
+        dense_ms = _time_graphed(lambda: F.linear(x, w, b), inner, self.reps)
+        if dense_ms is None:  # pragma: no cover - dense GEMMs do not fail
+            raise RuntimeError(f"could not time a dense {out_features}x{in_features} GEMM on {device}.")
+
+        def sparse(alg_id, split_k=1, split_k_mode=-1):
+            return lambda: cslt_linear(x, packed, b, alg_id, split_k, split_k_mode)
+
+        timings: dict[tuple[int, int, int], float] = {}
+        deadline = time.perf_counter() + self.time_budget_s
+        for alg_id in range(self.max_algorithms):
+            if alg_id > 0 and time.perf_counter() > deadline:
+                logger.info("hf-sparse: tuning time budget spent after %d algorithms.", alg_id)
+                break
+            ms = _time_graphed(sparse(alg_id), inner, self.reps)
+            if ms is None:  # algorithm ids run from 0 to a maximum that depends on the shape: stop past it
+                break
+            timings[(alg_id, 1, -1)] = ms
+        if self.split_k and split_k_supported():
+            best_algs = sorted({cfg[0] for cfg in timings}, key=lambda a: timings[(a, 1, -1)])[:2]
+            for cfg in [(a, k, mode) for a in best_algs for k in self.split_k for mode in self.split_k_modes]:
+                ms = _time_graphed(sparse(*cfg), inner, self.reps)
+                if ms is not None:
+                    timings[cfg] = ms
+        if not timings:
+            return GemmChoice("dense", dense_ms=dense_ms, tokens=tokens)
+        (alg_id, split_k, split_k_mode), sparse_ms = min(timings.items(), key=lambda item: item[1])
+        backend = "sparse" if dense_ms / sparse_ms >= self.min_speedup else "dense"
+        chosen = GemmChoice(backend, alg_id, split_k, split_k_mode, dense_ms, sparse_ms, tokens, len(timings))
+        logger.info(
+            "hf-sparse: tuned %s at %d tokens: dense %.4f ms, sparse %.4f ms (alg %d, split-k %d/%d) -> %s",
+            f"{out_features}x{in_features} {dtype_name(dtype)}",
+            tokens,
+            dense_ms,
+            sparse_ms,
+            alg_id,
+            split_k,
+            split_k_mode,
+            backend,
+        )
+        return chosen
+
+
+def split_k_supported() -> bool:
+    """Whether this PyTorch's `torch._cslt_sparse_mm` takes `split_k` / `split_k_mode` (PyTorch >= 2.6)."""
+    schemas = torch._C._jit_get_schemas_for_operator("aten::_cslt_sparse_mm")
+    return any("split_k" in str(schema) for schema in schemas)
+
+
+def cslt_linear(x, packed, bias, alg_id: int = 0, split_k: int = 1, split_k_mode: int = -1):
+    """`x @ W.T + bias` for a 2-D contiguous `x` whose rows are a multiple of 8, with W compressed in `packed`.
+
+    Passing `x.t()` (a transposed view) with `transpose_result=True` makes cuSPARSELt read x as it lies and write
+    the result row-major, `(tokens, out_features)`: the layout the next op reads, with no copy on either side.
+    """
+    if split_k != 1 or split_k_mode != -1:
+        return torch._cslt_sparse_mm(
+            packed,
+            x.t(),
+            bias,
+            transpose_result=True,
+            alg_id=alg_id,
+            split_k=split_k,
+            split_k_mode=split_k_mode,
+        )
+    return torch._cslt_sparse_mm(packed, x.t(), bias, transpose_result=True, alg_id=alg_id)
+
+
+def _time_graphed(fn, inner: int, reps: int) -> float | None:
+    """Median milliseconds of one call of `fn`, from `reps` replays of a CUDA graph of `inner` calls.
+
+    Returns None if `fn` fails (an algorithm id or split-k setting cuSPARSELt does not support for this shape).
+    """
+    try:
+        fn()
+        torch.cuda.synchronize()
+    except RuntimeError:
+        return None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(stream):
+            fn()  # warm the allocator on the capture stream
+            with torch.cuda.graph(graph, stream=stream):
+                for _ in range(inner):
+                    fn()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    graph.replay()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends):
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    ms = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / inner
+    del graph
+    return ms
+
+
+_DEFAULT_TUNER: Autotuner | None = None
+
+
+def default_tuner() -> Autotuner:
+    """The process-wide autotuner (disk cache at `default_cache_path()`)."""
+    global _DEFAULT_TUNER
+    if _DEFAULT_TUNER is None:
+        _DEFAULT_TUNER = Autotuner()
+    return _DEFAULT_TUNER

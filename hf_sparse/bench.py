@@ -1,0 +1,418 @@
+"""Benchmark: dense against 2:4 sparse inference of a question-answering model on one GPU.
+
+Times, in one process and under the same execution mode (CUDA graphs by default), the forward pass of:
+- `dense`: the 2:4-pruned model run densely, with query/key/value fused into one GEMM (the baseline);
+- `2:4`: the same model after `hf_sparse.swap_to_semi_structured_` (autotuned, dense copies where dense wins);
+- `2:4-lean`: the same with `dense_fallback="none"` (compressed weights only: the least memory);
+- `stock`: PyTorch's own path, `torch.sparse.to_sparse_semi_structured` on every pruned layer (as in PyTorch's
+  2:4 BERT tutorial), for the record;
+- `dense-unfused`: the dense model without the q/k/v fusion, for the record.
+Each latency is the median of repeated CUDA-event timings, taken in interleaved rounds. Prints a table and writes
+`bench.json` and `bench.png` (latency and speed-up against batch size) to `--output-dir`.
+
+Run:
+    python -m hf_sparse.bench                      # BERT-base QA (random weights), batch 4 16 64 256, seq 384, fp16
+    hf-sparse-bench --model path/to/qa-model --batch-sizes 1 8 32 --seq-len 256 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+VARIANTS = ("dense", "2:4", "2:4-lean", "stock", "dense-unfused")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-sparse-bench",
+        description="Dense vs 2:4 sparse inference latency of a question-answering model on one NVIDIA GPU.",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Model path or Hub id (AutoModelForQuestionAnswering, else AutoModel). Default: BERT-base QA with "
+        "random weights, built from a BertConfig (speed does not depend on the values). Not-2:4 models are "
+        "magnitude-pruned to 2:4 first.",
+    )
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16, 64, 256], help="Batch sizes to time.")
+    parser.add_argument("--seq-len", type=int, default=384, help="Sequence length (tokens per example).")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="Weight and activation dtype.")
+    parser.add_argument(
+        "--mode",
+        choices=["graphs", "eager"],
+        default="graphs",
+        help="Execution mode of every variant: CUDA graphs per batch size (hf_sparse.cuda_graphs) or eager.",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="What to time ('dense' is always timed: it is the baseline).",
+    )
+    parser.add_argument("--reps", type=int, default=10, help="Timed calls per variant per round.")
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds (variants alternate).")
+    parser.add_argument("--no-fuse-qkv", action="store_true", help="Do not fuse query/key/value (dense nor sparse).")
+    parser.add_argument(
+        "--attention-mask",
+        action="store_true",
+        help="Also pass an all-ones attention_mask (default: none, i.e. every sequence is full length).",
+    )
+    parser.add_argument("--output-dir", default="hf_sparse_bench", help="Where bench.json and bench.png go.")
+    parser.add_argument(
+        "--cache",
+        default=None,
+        help="Autotuning cache file (default: $HF_SPARSE_CACHE or ~/.cache/hf_sparse/autotune.json).",
+    )
+    parser.add_argument(
+        "--max-algorithms", type=int, default=32, help="cuSPARSELt algorithm ids tried per GEMM shape (autotuning)."
+    )
+    parser.add_argument(
+        "--tune-seconds", type=float, default=4.0, help="Autotuning time budget per GEMM shape and token count."
+    )
+    parser.add_argument(
+        "--sdpa-backend",
+        choices=["default", "flash", "efficient", "cudnn", "math"],
+        default="default",
+        help="Force one scaled-dot-product-attention backend for every variant (captures included). On the H200 "
+        "the graphed dense model ran ~4x slower than eager; the attention backend picked under capture is the "
+        "first suspect (see docs/bench/h200.md).",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights and inputs.")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses and checks the benchmark's command line (exits with a message on bad values)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if any(b < 1 for b in args.batch_sizes):
+        parser.error(f"--batch-sizes must be positive integers; got {args.batch_sizes}.")
+    if args.seq_len < 1:
+        parser.error(f"--seq-len must be a positive integer; got {args.seq_len}.")
+    if args.max_algorithms < 1 or args.tune_seconds <= 0:
+        parser.error("--max-algorithms must be >= 1 and --tune-seconds > 0.")
+    if args.reps < 1 or args.rounds < 1:
+        parser.error(f"--reps and --rounds must be >= 1; got {args.reps} and {args.rounds}.")
+    args.batch_sizes = sorted(set(args.batch_sizes))
+    args.variants = ["dense"] + [v for v in VARIANTS if v in args.variants and v != "dense"]
+    return args
+
+
+# -- building the variants -------------------------------------------------------------------------------------------
+
+
+def build_model(args: argparse.Namespace) -> nn.Module:
+    from transformers import AutoModel, AutoModelForQuestionAnswering, BertConfig, BertForQuestionAnswering
+
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(args.seed)
+    if args.model is None:
+        with torch.device("cuda"):
+            model = BertForQuestionAnswering(BertConfig())  # BERT-base: 12 layers, hidden 768, intermediate 3072
+        return model.to(dtype).eval()
+    try:
+        model = AutoModelForQuestionAnswering.from_pretrained(args.model, dtype=dtype)
+    except (ValueError, KeyError):
+        model = AutoModel.from_pretrained(args.model, dtype=dtype)
+    return model.to("cuda").eval()
+
+
+def prune_to_2_4(model: nn.Module) -> list[str]:
+    """Magnitude-prunes the transformer blocks' linear layers to 2:4 unless they already are; returns their names."""
+    from .config import SparsityConfig
+    from .masks import is_nm
+    from .pruning import prune_
+    from .selection import select_layers
+
+    config = SparsityConfig()
+    layers = select_layers(model, config).targets
+    if not all(is_nm(layer.weight, 2, 4) for layer in layers.values()):
+        prune_(model, config)
+        print(f"magnitude-pruned {len(layers)} linear layers to 2:4", flush=True)
+    return list(layers)
+
+
+def stock_swap(model: nn.Module, names: list[str]) -> int:
+    """PyTorch's tutorial path: every pruned weight becomes a `SparseSemiStructuredTensor`. Returns weight bytes."""
+    from torch.sparse import to_sparse_semi_structured
+
+    total = 0
+    for name in names:
+        layer = model.get_submodule(name)
+        sparse = to_sparse_semi_structured(layer.weight.detach())
+        layer.weight = nn.Parameter(sparse, requires_grad=False)
+        total += sum(
+            t.numel() * t.element_size()
+            for t in (getattr(sparse, "packed", None), getattr(sparse, "meta", None))
+            if t is not None
+        )
+    return total
+
+
+def make_inputs(model: nn.Module, batch: int, seq_len: int, seed: int, attention_mask: bool) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(seed + batch)
+    vocab = model.config.vocab_size
+    inputs = {"input_ids": torch.randint(0, vocab, (batch, seq_len), device="cuda", generator=gen)}
+    params = inspect.signature(model.forward).parameters
+    if "token_type_ids" in params and getattr(model.config, "type_vocab_size", 0):
+        inputs["token_type_ids"] = torch.zeros(batch, seq_len, dtype=torch.long, device="cuda")
+    if attention_mask:
+        inputs["attention_mask"] = torch.ones(batch, seq_len, dtype=torch.long, device="cuda")
+    return inputs
+
+
+def first_tensor(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    values = output.values() if hasattr(output, "values") else output
+    return torch.cat([v.float().flatten() for v in values if isinstance(v, torch.Tensor)])
+
+
+def time_calls(fn, reps: int) -> list[float]:
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends):
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def weight_bytes(layers: list[nn.Module]) -> int:
+    return sum(m.weight.numel() * m.weight.element_size() for m in layers)
+
+
+# -- the run ---------------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict:
+    from .autotune import Autotuner
+    from .inference import fuse_qkv_, swap_to_semi_structured_
+
+    if not torch.cuda.is_available():
+        raise SystemExit("hf-sparse-bench needs an NVIDIA GPU (CUDA); none is visible here.")
+    device_name = torch.cuda.get_device_name()
+    cusparselt = torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None
+    print(
+        f"{device_name} (sm{''.join(map(str, torch.cuda.get_device_capability()))}), torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}, cuSPARSELt {cusparselt}; {args.dtype}, seq {args.seq_len}, mode {args.mode}",
+        flush=True,
+    )
+    base = build_model(args)
+    names = prune_to_2_4(base)
+    dense_2_4_bytes = weight_bytes([base.get_submodule(n) for n in names])
+    token_counts = [b * args.seq_len for b in args.batch_sizes]
+    tuner = Autotuner(cache_path=args.cache, max_algorithms=args.max_algorithms, time_budget_s=args.tune_seconds)
+    fuse = not args.no_fuse_qkv
+
+    models: dict[str, nn.Module] = {}
+    memory: dict[str, dict] = {}
+    reports: dict[str, list] = {}
+    models["dense"] = copy.deepcopy(base)
+    if fuse:
+        fuse_qkv_(models["dense"])
+    memory["dense"] = {"weight_bytes": dense_2_4_bytes, "ratio": 1.0}
+    for variant, fallback in (("2:4", "copy"), ("2:4-lean", "none")):
+        if variant not in args.variants:
+            continue
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        report = swap_to_semi_structured_(
+            model, fuse_qkv=fuse, token_counts=token_counts, dense_fallback=fallback, autotune=tuner
+        )
+        seconds = time.perf_counter() - start
+        print(f"\n{variant}: swapped in {seconds:.1f} s ({tuner.measurements} GEMM shapes tuned so far)")
+        print(report.format(), flush=True)
+        models[variant] = model
+        swapped_after = sum(r.bytes for r in report if r.status != "not 2:4")
+        memory[variant] = {
+            "weight_bytes": swapped_after,
+            "ratio": swapped_after / dense_2_4_bytes,
+            "swapped_layers_ratio": report.memory_ratio,
+        }
+        reports[variant] = [
+            {"name": r.name, "shape": r.shape, "status": r.status, "reason": r.reason, "plans": r.plans}
+            for r in report
+        ]
+    if "stock" in args.variants:
+        model = copy.deepcopy(base)
+        try:
+            stock_bytes = stock_swap(model, names)
+            models["stock"] = model
+            memory["stock"] = {"weight_bytes": stock_bytes, "ratio": stock_bytes / dense_2_4_bytes}
+        except Exception as err:  # the stock path is for the record only
+            print(f"stock path unavailable: {type(err).__name__}: {err}")
+    if "dense-unfused" in args.variants:
+        models["dense-unfused"] = copy.deepcopy(base)
+        memory["dense-unfused"] = {"weight_bytes": dense_2_4_bytes, "ratio": 1.0}
+
+    rows = []
+    errors: dict[str, float] = {}
+    with _sdpa_backend(args.sdpa_backend):
+        for batch in args.batch_sizes:
+            rows.append(_time_batch(args, base, models, batch, errors))
+    return {
+        "device": device_name,
+        "capability": list(torch.cuda.get_device_capability()),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cusparselt": cusparselt,
+        "args": {k: v for k, v in vars(args).items()},
+        "variants": [v for v in args.variants if v in models],
+        "rows": rows,
+        "memory": memory,
+        "max_abs_diff_vs_masked_dense": errors,
+        "swap_reports": reports,
+        "command": "python -m hf_sparse.bench " + " ".join(sys.argv[1:]),
+    }
+
+
+def _sdpa_backend(name: str):
+    import contextlib
+
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
+    return sdpa_kernel(backend)
+
+
+def _time_batch(args, base, models, batch, errors) -> dict:
+    from .graphs import cuda_graphs
+
+    inputs = make_inputs(base, batch, args.seq_len, args.seed, args.attention_mask)
+    runners = {v: (cuda_graphs(m) if args.mode == "graphs" else m) for v, m in models.items()}
+    samples: dict[str, list[float]] = {v: [] for v in runners}
+    failed: dict[str, str] = {}
+    with torch.no_grad():
+        reference = first_tensor(base(**inputs)).float() if batch == args.batch_sizes[0] else None
+        for variant, runner in runners.items():
+            try:
+                out = runner(**inputs)  # captures the graph (and tunes unseen token counts)
+                torch.cuda.synchronize()
+            except Exception as err:
+                failed[variant] = f"{type(err).__name__}: {str(err)[:200]}"
+                print(f"{variant} failed at batch {batch}: {failed[variant]}", flush=True)
+                continue
+            if reference is not None:
+                errors[variant] = float((first_tensor(out).float() - reference).abs().max())
+        for _ in range(args.rounds):
+            for variant, runner in runners.items():
+                if variant not in failed:
+                    samples[variant] += time_calls(lambda r=runner, x=inputs: r(**x), args.reps)
+    row = {"batch": batch, "tokens": batch * args.seq_len}
+    dense_ms = statistics.median(samples["dense"])
+    for variant in runners:
+        if variant in failed:
+            row[variant] = None
+            continue
+        ms = statistics.median(samples[variant])
+        row[variant] = {"ms": ms, "speedup": dense_ms / ms, "samples": len(samples[variant])}
+    print(f"batch {batch}: " + ", ".join(f"{v} {row[v]['ms']:.3f} ms" for v in runners if row[v]), flush=True)
+    for runner in runners.values():
+        if hasattr(runner, "reset"):
+            runner.reset()
+    del runners
+    torch.cuda.empty_cache()
+    return row
+
+
+def format_table(result: dict) -> str:
+    variants = result["variants"]
+    header = ["batch", "tokens", "dense ms"]
+    for v in variants[1:]:
+        header += [f"{v} ms", "x"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in result["rows"]:
+        cells = [str(row["batch"]), str(row["tokens"]), f"{row['dense']['ms']:.3f}"]
+        for v in variants[1:]:
+            cell = row.get(v)
+            cells += ["failed", "-"] if cell is None else [f"{cell['ms']:.3f}", f"{cell['speedup']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    mem = result["memory"]
+    lines.append("")
+    lines.append(
+        "weight memory of the 2:4 layers vs dense: "
+        + ", ".join(f"{v} {mem[v]['ratio']:.3f}x" for v in variants if v in mem and v != "dense")
+    )
+    errors = result.get("max_abs_diff_vs_masked_dense") or {}
+    if errors:
+        lines.append(
+            f"max |logits - masked dense eager logits| at batch {result['rows'][0]['batch']}: "
+            + ", ".join(f"{v} {e:.2e}" for v, e in errors.items())
+        )
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ms, ax_x) = plt.subplots(1, 2, figsize=(11, 4.2))
+    batches = [r["batch"] for r in result["rows"]]
+    for v in result["variants"]:
+        points = [(r["batch"], r[v]) for r in result["rows"] if r.get(v)]
+        if not points:
+            continue
+        ax_ms.plot([b for b, _ in points], [c["ms"] for _, c in points], marker="o", label=v)
+        if v != "dense":
+            ax_x.plot([b for b, _ in points], [c["speedup"] for _, c in points], marker="o", label=v)
+    ax_x.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    for ax in (ax_ms, ax_x):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xlabel("batch size")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    ax_ms.set_yscale("log")
+    ax_ms.set_ylabel("latency per forward (ms)")
+    ax_x.set_ylabel("speed-up over dense (same mode)")
+    args = result["args"]
+    fig.suptitle(f"{result['device']}, {args['dtype']}, seq {args['seq_len']}, {args['mode']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Entry point of `python -m hf_sparse.bench` and `hf-sparse-bench`."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("hf_sparse.autotune").setLevel(logging.INFO)
+    result = run(args)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / "bench.png")
+    print()
+    print(format_table(result))
+    print(f"\nwrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+
+from hf_sparse.autotune import (
+    CACHE_ENV,
+    Autotuner,
+    GemmChoice,
+    default_cache_path,
+    format_device_key,
+    gemm_key,
+    token_bucket,
+)
+
+
+class FakeTimings(Autotuner):
+    """An autotuner whose measurements are given, not timed: sparse wins from `sparse_from` tokens on."""
+
+    def __init__(self, *args, gpu="NVIDIA H200", sparse_from=4096, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gpu = gpu
+        self.sparse_from = sparse_from
+        self.calls = []
+
+    def device_key(self, device):
+        return format_device_key(self.gpu, (9, 0), "2.11.0", "13.0", 800)
+
+    def measure(self, out_features, in_features, dtype, bias, tokens, device):
+        self.calls.append((out_features, in_features, tokens))
+        sparse_ms = 1.0 if tokens >= self.sparse_from else 1.5
+        return GemmChoice("sparse" if sparse_ms < 1.2 else "dense", 3, 1, -1, 1.2, sparse_ms, tokens, 7)
+
+
+def test_token_bucket_is_next_power_of_two():
+    assert [token_bucket(t) for t in (1, 7, 8, 9, 1536, 2048, 2049, 98304)] == [8, 8, 8, 16, 2048, 2048, 4096, 131072]
+
+
+def test_keys_name_shape_dtype_bias_bucket_and_versions():
+    assert gemm_key(3072, 768, torch.float16, True, 2048) == "3072x768|float16|bias|tokens<=2048"
+    assert gemm_key(768, 3072, torch.bfloat16, False, 8) == "768x3072|bfloat16|nobias|tokens<=8"
+    key = format_device_key("NVIDIA H200", (9, 0), "2.11.0+cu130", "13.0", 800)
+    assert key == "NVIDIA H200 (sm90)|torch 2.11.0+cu130|cuda 13.0|cusparselt 800"
+
+
+def test_choice_speedup():
+    assert GemmChoice("sparse", dense_ms=1.5, sparse_ms=1.0).speedup == 1.5
+    assert GemmChoice("dense").speedup is None
+
+
+def test_disk_cache_round_trip(tmp_path):
+    path = tmp_path / "tune.json"
+    tuner = FakeTimings(cache_path=path)
+    first = tuner.choice(3072, 768, torch.float16, True, 1536, "cuda")
+    again = tuner.choice(3072, 768, torch.float16, True, 2000, "cuda")  # same bucket (2048): no new measurement
+    big = tuner.choice(3072, 768, torch.float16, True, 98304, "cuda")
+    assert tuner.calls == [(3072, 768, 1536), (3072, 768, 98304)]
+    assert (first.backend, big.backend) == ("dense", "sparse")
+    assert again == first
+
+    on_disk = json.loads(path.read_text())
+    assert on_disk["version"] == 1
+    device = "NVIDIA H200 (sm90)|torch 2.11.0|cuda 13.0|cusparselt 800"
+    assert sorted(on_disk["devices"][device]) == [
+        "3072x768|float16|bias|tokens<=131072",
+        "3072x768|float16|bias|tokens<=2048",
+    ]
+
+    fresh = FakeTimings(cache_path=path)  # a new process: reads the disk cache, measures nothing
+    assert fresh.choice(3072, 768, torch.float16, True, 98304, "cuda") == big
+    assert fresh.choice(3072, 768, torch.float16, True, 1536, "cuda") == first
+    assert fresh.calls == []
+
+    other_gpu = FakeTimings(cache_path=path, gpu="NVIDIA A100-SXM4-80GB")  # never reuses another GPU's timings
+    other_gpu.choice(3072, 768, torch.float16, True, 98304, "cuda")
+    assert other_gpu.calls == [(3072, 768, 98304)]
+    assert len(json.loads(path.read_text())["devices"]) == 2
+
+
+def test_other_dtype_or_bias_is_another_entry(tmp_path):
+    tuner = FakeTimings(cache_path=False)
+    tuner.choice(768, 768, torch.float16, True, 1536, "cuda")
+    tuner.choice(768, 768, torch.bfloat16, True, 1536, "cuda")
+    tuner.choice(768, 768, torch.float16, False, 1536, "cuda")
+    assert len(tuner.calls) == 3
+    assert not list(tmp_path.iterdir())  # cache_path=False writes nothing
+
+
+def test_unreadable_cache_is_ignored_and_replaced(tmp_path):
+    path = tmp_path / "tune.json"
+    path.write_text("{not json")
+    tuner = FakeTimings(cache_path=path)
+    tuner.choice(768, 768, torch.float16, True, 64, "cuda")
+    assert tuner.calls == [(768, 768, 64)]
+    assert json.loads(path.read_text())["version"] == 1
+
+
+def test_default_cache_path_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine.json"))
+    assert default_cache_path() == tmp_path / "mine.json"
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_path() == tmp_path / "hf_sparse" / "autotune.json"
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="min_speedup"):
+        Autotuner(cache_path=False, min_speedup=0)
+    with pytest.raises(ValueError, match="reps"):
+        Autotuner(cache_path=False, reps=0)

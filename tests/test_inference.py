@@ -1,0 +1,397 @@
+import logging
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from hf_sparse import SparsityCallback, SparsityConfig, prune_, swap_to_semi_structured_
+from hf_sparse.graphs import _clone_output, _signature
+from hf_sparse.inference import (
+    LayerSwap,
+    Plan,
+    SemiStructuredLinear,
+    SwapReport,
+    _decide,
+    _units,
+    support_problem,
+)
+from tests.conftest import tiny_bert_config
+from tests.test_autotune import FakeTimings
+
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs an NVIDIA GPU with cuSPARSELt (2:4 kernels do not run on the CPU)"
+)
+
+
+def pruned_tiny_model(**overrides):
+    from transformers import BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(tiny_bert_config(**overrides)).eval()
+    prune_(model)
+    return model
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def assert_untouched(model, before):
+    state, types = before
+    after = model.state_dict()
+    assert list(after) == list(state)
+    assert all(torch.equal(after[k], state[k]) for k in state)
+    assert [type(m) for m in model.modules()] == types
+
+
+# -- refusals (CPU) --------------------------------------------------------------------------------------------------
+
+
+def test_support_problem_explains_each_refusal():
+    assert support_problem("cuda", torch.float16, (9, 0), "NVIDIA H200") is None
+    assert support_problem("cuda", torch.bfloat16, (8, 0)) is None
+    cpu = support_problem("cpu", torch.float16, layer="bert.encoder.layer.0.output.dense")
+    assert "compute capability 8.0" in cpu and "on cpu" in cpu and "model.to('cuda')" in cpu
+    assert "bert.encoder.layer.0.output.dense" in cpu
+    old = support_problem("cuda", torch.float16, (7, 5), "Tesla T4")
+    assert "found 7.5 (Tesla T4)" in old and "Keep the dense model" in old
+    fp32 = support_problem("cuda", torch.float32, (9, 0), layer="x.query")
+    assert "float16 or bfloat16" in fp32 and "float32" in fp32 and "model.half()" in fp32 and "x.query" in fp32
+    no_lib = support_problem("cuda", torch.float16, (9, 0), cusparselt_available=False)
+    assert "cuSPARSELt" in no_lib and "is_available() is False" in no_lib
+
+
+def test_cpu_model_is_refused_and_left_usable():
+    model = pruned_tiny_model().half()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"NVIDIA GPU of compute capability 8\.0.*not changed"):
+        swap_to_semi_structured_(model, autotune=False)
+    assert_untouched(model, before)
+    out = model.float()(input_ids=torch.randint(0, 128, (2, 16)))  # still an ordinary, usable model
+    assert out.start_logits.shape == (2, 16)
+
+
+def test_layers_that_are_not_2_4_are_named_and_nothing_changes():
+    model = pruned_tiny_model()
+    with torch.no_grad():
+        model.bert.encoder.layer[1].intermediate.dense.weight.fill_(0.5)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.1\.intermediate\.dense'\] are not exactly 2:4"):
+        swap_to_semi_structured_(model, SparsityConfig(), autotune=False)
+    with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.1\.intermediate\.dense'\] are not exactly 2:4"):
+        swap_to_semi_structured_(model, ["bert.encoder.layer.1.intermediate.dense"], autotune=False)
+    assert_untouched(model, before)
+
+
+def test_a_model_without_2_4_layers_is_refused():
+    from transformers import BertForQuestionAnswering
+
+    model = BertForQuestionAnswering(tiny_bert_config())
+    with pytest.raises(ValueError, match="no exactly-2:4 nn.Linear layer found.*prune the model first"):
+        swap_to_semi_structured_(model, autotune=False)
+
+
+def test_bad_arguments_are_refused():
+    model = pruned_tiny_model()
+    with pytest.raises(ValueError, match="dense_fallback must be one of"):
+        swap_to_semi_structured_(model, dense_fallback="sometimes")
+    with pytest.raises(ValueError, match="token_counts must be positive"):
+        swap_to_semi_structured_(model, token_counts=[0])
+    with pytest.raises(ValueError, match="only nn.Linear"):
+        swap_to_semi_structured_(model, ["bert.encoder.layer.0.attention"])
+    with pytest.raises(ValueError, match="2:4 sparsity only"):
+        swap_to_semi_structured_(model, SparsityConfig(sparsity_pattern="1:4"))
+
+
+# -- planning and the report (CPU) -----------------------------------------------------------------------------------
+
+
+def test_units_fuse_query_key_value_of_2_4_layers_only():
+    model = pruned_tiny_model()
+    with torch.no_grad():
+        model.bert.encoder.layer[1].attention.self.key.weight.fill_(1.0)  # breaks 2:4: no fusion in layer 1
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    units, not_nm = _units(model, linears, [("query", "key", "value")])
+    names = [u.name for u in units]
+    assert names[0] == "bert.encoder.layer.0.attention.self.{query,key,value}"
+    assert units[0].shape == (192, 64)
+    assert "bert.encoder.layer.1.attention.self.query" in names
+    assert "bert.encoder.layer.1.attention.self.value" in names
+    assert [u.name for u in not_nm] == ["bert.encoder.layer.1.attention.self.key", "qa_outputs"]
+    assert len(units) == 4 + 5  # layer 0: fused qkv + 3 others; layer 1: query and value unfused + 3 others
+    assert torch.equal(units[0].weight[64:128], model.bert.encoder.layer[0].attention.self.key.weight)
+
+
+def test_decisions_follow_the_timings():
+    model = pruned_tiny_model(hidden_size=64, intermediate_size=128)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    units, _ = _units(model, linears, [])
+    unit = units[0]  # 64x64
+    tuner = FakeTimings(cache_path=False, sparse_from=4096)  # dense below 4096 tokens, sparse from there on
+
+    status, reason, plans = _decide(unit, tuner, [1536, 98304], "copy")
+    assert status == "sparse+dense" and "dense copy kept" in reason and "1536: 0.80x, 98304: 1.20x" in reason
+    assert plans == {2048: Plan("dense"), 131072: Plan("sparse", 3, 1, -1)}
+
+    status, reason, plans = _decide(unit, tuner, [1536, 98304], "none")
+    assert status == "sparse" and "dense_fallback='none'" in reason
+    assert plans == {2048: Plan("sparse", 3, 1, -1), 131072: Plan("sparse", 3, 1, -1)}
+
+    status, reason, plans = _decide(unit, tuner, [8192, 98304], "copy")
+    assert status == "sparse" and "faster at every tuned token count" in reason
+
+    status, reason, plans = _decide(unit, tuner, [512, 1536], "none")
+    assert status == "dense" and "dense is faster at every tuned token count" in reason
+    assert plans == {512: Plan("dense"), 2048: Plan("dense")}
+
+    status, reason, plans = _decide(unit, None, [512], "copy")
+    assert status == "sparse" and "autotune off" in reason and plans == {}
+
+
+def test_decisions_keep_misaligned_shapes_dense():
+    layer = nn.Linear(40, 24)  # 24 output rows: not a multiple of 16
+    with torch.no_grad():
+        layer.weight.mul_(torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(10))
+    units, _ = _units(nn.Sequential(layer), {"0": layer}, [])
+    status, reason, _ = _decide(units[0], FakeTimings(cache_path=False), [64], "copy")
+    assert status == "dense" and "multiples of 16" in reason and "24x40" in reason
+
+
+def test_report_memory_and_table():
+    mb = 768 * 768 * 2
+    report = SwapReport(
+        [
+            LayerSwap("a.{query,key,value}", (2304, 768), "sparse", "fast", 3 * mb, 3 * mb * 9 // 16),
+            LayerSwap("a.output.dense", (768, 768), "sparse+dense", "mixed", mb, mb + mb * 9 // 16),
+            LayerSwap("a.small", (768, 768), "dense", "dense wins", mb, mb),
+            LayerSwap("qa_outputs", (2, 768), "not 2:4", "weight is not 2:4", 3072, 3072),
+        ]
+    )
+    assert [r.name for r in report.swapped] == ["a.{query,key,value}", "a.output.dense"]
+    assert report.memory_ratio == pytest.approx((3 * 9 / 16 + 1 + 9 / 16) / 4)
+    assert report.memory_ratio_2_4 == pytest.approx((3 * 9 / 16 + 1 + 9 / 16 + 1) / 5)
+    table = report.format()
+    assert "a.{query,key,value}" in table and "  0.562  fast" in table and "sparse+dense" in table
+    assert table.splitlines()[-1].startswith(
+        "2 of 3 2:4 layer(s) swapped; weight memory of the swapped layers: 0.812x dense (all 2:4 layers: 0.850x)"
+    )
+
+
+# -- Trainer option and graph helpers (CPU) --------------------------------------------------------------------------
+
+
+def test_swap_at_end_is_off_by_default_and_documented():
+    from dataclasses import fields
+
+    assert SparsityConfig().swap_at_end is False
+    help_text = {f.name: f.metadata["help"] for f in fields(SparsityConfig)}["swap_at_end"]
+    assert "cuSPARSELt" in help_text and "compute capability" in help_text
+
+
+def test_swap_at_end_on_cpu_logs_why_and_leaves_the_model(caplog):
+    model = pruned_tiny_model()
+    callback = SparsityCallback(SparsityConfig(swap_at_end=True))
+    before = snapshot(model)
+    with caplog.at_level(logging.WARNING, logger="hf_sparse"):
+        callback.on_train_end(args=None, state=None, control=None, model=model)
+    assert "swap_at_end: the model stays dense" in caplog.text and "on cpu" in caplog.text
+    assert_untouched(model, before)
+    assert "forward" not in model.__dict__
+
+
+def test_graph_keys_and_output_copies():
+    from transformers.modeling_outputs import QuestionAnsweringModelOutput
+
+    a = torch.zeros(2, 8, dtype=torch.long)
+    assert _signature([a]) == _signature([torch.ones(2, 8, dtype=torch.long)])
+    assert _signature([a]) != _signature([torch.zeros(4, 8, dtype=torch.long)])
+    assert _signature({"return_dict": True}) != _signature({"return_dict": False})
+    with pytest.raises(TypeError, match="cannot key a graph"):
+        _signature([object.__new__(type("Odd", (), {"__hash__": None}))])
+    out = QuestionAnsweringModelOutput(start_logits=torch.ones(2), end_logits=torch.zeros(2))
+    copy = _clone_output(out)
+    assert isinstance(copy, QuestionAnsweringModelOutput) and copy.loss is None
+    assert torch.equal(copy.start_logits, out.start_logits) and copy.start_logits is not out.start_logits
+
+
+# -- GPU -------------------------------------------------------------------------------------------------------------
+
+GPU_CONFIG = dict(
+    vocab_size=512, hidden_size=256, num_attention_heads=4, intermediate_size=1024, max_position_embeddings=256
+)
+
+
+def gpu_model(dtype=torch.float16):
+    return pruned_tiny_model(**GPU_CONFIG).to("cuda", dtype)
+
+
+def gpu_inputs(batch=2, seq=64, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return {"input_ids": torch.randint(0, 512, (batch, seq), device="cuda", generator=g)}
+
+
+_TUNE_DIR = tempfile.mkdtemp(prefix="hf_sparse_test_tune_")
+
+
+def quick_tuner(tmp_path, **kwargs):
+    """A fast autotuner whose timings are shared by the GPU tests of this session (tmp_path is unused: the cache
+    must outlive one test so every parametrization does not tune the same shapes again)."""
+    from hf_sparse import Autotuner
+
+    name = "tune.json" if not kwargs else f"tune-{sorted(kwargs.items())}.json"
+    return Autotuner(cache_path=Path(_TUNE_DIR) / name, reps=3, max_algorithms=2, **kwargs)
+
+
+def rel_error(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("fallback", ["copy", "none"])
+def test_swapped_model_matches_masked_dense(tmp_path, dtype, fuse, fallback):
+    model = gpu_model(dtype)
+    inputs = gpu_inputs()
+    with torch.no_grad():
+        expected = model(**inputs)
+        report = swap_to_semi_structured_(
+            model, fuse_qkv=fuse, token_counts=[128, 4096], dense_fallback=fallback, autotune=quick_tuner(tmp_path)
+        )
+        got = model(**inputs)
+        big = gpu_inputs(batch=16, seq=256, seed=1)
+        got_big = model(**big)  # another token bucket, tuned lazily
+    assert len(report.swapped) + len(report.rows("dense")) == (4 if fuse else 6) * 2
+    assert report.rows("not 2:4")[0].name == "qa_outputs"
+    assert isinstance(model.bert.encoder.layer[0].output.dense, (SemiStructuredLinear, nn.Linear))
+    tol = 1e-2 if dtype == torch.float16 else 3e-2
+    assert rel_error(got.start_logits, expected.start_logits) < tol
+    assert rel_error(got.end_logits, expected.end_logits) < tol
+    restored = _dense_twin(model)
+    with torch.no_grad():
+        assert rel_error(got_big.start_logits, restored(**big).start_logits) < tol
+
+
+def _dense_twin(model):
+    import copy
+
+    from hf_sparse import restore_dense_
+
+    twin = copy.deepcopy(model)
+    restore_dense_(twin)
+    assert not any(isinstance(m, SemiStructuredLinear) for m in twin.modules())
+    return twin
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_compressed_weights_decompress_exactly_and_use_less_memory(tmp_path):
+    model = gpu_model()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    report = swap_to_semi_structured_(model, token_counts=[], autotune=False)
+    layer = model.bert.encoder.layer[0].intermediate.dense
+    assert isinstance(layer, SemiStructuredLinear) and layer.dense_weight is None
+    assert torch.equal(layer.weight, dense["bert.encoder.layer.0.intermediate.dense.weight"])
+    assert layer.weight_bytes == 1024 * 256 * 2 * 9 // 16
+    assert report.memory_ratio == pytest.approx(9 / 16)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_swapped_model_saves_an_ordinary_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import BertForQuestionAnswering
+
+    model = gpu_model()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    swap_to_semi_structured_(model, token_counts=[128], autotune=quick_tuner(tmp_path))
+    state = model.state_dict()
+    assert list(state) == list(dense)  # the same keys, in the same order
+    assert all(type(v) is torch.Tensor and torch.equal(v, dense[k]) for k, v in state.items())
+
+    model.save_pretrained(tmp_path / "ckpt")
+    on_disk = load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert sorted(on_disk) == sorted(k for k in dense if "position_ids" not in k)
+    reloaded = BertForQuestionAnswering.from_pretrained(tmp_path / "ckpt", dtype=torch.float16).to("cuda")
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(value, dense[key]), key
+
+    # and a swapped model loads dense weights back (recompressing them)
+    twin = gpu_model()
+    swap_to_semi_structured_(twin, token_counts=[128], autotune=quick_tuner(tmp_path))
+    twin.load_state_dict(dense)
+    assert all(torch.equal(v, dense[k]) for k, v in twin.state_dict().items())
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_autotune_runs_dense_when_dense_is_faster(tmp_path):
+    import torch.nn.functional as F
+
+    tuner = quick_tuner(tmp_path, min_speedup=1e9)  # sparse would have to be 1e9x faster: dense always wins
+    model = gpu_model()
+    weight = model.bert.encoder.layer[0].intermediate.dense.weight.detach().clone()
+    bias = model.bert.encoder.layer[0].intermediate.dense.bias.detach().clone()
+    report = swap_to_semi_structured_(model, fuse_qkv=False, token_counts=[128], autotune=tuner)
+    assert {r.status for r in report if r.status != "not 2:4"} == {"dense"}
+    choice = tuner.cached(1024, 256, torch.float16, True, 128, "cuda")
+    assert choice.backend == "dense" and choice.dense_ms > 0 and choice.sparse_ms > 0 and choice.candidates >= 1
+    layer = model.bert.encoder.layer[0].intermediate.dense
+    assert type(layer) is nn.Linear  # nothing swapped where dense is faster
+
+    # with a normal margin, a layer that holds a dense copy runs dense exactly where its plan says so
+    model = gpu_model()
+    swap_to_semi_structured_(model, fuse_qkv=False, token_counts=[], autotune=False)
+    sparse_layer = SemiStructuredLinear(weight, bias, plans={128: Plan("dense")}, keep_dense=True, name="t")
+    x = torch.randn(2, 64, 256, device="cuda", dtype=torch.float16)
+    assert torch.equal(sparse_layer(x), F.linear(x, weight, bias))
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_cuda_graphs_match_eager(tmp_path):
+    from hf_sparse import cuda_graphs
+
+    model = gpu_model()
+    swap_to_semi_structured_(model, token_counts=[128, 512], autotune=quick_tuner(tmp_path))
+    fast = cuda_graphs(model)
+    for seed, batch in ((0, 2), (1, 2), (2, 8)):
+        inputs = gpu_inputs(batch=batch, seed=seed)
+        with torch.no_grad():
+            eager = model(**inputs)
+        graphed = fast(**inputs)
+        assert rel_error(graphed.start_logits, eager.start_logits) < 2e-3
+        assert rel_error(graphed.end_logits, eager.end_logits) < 2e-3
+    assert fast.num_graphs == 2  # batch 2 (captured once, replayed) and batch 8
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_fp32_gpu_model_is_refused_and_left_usable():
+    model = pruned_tiny_model(**GPU_CONFIG).to("cuda")
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16.*not changed"):
+        swap_to_semi_structured_(model, autotune=False)
+    assert_untouched(model, before)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_swap_at_end_swaps_on_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_SPARSE_CACHE", str(tmp_path / "tune.json"))
+    import hf_sparse.autotune as autotune
+
+    monkeypatch.setattr(autotune, "_DEFAULT_TUNER", quick_tuner(tmp_path))
+    model = gpu_model(torch.bfloat16)
+    inputs = gpu_inputs()
+    with torch.no_grad():
+        expected = model(**inputs).start_logits
+    callback = SparsityCallback(SparsityConfig(swap_at_end=True))
+    callback.on_train_end(args=None, state=None, control=None, model=model)
+    assert any(isinstance(m, SemiStructuredLinear) for m in model.modules())
+    assert "forward" in model.__dict__  # model(...) goes through CUDA graphs now
+    with torch.no_grad():
+        assert rel_error(model(**inputs).start_logits, expected) < 3e-2
