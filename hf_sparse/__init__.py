@@ -2,6 +2,8 @@
 
 from .callback import SparsityCallback
 from .config import SparsityConfig
+from .criteria import calibration_batches, sparsegpt_prune_, wanda_mask
+from .distillation import DistillationLoss, distillation_loss
 from .masks import is_nm, nm_mask, sparsity_report
 from .pruning import prune_
 from .selection import select_layers
@@ -16,4 +18,9 @@ __all__ = [
     "prune_",
     "select_layers",
     "sparsity_report",
+    "DistillationLoss",
+    "calibration_batches",
+    "distillation_loss",
+    "sparsegpt_prune_",
+    "wanda_mask",
 ]
