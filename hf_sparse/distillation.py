@@ -9,12 +9,25 @@ written to disk.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 _NOT_FOR_TEACHER = {"labels", "label", "label_ids", "start_positions", "end_positions", "num_items_in_batch"}
 HIDDEN_LOSSES = ("mse", "cosine")
+
+
+class _NoLabelsWarning(logging.Filter):
+    """Drops the Trainer's per-step warning that `compute_loss_func` gets `labels=None`: distillation needs no
+    labels, and question-answering models keep theirs (start/end positions) in the inputs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`compute_loss_func` is defined but `labels=None`" not in record.getMessage()
+
+
+_NO_LABELS_WARNING = _NoLabelsWarning()
 
 
 def _get(outputs, key):
@@ -119,6 +132,9 @@ class DistillationLoss:
         self._causal = name.endswith("ForCausalLM") or bool(getattr(getattr(student, "config", None), "is_decoder", 0))
         self._inputs: tuple[tuple, dict] | None = None
         self._handle = student.register_forward_pre_hook(self._remember, with_kwargs=True)
+        trainer_logger = logging.getLogger("transformers.trainer")
+        if _NO_LABELS_WARNING not in trainer_logger.filters:
+            trainer_logger.addFilter(_NO_LABELS_WARNING)
 
     def _remember(self, module, args, kwargs):
         if self.hidden_weight > 0 and self.hidden_layers == "all":

@@ -168,6 +168,7 @@ def test_callback_wanda_calibrates_on_the_train_dataloader(tmp_path):
         report_to="none",
         save_strategy="no",
         use_cpu=True,
+        disable_tqdm=True,
     )
     Trainer(model=model, args=args, train_dataset=train, callbacks=[SparsityCallback(config)]).train()
     names = list(select_layers(model, config).targets)
