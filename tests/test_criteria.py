@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
-from conftest import RandomQADataset, tiny_bert_config
 from torch import nn
 from transformers import BertForQuestionAnswering, Trainer, TrainingArguments
 
 from hf_sparse import SparsityCallback, SparsityConfig, calibration_batches, prune_, sparsity_report, wanda_mask
 from hf_sparse.criteria import calibrated_prune_
 from hf_sparse.selection import select_layers
+from tests.conftest import RandomQADataset, tiny_bert_config
 
 
 class Block(nn.Module):

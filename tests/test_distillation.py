@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import RandomQADataset, tiny_bert_config
 from transformers import BertForQuestionAnswering, BertModel, Trainer, TrainingArguments
 
 from hf_sparse import SparsityCallback, distillation_loss, prune_, sparsity_report
+from tests.conftest import RandomQADataset, tiny_bert_config
 
 
 def _held_out(seed: int = 1000, size: int = 16) -> dict[str, torch.Tensor]:

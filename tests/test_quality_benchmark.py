@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from conftest import shared_data, tiny_bert_config
 from transformers import BertModel
 
 from hf_sparse.benchmarks.quality import embed, format_table, load_retrieval, load_training_text
+from tests.conftest import shared_data, tiny_bert_config
 
 
 def test_xquad_retrieval_and_disjoint_training_text():

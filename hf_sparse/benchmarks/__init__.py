@@ -1,1 +1,0 @@
-"""Benchmarks of hf-sparse, runnable with `python -m hf_sparse.benchmarks.<name>`."""
