@@ -17,6 +17,7 @@ from torch import nn
 
 _NOT_FOR_TEACHER = {"labels", "label", "label_ids", "start_positions", "end_positions", "num_items_in_batch"}
 HIDDEN_LOSSES = ("mse", "cosine")
+HIDDEN_LAYERS = ("last", "all", "mean_pooled")
 
 
 class _NoLabelsWarning(logging.Filter):
@@ -58,7 +59,9 @@ class DistillationLoss:
       `start_logits` and `end_logits` for question answering), averaged over non-padding positions;
     - `hidden_weight` x the distance between hidden states (`hidden_loss`: "mse" or "cosine" = 1 - cosine per
       token), of the last layer (`hidden_layers="last"`, the `last_hidden_state` of a base model) or of every
-      layer (`"all"`, which makes both models return `hidden_states`), averaged over non-padding tokens;
+      layer (`"all"`, which makes both models return `hidden_states`), averaged over non-padding tokens; or
+      between the sentence embeddings (`"mean_pooled"`: the mean of the last hidden states over the attention
+      mask, as sentence-transformers pools), averaged over sequences;
     - `task_weight` x the task loss: the model's own `loss` when it computed one (e.g. from `start_positions`),
       else cross-entropy of `logits` against the `labels` the Trainer passes (shifted for causal LMs).
 
@@ -72,7 +75,7 @@ class DistillationLoss:
         temperature: softmax temperature of the logit distillation.
         logits_weight, hidden_weight, task_weight: weights of the three terms (at least one must be > 0).
         hidden_loss: "mse" or "cosine".
-        hidden_layers: "last" or "all".
+        hidden_layers: "last", "all" or "mean_pooled".
         gradient_accumulation_steps: the Trainer's `gradient_accumulation_steps`.
 
     Example:
@@ -113,8 +116,8 @@ class DistillationLoss:
             )
         if hidden_loss not in HIDDEN_LOSSES:
             raise ValueError(f"hidden_loss must be one of {list(HIDDEN_LOSSES)}; got {hidden_loss!r}.")
-        if hidden_layers not in ("last", "all"):
-            raise ValueError(f"hidden_layers must be 'last' or 'all'; got {hidden_layers!r}.")
+        if hidden_layers not in HIDDEN_LAYERS:
+            raise ValueError(f"hidden_layers must be one of {list(HIDDEN_LAYERS)}; got {hidden_layers!r}.")
         if not isinstance(gradient_accumulation_steps, int) or gradient_accumulation_steps < 1:
             raise ValueError(
                 f"gradient_accumulation_steps must be an integer >= 1; got {gradient_accumulation_steps}."
@@ -193,6 +196,18 @@ class DistillationLoss:
         return _masked_mean(per_position, mask) * t * t
 
     def _hidden(self, outputs, teacher, mask) -> torch.Tensor:
+        if self.hidden_layers == "mean_pooled":
+            s, t = _get(outputs, "last_hidden_state"), _get(teacher, "last_hidden_state")
+            if s is None or t is None:
+                raise ValueError(
+                    "hidden_layers='mean_pooled' needs `last_hidden_state` in the outputs (a base model)."
+                )
+            weights = torch.ones(s.shape[:2], device=s.device) if mask is None else mask.to(s.device).float()
+            weights = (weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)).unsqueeze(-1)
+            s, t = (s.float() * weights).sum(dim=1), (t.float() * weights).sum(dim=1)
+            if self.hidden_loss == "mse":
+                return (s - t).pow(2).mean()
+            return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
         if self.hidden_layers == "all":
             pairs = list(zip(_get(outputs, "hidden_states") or (), _get(teacher, "hidden_states") or ()))
         else:

@@ -122,3 +122,23 @@ def test_bad_uses_are_named():
     outputs = model(input_ids=torch.ones(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="no logits"):
         loss(outputs)
+
+
+def test_mean_pooled_distillation_compares_sentence_embeddings():
+    torch.manual_seed(0)
+    student = BertModel(tiny_bert_config(), add_pooling_layer=False).eval()
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        student.encoder.layer[0].output.dense.weight.mul_(0.5)
+    loss = distillation_loss(teacher, student, logits_weight=0.0, hidden_weight=1.0, hidden_layers="mean_pooled")
+    input_ids = torch.randint(1, 128, (2, 5))
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    outputs = student(input_ids=input_ids, attention_mask=attention_mask)
+    with torch.no_grad():
+        target = teacher(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def pooled(hidden):
+        return torch.stack([hidden[0].mean(0), hidden[1, :2].mean(0)])
+
+    expected = (pooled(outputs.last_hidden_state) - pooled(target)).pow(2).mean()
+    assert loss(outputs).item() == pytest.approx(expected.item(), rel=1e-5)

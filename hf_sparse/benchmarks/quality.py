@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--hidden-loss", default="mse", choices=["mse", "cosine"])
-    parser.add_argument("--hidden-layers", default="last", choices=["last", "all"])
+    parser.add_argument("--hidden-layers", default="last", choices=["last", "all", "mean_pooled"])
     parser.add_argument("--limit", type=int, default=None, help="use the first N questions only (smoke tests)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
