@@ -4,6 +4,8 @@ from .autotune import Autotuner
 from .callback import SparsityCallback
 from .checkpoint import attach_sparsity_metadata, from_pretrained, save_pretrained
 from .config import SparsityConfig
+from .criteria import calibration_batches, sparsegpt_prune_, wanda_mask
+from .distillation import DistillationLoss, distillation_loss
 from .data import (
     load_squad,
     prepare_train_features,
@@ -40,6 +42,12 @@ __all__ = [
     "prune_",
     "select_layers",
     "sparsity_report",
+    # Activation-aware criteria and distillation
+    "DistillationLoss",
+    "calibration_batches",
+    "distillation_loss",
+    "sparsegpt_prune_",
+    "wanda_mask",
     # Checkpoints, model cards and the Hub
     "attach_sparsity_metadata",
     "from_pretrained",

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .config import SparsityConfig
+from .criteria import CALIBRATED_CRITERIA, broadcast_weights_, calibrated_prune_, calibration_from_dataloader
 from .masks import format_report, is_nm, layer_sparsity, nm_mask
 from .pruning import apply_masks_, compute_masks, is_sharded, local_tensor
 from .selection import select_layers
@@ -45,6 +46,9 @@ class SparsityCallback(TrainerCallback):
 
     Args:
         config: what to prune and when; default `SparsityConfig()` (2:4, magnitude, once at train start).
+        calibration_data: for criterion "wanda" or "sparsegpt": the batches or examples to calibrate on (see
+            `hf_sparse.criteria.calibration_batches`). Default: `config.calibration_samples` examples of the
+            Trainer's training data, drawn with `args.seed` and batched by its collator.
 
     Example:
 
@@ -56,10 +60,11 @@ class SparsityCallback(TrainerCallback):
     ```
     """
 
-    def __init__(self, config: SparsityConfig | None = None):
+    def __init__(self, config: SparsityConfig | None = None, calibration_data=None):
         if config is not None and not isinstance(config, SparsityConfig):
             raise TypeError(f"SparsityCallback(config=...) takes a SparsityConfig; got {type(config).__name__}.")
         self.config = config or SparsityConfig()
+        self.calibration_data = calibration_data
         self.masks: dict[str, torch.Tensor] = {}
         self.layers: dict[str, nn.Linear] = {}
         # Values the pruned weights had when pruned, kept only while a mask recomputation is still scheduled.
@@ -88,7 +93,7 @@ class SparsityCallback(TrainerCallback):
         if state.global_step > 0 and state.global_step >= self.config.mask_start_step:
             self._restore_masks(args, state)
         elif self.config.mask_due(state.global_step):
-            self._update_masks(state.global_step)
+            self._update_masks(state.global_step, args, model, kwargs.get("train_dataloader"))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # Keeps the optimizer's state (momentum, Adam moments) of pruned weights at zero.
@@ -102,9 +107,9 @@ class SparsityCallback(TrainerCallback):
         # Weight decay and moments built up before the masks existed still move pruned weights: zero them again.
         apply_masks_(self.layers, self.masks)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step > 0 and self.config.mask_due(state.global_step):
-            self._update_masks(state.global_step)
+            self._update_masks(state.global_step, args, model, kwargs.get("train_dataloader"))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.masks or logs is None:
@@ -166,16 +171,29 @@ class SparsityCallback(TrainerCallback):
             for name, layer in self.layers.items()
         ]
 
-    def _update_masks(self, step: int) -> None:
+    def _update_masks(self, step: int, args=None, model=None, train_dataloader=None) -> None:
         if self.pruned_values:
             # Score the pruned weights at the values they had when pruned: the weights are zero there.
             with torch.no_grad():
                 for name, values in self.pruned_values.items():
                     local_tensor(self.layers[name].weight).add_(values)
-        masks = compute_masks(self.layers, self.config)
-        if not self._sharded():
-            masks = _same_on_all_ranks(masks)
-        self.masks = masks
+        if self.config.criterion in CALIBRATED_CRITERIA:
+            data = self.calibration_data
+            if data is None:
+                if train_dataloader is None:
+                    raise ValueError(
+                        f"criterion={self.config.criterion!r} needs calibration data and the Trainer passed no "
+                        "train_dataloader; give SparsityCallback(calibration_data=...)."
+                    )
+                data = calibration_from_dataloader(train_dataloader, self.config, getattr(args, "seed", 0))
+            if model is None:
+                raise ValueError(f"criterion={self.config.criterion!r} needs the Trainer's model; it passed none.")
+            masks = calibrated_prune_(unwrap_model(model), self.layers, self.config, data)
+            if self.config.criterion == "sparsegpt" and not self._sharded():
+                broadcast_weights_(self.layers)  # SparseGPT changed the kept weights: keep replicas identical
+        else:
+            masks = compute_masks(self.layers, self.config)
+        self.masks = masks if self._sharded() else _same_on_all_ranks(masks)
         if self.config.updates_after(step):
             with torch.no_grad():
                 self.pruned_values = {

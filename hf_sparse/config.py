@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-CRITERIA = ("magnitude",)
-"""Pruning criteria known to the library. Activation-aware criteria register here (see `hf_sparse.criteria`)."""
+CRITERIA = ("magnitude", "wanda", "sparsegpt")
+"""Pruning criteria known to the library (see `hf_sparse.criteria`). "wanda" and "sparsegpt" need calibration data."""
 
 
 def parse_pattern(pattern: str) -> tuple[int, int]:
@@ -59,7 +59,38 @@ class SparsityConfig:
     )
     criterion: str = field(
         default="magnitude",
-        metadata={"help": f"Which weights to keep in each group. One of: {', '.join(CRITERIA)}."},
+        metadata={
+            "help": f"Which weights to keep in each group. One of: {', '.join(CRITERIA)}. magnitude: the largest |w|. "
+            "wanda: the largest |w| * ||x_j||_2 (input column norm over calibration tokens). sparsegpt: the mask and "
+            "weight update of SparseGPT (second-order, the kept weights are changed to compensate). wanda and "
+            "sparsegpt run the calibration data through the model block by block, so later blocks see the pruned "
+            "earlier ones."
+        },
+    )
+    calibration_samples: int = field(
+        default=128,
+        metadata={
+            "help": "Sequences of calibration data that wanda/sparsegpt run through the model (the first batches "
+            "of the data given, or of the Trainer's training data)."
+        },
+    )
+    calibration_batch_size: int = field(
+        default=16,
+        metadata={"help": "Batch size for calibration when the data is a dataset or a list of examples."},
+    )
+    sparsegpt_damping: float = field(
+        default=0.01,
+        metadata={
+            "help": "SparseGPT: fraction of the mean diagonal of the Hessian X^T X added to its diagonal "
+            "before inversion (higher is more stable, lower follows the data more closely)."
+        },
+    )
+    sparsegpt_block_size: int = field(
+        default=128,
+        metadata={
+            "help": "SparseGPT: columns processed together (lazy batch updates); a multiple of M. Changes speed, "
+            "not the result beyond rounding."
+        },
     )
     mask_start_step: int = field(
         default=0,
@@ -103,6 +134,23 @@ class SparsityConfig:
         self.exclude_modules = _as_pattern_list("exclude_modules", self.exclude_modules)
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {list(CRITERIA)}; got {self.criterion!r}.")
+        if not isinstance(self.calibration_samples, int) or self.calibration_samples < 1:
+            raise ValueError(f"calibration_samples must be an integer >= 1; got {self.calibration_samples!r}.")
+        if not isinstance(self.calibration_batch_size, int) or self.calibration_batch_size < 1:
+            raise ValueError(f"calibration_batch_size must be an integer >= 1; got {self.calibration_batch_size!r}.")
+        if not isinstance(self.sparsegpt_damping, (int, float)) or not 0 < self.sparsegpt_damping < 1:
+            raise ValueError(
+                f"sparsegpt_damping must be a number in (0, 1), e.g. 0.01; got {self.sparsegpt_damping!r}."
+            )
+        if (
+            not isinstance(self.sparsegpt_block_size, int)
+            or self.sparsegpt_block_size < self.m
+            or self.sparsegpt_block_size % self.m
+        ):
+            raise ValueError(
+                f"sparsegpt_block_size must be a positive multiple of M={self.m} (e.g. 128); "
+                f"got {self.sparsegpt_block_size!r}."
+            )
         if not isinstance(self.mask_start_step, int) or self.mask_start_step < 0:
             raise ValueError(f"mask_start_step must be an integer >= 0; got {self.mask_start_step!r}.")
         if self.mask_update_every is not None and (

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .config import SparsityConfig
+from .criteria import CALIBRATED_CRITERIA, calibrated_prune_
 from .masks import nm_mask
 from .selection import select_layers
 
@@ -50,9 +51,16 @@ def is_sharded(tensor: torch.Tensor) -> bool:
 
 
 def compute_masks(layers: dict[str, nn.Linear], config: SparsityConfig) -> dict[str, torch.Tensor]:
-    """N:M masks of `layers`' weights (local shards under FSDP2) by `config.criterion`."""
-    if config.criterion != "magnitude":  # pragma: no cover - guarded by SparsityConfig
-        raise ValueError(f"criterion {config.criterion!r} needs calibration data; use hf_sparse.prune_.")
+    """Magnitude N:M masks of `layers`' weights (local shards under FSDP2).
+
+    The activation-aware criteria ("wanda", "sparsegpt") need the model and calibration data, and prune as they go
+    (block by block): they live in `hf_sparse.criteria.calibrated_prune_`, which `prune_` calls.
+    """
+    if config.criterion != "magnitude":
+        raise ValueError(
+            f"criterion {config.criterion!r} needs the model and calibration data; use hf_sparse.prune_(model, "
+            "config, calibration_data=...) or hf_sparse.criteria.calibrated_prune_."
+        )
     return {
         name: nm_mask(local_tensor(layer.weight, f"{name}.weight"), config.n, config.m, name)
         for name, layer in layers.items()
@@ -66,25 +74,38 @@ def apply_masks_(layers: dict[str, nn.Linear], masks: dict[str, torch.Tensor]) -
         local_tensor(layers[name].weight).mul_(mask)
 
 
-def prune_(model: nn.Module, config: SparsityConfig | None = None) -> dict[str, torch.Tensor]:
+def prune_(
+    model: nn.Module,
+    config: SparsityConfig | None = None,
+    calibration_data=None,
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
     """Prunes `model` in place to N:M (one shot, no training) and returns the masks by layer name.
 
     Args:
         model: any module; the layers are chosen as in `SparsityConfig` (default: every `nn.Linear` inside the
             transformer blocks).
         config: the pattern, selection and criterion; default `SparsityConfig()` (2:4, magnitude).
+        calibration_data: for criterion "wanda" or "sparsegpt": a DataLoader, a tokenized dataset, or a list of
+            batches or examples; its first `config.calibration_samples` sequences are run through the model block
+            by block (see `hf_sparse.criteria`). Not used by "magnitude".
+        device: where the calibration statistics and the SparseGPT solve run; default the model's GPU, else CUDA
+            when available, else the CPU.
 
     Example:
 
     ```python
     >>> from hf_sparse import prune_, sparsity_report
-    >>> masks = prune_(model)
+    >>> masks = prune_(model, SparsityConfig(criterion="wanda"), calibration_data=tokenizer(texts, padding=True,
+    ...                                                                                   return_tensors="pt"))
     >>> all(r.is_nm for r in sparsity_report(model, layers=list(masks)))
     True
     ```
     """
     config = config or SparsityConfig()
     layers = select_layers(model, config).targets
+    if config.criterion in CALIBRATED_CRITERIA:
+        return calibrated_prune_(model, layers, config, calibration_data, device)
     masks = compute_masks(layers, config)
     apply_masks_(layers, masks)
     return masks

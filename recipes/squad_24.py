@@ -268,7 +268,7 @@ def stage_args(training_args: TrainingArguments, output_dir: Path) -> TrainingAr
 
 def evaluate(model, args: RecipeArguments, training_args, output_dir: Path, features, examples) -> dict:
     fp16 = args.fp16_eval and torch.cuda.is_available()
-    if fp16:
+    if fp16 and next(model.parameters()).dtype != torch.float16:
         # A half-precision copy: the Trainer's fp16_full_eval would cast the model itself, which trains on after.
         model = copy.deepcopy(model).to(device=training_args.device, dtype=torch.float16)
     trainer = Trainer(
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
     if gpu_problem:
         report["skipped"]["swap and timing"] = gpu_problem
     else:
-        _swap_and_time(args, training_args, report, record, dense, sparse, output_dir, eval_features, eval_examples)
+        _swap_and_time(args, training_args, report, record, sparse, output_dir, eval_features, eval_examples)
 
     # 5. The model card, and the push.
     if main_process:
@@ -442,8 +442,41 @@ def _gpu_problem() -> str | None:
     return None
 
 
-def _swap_and_time(args, training_args, report, record, dense, sparse, output_dir, eval_features, eval_examples):
-    raise NotImplementedError  # filled in with hf_sparse.inference / hf_sparse.bench
+def _swap_and_time(args, training_args, report, record, sparse, output_dir, eval_features, eval_examples):
+    from hf_sparse import bench
+
+    # Evaluate on the sparse kernels: the answers must match the masked dense model's (fp16 rounding aside).
+    if "f1" not in report["stages"].get("swapped", {}):
+        swapped = copy.deepcopy(sparse).to(device=training_args.device, dtype=torch.float16).eval()
+        tokens = [training_args.per_device_eval_batch_size * args.max_seq_length]
+        swap = hf_sparse.swap_to_semi_structured_(swapped, token_counts=tokens)
+        values = evaluate(swapped, args, training_args, output_dir / "eval", eval_features, eval_examples)
+        values["layers"] = {status: sum(1 for r in swap if r.status == status) for status in {r.status for r in swap}}
+        record("swapped", values)
+        del swapped
+    # Time dense against 2:4 on the same model, same process, same execution mode (CUDA graphs for both).
+    if training_args.process_index == 0 and "timing" not in report:
+        bench_args = bench.parse_args(
+            ["--model", str(output_dir / "sparse"), "--seq-len", str(args.timing_sequence_length),
+             "--variants", "dense", "2:4", "--output-dir", str(output_dir), "--batch-sizes"]
+            + [str(b) for b in args.timing_batch_sizes]
+        )  # fmt: skip
+        result = bench.run(bench_args)
+        bench.plot(result, output_dir / "latency.png")
+        report["timing"] = {
+            "description": f"{result['device']}, fp16, sequence length {args.timing_sequence_length}, both models "
+            f"fused q/k/v and run through CUDA graphs; median of CUDA-event timings (hf_sparse.bench).",
+            "rows": [
+                {"batch_size": r["batch"], "dense_ms": r["dense"]["ms"], "sparse_ms": r["2:4"]["ms"],
+                 "speedup": r["2:4"]["speedup"]}
+                for r in result["rows"] if r.get("2:4")
+            ],
+            "weight_memory_ratio": result["memory"].get("2:4", {}).get("ratio"),
+            "bench": result,
+        }  # fmt: skip
+        save_report(report, output_dir)
+    if training_args.world_size > 1:
+        torch.distributed.barrier()
 
 
 def _card_kwargs(args: RecipeArguments, report: dict, output_dir: Path) -> dict:
