@@ -5,7 +5,6 @@ from .callback import SparsityCallback
 from .checkpoint import attach_sparsity_metadata, from_pretrained, save_pretrained
 from .config import SparsityConfig
 from .criteria import calibration_batches, sparsegpt_prune_, wanda_mask
-from .distillation import DistillationLoss, distillation_loss
 from .data import (
     load_squad,
     prepare_train_features,
@@ -15,6 +14,7 @@ from .data import (
     synthetic_tokenizer,
     tokenize_squad,
 )
+from .distillation import DistillationLoss, distillation_loss
 from .graphs import cuda_graphs, remove_cuda_graphs
 from .hub import model_card, push_to_hub, write_model_card
 from .inference import (

@@ -608,5 +608,8 @@ def from_pretrained(
             ) from err
         if next(model.parameters()).device.type != "cuda":
             model.to("cuda")
+        if next(model.parameters()).dtype == torch.float32:
+            # Sparse tensor cores take fp16/bf16; pass dtype=torch.bfloat16 to from_pretrained for bf16.
+            model.half()
         swap_to_semi_structured_(model)
     return model

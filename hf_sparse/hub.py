@@ -166,13 +166,9 @@ def model_card(
         values = {name: _number(f"metrics[{key!r}][{name!r}]", v) for name, v in (metrics.get(key) or {}).items()}
         if values:
             rows.append({"label": label, "scores": {_METRIC_NAMES.get(k, k): v for k, v in values.items()}})
-    if metrics.get("sparse"):
-        task = task or next((t for suffix, t in _TASKS.items() if model_class.endswith(suffix)), None)
-        if task is None or dataset is None:
-            raise ValueError(
-                f"model-index results need a task and a dataset; got task={task!r}, dataset={dataset!r} "
-                f"(architecture {model_class}). Pass task= and dataset= to model_card."
-            )
+    task = task or next((t for suffix, t in _TASKS.items() if model_class.endswith(suffix)), None)
+    # model-index entries name a Hub task and a Hub dataset; for local or generated data the card's table says it all.
+    if metrics.get("sparse") and task is not None and dataset is not None:
         for name, value in metrics["sparse"].items():
             eval_results.append(
                 EvalResult(
@@ -223,7 +219,7 @@ def model_card(
         model_sparsity=meta.get("model_sparsity", 0.0),
         compact=meta.get("format") == "compact",
         results=rows,
-        results_description=f"Measured on {dataset_name or dataset}." if dataset else "",
+        results_description=f"Measured on {dataset_name or dataset}." if (dataset_name or dataset) else "",
         metric_names=metric_names,
         benchmark=benchmark,
         benchmark_columns=benchmark_columns,

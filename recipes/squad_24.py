@@ -48,8 +48,9 @@ logger = logging.getLogger("squad_24")
 OFFLINE_DEFAULTS = dict(
     output_dir="runs/squad_24",
     learning_rate=3e-3,
-    warmup_steps=30,
-    max_steps=400,
+    warmup_steps=50,
+    max_steps=1200,
+    recovery_max_steps=300,
     per_device_train_batch_size=32,
     per_device_eval_batch_size=128,
     logging_steps=50,
@@ -120,6 +121,11 @@ class RecipeArguments:
     synthetic_train_paragraphs: int = field(default=1000, metadata={"help": "Synthetic data: training paragraphs."})
     synthetic_eval_paragraphs: int = field(default=100, metadata={"help": "Synthetic data: evaluation paragraphs."})
     synthetic_facts_per_paragraph: int = field(default=3, metadata={"help": "Synthetic data: facts per paragraph."})
+    recovery_max_steps: int | None = field(
+        default=None,
+        metadata={"help": "Optimizer steps of the recovery fine-tuning. Default: as the dense fine-tuning "
+                  "(--max_steps / --num_train_epochs), as in the tutorial."},
+    )  # fmt: skip
     distill: bool = field(
         default=False,
         metadata={"help": "Recover with distillation from the dense model (logits, plus the task loss)."},
@@ -382,9 +388,12 @@ def main(argv: list[str] | None = None) -> dict:
         recovery = dataclasses.replace(sparsity, criterion="magnitude")
         loss = hf_sparse.distillation_loss(dense, pruned, task_weight=1.0) if args.distill else None
         start = time.perf_counter()
+        recovery_args = training_args
+        if args.recovery_max_steps is not None:
+            recovery_args = dataclasses.replace(training_args, max_steps=args.recovery_max_steps)
         trainer, metrics = train(
             pruned,
-            training_args,
+            recovery_args,
             output_dir / "sparse-training",
             train_features,
             callbacks=[hf_sparse.SparsityCallback(recovery)],

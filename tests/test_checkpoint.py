@@ -271,3 +271,14 @@ def test_swapped_layers_save_through_their_state_dict(saved, tmp_path):
     assert meta["layers"][LAYER]["sparsity"] == 0.5
     reloaded = hf_sparse.from_pretrained(tmp_path / "out")
     assert torch.equal(reloaded.get_submodule(LAYER).weight, linear.weight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+def test_fast_load_on_gpu_gives_the_dense_answers(saved):
+    dense = hf_sparse.from_pretrained(saved / "dense").half().cuda()
+    fast = hf_sparse.from_pretrained(saved / "compact", fast=True)  # fp32 on disk: cast to fp16, then swapped
+    assert next(fast.parameters()).dtype == torch.float16
+    ids = torch.randint(0, dense.config.vocab_size, (4, 32), device="cuda")
+    with torch.no_grad():
+        a, b = dense(input_ids=ids), fast(input_ids=ids)
+    assert torch.allclose(a.start_logits.float(), b.start_logits.float(), atol=2e-2, rtol=2e-2)

@@ -99,8 +99,6 @@ def test_bad_inputs_are_named(folder, tmp_path):
         model_card(folder, dataset="d", metrics={"sparse": {"f1": "high"}})
     with pytest.raises(ValueError, match="metrics keys must be 'dense' and/or 'sparse'; got \\['pruned'\\]"):
         model_card(folder, metrics={"pruned": {"f1": 1.0}})
-    with pytest.raises(ValueError, match="need a task and a dataset"):
-        model_card(folder, metrics={"sparse": {"f1": 1.0}})
     with pytest.raises(ValueError, match="benchmark_plot was given without the benchmark rows"):
         model_card(folder, benchmark_plot=tmp_path / "x.png")
     torch.manual_seed(0)
@@ -112,3 +110,11 @@ def test_template_is_found_in_the_source_checkout():
     path = template_path()
     assert path.name == "sparse_model_card.md" and path.parent.name == "model_cards"
     assert "{{ card_data }}" in path.read_text()
+
+
+def test_local_or_generated_data_gets_the_table_but_no_model_index(folder):
+    card = model_card(folder, dataset_name="synthetic SQuAD-format facts", metrics=METRICS)
+    text = str(card)
+    _no_placeholders(text)
+    assert "## Evaluation" in text and "synthetic SQuAD-format facts" in text and "87.12" in text
+    assert "model-index" not in text and card.data.eval_results is None
