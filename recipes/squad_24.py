@@ -86,6 +86,9 @@ PRESETS = {
 
 @dataclass
 class RecipeArguments:
+    """The recipe's own arguments: model, data, stages and timing (the rest are `SparsityConfig` and
+    `TrainingArguments`)."""
+
     preset: str | None = field(
         default=None,
         metadata={
@@ -134,7 +137,10 @@ class RecipeArguments:
         default_factory=lambda: [4, 16, 64, 256],
         metadata={"help": "Batch sizes at which dense and 2:4 are timed (GPU only)."},
     )
-    timing_sequence_length: int = field(default=384, metadata={"help": "Sequence length of the timing stage."})
+    timing_sequence_length: int = field(
+        default=384,
+        metadata={"help": "Sequence length of the timing stage (at most the model's max_position_embeddings)."},
+    )
     fp16_eval: bool = field(
         default=True, metadata={"help": "Evaluate in fp16 on a GPU, as the tutorial does (fp32 on a CPU)."}
     )
@@ -309,10 +315,13 @@ def train(model, training_args, output_dir: Path, train_features, callbacks=(), 
 def main(argv: list[str] | None = None) -> dict:
     args, sparsity, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # The recipe's and the library's progress at INFO on the main process; --log_level also sets transformers'.
     log_level = training_args.get_process_log_level()
+    transformers.utils.logging.set_verbosity(log_level)
+    if training_args.log_level == "passive" and training_args.should_log:
+        log_level = logging.INFO
     for name in ("squad_24", "hf_sparse"):
         logging.getLogger(name).setLevel(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
     main_process = training_args.process_index == 0
 
     check_sources(args)
@@ -465,15 +474,18 @@ def _swap_and_time(args, training_args, report, record, sparse, output_dir, eval
         del swapped
     # Time dense against 2:4 on the same model, same process, same execution mode (CUDA graphs for both).
     if training_args.process_index == 0 and "timing" not in report:
+        seq_len = min(args.timing_sequence_length, sparse.config.max_position_embeddings)
+        if seq_len < args.timing_sequence_length:
+            logger.warning("Timing at sequence length %d, the model's max_position_embeddings.", seq_len)
         bench_args = bench.parse_args(
-            ["--model", str(output_dir / "sparse"), "--seq-len", str(args.timing_sequence_length),
+            ["--model", str(output_dir / "sparse"), "--seq-len", str(seq_len),
              "--variants", "dense", "2:4", "--output-dir", str(output_dir), "--batch-sizes"]
             + [str(b) for b in args.timing_batch_sizes]
         )  # fmt: skip
         result = bench.run(bench_args)
         bench.plot(result, output_dir / "latency.png")
         report["timing"] = {
-            "description": f"{result['device']}, fp16, sequence length {args.timing_sequence_length}, both models "
+            "description": f"{result['device']}, fp16, sequence length {seq_len}, both models "
             f"fused q/k/v and run through CUDA graphs; median of CUDA-event timings (hf_sparse.bench).",
             "rows": [
                 {"batch_size": r["batch"], "dense_ms": r["dense"]["ms"], "sparse_ms": r["2:4"]["ms"],

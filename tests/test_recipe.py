@@ -1,0 +1,126 @@
+"""recipes/squad_24.py: the embedded offline default end to end (one process and two), presets, config files,
+the offline error, and resuming a finished run."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from transformers import AutoModelForQuestionAnswering
+
+from hf_sparse import is_nm
+from tests.conftest import REPO, subprocess_env
+
+RECIPE = REPO / "recipes" / "squad_24.py"
+SHORT = ["--max_steps", "60", "--recovery_max_steps", "20", "--synthetic_train_paragraphs", "200",
+         "--synthetic_eval_paragraphs", "40", "--disable_tqdm", "true"]  # fmt: skip
+
+
+def load_recipe():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("squad_24", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["squad_24"] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(args, launcher=(sys.executable,), timeout=600):
+    result = subprocess.run(
+        [*launcher, str(RECIPE), *args], env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def check_report(output_dir, min_dense_f1):
+    report = json.loads((output_dir / "report.json").read_text())
+    stages = report["stages"]
+    assert set(stages) == {"dense", "pruned", "sparse"}
+    for stage in stages.values():
+        assert 0.0 <= stage["exact_match"] <= stage["f1"] <= 100.0
+    assert stages["dense"]["f1"] >= min_dense_f1  # learned the synthetic facts, well above chance
+    assert stages["pruned"]["sparsity"] == stages["sparse"]["sparsity"] == 0.5
+    assert stages["sparse"]["all_layers_exact"] is True
+    assert "no CUDA GPU" in report["skipped"]["swap and timing"]
+    assert report["environment"]["torch"] and report["data"]["eval_questions"] > 0
+    markdown = (output_dir / "report.md").read_text()
+    assert "| F1 |" in markdown and "2:4, zero-shot" in markdown and "swap and timing" in markdown
+    assert (output_dir / "f1_by_stage.png").read_bytes()[:4] == b"\x89PNG"
+    # The sparse checkpoint: plain from_pretrained, exact 2:4, metadata, and a card with the measured F1.
+    model = AutoModelForQuestionAnswering.from_pretrained(output_dir / "sparse")
+    layers = model.config.sparsity["layers"]
+    assert len(layers) == 12 and all(is_nm(model.get_submodule(name).weight) for name in layers)
+    card = (output_dir / "sparse" / "README.md").read_text()
+    assert f"{stages['sparse']['f1']:.2f}" in card and "recipes/squad_24.py" in card
+    return report
+
+
+@pytest.mark.slow
+def test_embedded_default_runs_offline_and_reports_every_stage(tmp_path):
+    start = time.perf_counter()
+    result = run(["--output_dir", str(tmp_path), "--disable_tqdm", "true"])
+    seconds = time.perf_counter() - start
+    print(f"embedded default: {seconds:.0f} s")
+    assert seconds < 300
+    check_report(tmp_path, min_dense_f1=50.0)
+    assert result.stdout.count("## Stages") == 1
+
+
+@pytest.mark.slow
+def test_embedded_default_in_two_processes_and_resumed(tmp_path):
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")  # fmt: skip
+    result = run(["--output_dir", str(tmp_path), "--use_cpu", "true", *SHORT], launcher=launcher)
+    report = check_report(tmp_path, min_dense_f1=10.0)
+    assert result.stdout.count("## Stages") == 1  # printed by the main process only
+    # Started again on a finished run, every training stage is skipped and the measurements are kept.
+    again = run(["--output_dir", str(tmp_path), *SHORT])
+    assert "already fine-tuned" in again.stderr and "already recovered" in again.stderr
+    assert json.loads((tmp_path / "report.json").read_text())["stages"] == report["stages"]
+
+
+def test_tutorial_preset_and_overrides():
+    recipe = load_recipe()
+    args, sparsity, training = recipe.parse_args(["--preset", "tutorial", "--output_dir", "/tmp/x"])
+    assert (args.model_name_or_path, args.dataset_name, args.max_seq_length) == ("bert-base-cased", "squad", 384)
+    assert (training.num_train_epochs, training.learning_rate, training.lr_scheduler_type.value) == (
+        1,
+        3e-5,
+        "constant",
+    )
+    assert (training.per_device_train_batch_size, training.per_device_eval_batch_size) == (64, 512)
+    assert args.timing_batch_sizes == [4, 16, 64, 256] and sparsity.sparsity_pattern == "2:4"
+    args, sparsity, training = recipe.parse_args(
+        ["--preset", "tutorial", "--learning_rate", "1e-5", "--criterion", "wanda", "--output_dir", "/tmp/x"]
+    )
+    assert training.learning_rate == 1e-5 and sparsity.criterion == "wanda" and args.model_name_or_path
+    with pytest.raises(SystemExit, match="--preset 'nope' is unknown"):
+        recipe.parse_args(["--preset", "nope"])
+
+
+def test_config_file_gives_the_same_arguments_as_the_preset():
+    recipe = load_recipe()
+    from_file = recipe.parse_args([str(REPO / "recipes" / "tutorial.yaml")])
+    from_preset = recipe.parse_args(["--preset", "tutorial", "--output_dir", "runs/squad_24_tutorial"])
+    for a, b in zip(from_file, from_preset):
+        names = [f.name for f in dataclasses.fields(a) if f.init and f.name != "preset"]
+        assert {n: getattr(a, n) for n in names} == {n: getattr(b, n) for n in names}
+
+
+def test_tutorial_preset_offline_fails_at_once_saying_what_to_pass(tmp_path):
+    env = subprocess_env()
+    env["HF_HUB_OFFLINE"] = "1"
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, str(RECIPE), "--preset", "tutorial", "--output_dir", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0 and time.perf_counter() - start < 60
+    message = result.stderr
+    assert "model 'bert-base-cased'" in message and "dataset 'squad'" in message
+    assert "--model_name_or_path" in message and "--train_file" in message and "without --preset" in message
+    assert not (tmp_path / "dense").exists()
