@@ -48,6 +48,7 @@ logger = logging.getLogger("squad_24")
 OFFLINE_DEFAULTS = dict(
     output_dir="runs/squad_24",
     learning_rate=3e-3,
+    weight_decay=0.1,
     warmup_steps=50,
     max_steps=1200,
     recovery_max_steps=300,
@@ -101,6 +102,11 @@ class RecipeArguments:
         default=None,
         metadata={"help": "Model to fine-tune (Hub id or folder). Default: a small BERT built from a config."},
     )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "When the model is built from a config (no --model_name_or_path): values to override, "
+                  "e.g. 'hidden_size=256,num_hidden_layers=4,initializer_range=0.002'."},
+    )  # fmt: skip
     dense_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "An already fine-tuned dense QA model: skips the dense fine-tuning stage."},
@@ -267,6 +273,8 @@ def new_model(args: RecipeArguments, tokenizer):
         intermediate_size=512,
         max_position_embeddings=max(64, args.max_seq_length),
     )
+    if args.config_overrides:
+        config.update_from_string(args.config_overrides)
     return BertForQuestionAnswering(config)
 
 
