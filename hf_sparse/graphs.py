@@ -7,6 +7,7 @@ one launch. Give the dense model you compare against the same treatment.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import Mapping
@@ -80,6 +81,38 @@ def _clone_output(value):
     return value
 
 
+@contextlib.contextmanager
+def attention_masks_skippable_while_capturing():
+    """Lets transformers skip an all-visible attention mask while a CUDA graph is captured, as it does eagerly.
+
+    transformers 5.17 decides whether the mask of a batch without padding can be dropped with
+    `is_tracing(padding_mask)`, which is true during CUDA graph capture even when there is no padding mask at all.
+    It then builds an explicit mask whose last dimension has stride 0; every fused SDPA kernel (flash, cuDNN,
+    memory-efficient) refuses it, and attention falls back to the math path with fp32 matrix products: measured on
+    an H200, BERT-base at batch 64 took 44.1 ms as a graph against 11.6 ms eagerly. Newer transformers only ask
+    `is_tracing` about a mask that exists, since without one there is nothing data-dependent to avoid; this applies
+    that rule while capturing. A padding mask that is given is still treated as traced (the graph keeps it).
+    """
+    try:
+        from transformers import masking_utils
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        yield
+        return
+    original = getattr(masking_utils, "is_tracing", None)
+    if original is None:
+        yield
+        return
+
+    def is_tracing(tensor=None):
+        return False if tensor is None else original(tensor)
+
+    masking_utils.is_tracing = is_tracing
+    try:
+        yield
+    finally:
+        masking_utils.is_tracing = original
+
+
 class CudaGraphModel:
     """Calls `model` through CUDA graphs: the first call with a new input signature runs a few eager warm-up
     passes (where lazy autotuning happens) and captures a graph; later calls with the same signature copy the
@@ -144,7 +177,7 @@ class CudaGraphModel:
                 self._forward(*static_args, **static_kwargs)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph), attention_masks_skippable_while_capturing():
             output = self._forward(*static_args, **static_kwargs)
         logger.info(
             "hf-sparse: captured a CUDA graph for %s (%d so far).", type(self.model).__name__, 1 + self.num_graphs

@@ -1,0 +1,60 @@
+"""CUDA graph capture must not change which attention kernel a transformers model gets (CPU-testable part)."""
+
+import pytest
+import torch
+from transformers import BertForQuestionAnswering
+
+from hf_sparse.graphs import attention_masks_skippable_while_capturing
+from tests.conftest import tiny_bert_config
+
+
+def _masks_seen_by_sdpa(model, inputs, monkeypatch):
+    """Runs `model` as if a CUDA graph were being captured; returns the attn_mask of every SDPA call."""
+    import transformers.utils.import_utils as import_utils
+
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(*args, attn_mask=None, **kwargs):
+        seen.append(attn_mask)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    monkeypatch.setattr(import_utils, "is_cuda_stream_capturing", lambda: True)
+    with torch.no_grad():
+        model(**inputs)
+    return seen
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    config = tiny_bert_config()
+    config._attn_implementation = "sdpa"
+    return BertForQuestionAnswering(config).eval()
+
+
+def test_capture_without_padding_mask_passes_no_mask_to_sdpa(model, monkeypatch):
+    inputs = {"input_ids": torch.randint(0, 128, (2, 16))}
+    with attention_masks_skippable_while_capturing():
+        seen = _masks_seen_by_sdpa(model, inputs, monkeypatch)
+    assert len(seen) == 2 and all(mask is None for mask in seen)  # flash / cuDNN attention stay possible
+
+
+def test_a_given_padding_mask_is_kept_while_capturing(model, monkeypatch):
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    inputs = {"input_ids": torch.randint(0, 128, (2, 16)), "attention_mask": mask}
+    with attention_masks_skippable_while_capturing():
+        seen = _masks_seen_by_sdpa(model, inputs, monkeypatch)
+    assert len(seen) == 2 and all(m is not None for m in seen)
+
+
+def test_the_rule_applies_only_inside_the_context():
+    from transformers import masking_utils
+
+    original = masking_utils.is_tracing
+    with attention_masks_skippable_while_capturing():
+        assert masking_utils.is_tracing(None) is False
+        assert masking_utils.is_tracing is not original
+    assert masking_utils.is_tracing is original
