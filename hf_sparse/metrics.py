@@ -31,16 +31,19 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def _f1_v1(prediction: str, ground_truth: str) -> float:
-    prediction_tokens = normalize_answer(prediction).split()
-    ground_truth_tokens = normalize_answer(ground_truth).split()
-    common = collections.Counter(prediction_tokens) & collections.Counter(ground_truth_tokens)
+def _overlap_f1(pred_tokens: list[str], gold_tokens: list[str]) -> float:
+    """Token-overlap F1, computed in the official scripts' order of operations."""
+    common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
     num_same = sum(common.values())
     if num_same == 0:
         return 0
-    precision = 1.0 * num_same / len(prediction_tokens)
-    recall = 1.0 * num_same / len(ground_truth_tokens)
+    precision = 1.0 * num_same / len(pred_tokens)
+    recall = 1.0 * num_same / len(gold_tokens)
     return (2 * precision * recall) / (precision + recall)
+
+
+def _f1_v1(prediction: str, ground_truth: str) -> float:
+    return _overlap_f1(normalize_answer(prediction).split(), normalize_answer(ground_truth).split())
 
 
 def _f1_v2(gold: str, prediction: str) -> float:
@@ -49,13 +52,7 @@ def _f1_v2(gold: str, prediction: str) -> float:
     if len(gold_tokens) == 0 or len(pred_tokens) == 0:
         # An empty answer ("no answer") scores 1 only against an empty gold answer.
         return int(gold_tokens == pred_tokens)
-    common = collections.Counter(gold_tokens) & collections.Counter(pred_tokens)
-    num_same = sum(common.values())
-    if num_same == 0:
-        return 0
-    precision = 1.0 * num_same / len(pred_tokens)
-    recall = 1.0 * num_same / len(gold_tokens)
-    return (2 * precision * recall) / (precision + recall)
+    return _overlap_f1(pred_tokens, gold_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------- validation
