@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(training_args.output_dir)
     report = load_report(output_dir / "report.json")
     report.update(
-        title=f"2:4 sparsity on {args.dataset_name if not args.train_file else Path(args.train_file).name}",
+        title=f"2:4 sparsity, {_data_name(args)}",
         command=hf_sparse.hub.current_command(),
         environment=environment(),
         arguments={"recipe": dataclasses.asdict(args), "sparsity": sparsity.to_dict()},
@@ -452,6 +452,12 @@ def main(argv: list[str] | None = None) -> dict:
             )
         print((output_dir / "report.md").read_text())
     return report
+
+
+def _data_name(args: RecipeArguments) -> str:
+    if args.train_file:
+        return Path(args.validation_file).name
+    return "synthetic SQuAD-format facts" if args.dataset_name == "synthetic" else args.dataset_name
 
 
 def _sparsity(model, masks, sparsity) -> float:
