@@ -114,6 +114,10 @@ def recover_(model, teacher, tokenizer, texts, args, device: str) -> dict:
     """Distills `teacher` into the pruned `model` with Trainer + SparsityCallback + distillation_loss."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
+    if not args.dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     extra = {"use_cpu": True} if device == "cpu" else {}
     fields = TrainingArguments.__dataclass_fields__
     if "train_sampling_strategy" in fields:  # transformers >= 5.2x: group similar lengths, less padding
@@ -176,6 +180,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--hidden-loss", default="mse", choices=["mse", "cosine"])
     parser.add_argument("--hidden-layers", default="last", choices=["last", "all", "mean_pooled"])
+    parser.add_argument(
+        "--dropout",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="keep the model's dropout during recovery (off by default: the student then matches the teacher's "
+        "deterministic outputs instead of fitting dropout noise)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="use the first N questions only (smoke tests)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
