@@ -25,7 +25,7 @@ from .inference import (
     semi_structured_support,
     swap_to_semi_structured_,
 )
-from .masks import is_nm, nm_mask, sparsity_report
+from .masks import is_nm, nm_mask, sparsity_report, total_sparsity
 from .metrics import squad_compute_metrics, squad_metric, squad_v2_metric
 from .postprocess import SquadPostprocessor, postprocess_qa_predictions
 from .pruning import prune_
@@ -42,6 +42,7 @@ __all__ = [
     "prune_",
     "select_layers",
     "sparsity_report",
+    "total_sparsity",
     # Activation-aware criteria and distillation
     "DistillationLoss",
     "calibration_batches",

@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 
 from .config import SparsityConfig
 from .criteria import CALIBRATED_CRITERIA, broadcast_weights_, calibrated_prune_, calibration_from_dataloader
-from .masks import format_report, is_nm, layer_sparsity, nm_mask
+from .masks import format_report, is_nm, layer_sparsity, nm_mask, total_sparsity
 from .pruning import apply_masks_, compute_masks, is_sharded, local_tensor
 from .selection import select_layers
 
@@ -115,7 +115,7 @@ class SparsityCallback(TrainerCallback):
         if not self.masks or logs is None:
             return
         rows = self.report()
-        extra = {"sparsity": sum(r.zeros for r in rows) / max(sum(r.numel for r in rows), 1)}
+        extra = {"sparsity": total_sparsity(rows)}
         if self._log_layers and self.config.log_per_layer:
             extra.update({f"sparsity/{r.name}": round(r.sparsity, 6) for r in rows})
             self._log_layers = False

@@ -117,6 +117,11 @@ def sparsity_report(
     return [layer_sparsity(name, modules[name].weight, n, m) for name in layers]
 
 
+def total_sparsity(rows: list[LayerSparsity]) -> float:
+    """Share of exact zeros over all the weights of a `sparsity_report`."""
+    return sum(r.zeros for r in rows) / max(sum(r.numel for r in rows), 1)
+
+
 def format_report(rows: list[LayerSparsity]) -> str:
     """A plain-text table of a `sparsity_report`."""
     if not rows:
@@ -127,6 +132,5 @@ def format_report(rows: list[LayerSparsity]) -> str:
         shape = "x".join(map(str, r.shape))
         lines.append(f"{r.name:<{width}}  {shape:>14}  {r.sparsity:8.2%}  {'yes' if r.is_nm else 'NO'}")
     total = sum(r.numel for r in rows)
-    zeros = sum(r.zeros for r in rows)
-    lines.append(f"{'total':<{width}}  {total:>14}  {zeros / max(total, 1):8.2%}  {all(r.is_nm for r in rows)}")
+    lines.append(f"{'total':<{width}}  {total:>14}  {total_sparsity(rows):8.2%}  {all(r.is_nm for r in rows)}")
     return "\n".join(lines)

@@ -359,11 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["stages"][stage] = {**report["stages"].get(stage, {}), **values}
         if main_process:
             save_report(report, output_dir)
-        training_args_barrier()
-
-    def training_args_barrier():
-        if training_args.world_size > 1:
-            torch.distributed.barrier()
+        _barrier(training_args)
 
     # 1. Dense fine-tuning (or a given fine-tuned model).
     dense_dir = output_dir / "dense"
@@ -394,7 +390,8 @@ def main(argv: list[str] | None = None) -> dict:
     masks = hf_sparse.prune_(pruned, sparsity, calibration_data=calibration)
     if "f1" not in report["stages"].get("pruned", {}):
         values = evaluate(pruned, args, training_args, output_dir / "eval", eval_features, eval_examples)
-        values["sparsity"], values["layers"] = _sparsity(pruned, masks, sparsity), len(masks)
+        rows = hf_sparse.sparsity_report(pruned, sparsity.n, sparsity.m, layers=list(masks))
+        values["sparsity"], values["layers"] = hf_sparse.total_sparsity(rows), len(masks)
         record("pruned", values)
 
     # 3. Recovery: fine-tune the pruned model with its masks held exactly (the masks of the weights' nonzeros).
@@ -425,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "f1" not in report["stages"].get("sparse", {}):
         values = evaluate(sparse, args, training_args, output_dir / "eval", eval_features, eval_examples)
         report_rows = hf_sparse.sparsity_report(sparse, sparsity.n, sparsity.m, layers=list(masks))
-        values["sparsity"] = sum(r.zeros for r in report_rows) / sum(r.numel for r in report_rows)
+        values["sparsity"] = hf_sparse.total_sparsity(report_rows)
         values["all_layers_exact"] = all(r.is_nm for r in report_rows)
         record("sparse", values)
 
@@ -460,9 +457,10 @@ def _data_name(args: RecipeArguments) -> str:
     return "synthetic SQuAD-format facts" if args.dataset_name == "synthetic" else args.dataset_name
 
 
-def _sparsity(model, masks, sparsity) -> float:
-    rows = hf_sparse.sparsity_report(model, sparsity.n, sparsity.m, layers=list(masks))
-    return sum(r.zeros for r in rows) / sum(r.numel for r in rows)
+def _barrier(training_args) -> None:
+    """Waits for every process (after the main one wrote files the others read)."""
+    if training_args.world_size > 1:
+        torch.distributed.barrier()
 
 
 def _gpu_problem() -> str | None:
@@ -510,8 +508,7 @@ def _swap_and_time(args, training_args, report, record, sparse, output_dir, eval
             "bench": result,
         }  # fmt: skip
         save_report(report, output_dir)
-    if training_args.world_size > 1:
-        torch.distributed.barrier()
+    _barrier(training_args)
 
 
 def _card_kwargs(args: RecipeArguments, report: dict, output_dir: Path) -> dict:
