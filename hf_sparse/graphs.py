@@ -99,18 +99,24 @@ def attention_masks_skippable_while_capturing():
         yield
         return
     original = getattr(masking_utils, "is_tracing", None)
-    if original is None:
+    if original is None or original is _is_tracing_if_given:  # an older transformers, or already patched
         yield
         return
-
-    def is_tracing(tensor=None):
-        return False if tensor is None else original(tensor)
-
-    masking_utils.is_tracing = is_tracing
+    _ORIGINAL_IS_TRACING.append(original)
+    masking_utils.is_tracing = _is_tracing_if_given
     try:
         yield
     finally:
         masking_utils.is_tracing = original
+        _ORIGINAL_IS_TRACING.pop()
+
+
+_ORIGINAL_IS_TRACING: list = []
+
+
+def _is_tracing_if_given(tensor=None) -> bool:
+    # One module-level function (not a new closure per call), so torch.compile's guards on it stay valid.
+    return False if tensor is None else _ORIGINAL_IS_TRACING[-1](tensor)
 
 
 class CudaGraphModel:
@@ -172,7 +178,7 @@ class CudaGraphModel:
         static_kwargs = _static_copy(dict(kwargs))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), attention_masks_skippable_while_capturing():  # torch.compile traces here
             for _ in range(self.warmup):
                 self._forward(*static_args, **static_kwargs)
         torch.cuda.current_stream().wait_stream(stream)
