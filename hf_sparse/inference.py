@@ -9,7 +9,8 @@ twin. Sibling projections that read the same input (`query`/`key`/`value`) are f
 where the sparse kernel gains most on BERT-sized layers.
 
 `torch._cslt_sparse_mm` spends ~0.5 ms of host time per call building its cuSPARSELt plan, so run the swapped
-model under CUDA graphs (`hf_sparse.cuda_graphs(model)`) or `torch.compile(mode="reduce-overhead")`, and give
+model under CUDA graphs (`hf_sparse.cuda_graphs(model)`), or compile it first (`torch.compile(model,
+dynamic=False)`, which also fuses the element-wise work between the GEMMs) and then run it under CUDA graphs; give
 the dense model you compare against the same treatment.
 
 A swapped model still saves as an ordinary dense checkpoint (`...weight`/`...bias` keys, exact zeros):
@@ -190,6 +191,7 @@ class Plan(NamedTuple):
         return f"sparse (alg {self.alg_id}{extra})"
 
 
+_DENSE_PLAN = Plan("dense")
 _OP = None
 
 
@@ -277,6 +279,8 @@ class SemiStructuredLinear(nn.Module):
         self.tuner = tuner
         self.plans: dict[int, Plan] = dict(plans or {})
         self.emits_state = emits_state
+        if sparse:
+            _sparse_linear_op()  # registering the op later, while torch.compile traces, would break the graph
         self.register_buffer("packed", _compress(weight) if sparse else None, persistent=False)
         self.register_buffer(
             "dense_weight", weight.clone().contiguous() if (keep_dense or not sparse) else None, persistent=False
@@ -309,6 +313,8 @@ class SemiStructuredLinear(nn.Module):
 
     def plan(self, tokens: int) -> Plan:
         """How a call with `tokens` rows runs (tuning the bucket first if it is new and tuning is possible)."""
+        if self.packed is None:
+            return _DENSE_PLAN  # constant: no dict lookups or writes for torch.compile to guard on
         bucket = token_bucket(tokens)
         found = self.plans.get(bucket)
         if found is None:
@@ -316,8 +322,6 @@ class SemiStructuredLinear(nn.Module):
         return found
 
     def _new_plan(self, bucket: int, tokens: int) -> Plan:
-        if self.packed is None:
-            return self.plans.setdefault(bucket, Plan("dense"))
         busy = torch.compiler.is_compiling() or (
             torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         )
@@ -434,7 +438,10 @@ class _FusedGroup:
         self._warned = False
 
     def output(self, x: torch.Tensor, index: int, rows: slice) -> torch.Tensor:
-        if self._input is not x or x._version != self._version or index in self._served:
+        # While torch.compile traces, tensor identity is known but a tensor's version is not (it would break the
+        # graph): inputs are not modified in place between sibling calls inside a compiled region.
+        changed = self._input is not x or (not torch.compiler.is_compiling() and x._version != self._version)
+        if changed or index in self._served:
             if self._served and len(self._served) < len(self.names) and not self._warned:
                 self._warned = True
                 logger.warning(
@@ -443,7 +450,8 @@ class _FusedGroup:
                     self.fused.name,
                 )
             self._output = self.fused(x)
-            self._input, self._version, self._served = x, x._version, set()
+            self._version = -1 if torch.compiler.is_compiling() else x._version
+            self._input, self._served = x, set()
         self._served.add(index)
         out = self._output[..., rows]
         if len(self._served) == len(self.names):
@@ -682,8 +690,8 @@ def swap_to_semi_structured_(
     Nothing is changed when the call fails: named layers that are not exactly 2:4, weights on the CPU, a GPU older
     than compute capability 8.0, a PyTorch without cuSPARSELt, or fp32 weights raise an error that says what to do.
 
-    Run the swapped model under CUDA graphs (`hf_sparse.cuda_graphs`) or `torch.compile(mode="reduce-overhead")`:
-    each eager cuSPARSELt call costs ~0.5 ms of host time.
+    Run the swapped model under CUDA graphs (`hf_sparse.cuda_graphs`), after `torch.compile(model, dynamic=False)`
+    if you like: each eager cuSPARSELt call costs ~0.5 ms of host time.
 
     Args:
         model: the model, with fp16 or bf16 weights on an NVIDIA GPU of compute capability >= 8.0.

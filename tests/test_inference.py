@@ -370,6 +370,27 @@ def test_cuda_graphs_match_eager(tmp_path):
 
 @needs_gpu
 @pytest.mark.gpu
+def test_compiled_swapped_model_has_no_graph_breaks_and_matches_eager(tmp_path):
+    from torch._dynamo.utils import counters
+
+    from hf_sparse import cuda_graphs
+
+    model = gpu_model()
+    swap_to_semi_structured_(model, token_counts=[128], autotune=quick_tuner(tmp_path))
+    inputs = gpu_inputs(batch=2)
+    with torch.no_grad():
+        eager = model(**inputs)
+    torch._dynamo.reset()
+    counters.clear()
+    fast = cuda_graphs(torch.compile(model, dynamic=False).eval())
+    compiled = fast(**inputs)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert rel_error(compiled.start_logits, eager.start_logits) < 1e-2
+    assert rel_error(compiled.end_logits, eager.end_logits) < 1e-2
+
+
+@needs_gpu
+@pytest.mark.gpu
 def test_fp32_gpu_model_is_refused_and_left_usable():
     model = pruned_tiny_model(**GPU_CONFIG).to("cuda")
     before = snapshot(model)
