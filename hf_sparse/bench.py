@@ -53,9 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="Weight and activation dtype.")
     parser.add_argument(
         "--mode",
-        choices=["graphs", "eager"],
+        choices=["graphs", "compile", "eager"],
         default="graphs",
-        help="Execution mode of every variant: CUDA graphs per batch size (hf_sparse.cuda_graphs) or eager.",
+        help="Execution mode of every variant: CUDA graphs per batch size (hf_sparse.cuda_graphs); 'compile': "
+        "torch.compile (inductor fuses the bias adds, GELU, residuals and LayerNorms; GEMMs stay cuBLAS / "
+        "cuSPARSELt), then CUDA graphs; or eager.",
     )
     parser.add_argument(
         "--variants",
@@ -82,15 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-algorithms", type=int, default=32, help="cuSPARSELt algorithm ids tried per GEMM shape (autotuning)."
     )
     parser.add_argument(
-        "--tune-seconds", type=float, default=4.0, help="Autotuning time budget per GEMM shape and token count."
+        "--tune-seconds", type=float, default=10.0, help="Autotuning time budget per GEMM shape and token count."
     )
     parser.add_argument(
         "--sdpa-backend",
         choices=["default", "flash", "efficient", "cudnn", "math"],
         default="default",
-        help="Force one scaled-dot-product-attention backend for every variant (captures included). On the H200 "
-        "the graphed dense model ran ~4x slower than eager; the attention backend picked under capture is the "
-        "first suspect (see docs/bench/h200.md).",
+        help="Force one scaled-dot-product-attention backend for every variant (captures included), to compare "
+        "attention kernels.",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights and inputs.")
     return parser
@@ -262,11 +263,24 @@ def run(args: argparse.Namespace) -> dict:
         models["dense-unfused"] = copy.deepcopy(base)
         memory["dense-unfused"] = {"weight_bytes": dense_2_4_bytes, "ratio": 1.0}
 
+    if args.mode == "compile":
+        compile_start = time.perf_counter()
+        # One compiled graph per model and batch size, all from the same code: raise dynamo's recompile limit.
+        limit = 8 * len(models) * len(args.batch_sizes)
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+        models = {v: torch.compile(m, dynamic=False).eval() for v, m in models.items()}
     rows = []
     errors: dict[str, float] = {}
     with _sdpa_backend(args.sdpa_backend):
         for batch in args.batch_sizes:
             rows.append(_time_batch(args, base, models, batch, errors))
+    if args.mode == "compile":
+        from torch._dynamo.utils import counters
+
+        breaks = sum(counters["graph_break"].values())
+        print(f"compile mode: {time.perf_counter() - compile_start:.0f} s in all, {breaks} graph breaks", flush=True)
     return {
         "device": device_name,
         "capability": list(torch.cuda.get_device_capability()),
@@ -303,7 +317,7 @@ def _time_batch(args, base, models, batch, errors) -> dict:
     from .graphs import cuda_graphs
 
     inputs = make_inputs(base, batch, args.seq_len, args.seed, args.attention_mask)
-    runners = {v: (cuda_graphs(m) if args.mode == "graphs" else m) for v, m in models.items()}
+    runners = {v: (m if args.mode == "eager" else cuda_graphs(m, warmup=1)) for v, m in models.items()}
     samples: dict[str, list[float]] = {v: [] for v in runners}
     failed: dict[str, str] = {}
     with torch.no_grad():
