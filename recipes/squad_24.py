@@ -147,6 +147,11 @@ class RecipeArguments:
         default=384,
         metadata={"help": "Sequence length of the timing stage (at most the model's max_position_embeddings)."},
     )
+    timing_tune_seconds: float = field(
+        default=2.0,
+        metadata={"help": "Autotuning time per GEMM shape and token count in the timing stage (cached on disk; "
+                  "more finds faster cuSPARSELt algorithms for large layers)."},
+    )  # fmt: skip
     fp16_eval: bool = field(
         default=True, metadata={"help": "Evaluate in fp16 on a GPU, as the tutorial does (fp32 on a CPU)."}
     )
@@ -491,7 +496,8 @@ def _swap_and_time(args, training_args, report, record, sparse, output_dir, eval
             logger.warning("Timing at sequence length %d, the model's max_position_embeddings.", seq_len)
         bench_args = bench.parse_args(
             ["--model", str(output_dir / "sparse"), "--seq-len", str(seq_len),
-             "--variants", "dense", "2:4", "--output-dir", str(output_dir), "--batch-sizes"]
+             "--variants", "dense", "2:4", "--output-dir", str(output_dir),
+             "--tune-seconds", str(args.timing_tune_seconds), "--batch-sizes"]
             + [str(b) for b in args.timing_batch_sizes]
         )  # fmt: skip
         result = bench.run(bench_args)
