@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _NOT_FOR_TEACHER = {"labels", "label", "label_ids", "start_positions", "end_positions", "num_items_in_batch"}
-HIDDEN_LOSSES = ("mse", "cosine")
+HIDDEN_LOSSES = ("mse", "cosine", "similarity")
 HIDDEN_LAYERS = ("last", "all", "mean_pooled")
 
 
@@ -58,7 +58,9 @@ class DistillationLoss:
       (temperature `temperature`, scaled by T^2), for every output whose name ends in "logits" (`logits`, or
       `start_logits` and `end_logits` for question answering), averaged over non-padding positions;
     - `hidden_weight` x the distance between hidden states (`hidden_loss`: "mse" or "cosine" = 1 - cosine per
-      token), of the last layer (`hidden_layers="last"`, the `last_hidden_state` of a base model) or of every
+      token; for sentence embeddings also "similarity" = the cosine distance plus the mean squared difference of
+      the in-batch cosine-similarity matrices, as in similarity-preserving distillation, Tung & Mori 2019), of the
+      last layer (`hidden_layers="last"`, the `last_hidden_state` of a base model) or of every
       layer (`"all"`, which makes both models return `hidden_states`), averaged over non-padding tokens; or
       between the sentence embeddings (`"mean_pooled"`: the mean of the last hidden states over the attention
       mask, as sentence-transformers pools), averaged over sequences;
@@ -74,7 +76,7 @@ class DistillationLoss:
         student: the model the Trainer trains (the module itself, not a DDP wrapper).
         temperature: softmax temperature of the logit distillation.
         logits_weight, hidden_weight, task_weight: weights of the three terms (at least one must be > 0).
-        hidden_loss: "mse" or "cosine".
+        hidden_loss: "mse", "cosine" or (sentence embeddings only) "similarity".
         hidden_layers: "last", "all" or "mean_pooled".
         gradient_accumulation_steps: the Trainer's `gradient_accumulation_steps`.
 
@@ -118,6 +120,11 @@ class DistillationLoss:
             raise ValueError(f"hidden_loss must be one of {list(HIDDEN_LOSSES)}; got {hidden_loss!r}.")
         if hidden_layers not in HIDDEN_LAYERS:
             raise ValueError(f"hidden_layers must be one of {list(HIDDEN_LAYERS)}; got {hidden_layers!r}.")
+        if hidden_loss == "similarity" and hidden_layers != "mean_pooled":
+            raise ValueError(
+                "hidden_loss='similarity' compares sentence embeddings across a batch: use it with "
+                f"hidden_layers='mean_pooled' (got {hidden_layers!r})."
+            )
         if not isinstance(gradient_accumulation_steps, int) or gradient_accumulation_steps < 1:
             raise ValueError(
                 f"gradient_accumulation_steps must be an integer >= 1; got {gradient_accumulation_steps}."
@@ -207,7 +214,12 @@ class DistillationLoss:
             s, t = (s.float() * weights).sum(dim=1), (t.float() * weights).sum(dim=1)
             if self.hidden_loss == "mse":
                 return (s - t).pow(2).mean()
-            return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
+            cosine = (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
+            if self.hidden_loss == "cosine":
+                return cosine
+            # "similarity": also match the in-batch cosine-similarity matrix, the structure retrieval ranks by
+            s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
+            return cosine + (s @ s.T - t @ t.T).pow(2).mean()
         if self.hidden_layers == "all":
             pairs = list(zip(_get(outputs, "hidden_states") or (), _get(teacher, "hidden_states") or ()))
         else:

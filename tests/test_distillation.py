@@ -116,6 +116,8 @@ def test_bad_uses_are_named():
         distillation_loss(model, model)
     with pytest.raises(ValueError, match="hidden_loss must be one of"):
         distillation_loss(copy.deepcopy(model), model, hidden_loss="l1")
+    with pytest.raises(ValueError, match="hidden_layers='mean_pooled'"):
+        distillation_loss(copy.deepcopy(model), model, hidden_loss="similarity", hidden_layers="last")
     loss = distillation_loss(copy.deepcopy(model), model)
     with pytest.raises(RuntimeError, match="before the student ran"):
         loss({"logits": torch.zeros(1, 2)})
@@ -142,3 +144,25 @@ def test_mean_pooled_distillation_compares_sentence_embeddings():
 
     expected = (pooled(outputs.last_hidden_state) - pooled(target)).pow(2).mean()
     assert loss(outputs).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_similarity_distillation_adds_the_in_batch_similarity_gap():
+    torch.manual_seed(0)
+    student = BertModel(tiny_bert_config(), add_pooling_layer=False).eval()
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        student.encoder.layer[0].output.dense.weight.mul_(0.5)
+    kwargs = dict(logits_weight=0.0, hidden_weight=1.0, hidden_layers="mean_pooled")
+    cosine = distillation_loss(teacher, student, hidden_loss="cosine", **kwargs)
+    input_ids = torch.randint(1, 128, (3, 6))
+    outputs = student(input_ids=input_ids)
+    cosine_value = cosine(outputs)
+    cosine.remove()
+    similarity = distillation_loss(teacher, student, hidden_loss="similarity", **kwargs)
+    outputs = student(input_ids=input_ids)
+    with torch.no_grad():
+        t = torch.nn.functional.normalize(teacher(input_ids=input_ids).last_hidden_state.mean(1), dim=-1)
+    s = torch.nn.functional.normalize(outputs.last_hidden_state.mean(1), dim=-1)
+    gap = (s @ s.T - t @ t.T).pow(2).mean()
+    assert gap.item() > 0
+    assert similarity(outputs).item() == pytest.approx(cosine_value.item() + gap.item(), rel=1e-5)

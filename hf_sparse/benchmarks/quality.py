@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--hidden-loss", default="cosine", choices=["mse", "cosine"])
+    parser.add_argument("--hidden-loss", default="cosine", choices=["mse", "cosine", "similarity"])
     parser.add_argument("--hidden-layers", default="mean_pooled", choices=["last", "all", "mean_pooled"])
     parser.add_argument(
         "--dropout",
