@@ -92,12 +92,18 @@ def test_loss_is_zero_for_an_identical_student_and_matches_the_kl_by_hand():
     )
 
 
-def test_hidden_state_distillation_ignores_padding():
+def _base_student_and_teacher(layer: int = 0):
+    """A tiny base BERT (the student) and its copy (the teacher), the student's layer `layer` perturbed."""
     torch.manual_seed(0)
     student = BertModel(tiny_bert_config(), add_pooling_layer=False).eval()
     teacher = copy.deepcopy(student)
     with torch.no_grad():
-        student.encoder.layer[1].output.dense.weight.mul_(0.5)
+        student.encoder.layer[layer].output.dense.weight.mul_(0.5)
+    return student, teacher
+
+
+def test_hidden_state_distillation_ignores_padding():
+    student, teacher = _base_student_and_teacher(1)
     loss = distillation_loss(teacher, student, logits_weight=0.0, hidden_weight=1.0, hidden_loss="cosine")
     input_ids = torch.randint(1, 128, (2, 6))
     attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
@@ -127,11 +133,7 @@ def test_bad_uses_are_named():
 
 
 def test_mean_pooled_distillation_compares_sentence_embeddings():
-    torch.manual_seed(0)
-    student = BertModel(tiny_bert_config(), add_pooling_layer=False).eval()
-    teacher = copy.deepcopy(student)
-    with torch.no_grad():
-        student.encoder.layer[0].output.dense.weight.mul_(0.5)
+    student, teacher = _base_student_and_teacher()
     loss = distillation_loss(teacher, student, logits_weight=0.0, hidden_weight=1.0, hidden_layers="mean_pooled")
     input_ids = torch.randint(1, 128, (2, 5))
     attention_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
@@ -147,11 +149,7 @@ def test_mean_pooled_distillation_compares_sentence_embeddings():
 
 
 def test_similarity_distillation_adds_the_in_batch_similarity_gap():
-    torch.manual_seed(0)
-    student = BertModel(tiny_bert_config(), add_pooling_layer=False).eval()
-    teacher = copy.deepcopy(student)
-    with torch.no_grad():
-        student.encoder.layer[0].output.dense.weight.mul_(0.5)
+    student, teacher = _base_student_and_teacher()
     kwargs = dict(logits_weight=0.0, hidden_weight=1.0, hidden_layers="mean_pooled")
     cosine = distillation_loss(teacher, student, hidden_loss="cosine", **kwargs)
     input_ids = torch.randint(1, 128, (3, 6))
