@@ -103,7 +103,7 @@ def markdown(report: dict[str, Any]) -> str:
             s = stages[stage]
             sparsity = s.get("sparsity")
             lines.append(
-                f"| {STAGE_NAMES[stage]} | {_fmt(s.get('exact_match'))} | {_fmt(s.get('f1'))} | "
+                f"| {STAGE_NAMES[stage]}{_kernels(s)} | {_fmt(s.get('exact_match'))} | {_fmt(s.get('f1'))} | "
                 f"{s.get('eval_dtype', '—')} | {'—' if sparsity is None else f'{sparsity:.2%}'} |"
             )
     if report.get("timing"):
@@ -121,6 +121,17 @@ def markdown(report: dict[str, Any]) -> str:
     if env:
         lines += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items() if v is not None]
     return "\n".join(lines) + "\n"
+
+
+def _kernels(stage: dict[str, Any]) -> str:
+    """How many of the swapped GEMMs (a fused q/k/v counts once) ran sparse, e.g. ' (36 of 48 GEMMs sparse)'."""
+    layers = stage.get("layers")
+    if not layers:
+        return ""
+    sparse = layers.get("sparse", 0) + layers.get("sparse+dense", 0)
+    total = sparse + layers.get("dense", 0)
+    note = "; dense was faster for the rest" if sparse < total else ""
+    return f" ({sparse} of {total} GEMMs sparse{note})"
 
 
 def plot_f1(report: dict[str, Any], path: str | os.PathLike) -> None:
