@@ -16,6 +16,10 @@ def test_xquad_retrieval_and_disjoint_training_text():
     # squad-v2-dev-sample shares 24 of its 173 paragraphs (and their questions) with XQuAD-en: all are dropped.
     assert not set(texts) & (set(paragraphs) | set(questions))
     assert len(texts) == 1355
+    more = load_training_text(shared_data("squad", "squad-v2-dev-sample.json"), set(paragraphs), sentences=True)
+    assert set(texts) < set(more) and not set(more) & (set(paragraphs) | set(questions))
+    added = set(more) - set(texts)
+    assert len(added) > 3 * 149 and all(any(a in t for t in texts) for a in added)  # pieces of kept paragraphs
 
 
 class _Tokenizer:
