@@ -126,7 +126,7 @@ def markdown(report: dict[str, Any]) -> str:
 def _kernels(stage: dict[str, Any]) -> str:
     """How many of the swapped GEMMs (a fused q/k/v counts once) ran sparse, e.g. ' (36 of 48 GEMMs sparse)'."""
     layers = stage.get("layers")
-    if not layers:
+    if not isinstance(layers, dict) or not layers:  # other stages record a number of pruned layers here
         return ""
     sparse = layers.get("sparse", 0) + layers.get("sparse+dense", 0)
     total = sparse + layers.get("dense", 0)

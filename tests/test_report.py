@@ -15,3 +15,9 @@ def test_swapped_stage_counts_sparse_and_dense_gemms():
     assert "| 2:4, recovered, on sparse kernels (36 of 48 GEMMs sparse; dense was faster for the rest) |" in text
     assert "(8 of 8 GEMMs sparse) |" in markdown(_report({"sparse": 8, "not 2:4": 1}))
     assert "| F1 | 86.00 | 85.00 | -1.00 |" in text
+
+
+def test_pruned_stages_record_a_layer_count():
+    report = _report({"sparse": 8})
+    report["stages"]["pruned"] = {"exact_match": 70.0, "f1": 75.0, "layers": 12, "sparsity": 0.5}
+    assert "| 2:4, zero-shot (pruned, no training) | 70.00 | 75.00 | — | 50.00% |" in markdown(report)
