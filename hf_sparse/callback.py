@@ -11,23 +11,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 
+from ._distributed import broadcast_masks, broadcast_weights_, is_sharded, local_tensor, rank, unwrap_model, world_size
+from .calibration import calibration_from_dataloader
 from .config import SparsityConfig
-from .criteria import CALIBRATED_CRITERIA, broadcast_weights_, calibrated_prune_, calibration_from_dataloader
+from .criteria import CALIBRATED_CRITERIA, compute_masks
 from .masks import format_report, is_nm, layer_sparsity, nm_mask, total_sparsity
-from .pruning import apply_masks_, compute_masks, is_sharded, local_tensor
+from .pruning import apply_masks_
 from .selection import select_layers
 
 logger = logging.getLogger(__name__)
 
 MASKS_NAME = "hf_sparse_masks.safetensors"
 """File the callback writes into every Trainer checkpoint, so that a resumed run continues with the same masks."""
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside DDP / DataParallel / DeepSpeed / `torch.compile` wrappers."""
-    from accelerate.utils import extract_model_from_parallel
-
-    return extract_model_from_parallel(model)
 
 
 class SparsityCallback(TrainerCallback):
@@ -141,7 +136,7 @@ class SparsityCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.squash_(model)
         if self.config.swap_at_end and model is not None:
-            from .inference import swap_at_train_end
+            from .inference.swap import swap_at_train_end
 
             swap_at_train_end(unwrap_model(model), self.config)
 
@@ -177,6 +172,7 @@ class SparsityCallback(TrainerCallback):
             with torch.no_grad():
                 for name, values in self.pruned_values.items():
                     local_tensor(self.layers[name].weight).add_(values)
+        data = None
         if self.config.criterion in CALIBRATED_CRITERIA:
             data = self.calibration_data
             if data is None:
@@ -188,12 +184,10 @@ class SparsityCallback(TrainerCallback):
                 data = calibration_from_dataloader(train_dataloader, self.config, getattr(args, "seed", 0))
             if model is None:
                 raise ValueError(f"criterion={self.config.criterion!r} needs the Trainer's model; it passed none.")
-            masks = calibrated_prune_(unwrap_model(model), self.layers, self.config, data)
-            if self.config.criterion == "sparsegpt" and not self._sharded():
-                broadcast_weights_(self.layers)  # SparseGPT changed the kept weights: keep replicas identical
-        else:
-            masks = compute_masks(self.layers, self.config)
-        self.masks = masks if self._sharded() else _same_on_all_ranks(masks)
+        masks = compute_masks(unwrap_model(model) if model is not None else None, self.layers, self.config, data)
+        if self.config.criterion == "sparsegpt" and not self._sharded():
+            broadcast_weights_(self.layers)  # SparseGPT changed the kept weights: keep replicas identical
+        self.masks = masks if self._sharded() else broadcast_masks(masks)
         if self.config.updates_after(step):
             with torch.no_grad():
                 self.pruned_values = {
@@ -242,27 +236,9 @@ class SparsityCallback(TrainerCallback):
 
 
 def _masks_file(sharded: bool) -> str:
-    import torch.distributed as dist
-
     if not sharded:
         return MASKS_NAME
-    rank, world = dist.get_rank(), dist.get_world_size()
-    return MASKS_NAME.replace(".safetensors", f"-rank{rank:05d}-of-{world:05d}.safetensors")
-
-
-def _same_on_all_ranks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Under data parallelism every rank computes the same masks from the same weights; broadcasting rank 0's
-    makes that a guarantee rather than an assumption about deterministic kernels."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return masks
-    synced = {}
-    for name, mask in masks.items():
-        as_bytes = mask.to(torch.uint8)
-        dist.broadcast(as_bytes, src=0)
-        synced[name] = as_bytes.bool()
-    return synced
+    return MASKS_NAME.replace(".safetensors", f"-rank{rank():05d}-of-{world_size():05d}.safetensors")
 
 
 def _pack_masks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

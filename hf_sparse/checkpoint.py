@@ -29,7 +29,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ._distributed import full_tensor, unwrap_model
 from .config import SparsityConfig, parse_pattern
+from .masks import group_counts, groups_over
 
 logger = logging.getLogger(__name__)
 
@@ -55,17 +57,6 @@ def _library_version() -> str:
     return __version__
 
 
-def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    # Under FSDP2 a weight is a DTensor; the metadata describes the whole weight, as the saved checkpoint holds it.
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch builds without distributed
-        return tensor.detach()
-    if isinstance(tensor, DTensor):
-        return tensor.full_tensor().detach()
-    return tensor.detach()
-
-
 def _layer_weights(model: nn.Module, layers: list[str]) -> dict[str, torch.Tensor]:
     """The dense weight of each named layer, read from the model's ordinary `state_dict()` so that layers swapped
     to semi-structured kernels (which write a dense `weight`) are described like plain `nn.Linear`s."""
@@ -82,24 +73,8 @@ def _layer_weights(model: nn.Module, layers: list[str]) -> dict[str, torch.Tenso
             weight = module.state_dict().get("weight")
         if weight is None:
             raise ValueError(f"layer {name} ({type(module).__name__}) has no weight in its state_dict.")
-        weights[name] = _full_tensor(weight)
+        weights[name] = full_tensor(weight)
     return weights
-
-
-def _group_counts(nonzero: torch.Tensor) -> torch.Tensor:
-    """Nonzeros per group of a `[groups, m]` boolean tensor. Adding the m columns is several times faster on CPU
-    than `sum(dim=1)`, whose reduction over 4 elements per row dominates saving and loading large models."""
-    columns = nonzero.to(torch.uint8).unbind(dim=1)
-    total = columns[0].clone()
-    for column in columns[1:]:
-        total += column
-    return total
-
-
-def _count_nonzero_groups_over(weight: torch.Tensor, n: int, m: int) -> int:
-    if weight.dim() < 1 or weight.shape[-1] % m:
-        return -1
-    return int((_group_counts(weight.reshape(-1, m) != 0) > n).sum())
 
 
 def sparsity_metadata(
@@ -145,7 +120,7 @@ def sparsity_metadata(
     weights = _layer_weights(model, list(layers))
     per_layer, zeros_total, numel_total = {}, 0, 0
     for name, weight in weights.items():
-        over = _count_nonzero_groups_over(weight, n, m)
+        over = groups_over(weight, n, m)
         if over != 0:
             what = (
                 f"{over} group(s) of {m} hold more than {n} nonzeros" if over > 0 else f"shape {tuple(weight.shape)}"
@@ -224,7 +199,7 @@ def compact_encode(weight: torch.Tensor, n: int, m: int, name: str = "weight") -
         )
     groups = weight.detach().cpu().reshape(-1, m)
     nonzero = groups != 0
-    counts = _group_counts(nonzero)
+    counts = group_counts(nonzero)
     over = int((counts > n).sum())
     if over:
         raise ValueError(f"{name}: {over} group(s) of {m} hold more than {n} nonzeros; the layer is not {n}:{m}.")
@@ -233,7 +208,7 @@ def compact_encode(weight: torch.Tensor, n: int, m: int, name: str = "weight") -
     zero = ~nonzero
     missing = (n - counts.to(torch.int32)).unsqueeze(1)
     running, ranks = torch.zeros(groups.shape[0], dtype=torch.int32), []
-    for column in zero.unbind(dim=1):  # running count of zeros, column by column (see _group_counts)
+    for column in zero.unbind(dim=1):  # running count of zeros, column by column (see group_counts)
         running = running + column
         ranks.append(running)
     keep = nonzero | (zero & (torch.stack(ranks, dim=1) <= missing))
@@ -324,8 +299,6 @@ def save_pretrained(
     """
     if kwargs.get("push_to_hub"):
         raise ValueError("save_pretrained(push_to_hub=True) is not supported here; use hf_sparse.push_to_hub.")
-    from .callback import unwrap_model
-
     model = unwrap_model(model)
     meta = attach_sparsity_metadata(model, config)
     save_directory = Path(save_directory)
@@ -432,7 +405,7 @@ def _check_meta(meta: Any, config_file: Path) -> tuple[int, int, dict]:
 
 
 def _check_layer(name: str, weight: torch.Tensor, n: int, m: int, info: Any, file: Path) -> None:
-    over = _count_nonzero_groups_over(weight, n, m)
+    over = groups_over(weight, n, m)
     if over:
         what = f"{over} group(s) of {m} hold more than {n} nonzeros" if over > 0 else f"shape {tuple(weight.shape)}"
         raise SparseCheckpointError(
@@ -469,37 +442,45 @@ def load_state_dict(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     if meta is None:
         raise SparseCheckpointError(f"{config_file} has no '{METADATA_KEY}' entry; the checkpoint is not sparse.")
     n, m, layers = _check_meta(meta, config_file)
-    state: dict[str, torch.Tensor] = {}
     if meta.get("format", "dense") == "compact":
-        file = folder / COMPACT_WEIGHTS_NAME
-        if not file.is_file():
-            raise SparseCheckpointError(f"{config_file} describes a compact checkpoint but {file} does not exist.")
-        with _open(file) as f:
-            keys = set(f.keys())
-            for name, info in layers.items():
-                key = f"{name}.weight"
-                for part in (key + VALUES_SUFFIX, key + INDICES_SUFFIX):
-                    if part not in keys:
-                        raise SparseCheckpointError(
-                            f"layer {name}: tensor {part} is missing from {file}; the file is incomplete."
-                        )
-                try:
-                    values, packed = f.get_tensor(key + VALUES_SUFFIX), f.get_tensor(key + INDICES_SUFFIX)
-                except Exception as err:
-                    raise SparseCheckpointError(
-                        f"layer {name}: {file} cannot be read ({err}); it is damaged."
-                    ) from err
-                weight = compact_decode(values, packed, n, m, name, str(file))
-                _check_layer(name, weight, n, m, info, file)
-                state[key] = weight
-            for key in keys:
-                if not key.endswith((VALUES_SUFFIX, INDICES_SUFFIX)):
-                    state[key] = f.get_tensor(key)
-        stray = [k for k in keys if k.endswith(VALUES_SUFFIX) and k[: -len(VALUES_SUFFIX)] not in state]
-        if stray:
-            raise SparseCheckpointError(f"{file} holds compact layers {stray[:5]} that {config_file} does not list.")
-        return state, meta
+        return _read_compact(folder, config_file, n, m, layers), meta
+    return _read_dense(folder, n, m, layers), meta
 
+
+def _read_compact(folder: Path, config_file: Path, n: int, m: int, layers: dict) -> dict[str, torch.Tensor]:
+    """The dense state dict of a compact checkpoint, every listed layer decoded and checked."""
+    state: dict[str, torch.Tensor] = {}
+    file = folder / COMPACT_WEIGHTS_NAME
+    if not file.is_file():
+        raise SparseCheckpointError(f"{config_file} describes a compact checkpoint but {file} does not exist.")
+    with _open(file) as f:
+        keys = set(f.keys())
+        for name, info in layers.items():
+            key = f"{name}.weight"
+            for part in (key + VALUES_SUFFIX, key + INDICES_SUFFIX):
+                if part not in keys:
+                    raise SparseCheckpointError(
+                        f"layer {name}: tensor {part} is missing from {file}; the file is incomplete."
+                    )
+            try:
+                values, packed = f.get_tensor(key + VALUES_SUFFIX), f.get_tensor(key + INDICES_SUFFIX)
+            except Exception as err:
+                raise SparseCheckpointError(f"layer {name}: {file} cannot be read ({err}); it is damaged.") from err
+            weight = compact_decode(values, packed, n, m, name, str(file))
+            _check_layer(name, weight, n, m, info, file)
+            state[key] = weight
+        for key in keys:
+            if not key.endswith((VALUES_SUFFIX, INDICES_SUFFIX)):
+                state[key] = f.get_tensor(key)
+    stray = [k for k in keys if k.endswith(VALUES_SUFFIX) and k[: -len(VALUES_SUFFIX)] not in state]
+    if stray:
+        raise SparseCheckpointError(f"{file} holds compact layers {stray[:5]} that {config_file} does not list.")
+    return state
+
+
+def _read_dense(folder: Path, n: int, m: int, layers: dict) -> dict[str, torch.Tensor]:
+    """The state dict of an ordinary (dense) checkpoint, sharded or not, every listed layer checked."""
+    state: dict[str, torch.Tensor] = {}
     files = _weight_files(folder)
     if not files:
         raise SparseCheckpointError(f"{folder} has neither {DENSE_WEIGHTS_NAME} nor {DENSE_INDEX_NAME}.")
@@ -524,7 +505,7 @@ def load_state_dict(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
                 "incomplete or the metadata names a layer this model does not have."
             )
         _check_layer(name, state[key], n, m, info, where[key])
-    return state, meta
+    return state
 
 
 def _model_class(config, model_class):
@@ -594,7 +575,7 @@ def from_pretrained(
         )
     n, m = parse_pattern(meta["sparsity_pattern"])
     for name, weight in _layer_weights(model, list(meta["layers"])).items():
-        if _count_nonzero_groups_over(weight, n, m):
+        if groups_over(weight, n, m):
             raise SparseCheckpointError(f"layer {name} is not {n}:{m} after loading {folder} (dtype conversion?).")
     # The model in memory is dense whatever the file was: a plain save_pretrained of it writes a dense checkpoint.
     model.config.sparsity = dict(meta, format="dense")

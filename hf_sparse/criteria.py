@@ -1,252 +1,32 @@
-"""Pruning criteria that look at activations: Wanda and SparseGPT N:M masks, and the calibration passes they need.
+"""Pruning criteria: which weights of each layer an N:M mask keeps.
 
-Both run calibration batches through the model one transformer block at a time. The statistics of block k are
-gathered with blocks 0..k-1 already pruned (and, for SparseGPT, already updated), so every block sees the inputs it
-will see in the pruned model. The forward pass stops at the end of the block being pruned, and only that block's
-statistics are held: one vector (Wanda) or one `in_features x in_features` matrix (SparseGPT) per layer of the block.
-Hidden states are never stored between blocks; the price is that block k is reached by running blocks 0..k-1 again
-(k(k+1)/2 block passes per batch instead of k), which is small next to SparseGPT's solve for the models this
-library targets.
+- "magnitude": the `n` largest `|W|` of every `m` consecutive inputs (no data needed).
+- "wanda": the largest `|W_ij| * ||X_j||_2`, with input norms from calibration data (Sun et al., 2023).
+- "sparsegpt": masks chosen and kept weights updated to minimise the layer's output error on calibration data
+  (Frantar & Alistarh, 2023).
 
-Statistics and the SparseGPT solve run in float32 on the CUDA GPU when there is one (or on `device`), whatever
-device the model is on; the forward passes run where the model is.
+`compute_masks` is the one place that chooses between them; `hf_sparse.prune_` and `SparsityCallback` both call it.
+The calibrated criteria prune block by block as they go (see `hf_sparse.calibration`), so they change the weights
+they return masks for; magnitude only reads them.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
-from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
+from ._distributed import local_tensor
+from .calibration import block_statistics, calibration_batches, model_inputs, stats_device
 from .config import SparsityConfig
-from .masks import nm_mask_from_scores
+from .masks import nm_mask, nm_mask_from_scores
 
 logger = logging.getLogger(__name__)
 
 CALIBRATED_CRITERIA = ("wanda", "sparsegpt")
 """Criteria that need calibration data."""
-
-_LABEL_KEYS = {"labels", "label", "label_ids", "start_positions", "end_positions"}
-
-
-class _StopForward(Exception):
-    """Raised by a hook at the end of the block being calibrated: the rest of the model is not needed."""
-
-
-# -- calibration data ------------------------------------------------------------------------------------------------
-
-
-def _is_batch(item) -> bool:
-    """A dict whose `input_ids` (or first tensor) has a batch dimension, rather than one example."""
-    if not isinstance(item, Mapping):
-        return False
-    value = item.get("input_ids", next(iter(item.values()), None))
-    return isinstance(value, torch.Tensor) and value.dim() >= 2
-
-
-def _collate(examples: list[Mapping], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Stacks examples into a batch, right-padding 1-D sequences of different lengths (labels with -100)."""
-    batch = {}
-    for key in examples[0]:
-        values = [example[key] for example in examples]
-        if isinstance(values[0], str) or (isinstance(values[0], list) and values[0] and isinstance(values[0][0], str)):
-            continue  # text columns (e.g. "context") are not model inputs
-        tensors = [torch.as_tensor(v) for v in values]
-        if all(t.shape == tensors[0].shape for t in tensors):
-            batch[key] = torch.stack(tensors)
-            continue
-        if any(t.dim() != 1 for t in tensors):
-            raise ValueError(
-                f"calibration examples have {key!r} of different shapes {sorted({tuple(t.shape) for t in tensors})}; "
-                "pass batches (dicts of tensors with a batch dimension) or a DataLoader with a padding collator."
-            )
-        pad = -100 if "label" in key else pad_token_id if key == "input_ids" else 0
-        batch[key] = nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=pad)
-        if key == "input_ids" and "attention_mask" not in examples[0]:
-            lengths = torch.tensor([len(t) for t in tensors])
-            batch["attention_mask"] = (torch.arange(batch[key].shape[1])[None] < lengths[:, None]).long()
-    return batch
-
-
-def _take_rows(batch: dict, rows: int) -> dict:
-    size = next((v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
-    if size is None or size <= rows:
-        return batch
-    return {
-        k: v[:rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else v
-        for k, v in batch.items()
-    }
-
-
-def _batch_size(batch: dict) -> int:
-    return next((v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0), 1)
-
-
-def calibration_batches(data, config: SparsityConfig, pad_token_id: int = 0) -> list[dict[str, torch.Tensor]]:
-    """The first `config.calibration_samples` sequences of `data`, as a list of batches (dicts of tensors).
-
-    Args:
-        data: a `torch.utils.data.DataLoader` or any iterable of batches (dicts of tensors with a batch dimension);
-            a single batch; or a dataset / list / iterable of examples (dicts of tensors or lists of ints, as a
-            tokenized `datasets.Dataset` returns them), which are padded and batched by
-            `config.calibration_batch_size`. Text columns are ignored; tokenize first.
-        config: gives `calibration_samples` and `calibration_batch_size`.
-        pad_token_id: padding of `input_ids` when examples of different lengths are batched here.
-
-    Example:
-
-    ```python
-    >>> batches = calibration_batches(tokenizer(texts, padding=True, return_tensors="pt"), SparsityConfig())
-    ```
-    """
-    if data is None:
-        raise ValueError(
-            f"criterion={config.criterion!r} needs calibration data: pass calibration_data= to hf_sparse.prune_ "
-            "(a DataLoader, a tokenized dataset, or a list of batches or examples), or SparsityCallback("
-            "calibration_data=...); under a Trainer the callback takes it from the train dataloader."
-        )
-    if isinstance(data, Mapping):  # one batch, e.g. a tokenizer's BatchEncoding
-        data = [dict(data)] if _is_batch(data) else [data]
-    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable) and not hasattr(data, "__getitem__"):
-        raise TypeError(
-            f"calibration_data must be a DataLoader, a dataset, or a list of batches or examples; got "
-            f"{type(data).__name__}. Tokenize text first (e.g. tokenizer(texts, padding=True, return_tensors='pt'))."
-        )
-    wanted = config.calibration_samples
-    batches, pending, seen = [], [], 0
-
-    def flush():
-        nonlocal pending, seen
-        if pending:
-            batch = _collate(pending, pad_token_id)
-            batches.append(batch)
-            seen += _batch_size(batch)
-            pending = []
-
-    items = iter(data) if isinstance(data, Iterable) else (data[i] for i in range(len(data)))
-    for item in items:
-        if seen >= wanted:
-            break
-        if _is_batch(item):
-            flush()
-            batch = _take_rows(dict(item), wanted - seen)
-            batches.append(batch)
-            seen += _batch_size(batch)
-        elif isinstance(item, Mapping):
-            pending.append(item)
-            if len(pending) == min(config.calibration_batch_size, wanted - seen):
-                flush()
-        else:
-            raise TypeError(
-                f"calibration_data items must be dicts (batches or examples, e.g. with 'input_ids'); got "
-                f"{type(item).__name__}."
-            )
-    flush()
-    if not batches:
-        raise ValueError("calibration_data is empty; give at least one batch or example.")
-    return batches
-
-
-def calibration_from_dataloader(dataloader, config: SparsityConfig, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """Calibration batches from a training dataloader, without disturbing it.
-
-    For a map-style dataset, `config.calibration_samples` examples are drawn by a permutation seeded with `seed`
-    and batched with the dataloader's own collator: every data-parallel rank gets the same batches, and the
-    training sampler's random state is left untouched. Otherwise the dataloader's first batches are used.
-    """
-    dataset = getattr(dataloader, "dataset", None)
-    collate_fn = getattr(dataloader, "collate_fn", None)
-    map_style = (
-        dataset is not None
-        and collate_fn is not None
-        and hasattr(dataset, "__getitem__")
-        and hasattr(dataset, "__len__")
-        and not isinstance(dataset, torch.utils.data.IterableDataset)
-    )
-    if not map_style:
-        return calibration_batches(dataloader, config)
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(dataset), generator=generator)[: config.calibration_samples].tolist()
-    size = config.calibration_batch_size
-    return [dict(collate_fn([dataset[i] for i in order[j : j + size]])) for j in range(0, len(order), size)]
-
-
-def _model_inputs(model: nn.Module, batch: dict, device: torch.device) -> dict:
-    params = inspect.signature(model.forward).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    inputs = {}
-    for key, value in batch.items():
-        if key in _LABEL_KEYS or (key not in params and not takes_any):
-            continue  # calibration needs activations only; labels would just add a loss computation
-        inputs[key] = value.to(device) if isinstance(value, torch.Tensor) else value
-    if not inputs:
-        raise ValueError(f"calibration batch keys {sorted(batch)} are not inputs of {type(model).__name__}.forward.")
-    return inputs
-
-
-# -- block structure -------------------------------------------------------------------------------------------------
-
-
-def _block_of(name: str) -> str | None:
-    """The repeated block a layer belongs to: its name up to the first numeric component ("encoder.layer.3")."""
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return None
-
-
-def _groups(model: nn.Module, layers: dict[str, nn.Linear]) -> list[tuple[str | None, list[str]]]:
-    """Layers grouped by block, blocks in module order; layers outside any block come last (one full pass)."""
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    by_block: dict[str | None, list[str]] = {}
-    for name in sorted(layers, key=lambda n: order.get(n, len(order))):
-        by_block.setdefault(_block_of(name), []).append(name)
-    blocks = sorted((b for b in by_block if b is not None), key=lambda b: order.get(b, len(order)))
-    groups = [(b, by_block[b]) for b in blocks]
-    if None in by_block:
-        groups.append((None, by_block[None]))
-    return groups
-
-
-# -- statistics ------------------------------------------------------------------------------------------------------
-
-
-class _InputStats:
-    """Running statistics of a linear layer's inputs over the calibration tokens (padding excluded)."""
-
-    def __init__(self, in_features: int, hessian: bool, device: torch.device):
-        self.tokens = 0
-        self.sq_norms = None if hessian else torch.zeros(in_features, device=device, dtype=torch.float32)
-        self.hessian = torch.zeros(in_features, in_features, device=device, dtype=torch.float32) if hessian else None
-        self.device = device
-
-    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])
-        if token_mask is not None and token_mask.numel() == x.shape[0]:
-            x = x[token_mask.reshape(-1).to(x.device)]
-        x = x.to(self.device, torch.float32)
-        self.tokens += x.shape[0]
-        if self.hessian is not None:
-            self.hessian.addmm_(x.T, x)
-        else:
-            self.sq_norms += (x * x).sum(dim=0)
-
-
-def _stats_device(model: nn.Module, device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    param = next(model.parameters(), None)
-    if param is not None and param.device.type != "cpu":
-        return param.device
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-# -- the criteria ----------------------------------------------------------------------------------------------------
 
 
 def wanda_mask(
@@ -371,127 +151,70 @@ def sparsegpt_prune_(
 
 
 @torch.no_grad()
-def calibrated_prune_(
+def compute_masks(
     model: nn.Module,
     layers: dict[str, nn.Linear],
     config: SparsityConfig,
-    calibration_data,
+    calibration_data=None,
     device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Prunes `layers` of `model` in place with an activation-aware criterion, block by block.
+    """The N:M masks of `layers` (local shards under FSDP2) by `config.criterion`, by layer name.
 
-    Used by `hf_sparse.prune_` and `SparsityCallback` for `config.criterion` in `CALIBRATED_CRITERIA`. The
-    masked-out weights are zero on return (and SparseGPT has updated the kept ones); the masks are returned by
-    layer name. The model's train/eval mode and `config.use_cache` are restored.
+    Magnitude reads the weights only. Wanda and SparseGPT calibrate block by block and prune each block before
+    calibrating the next, so on return the masked-out weights of `layers` are zero (and SparseGPT has updated the
+    kept ones). The model's train/eval mode and `config.use_cache` are restored.
 
     Args:
-        model: the model whose forward takes the calibration batches.
-        layers: the layers to prune, as `select_layers(model, config).targets` returns them.
+        model: the model whose forward takes the calibration batches (unused by magnitude).
+        layers: the layers, as `select_layers(model, config).targets` returns them.
         config: criterion, pattern and calibration settings.
-        calibration_data: see `calibration_batches`; a list of batches is used as it is.
+        calibration_data: for "wanda" / "sparsegpt", see `hf_sparse.calibration.calibration_batches`; a list of
+            batches is used as it is.
         device: where statistics and the SparseGPT solve run; default the model's accelerator, else CUDA when
             available, else the CPU.
 
     Example:
 
     ```python
-    >>> masks = calibrated_prune_(model, select_layers(model, config).targets, config, batches)
+    >>> masks = compute_masks(model, select_layers(model, config).targets, config, batches)
     ```
     """
-    from .pruning import local_tensor
-
     if config.criterion not in CALIBRATED_CRITERIA:
-        raise ValueError(f"calibrated_prune_ runs {list(CALIBRATED_CRITERIA)}; got criterion={config.criterion!r}.")
+        return {
+            name: nm_mask(local_tensor(layer.weight, f"{name}.weight"), config.n, config.m, name)
+            for name, layer in layers.items()
+        }
     pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     batches = calibration_batches(calibration_data, config, pad_token_id)
     model_device = next(model.parameters()).device
-    batches = [_model_inputs(model, batch, model_device) for batch in batches]
-    stats_device = _stats_device(model, device)
+    batches = [model_inputs(model, batch, model_device) for batch in batches]
+    on = stats_device(model, device)
     hessian = config.criterion == "sparsegpt"
-    modules = dict(model.named_modules())
     masks: dict[str, torch.Tensor] = {}
-    was_training = model.training
-    model_config = getattr(model, "config", None)
-    use_cache = getattr(model_config, "use_cache", None)
-    model.eval()
-    if use_cache:
-        model_config.use_cache = False  # a KV cache would grow with every block pass
     started = time.perf_counter()
-    try:
-        for block, names in _groups(model, layers):
-            stats = {name: _InputStats(layers[name].in_features, hessian, stats_device) for name in names}
-            token_mask: list[torch.Tensor | None] = [None]
-            handles = []
-            for name in names:
-
-                def record(module, args, kwargs, _stats=stats[name], _mask=token_mask):
-                    x = args[0] if args else kwargs.get("input")
-                    _stats.add(x, _mask[0])
-
-                handles.append(layers[name].register_forward_pre_hook(record, with_kwargs=True))
-            if block is not None:
-
-                def stop(module, args, output):
-                    raise _StopForward
-
-                handles.append(modules[block].register_forward_hook(stop))
-            try:
-                for batch in batches:
-                    mask = batch.get("attention_mask")
-                    token_mask[0] = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-                    try:
-                        model(**batch)
-                    except _StopForward:
-                        pass
-            finally:
-                for handle in handles:
-                    handle.remove()
-            for name in names:
-                if stats[name].tokens == 0:
-                    raise ValueError(
-                        f"{name} saw no calibration tokens: the calibration batches do not reach it (an "
-                        "encoder-decoder needs decoder inputs too), or exclude it with exclude_modules."
-                    )
-                weight = local_tensor(layers[name].weight, f"{name}.weight")
-                if hessian:
-                    mask = sparsegpt_prune_(
-                        weight,
-                        stats[name].hessian,
-                        config.n,
-                        config.m,
-                        config.sparsegpt_damping,
-                        config.sparsegpt_block_size,
-                        name,
-                    )
-                else:
-                    mask = wanda_mask(weight, stats[name].sq_norms, config.n, config.m, name)
-                weight.mul_(mask)
-                masks[name] = mask
-            del stats
-    finally:
-        model.train(was_training)
-        if use_cache:
-            model_config.use_cache = use_cache
+    for stats in block_statistics(model, layers, batches, hessian, on):
+        for name, stat in stats.items():
+            weight = local_tensor(layers[name].weight, f"{name}.weight")
+            if hessian:
+                mask = sparsegpt_prune_(
+                    weight,
+                    stat.hessian,
+                    config.n,
+                    config.m,
+                    config.sparsegpt_damping,
+                    config.sparsegpt_block_size,
+                    name,
+                )
+            else:
+                mask = wanda_mask(weight, stat.sq_norms, config.n, config.m, name)
+            weight.mul_(mask)
+            masks[name] = mask
     logger.info(
         "hf-sparse: %s pruned %d layer(s) with %d calibration batch(es) in %.1fs (statistics on %s).",
         config.criterion,
         len(masks),
         len(batches),
         time.perf_counter() - started,
-        stats_device,
+        on,
     )
     return masks
-
-
-def broadcast_weights_(layers: dict[str, nn.Linear]) -> None:
-    """Copies rank 0's weights of `layers` to every data-parallel rank (after SparseGPT changed them), so that
-    replicas stay identical even if ranks computed from different calibration batches. No-op without
-    `torch.distributed` or for sharded (DTensor) weights, whose ranks hold different rows."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    for layer in layers.values():
-        if type(layer.weight).__name__ == "DTensor" or type(layer.weight.data).__name__ == "DTensor":
-            continue
-        dist.broadcast(layer.weight.data, src=0)

@@ -85,10 +85,10 @@ class DistillationLoss:
     ```python
     >>> import copy
     >>> from transformers import Trainer
-    >>> from hf_sparse import SparsityCallback, distillation_loss
+    >>> from hf_sparse import DistillationLoss, SparsityCallback
     >>> teacher = copy.deepcopy(model)          # dense; SparsityCallback prunes `model` when training starts
     >>> trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[SparsityCallback()],
-    ...                   compute_loss_func=distillation_loss(teacher, model, task_weight=1.0))
+    ...                   compute_loss_func=DistillationLoss(teacher, model, task_weight=1.0))
     ```
     """
 
@@ -263,16 +263,3 @@ class DistillationLoss:
             return flat / num_items_in_batch
         count = (labels != -100).sum().clamp(min=1)
         return flat / count / self.gradient_accumulation_steps
-
-
-def distillation_loss(teacher: nn.Module, student: nn.Module, **kwargs) -> DistillationLoss:
-    """`DistillationLoss(teacher, student, **kwargs)`: a `compute_loss_func` for `transformers.Trainer`.
-
-    Example:
-
-    ```python
-    >>> trainer = Trainer(model=model, args=args, train_dataset=train,
-    ...                   compute_loss_func=distillation_loss(copy.deepcopy(model), model, hidden_weight=1.0))
-    ```
-    """
-    return DistillationLoss(teacher, student, **kwargs)

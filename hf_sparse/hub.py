@@ -92,6 +92,54 @@ def _format_cell(value: Any) -> str:
     return str(value)
 
 
+def _result_rows(metrics: dict[str, dict[str, float]], base_model: str | None, n: int, m: int) -> list[dict]:
+    """The card's results table: one row for the dense model and one for this sparse model, where measured."""
+    unknown = set(metrics) - {"dense", "sparse"}
+    if unknown:
+        raise ValueError(f"metrics keys must be 'dense' and/or 'sparse'; got {sorted(unknown)}.")
+    rows = []
+    for label, key in (
+        (f"dense{f' ({base_model})' if base_model else ''}", "dense"),
+        (f"{n}:{m} sparse (this model)", "sparse"),
+    ):
+        values = {name: _number(f"metrics[{key!r}][{name!r}]", v) for name, v in (metrics.get(key) or {}).items()}
+        if values:
+            rows.append({"label": label, "scores": {_METRIC_NAMES.get(k, k): v for k, v in values.items()}})
+    return rows
+
+
+def _eval_results(sparse_metrics: dict[str, float], task: str | None, dataset: str | None, dataset_name: str | None):
+    """`model-index` entries of the sparse model's metrics. They name a Hub task and a Hub dataset, so local or
+    generated data gets none (the card's table says it all)."""
+    from huggingface_hub import EvalResult
+
+    if not sparse_metrics or task is None or dataset is None:
+        return []
+    return [
+        EvalResult(
+            task_type=task,
+            dataset_type=dataset,
+            dataset_name=dataset_name or dataset,
+            metric_type=name,
+            metric_name=_METRIC_NAMES.get(name, name),
+            metric_value=float(value),
+        )
+        for name, value in sparse_metrics.items()
+    ]
+
+
+def _benchmark_table(benchmark: list[dict[str, Any]] | None, plot) -> tuple[list[str], list[dict[str, str]] | None]:
+    """(columns, rows as strings) of the latency table; checks the plot that goes with it."""
+    if plot is not None and not benchmark:
+        raise ValueError("benchmark_plot was given without the benchmark rows it plots; pass benchmark= too.")
+    if plot is not None and not Path(plot).is_file():
+        raise FileNotFoundError(f"benchmark_plot {plot} does not exist.")
+    if not benchmark:
+        return [], benchmark
+    columns = list(dict.fromkeys(k for row in benchmark for k in row))
+    return columns, [{c: _format_cell(row[c]) if c in row else "" for c in columns} for row in benchmark]
+
+
 def model_card(
     model_or_folder: nn.Module | str | os.PathLike,
     *,
@@ -137,7 +185,7 @@ def model_card(
     >>> card.save("out/README.md")
     ```
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData
 
     from . import __version__
 
@@ -154,42 +202,12 @@ def model_card(
     base_model = base_model or _hub_id(config.get("_name_or_path"))
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else f"{model_class} {n}:{m} sparse")
 
-    rows, eval_results = [], []
     metrics = metrics or {}
-    unknown = set(metrics) - {"dense", "sparse"}
-    if unknown:
-        raise ValueError(f"metrics keys must be 'dense' and/or 'sparse'; got {sorted(unknown)}.")
-    for label, key in (
-        (f"dense{f' ({base_model})' if base_model else ''}", "dense"),
-        (f"{n}:{m} sparse (this model)", "sparse"),
-    ):
-        values = {name: _number(f"metrics[{key!r}][{name!r}]", v) for name, v in (metrics.get(key) or {}).items()}
-        if values:
-            rows.append({"label": label, "scores": {_METRIC_NAMES.get(k, k): v for k, v in values.items()}})
+    rows = _result_rows(metrics, base_model, n, m)
     task = task or next((t for suffix, t in _TASKS.items() if model_class.endswith(suffix)), None)
-    # model-index entries name a Hub task and a Hub dataset; for local or generated data the card's table says it all.
-    if metrics.get("sparse") and task is not None and dataset is not None:
-        for name, value in metrics["sparse"].items():
-            eval_results.append(
-                EvalResult(
-                    task_type=task,
-                    dataset_type=dataset,
-                    dataset_name=dataset_name or dataset,
-                    metric_type=name,
-                    metric_name=_METRIC_NAMES.get(name, name),
-                    metric_value=float(value),
-                )
-            )
+    eval_results = _eval_results(metrics.get("sparse") or {}, task, dataset, dataset_name)
     metric_names = list(dict.fromkeys(k for row in rows for k in row["scores"]))
-
-    benchmark_columns = []
-    if benchmark:
-        benchmark_columns = list(dict.fromkeys(k for row in benchmark for k in row))
-        benchmark = [{c: _format_cell(row[c]) if c in row else "" for c in benchmark_columns} for row in benchmark]
-    if benchmark_plot is not None and not benchmark:
-        raise ValueError("benchmark_plot was given without the benchmark rows it plots; pass benchmark= too.")
-    if benchmark_plot is not None and not Path(benchmark_plot).is_file():
-        raise FileNotFoundError(f"benchmark_plot {benchmark_plot} does not exist.")
+    benchmark_columns, benchmark = _benchmark_table(benchmark, benchmark_plot)
 
     card_data = ModelCardData(
         base_model=base_model,
@@ -315,50 +333,27 @@ def push_to_hub(
     >>> hf_sparse.push_to_hub(trainer, "me/bert-squad-2of4", dataset="rajpurkar/squad", private=True)
     ```
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import HfApi
     from huggingface_hub import constants as hub_constants
 
-    temporary = False
     if hasattr(model_or_folder, "args") and hasattr(model_or_folder, "save_model"):
-        trainer = model_or_folder
-        args = trainer.args
+        args = model_or_folder.args
         repo_id = repo_id or args.hub_model_id
         token = token if token is not None else args.hub_token
         private = private if private is not None else getattr(args, "hub_private_repo", None)
         revision = revision or getattr(args, "hub_revision", None)
-        folder = Path(save_directory or args.output_dir)
-        # _internal_call keeps the Trainer from starting its own push (with its own card) when args.push_to_hub.
-        trainer.save_model(str(folder), _internal_call=True)
-        if compact:
-            save_pretrained(trainer.model, folder, compact=True)
         if not args.should_save:
+            _folder_to_push(model_or_folder, compact, save_directory)  # saving is collective under FSDP
             return None
-    elif isinstance(model_or_folder, (str, os.PathLike)):
-        folder = Path(model_or_folder)
-        if compact:
-            raise ValueError("compact=True applies when saving a model; save the folder with compact=True first.")
-    else:
-        if save_directory is None:
-            folder, temporary = Path(tempfile.mkdtemp(prefix="hf_sparse_push-")), True
-        else:
-            folder = Path(save_directory)
-        save_pretrained(model_or_folder, folder, compact=compact)
     if not repo_id or "/" not in repo_id:
         raise ValueError(f"repo_id must be 'namespace/name' (e.g. 'your-name/bert-squad-2of4'); got {repo_id!r}.")
+    folder, temporary = _folder_to_push(model_or_folder, compact, save_directory)
 
     load_state_dict(folder)  # never upload a checkpoint that hf_sparse.from_pretrained would refuse
     card = model_card(folder, repo_id=repo_id, **card_kwargs)
     api = HfApi(endpoint=endpoint, token=token)
     endpoint = api.endpoint or hub_constants.ENDPOINT
-    operations = [CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode())]
-    plot = card_kwargs.get("benchmark_plot")
-    if plot is not None:
-        operations.append(CommitOperationAdd(path_in_repo=Path(plot).name, path_or_fileobj=str(plot)))
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if not path.is_file() or rel == CARD_NAME or rel.startswith((".", "_", "checkpoint-")) or "/." in rel:
-            continue
-        operations.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)))
+    operations = _commit_operations(folder, card, card_kwargs.get("benchmark_plot"))
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and revision != "main":
@@ -380,3 +375,40 @@ def push_to_hub(
         shutil.rmtree(folder, ignore_errors=True)
     logger.info("hf-sparse: pushed %s to %s", folder, info.commit_url)
     return info
+
+
+def _folder_to_push(model_or_folder, compact: bool, save_directory) -> tuple[Path, bool]:
+    """(folder, whether it is a temporary one) holding the checkpoint to push: a Trainer's final model saved to its
+    output_dir, a model saved to `save_directory` or a temporary folder, or a checkpoint folder as it is."""
+    if hasattr(model_or_folder, "args") and hasattr(model_or_folder, "save_model"):
+        trainer = model_or_folder
+        folder = Path(save_directory or trainer.args.output_dir)
+        # _internal_call keeps the Trainer from starting its own push (with its own card) when args.push_to_hub.
+        trainer.save_model(str(folder), _internal_call=True)
+        if compact:
+            save_pretrained(trainer.model, folder, compact=True)
+        return folder, False
+    if isinstance(model_or_folder, (str, os.PathLike)):
+        if compact:
+            raise ValueError("compact=True applies when saving a model; save the folder with compact=True first.")
+        return Path(model_or_folder), False
+    temporary = save_directory is None
+    folder = Path(tempfile.mkdtemp(prefix="hf_sparse_push-")) if temporary else Path(save_directory)
+    save_pretrained(model_or_folder, folder, compact=compact)
+    return folder, temporary
+
+
+def _commit_operations(folder: Path, card, plot) -> list:
+    """The files of one upload: the rendered card as README.md, the benchmark plot, and the checkpoint's files
+    (hidden files, private files and Trainer checkpoints left out)."""
+    from huggingface_hub import CommitOperationAdd
+
+    operations = [CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode())]
+    if plot is not None:
+        operations.append(CommitOperationAdd(path_in_repo=Path(plot).name, path_or_fileobj=str(plot)))
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if not path.is_file() or rel == CARD_NAME or rel.startswith((".", "_", "checkpoint-")) or "/." in rel:
+            continue
+        operations.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)))
+    return operations

@@ -57,12 +57,29 @@ def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4, name: str = "weight") 
     return nm_mask_from_scores(weight.detach().abs(), n, m, name)
 
 
+def group_counts(nonzero: torch.Tensor) -> torch.Tensor:
+    """Nonzeros per group of a `[groups, m]` boolean tensor. Adding the m columns is several times faster on CPU
+    than `sum(dim=1)`, whose reduction over 4 elements per row dominates checking and saving large models."""
+    columns = nonzero.to(torch.uint8).unbind(dim=1)
+    total = columns[0].clone()
+    for column in columns[1:]:
+        total += column
+    return total
+
+
 @torch.no_grad()
+def groups_over(weight: torch.Tensor, n: int = 2, m: int = 4) -> int:
+    """How many groups of `m` consecutive weights (along the last dimension) hold more than `n` nonzeros; -1 when
+    the last dimension does not split into groups of `m`. The one N:M check: `is_nm` and the checkpoint checks
+    use it."""
+    if weight.dim() < 1 or weight.shape[-1] % m != 0:
+        return -1
+    return int((group_counts(weight.reshape(-1, m) != 0) > n).sum())
+
+
 def is_nm(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
     """True if every group of `m` consecutive weights along the last dimension holds at most `n` nonzeros."""
-    if weight.dim() < 1 or weight.shape[-1] % m != 0:
-        return False
-    return bool(((weight.reshape(-1, m) != 0).sum(dim=1) <= n).all())
+    return groups_over(weight, n, m) == 0
 
 
 @dataclass

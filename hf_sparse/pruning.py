@@ -1,70 +1,14 @@
-"""Computing and applying N:M masks on a model's selected layers, with or without a Trainer."""
+"""Pruning a model to N:M in one shot (`prune_`), and applying masks to its layers."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ._distributed import local_tensor
 from .config import SparsityConfig
-from .criteria import CALIBRATED_CRITERIA, calibrated_prune_
-from .masks import nm_mask
+from .criteria import compute_masks
 from .selection import select_layers
-
-
-def local_tensor(tensor: torch.Tensor, name: str = "weight") -> torch.Tensor:
-    """The part of a (possibly sharded) parameter that this process holds.
-
-    Plain tensors are returned as they are. FSDP2 / tensor-parallel `DTensor`s are returned as their local shard,
-    which is only valid when whole rows are sharded (N:M groups run along the input dimension and must stay whole).
-    """
-    try:
-        from torch.distributed.tensor import DTensor, Shard
-    except ImportError:  # pragma: no cover - torch builds without distributed
-        return tensor
-    if isinstance(tensor, DTensor):
-        for placement in tensor.placements:
-            if isinstance(placement, Shard) and placement.dim != 0:
-                raise NotImplementedError(
-                    f"{name} is sharded along dim {placement.dim}; N:M groups run along the input dimension and "
-                    "need whole rows. Shard linear weights along dim 0 (FSDP2's default) instead."
-                )
-        return tensor.to_local()
-    if hasattr(tensor, "ds_id"):
-        raise NotImplementedError(
-            f"{name} is a DeepSpeed ZeRO-3 partitioned parameter, which hf-sparse does not handle yet; "
-            "use ZeRO stage 1 or 2, DDP, or FSDP2 (fsdp_version: 2)."
-        )
-    if getattr(tensor, "_is_flat_param", False):
-        raise NotImplementedError(
-            f"{name} is an FSDP1 flat parameter, which hf-sparse does not handle; use FSDP2 (fsdp_version: 2)."
-        )
-    return tensor
-
-
-def is_sharded(tensor: torch.Tensor) -> bool:
-    """True for a `DTensor` whose processes hold different parts (FSDP2 / tensor parallel)."""
-    try:
-        from torch.distributed.tensor import DTensor, Shard
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(tensor, DTensor) and any(isinstance(p, Shard) for p in tensor.placements)
-
-
-def compute_masks(layers: dict[str, nn.Linear], config: SparsityConfig) -> dict[str, torch.Tensor]:
-    """Magnitude N:M masks of `layers`' weights (local shards under FSDP2).
-
-    The activation-aware criteria ("wanda", "sparsegpt") need the model and calibration data, and prune as they go
-    (block by block): they live in `hf_sparse.criteria.calibrated_prune_`, which `prune_` calls.
-    """
-    if config.criterion != "magnitude":
-        raise ValueError(
-            f"criterion {config.criterion!r} needs the model and calibration data; use hf_sparse.prune_(model, "
-            "config, calibration_data=...) or hf_sparse.criteria.calibrated_prune_."
-        )
-    return {
-        name: nm_mask(local_tensor(layer.weight, f"{name}.weight"), config.n, config.m, name)
-        for name, layer in layers.items()
-    }
 
 
 @torch.no_grad()
@@ -88,7 +32,7 @@ def prune_(
         config: the pattern, selection and criterion; default `SparsityConfig()` (2:4, magnitude).
         calibration_data: for criterion "wanda" or "sparsegpt": a DataLoader, a tokenized dataset, or a list of
             batches or examples; its first `config.calibration_samples` sequences are run through the model block
-            by block (see `hf_sparse.criteria`). Not used by "magnitude".
+            by block (see `hf_sparse.calibration`). Not used by "magnitude".
         device: where the calibration statistics and the SparseGPT solve run; default the model's GPU, else CUDA
             when available, else the CPU.
 
@@ -104,8 +48,6 @@ def prune_(
     """
     config = config or SparsityConfig()
     layers = select_layers(model, config).targets
-    if config.criterion in CALIBRATED_CRITERIA:
-        return calibrated_prune_(model, layers, config, calibration_data, device)
-    masks = compute_masks(layers, config)
+    masks = compute_masks(model, layers, config, calibration_data, device)
     apply_masks_(layers, masks)
     return masks

@@ -35,11 +35,18 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return False
 
 
-def _in_repeated_block(name: str) -> bool:
-    # Transformer blocks live in an nn.ModuleList, so their modules have a numeric path component
-    # ("bert.encoder.layer.3.output.dense", "model.layers.0.mlp.up_proj"); embeddings, poolers and task
-    # heads ("qa_outputs", "classifier", "lm_head") do not.
-    return any(part.isdigit() for part in name.split(".")[:-1])
+def block_of(name: str) -> str | None:
+    """The repeated (transformer) block a module belongs to, or None: its name up to the first numeric component.
+
+    Transformer blocks live in an `nn.ModuleList`, so their modules have a numeric path component
+    ("bert.encoder.layer.3.output.dense" -> "bert.encoder.layer.3", "model.layers.0.mlp.up_proj" ->
+    "model.layers.0"); embeddings, poolers and task heads ("qa_outputs", "classifier", "lm_head") do not.
+    """
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return None
 
 
 def _head_names(model: nn.Module) -> set[int]:
@@ -71,7 +78,7 @@ def select_layers(model: nn.Module, config: SparsityConfig) -> Selection:
     named = [(name, module) for name, module in model.named_modules() if name]
     for name, module in named:
         if config.target_modules is None:
-            if not isinstance(module, nn.Linear) or not _in_repeated_block(name) or id(module) in heads:
+            if not isinstance(module, nn.Linear) or block_of(name) is None or id(module) in heads:
                 continue
         elif not _matches(name, config.target_modules):
             continue

@@ -5,11 +5,12 @@ kernels and time dense against 2:4, then write a report, plots and a model card.
     python recipes/squad_24.py                                  # offline default: small BERT, synthetic SQuAD data
     accelerate launch recipes/squad_24.py                       # the same on every process accelerate starts
     accelerate launch recipes/squad_24.py --preset tutorial     # bert-base-cased on SQuAD v1.1 (needs the Hub)
-    python recipes/squad_24.py recipes/tutorial.yaml            # any of the arguments below from a YAML/JSON file
+    python recipes/squad_24.py recipes/tutorial.yaml            # the same from a YAML/JSON file of arguments
     python recipes/squad_24.py --model_name_or_path ./my-bert --train_file train.json --validation_file dev.json
 
 Arguments: `RecipeArguments` and `hf_sparse.SparsityConfig` below, and every `transformers.TrainingArguments`
-(the dense and the recovery fine-tuning share them, as in the tutorial). `--output_dir` receives `dense/` and
+(the dense and the recovery fine-tuning share them, as in the tutorial). Defaults come from `recipes/offline.yaml`,
+or from the preset or config file given; explicit flags override them. `--output_dir` receives `dense/` and
 `sparse/` (checkpoints with model cards), `report.json`, `report.md` and plots. A run that stops in any stage
 continues where it stopped when started again with the same `--output_dir`.
 """
@@ -24,9 +25,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
+import yaml
 from transformers import (
     AutoModelForQuestionAnswering,
     AutoTokenizer,
@@ -39,50 +42,17 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 import hf_sparse
-from hf_sparse.report import environment, load_report, save_report
+import hf_sparse.squad
+from hf_sparse import run_report
+from hf_sparse.calibration import calibration_sample
+from hf_sparse.inference import semi_structured_support
 
 logger = logging.getLogger("squad_24")
 
-# The embedded default: small enough to finish on a 2-core CPU in a few minutes, learnable enough that the F1 of
-# each stage means something.
-OFFLINE_DEFAULTS = dict(
-    output_dir="runs/squad_24",
-    learning_rate=3e-3,
-    weight_decay=0.1,
-    warmup_steps=50,
-    max_steps=1200,
-    recovery_max_steps=300,
-    per_device_train_batch_size=32,
-    per_device_eval_batch_size=128,
-    logging_steps=50,
-    save_steps=200,
-    save_total_limit=1,
-    report_to="none",
-    seed=0,
-)
-PRESETS = {
-    # PyTorch's tutorial: bert-base-cased, SQuAD v1.1, seq 384, 1 epoch, batch 64 / 512, constant lr, fp16 eval.
-    "tutorial": dict(
-        model_name_or_path="bert-base-cased",
-        dataset_name="squad",
-        max_seq_length=384,
-        doc_stride=128,
-        output_dir="runs/squad_24_tutorial",
-        num_train_epochs=1,
-        max_steps=-1,
-        learning_rate=3e-5,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        per_device_train_batch_size=64,
-        per_device_eval_batch_size=512,
-        timing_batch_sizes=[4, 16, 64, 256],
-        logging_steps=100,
-        save_steps=500,
-        save_total_limit=2,
-        report_to="none",
-        seed=0,
-    ),
-}
+HERE = Path(__file__).resolve().parent
+OFFLINE_DEFAULTS = HERE / "offline.yaml"
+PRESETS = {"tutorial": HERE / "tutorial.yaml"}
+"""Presets of defaults: YAML files of arguments beside this recipe."""
 
 
 @dataclass
@@ -93,9 +63,10 @@ class RecipeArguments:
     preset: str | None = field(
         default=None,
         metadata={
-            "help": f"Preset of defaults: {', '.join(PRESETS)}. 'tutorial' is PyTorch's 2:4 BERT tutorial "
-            "(bert-base-cased, SQuAD v1.1, needs the Hub). Without a preset: the offline default, a small BERT "
-            "trained from scratch on synthetic SQuAD-format data. Explicit arguments override the preset."
+            "help": "Preset of defaults, a YAML file beside this recipe: 'tutorial' (recipes/tutorial.yaml) is "
+            "PyTorch's 2:4 BERT tutorial (bert-base-cased, SQuAD v1.1, needs the Hub). Without a preset: "
+            "recipes/offline.yaml, a small BERT trained from scratch on synthetic SQuAD-format data. Explicit "
+            "arguments override the preset."
         },
     )
     model_name_or_path: str | None = field(
@@ -157,27 +128,35 @@ class RecipeArguments:
     )
 
 
+def _read_config(path: Path) -> dict:
+    with open(path) as f:
+        values = yaml.safe_load(f) if path.suffix in (".yaml", ".yml") else __import__("json").load(f)
+    if not isinstance(values, dict):
+        raise SystemExit(f"{path}: a config file holds one mapping of argument names to values.")
+    if "preset" in values:
+        raise SystemExit(f"{path}: 'preset' cannot be used in a config file; write the values out instead.")
+    return values
+
+
 def parse_args(argv: list[str] | None = None):
-    """Parses `RecipeArguments`, `SparsityConfig` and `TrainingArguments` from the command line or one YAML/JSON
-    file, with the defaults of the chosen preset (or of the offline default)."""
+    """Parses `RecipeArguments`, `SparsityConfig` and `TrainingArguments`: defaults from `recipes/offline.yaml`,
+    from `--preset NAME`, or from a YAML/JSON file given first; then the command-line flags over them."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((RecipeArguments, hf_sparse.SparsityConfig, TrainingArguments))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        path = os.path.abspath(argv[0])
-        values = parser.parse_yaml_file(path) if path.endswith(("yaml", "yml")) else parser.parse_json_file(path)
-        recipe = values[0]
-        if recipe.preset is not None:
-            raise ValueError(f"{argv[0]}: 'preset' cannot be used in a config file; write the values out instead.")
-        return values
+    defaults = OFFLINE_DEFAULTS
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        defaults = Path(argv.pop(0)).resolve()
     preset = None
     if "--preset" in argv:
         i = argv.index("--preset")
         preset = argv[i + 1] if i + 1 < len(argv) else None
     elif any(a.startswith("--preset=") for a in argv):
         preset = next(a for a in argv if a.startswith("--preset=")).split("=", 1)[1]
-    if preset is not None and preset not in PRESETS:
-        raise SystemExit(f"--preset {preset!r} is unknown; choose one of {list(PRESETS)} or leave it out.")
-    parser.set_defaults(**(PRESETS[preset] if preset else OFFLINE_DEFAULTS))
+    if preset is not None:
+        if preset not in PRESETS:
+            raise SystemExit(f"--preset {preset!r} is unknown; choose one of {list(PRESETS)} or leave it out.")
+        defaults = PRESETS[preset]
+    parser.set_defaults(**_read_config(defaults))
     return parser.parse_args_into_dataclasses(argv)
 
 
@@ -236,16 +215,19 @@ def load_data(args: RecipeArguments):
     if args.train_file or args.validation_file:
         if not (args.train_file and args.validation_file):
             raise SystemExit("Pass both --train_file and --validation_file (local SQuAD-format JSON files).")
-        train, validation = hf_sparse.read_squad_json(args.train_file), hf_sparse.read_squad_json(args.validation_file)
+        train, validation = (
+            hf_sparse.squad.read_squad_json(args.train_file),
+            hf_sparse.squad.read_squad_json(args.validation_file),
+        )
     elif args.dataset_name == "synthetic":
-        from hf_sparse.data import squad_records
+        from hf_sparse.squad.data import squad_records
 
         facts = args.synthetic_facts_per_paragraph
-        train = squad_records(hf_sparse.synthetic_squad(args.synthetic_train_paragraphs, facts, seed=0))
-        validation = squad_records(hf_sparse.synthetic_squad(args.synthetic_eval_paragraphs, facts, seed=1))
+        train = squad_records(hf_sparse.squad.synthetic_squad(args.synthetic_train_paragraphs, facts, seed=0))
+        validation = squad_records(hf_sparse.squad.synthetic_squad(args.synthetic_eval_paragraphs, facts, seed=1))
     else:
-        train = hf_sparse.load_squad(args.dataset_name, split="train")
-        validation = hf_sparse.load_squad(args.dataset_name, split="validation")
+        train = hf_sparse.squad.load_squad(args.dataset_name, split="train")
+        validation = hf_sparse.squad.load_squad(args.dataset_name, split="validation")
     if args.max_train_samples is not None:
         train = (
             train[: args.max_train_samples] if isinstance(train, list) else train.select(range(args.max_train_samples))
@@ -262,7 +244,7 @@ def load_data(args: RecipeArguments):
 def load_tokenizer(args: RecipeArguments):
     name = args.dense_model_name_or_path or args.model_name_or_path
     if name is None:
-        return hf_sparse.synthetic_tokenizer()
+        return hf_sparse.squad.synthetic_tokenizer()
     return AutoTokenizer.from_pretrained(name)
 
 
@@ -283,50 +265,240 @@ def new_model(args: RecipeArguments, tokenizer):
     return BertForQuestionAnswering(config)
 
 
-# -- stages --------------------------------------------------------------------------------------------------------
+# -- one run -------------------------------------------------------------------------------------------------------
 
 
-def stage_args(training_args: TrainingArguments, output_dir: Path) -> TrainingArguments:
-    # The recipe pushes the sparse model itself, with its card; the stage trainers never push.
-    return dataclasses.replace(training_args, output_dir=str(output_dir), push_to_hub=False)
+@dataclass
+class Run:
+    """What every stage reads: the arguments, the tokenized data, and the report it adds to."""
+
+    args: RecipeArguments
+    sparsity: hf_sparse.SparsityConfig
+    training_args: TrainingArguments
+    report: dict
+    tokenizer: Any
+    examples: tuple[Any, Any]  # (train, evaluation) questions
+    features: tuple[Any, Any]  # (train, evaluation) tokenized features
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.training_args.output_dir)
+
+    @property
+    def main_process(self) -> bool:
+        return self.training_args.process_index == 0
+
+    def done(self, stage: str, key: str = "f1") -> bool:
+        return key in self.report["stages"].get(stage, {})
+
+    def record(self, stage: str, values: dict) -> None:
+        """Adds `values` to the report's `stage` and saves it (main process), then waits for every process."""
+        self.report["stages"][stage] = {**self.report["stages"].get(stage, {}), **values}
+        if self.main_process:
+            run_report.save_report(self.report, self.output_dir)
+        self.barrier()
+
+    def barrier(self) -> None:
+        if self.training_args.world_size > 1:
+            torch.distributed.barrier()
+
+    def stage_args(self, **changes) -> TrainingArguments:
+        # The recipe pushes the sparse model itself, with its card; the stage trainers never push.
+        return dataclasses.replace(self.training_args, push_to_hub=False, **changes)
+
+    def evaluate(self, model) -> dict:
+        fp16 = self.args.fp16_eval and torch.cuda.is_available()
+        if fp16 and next(model.parameters()).dtype != torch.float16:
+            # A half-precision copy: the Trainer's fp16_full_eval would cast the model itself, which trains on.
+            model = copy.deepcopy(model).to(device=self.training_args.device, dtype=torch.float16)
+        examples, features = self.examples[1], self.features[1]
+        trainer = Trainer(
+            model=model,
+            args=self.stage_args(output_dir=str(self.output_dir / "eval")),
+            eval_dataset=features,
+            compute_metrics=hf_sparse.squad.squad_compute_metrics(
+                examples, features, version_2_with_negative=self.args.version_2_with_negative
+            ),
+        )
+        result = {key.removeprefix("eval_"): value for key, value in trainer.evaluate().items()}
+        result["eval_dtype"] = "fp16" if fp16 else str(next(model.parameters()).dtype).removeprefix("torch.")
+        return result
+
+    def train(self, model, name: str, callbacks=(), compute_loss_func=None, **changes) -> tuple[Trainer, dict]:
+        """Trains `model` in `output_dir/name`, resuming from its last checkpoint there if a run was interrupted."""
+        output_dir = self.output_dir / name
+        trainer = Trainer(
+            model=model,
+            args=self.stage_args(output_dir=str(output_dir), **changes),
+            train_dataset=self.features[0],
+            callbacks=list(callbacks),
+            compute_loss_func=compute_loss_func,
+        )
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last:
+            logger.info("Resuming %s from %s", name, last)
+        return trainer, trainer.train(resume_from_checkpoint=last).metrics
+
+    def save(self, trainer: Trainer, folder: Path) -> None:
+        trainer.save_model(str(folder))  # every process: FSDP gathers the weights
+        if self.main_process:
+            self.tokenizer.save_pretrained(folder)
 
 
-def evaluate(model, args: RecipeArguments, training_args, output_dir: Path, features, examples) -> dict:
-    fp16 = args.fp16_eval and torch.cuda.is_available()
-    if fp16 and next(model.parameters()).dtype != torch.float16:
-        # A half-precision copy: the Trainer's fp16_full_eval would cast the model itself, which trains on after.
-        model = copy.deepcopy(model).to(device=training_args.device, dtype=torch.float16)
-    trainer = Trainer(
-        model=model,
-        args=stage_args(training_args, output_dir),
-        eval_dataset=features,
-        compute_metrics=hf_sparse.squad_compute_metrics(
-            examples, features, version_2_with_negative=args.version_2_with_negative
-        ),
+def prepare(args: RecipeArguments, sparsity, training_args: TrainingArguments) -> Run:
+    """Checks the sources, reads and tokenizes the data, and opens the report (an earlier run's, if any)."""
+    check_sources(args)
+    report = run_report.load_report(Path(training_args.output_dir) / "report.json")
+    report.update(
+        title=f"2:4 sparsity, {_data_name(args)}",
+        command=hf_sparse.hub.current_command(),
+        environment=run_report.environment(),
+        arguments={"recipe": dataclasses.asdict(args), "sparsity": sparsity.to_dict()},
     )
-    metrics = trainer.evaluate()
-    result = {key.removeprefix("eval_"): value for key, value in metrics.items()}
-    result["eval_dtype"] = "fp16" if fp16 else str(next(model.parameters()).dtype).removeprefix("torch.")
-    return result
+    tokenizer = load_tokenizer(args)
+    train_examples, eval_examples = load_data(args)
+    with training_args.main_process_first(desc="tokenizing"):
+        kw = dict(max_length=args.max_seq_length, doc_stride=args.doc_stride)
+        train_features = hf_sparse.squad.tokenize_squad(train_examples, tokenizer, train=True, **kw)
+        eval_features = hf_sparse.squad.tokenize_squad(eval_examples, tokenizer, train=False, **kw)
+    report["data"] = {
+        "train_questions": len(train_examples),
+        "train_features": len(train_features),
+        "eval_questions": len(eval_examples),
+        "eval_features": len(eval_features),
+    }
+    return Run(args, sparsity, training_args, report, tokenizer, (train_examples, eval_examples),
+               (train_features, eval_features))  # fmt: skip
 
 
-def train(model, training_args, output_dir: Path, train_features, callbacks=(), compute_loss_func=None):
-    trainer = Trainer(
-        model=model,
-        args=stage_args(training_args, output_dir),
-        train_dataset=train_features,
-        callbacks=list(callbacks),
-        compute_loss_func=compute_loss_func,
-    )
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    if last:
-        logger.info("Resuming %s from %s", output_dir.name, last)
-    result = trainer.train(resume_from_checkpoint=last)
-    return trainer, result.metrics
+# -- the stages ----------------------------------------------------------------------------------------------------
+
+
+def fine_tune_dense(run: Run):
+    """1. Dense fine-tuning (or a given fine-tuned model)."""
+    dense_dir = run.output_dir / "dense"
+    if run.args.dense_model_name_or_path:
+        dense = AutoModelForQuestionAnswering.from_pretrained(run.args.dense_model_name_or_path)
+        run.report["skipped"]["dense fine-tuning"] = f"started from {run.args.dense_model_name_or_path}"
+    elif (dense_dir / "config.json").is_file() and run.done("dense", "train_seconds"):
+        logger.info("Dense model already fine-tuned in %s; skipping that stage.", dense_dir)
+        dense = AutoModelForQuestionAnswering.from_pretrained(dense_dir)
+    else:
+        torch.manual_seed(run.training_args.seed)
+        dense = new_model(run.args, run.tokenizer)
+        start = time.perf_counter()
+        trainer, metrics = run.train(dense, "dense-training")
+        run.save(trainer, dense_dir)
+        run.record("dense", {"train_seconds": time.perf_counter() - start, "train_loss": metrics.get("train_loss")})
+    if not run.done("dense"):
+        run.record("dense", run.evaluate(dense))
+    return dense
+
+
+def prune_zero_shot(run: Run, dense):
+    """2. Zero-shot: prune a copy of the dense model and evaluate it without training."""
+    pruned = copy.deepcopy(dense)
+    calibration = None
+    if run.sparsity.criterion != "magnitude":
+        calibration = calibration_sample(run.features[0], run.sparsity, seed=run.training_args.seed)
+    masks = hf_sparse.prune_(pruned, run.sparsity, calibration_data=calibration)
+    if not run.done("pruned"):
+        values = run.evaluate(pruned)
+        rows = hf_sparse.sparsity_report(pruned, run.sparsity.n, run.sparsity.m, layers=list(masks))
+        values["sparsity"], values["layers"] = hf_sparse.masks.total_sparsity(rows), len(masks)
+        run.record("pruned", values)
+    return pruned, masks
+
+
+def recover(run: Run, dense, pruned, masks):
+    """3. Recovery: fine-tune the pruned model with its masks held exactly (the masks of the weights' nonzeros)."""
+    sparse_dir = run.output_dir / "sparse"
+    if (sparse_dir / "config.json").is_file() and run.done("sparse", "train_seconds"):
+        logger.info("Sparse model already recovered in %s; skipping that stage.", sparse_dir)
+        sparse = AutoModelForQuestionAnswering.from_pretrained(sparse_dir)
+    else:
+        recovery = dataclasses.replace(run.sparsity, criterion="magnitude")
+        loss = hf_sparse.DistillationLoss(dense, pruned, task_weight=1.0) if run.args.distill else None
+        steps = {} if run.args.recovery_max_steps is None else {"max_steps": run.args.recovery_max_steps}
+        start = time.perf_counter()
+        trainer, metrics = run.train(
+            pruned, "sparse-training", [hf_sparse.SparsityCallback(recovery)], compute_loss_func=loss, **steps
+        )
+        sparse = pruned
+        run.save(trainer, sparse_dir)
+        run.record("sparse", {"train_seconds": time.perf_counter() - start, "train_loss": metrics.get("train_loss"),
+                              "distilled": run.args.distill})  # fmt: skip
+    if not run.done("sparse"):
+        values = run.evaluate(sparse)
+        rows = hf_sparse.sparsity_report(sparse, run.sparsity.n, run.sparsity.m, layers=list(masks))
+        values["sparsity"] = hf_sparse.masks.total_sparsity(rows)
+        values["all_layers_exact"] = all(r.is_nm for r in rows)
+        run.record("sparse", values)
+    return sparse
+
+
+def swap_and_time(run: Run, sparse) -> None:
+    """4. GPU only: swap to sparse kernels, evaluate on them, and time dense against 2:4 (same process, same
+    execution mode: CUDA graphs for both)."""
+    problem = semi_structured_support("cuda", torch.float16)
+    if problem:
+        run.report["skipped"]["swap and timing"] = problem
+        return
+    from hf_sparse.inference import benchmark
+
+    # Evaluate on the sparse kernels: the answers must match the masked dense model's (fp16 rounding aside).
+    if not run.done("swapped"):
+        swapped = copy.deepcopy(sparse).to(device=run.training_args.device, dtype=torch.float16).eval()
+        tokens = [run.training_args.per_device_eval_batch_size * run.args.max_seq_length]
+        swap = hf_sparse.swap_to_semi_structured_(swapped, token_counts=tokens)
+        values = run.evaluate(swapped)
+        values["layers"] = {status: sum(1 for r in swap if r.status == status) for status in {r.status for r in swap}}
+        run.record("swapped", values)
+        del swapped
+    if run.main_process and "timing" not in run.report:
+        seq_len = min(run.args.timing_sequence_length, sparse.config.max_position_embeddings)
+        if seq_len < run.args.timing_sequence_length:
+            logger.warning("Timing at sequence length %d, the model's max_position_embeddings.", seq_len)
+        options = benchmark.options(
+            model=str(run.output_dir / "sparse"), seq_len=seq_len, variants=["dense", "2:4"],
+            batch_sizes=run.args.timing_batch_sizes, tune_seconds=run.args.timing_tune_seconds,
+            output_dir=str(run.output_dir),
+        )  # fmt: skip
+        result = benchmark.run(options)
+        benchmark.plot(result, run.output_dir / "latency.png")
+        run.report["timing"] = run_report.timing_from_benchmark(result, seq_len)
+        run_report.save_report(run.report, run.output_dir)
+    run.barrier()
+
+
+def write_card_and_push(run: Run) -> None:
+    """5. The model card of the sparse model, and the push (main process)."""
+    if not run.main_process:
+        return
+    run_report.save_report(run.report, run.output_dir)
+    sparse_dir = run.output_dir / "sparse"
+    card = run_report.card_kwargs(run.report, run.output_dir)
+    hf_sparse.hub.write_model_card(sparse_dir, **card)
+    args = run.training_args
+    if args.push_to_hub:
+        hf_sparse.push_to_hub(sparse_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo,
+                              revision=getattr(args, "hub_revision", None), **card)  # fmt: skip
+    print((run.output_dir / "report.md").read_text())
 
 
 def main(argv: list[str] | None = None) -> dict:
     args, sparsity, training_args = parse_args(argv)
+    _set_up_logging(training_args)
+    run = prepare(args, sparsity, training_args)
+    dense = fine_tune_dense(run)
+    pruned, masks = prune_zero_shot(run, dense)
+    sparse = recover(run, dense, pruned, masks)
+    swap_and_time(run, sparse)
+    write_card_and_push(run)
+    return run.report
+
+
+def _set_up_logging(training_args: TrainingArguments) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     # The recipe's and the library's progress at INFO on the main process; --log_level also sets transformers'.
     log_level = training_args.get_process_log_level()
@@ -335,214 +507,12 @@ def main(argv: list[str] | None = None) -> dict:
         log_level = logging.INFO
     for name in ("squad_24", "hf_sparse"):
         logging.getLogger(name).setLevel(log_level)
-    main_process = training_args.process_index == 0
-
-    check_sources(args)
-    output_dir = Path(training_args.output_dir)
-    report = load_report(output_dir / "report.json")
-    report.update(
-        title=f"2:4 sparsity, {_data_name(args)}",
-        command=hf_sparse.hub.current_command(),
-        environment=environment(),
-        arguments={"recipe": dataclasses.asdict(args), "sparsity": sparsity.to_dict()},
-    )
-
-    tokenizer = load_tokenizer(args)
-    train_examples, eval_examples = load_data(args)
-    with training_args.main_process_first(desc="tokenizing"):
-        kw = dict(max_length=args.max_seq_length, doc_stride=args.doc_stride)
-        train_features = hf_sparse.tokenize_squad(train_examples, tokenizer, train=True, **kw)
-        eval_features = hf_sparse.tokenize_squad(eval_examples, tokenizer, train=False, **kw)
-    report["data"] = {
-        "train_questions": len(train_examples),
-        "train_features": len(train_features),
-        "eval_questions": len(eval_examples),
-        "eval_features": len(eval_features),
-    }
-
-    def record(stage: str, values: dict) -> None:
-        report["stages"][stage] = {**report["stages"].get(stage, {}), **values}
-        if main_process:
-            save_report(report, output_dir)
-        _barrier(training_args)
-
-    # 1. Dense fine-tuning (or a given fine-tuned model).
-    dense_dir = output_dir / "dense"
-    if args.dense_model_name_or_path:
-        dense = AutoModelForQuestionAnswering.from_pretrained(args.dense_model_name_or_path)
-        report["skipped"]["dense fine-tuning"] = f"started from {args.dense_model_name_or_path}"
-    elif (dense_dir / "config.json").is_file() and "dense" in report["stages"]:
-        logger.info("Dense model already fine-tuned in %s; skipping that stage.", dense_dir)
-        dense = AutoModelForQuestionAnswering.from_pretrained(dense_dir)
-    else:
-        torch.manual_seed(training_args.seed)
-        dense = new_model(args, tokenizer)
-        start = time.perf_counter()
-        trainer, metrics = train(dense, training_args, output_dir / "dense-training", train_features)
-        trainer.save_model(str(dense_dir))  # every process: FSDP gathers the weights
-        if main_process:
-            tokenizer.save_pretrained(dense_dir)
-        record("dense", {"train_seconds": time.perf_counter() - start, "train_loss": metrics.get("train_loss")})
-    if "f1" not in report["stages"].get("dense", {}):
-        record("dense", evaluate(dense, args, training_args, output_dir / "eval", eval_features, eval_examples))
-
-    # 2. Zero-shot: prune the dense model and evaluate it without training.
-    sparse_dir = output_dir / "sparse"
-    pruned = copy.deepcopy(dense)
-    calibration = None
-    if sparsity.criterion != "magnitude":
-        calibration = [train_features[i] for i in range(min(len(train_features), 128))]
-    masks = hf_sparse.prune_(pruned, sparsity, calibration_data=calibration)
-    if "f1" not in report["stages"].get("pruned", {}):
-        values = evaluate(pruned, args, training_args, output_dir / "eval", eval_features, eval_examples)
-        rows = hf_sparse.sparsity_report(pruned, sparsity.n, sparsity.m, layers=list(masks))
-        values["sparsity"], values["layers"] = hf_sparse.total_sparsity(rows), len(masks)
-        record("pruned", values)
-
-    # 3. Recovery: fine-tune the pruned model with its masks held exactly (the masks of the weights' nonzeros).
-    if (sparse_dir / "config.json").is_file() and "sparse" in report["stages"]:
-        logger.info("Sparse model already recovered in %s; skipping that stage.", sparse_dir)
-        sparse = AutoModelForQuestionAnswering.from_pretrained(sparse_dir)
-    else:
-        recovery = dataclasses.replace(sparsity, criterion="magnitude")
-        loss = hf_sparse.distillation_loss(dense, pruned, task_weight=1.0) if args.distill else None
-        start = time.perf_counter()
-        recovery_args = training_args
-        if args.recovery_max_steps is not None:
-            recovery_args = dataclasses.replace(training_args, max_steps=args.recovery_max_steps)
-        trainer, metrics = train(
-            pruned,
-            recovery_args,
-            output_dir / "sparse-training",
-            train_features,
-            callbacks=[hf_sparse.SparsityCallback(recovery)],
-            compute_loss_func=loss,
-        )
-        sparse = pruned
-        trainer.save_model(str(sparse_dir))
-        if main_process:
-            tokenizer.save_pretrained(sparse_dir)
-        record("sparse", {"train_seconds": time.perf_counter() - start, "train_loss": metrics.get("train_loss"),
-                          "distilled": args.distill})  # fmt: skip
-    if "f1" not in report["stages"].get("sparse", {}):
-        values = evaluate(sparse, args, training_args, output_dir / "eval", eval_features, eval_examples)
-        report_rows = hf_sparse.sparsity_report(sparse, sparsity.n, sparsity.m, layers=list(masks))
-        values["sparsity"] = hf_sparse.total_sparsity(report_rows)
-        values["all_layers_exact"] = all(r.is_nm for r in report_rows)
-        record("sparse", values)
-
-    # 4. GPU only: swap to sparse kernels, evaluate on them, and time dense against 2:4.
-    gpu_problem = _gpu_problem()
-    if gpu_problem:
-        report["skipped"]["swap and timing"] = gpu_problem
-    else:
-        _swap_and_time(args, training_args, report, record, sparse, output_dir, eval_features, eval_examples)
-
-    # 5. The model card, and the push.
-    if main_process:
-        save_report(report, output_dir)
-        card = _card_kwargs(args, report, output_dir)
-        hf_sparse.write_model_card(sparse_dir, **card)
-        if training_args.push_to_hub:
-            hf_sparse.push_to_hub(
-                sparse_dir,
-                training_args.hub_model_id,
-                token=training_args.hub_token,
-                private=training_args.hub_private_repo,
-                revision=getattr(training_args, "hub_revision", None),
-                **card,
-            )
-        print((output_dir / "report.md").read_text())
-    return report
 
 
 def _data_name(args: RecipeArguments) -> str:
     if args.train_file:
         return Path(args.validation_file).name
     return "synthetic SQuAD-format facts" if args.dataset_name == "synthetic" else args.dataset_name
-
-
-def _barrier(training_args) -> None:
-    """Waits for every process (after the main one wrote files the others read)."""
-    if training_args.world_size > 1:
-        torch.distributed.barrier()
-
-
-def _gpu_problem() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA GPU: the sparse kernels (cuSPARSELt) and the timing need one"
-    major, minor = torch.cuda.get_device_capability()
-    if major < 8:
-        return f"the GPU has compute capability {major}.{minor}; 2:4 sparse kernels need 8.0 or newer"
-    return None
-
-
-def _swap_and_time(args, training_args, report, record, sparse, output_dir, eval_features, eval_examples):
-    from hf_sparse import bench
-
-    # Evaluate on the sparse kernels: the answers must match the masked dense model's (fp16 rounding aside).
-    if "f1" not in report["stages"].get("swapped", {}):
-        swapped = copy.deepcopy(sparse).to(device=training_args.device, dtype=torch.float16).eval()
-        tokens = [training_args.per_device_eval_batch_size * args.max_seq_length]
-        swap = hf_sparse.swap_to_semi_structured_(swapped, token_counts=tokens)
-        values = evaluate(swapped, args, training_args, output_dir / "eval", eval_features, eval_examples)
-        values["layers"] = {status: sum(1 for r in swap if r.status == status) for status in {r.status for r in swap}}
-        record("swapped", values)
-        del swapped
-    # Time dense against 2:4 on the same model, same process, same execution mode (CUDA graphs for both).
-    if training_args.process_index == 0 and "timing" not in report:
-        seq_len = min(args.timing_sequence_length, sparse.config.max_position_embeddings)
-        if seq_len < args.timing_sequence_length:
-            logger.warning("Timing at sequence length %d, the model's max_position_embeddings.", seq_len)
-        bench_args = bench.parse_args(
-            ["--model", str(output_dir / "sparse"), "--seq-len", str(seq_len),
-             "--variants", "dense", "2:4", "--output-dir", str(output_dir),
-             "--tune-seconds", str(args.timing_tune_seconds), "--batch-sizes"]
-            + [str(b) for b in args.timing_batch_sizes]
-        )  # fmt: skip
-        result = bench.run(bench_args)
-        bench.plot(result, output_dir / "latency.png")
-        report["timing"] = {
-            "description": f"{result['device']}, fp16, sequence length {seq_len}, both models "
-            f"fused q/k/v and run through CUDA graphs; median of CUDA-event timings (hf_sparse.bench).",
-            "rows": [
-                {"batch_size": r["batch"], "dense_ms": r["dense"]["ms"], "sparse_ms": r["2:4"]["ms"],
-                 "speedup": r["2:4"]["speedup"]}
-                for r in result["rows"] if r.get("2:4")
-            ],
-            "weight_memory_ratio": result["memory"].get("2:4", {}).get("ratio"),
-            "bench": result,
-        }  # fmt: skip
-        save_report(report, output_dir)
-    _barrier(training_args)
-
-
-def _card_kwargs(args: RecipeArguments, report: dict, output_dir: Path) -> dict:
-    stages = report["stages"]
-    metrics = {}
-    for stage, key in (("dense", "dense"), ("sparse", "sparse")):
-        if "f1" in stages.get(stage, {}):
-            metrics[key] = {"exact_match": stages[stage]["exact_match"], "f1": stages[stage]["f1"]}
-    card = dict(metrics=metrics, command=report["command"])
-    if args.dataset_name != "synthetic" and not args.train_file:
-        card["dataset"] = args.dataset_name
-    else:
-        card["dataset_name"] = "synthetic SQuAD-format facts (hf_sparse.synthetic_squad)" if not args.train_file else (
-            Path(args.validation_file).name
-        )  # fmt: skip
-    if args.model_name_or_path and _on_hub(args.model_name_or_path):
-        card["base_model"] = args.model_name_or_path
-    timing = report.get("timing")
-    if timing:
-        card["benchmark"] = [
-            {"batch size": r["batch_size"], "dense (ms)": round(r["dense_ms"], 3), "2:4 (ms)": round(r["sparse_ms"], 3),
-             "speed-up": f"{r['speedup']:.2f}x"}
-            for r in timing["rows"]
-        ]  # fmt: skip
-        card["benchmark_description"] = timing.get("description")
-        if (output_dir / "latency.png").is_file():
-            card["benchmark_plot"] = str(output_dir / "latency.png")
-    return card
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@ import json
 import pytest
 import torch
 
-from hf_sparse.autotune import (
+from hf_sparse.inference.autotune import (
     CACHE_ENV,
     Autotuner,
     GemmChoice,
+    Plan,
     default_cache_path,
     format_device_key,
     gemm_key,
@@ -29,7 +30,7 @@ class FakeTimings(Autotuner):
     def measure(self, out_features, in_features, dtype, bias, tokens, device):
         self.calls.append((out_features, in_features, tokens))
         sparse_ms = 1.0 if tokens >= self.sparse_from else 1.5
-        return GemmChoice("sparse" if sparse_ms < 1.2 else "dense", 3, 1, -1, 1.2, sparse_ms, tokens, 7)
+        return GemmChoice("sparse" if sparse_ms < 1.2 else "dense", Plan("sparse", 3), 1.2, sparse_ms, tokens, 7)
 
 
 def test_token_bucket_is_next_power_of_two():

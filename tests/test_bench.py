@@ -1,6 +1,6 @@
 import pytest
 
-from hf_sparse.bench import VARIANTS, format_table, parse_args
+from hf_sparse.inference.benchmark import VARIANTS, format_table, parse_args
 
 
 def test_defaults_are_the_issue_benchmark():

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForQuestionAnswering, Trainer, TrainerCallback, TrainingArguments
 
-from hf_sparse import SparsityCallback, SparsityConfig, is_nm, select_layers
+from hf_sparse import SparsityCallback, SparsityConfig, select_layers
 from hf_sparse.callback import MASKS_NAME
+from hf_sparse.masks import is_nm
 from tests.conftest import REPO, RandomQADataset, subprocess_env
 
 TARGETS = [f"bert.encoder.layer.{i}.{p}" for i in range(2) for p in (
@@ -268,7 +269,7 @@ def test_exact_2_4_through_mixed_precision_training_on_gpu(tmp_path, tiny_qa_mod
 
 @needs_cuda
 def test_bert_large_masks_take_well_under_a_second_on_gpu():
-    from hf_sparse.benchmarks.callback_overhead import time_masks
+    from benchmarks.callback_overhead import time_masks
 
     seconds = time_masks(1024, 24, torch.device("cuda"))
     print(f"BERT-large 2:4 masks on {torch.cuda.get_device_name()}: {seconds:.4f} s")

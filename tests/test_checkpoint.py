@@ -79,7 +79,7 @@ def test_trainer_checkpoint_loads_with_plain_from_pretrained(trained):
         saved = loaded.get_submodule(name).weight
         assert torch.equal(saved, model.get_submodule(name).weight)
         assert int((saved == 0).sum()) == saved.numel() // 2
-        assert hf_sparse.is_nm(saved)
+        assert hf_sparse.masks.is_nm(saved)
     for a, b in zip(_outputs(loaded.eval()), _outputs(model)):
         assert torch.equal(a, b)
     assert loaded.config.sparsity == meta

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 from transformers import BertForQuestionAnswering, Trainer, TrainingArguments
 
-from hf_sparse import SparsityCallback, SparsityConfig, calibration_batches, prune_, sparsity_report, wanda_mask
-from hf_sparse.criteria import calibrated_prune_
+from hf_sparse import SparsityCallback, SparsityConfig, prune_, sparsity_report
+from hf_sparse.calibration import calibration_batches
+from hf_sparse.criteria import compute_masks, wanda_mask
 from hf_sparse.selection import select_layers
 from tests.conftest import RandomQADataset, tiny_bert_config
 
@@ -150,7 +151,7 @@ def test_calibration_that_never_reaches_a_layer_names_it():
     config = SparsityConfig(criterion="wanda")
     layers = {"layers.0.fc": model.layers[0].fc, "extra.fc": nn.Linear(8, 8)}
     with pytest.raises(ValueError, match="extra.fc saw no calibration tokens"):
-        calibrated_prune_(model, layers, config, [{"x": torch.randn(1, 4, 8)}])
+        compute_masks(model, layers, config, [{"x": torch.randn(1, 4, 8)}])
 
 
 def test_callback_wanda_calibrates_on_the_train_dataloader(tmp_path):

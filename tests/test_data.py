@@ -7,17 +7,15 @@ import types
 
 import pytest
 
-from hf_sparse.data import (
+from hf_sparse.squad.data import (
     QAFeatures,
     prepare_train_features,
     prepare_validation_features,
     read_squad_json,
     squad_records,
-    synthetic_squad,
-    synthetic_tokenizer,
-    synthetic_vocabulary,
     tokenize_squad,
 )
+from hf_sparse.squad.synthetic import synthetic_squad, synthetic_tokenizer, synthetic_vocabulary
 from tests.conftest import shared_data
 
 
@@ -33,7 +31,7 @@ def test_read_official_json_files():
 
 def test_load_squad_from_a_local_file():
     pytest.importorskip("datasets")
-    from hf_sparse.data import load_squad
+    from hf_sparse.squad.data import load_squad
 
     dataset = load_squad(shared_data("squad", "xquad-en.json"))
     assert dataset.num_rows == 1190 and set(dataset.column_names) == {"id", "title", "context", "question", "answers"}

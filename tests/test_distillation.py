@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BertForQuestionAnswering, BertModel, Trainer, TrainingArguments
 
-from hf_sparse import SparsityCallback, distillation_loss, prune_, sparsity_report
+from hf_sparse import DistillationLoss, SparsityCallback, prune_, sparsity_report
 from tests.conftest import RandomQADataset, tiny_bert_config
 
 
@@ -51,7 +51,7 @@ def test_distillation_reduces_the_gap_to_the_dense_teacher(tmp_path):
         use_cpu=True,
         disable_tqdm=True,
     )
-    loss = distillation_loss(teacher, model, temperature=1.0)
+    loss = DistillationLoss(teacher, model, temperature=1.0)
     sparsity = SparsityCallback()
     trainer = Trainer(
         model=model,
@@ -73,7 +73,7 @@ def test_loss_is_zero_for_an_identical_student_and_matches_the_kl_by_hand():
     student = BertForQuestionAnswering(tiny_bert_config()).eval()
     teacher = copy.deepcopy(student)
     inputs = _held_out(size=4)
-    loss = distillation_loss(teacher, student, temperature=2.0)
+    loss = DistillationLoss(teacher, student, temperature=2.0)
     assert loss(student(**inputs)).item() == pytest.approx(0.0, abs=1e-6)
 
     with torch.no_grad():
@@ -104,7 +104,7 @@ def _base_student_and_teacher(layer: int = 0):
 
 def test_hidden_state_distillation_ignores_padding():
     student, teacher = _base_student_and_teacher(1)
-    loss = distillation_loss(teacher, student, logits_weight=0.0, hidden_weight=1.0, hidden_loss="cosine")
+    loss = DistillationLoss(teacher, student, logits_weight=0.0, hidden_weight=1.0, hidden_loss="cosine")
     input_ids = torch.randint(1, 128, (2, 6))
     attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
     outputs = student(input_ids=input_ids, attention_mask=attention_mask)
@@ -119,12 +119,12 @@ def test_hidden_state_distillation_ignores_padding():
 def test_bad_uses_are_named():
     model = BertModel(tiny_bert_config())
     with pytest.raises(ValueError, match="same module"):
-        distillation_loss(model, model)
+        DistillationLoss(model, model)
     with pytest.raises(ValueError, match="hidden_loss must be one of"):
-        distillation_loss(copy.deepcopy(model), model, hidden_loss="l1")
+        DistillationLoss(copy.deepcopy(model), model, hidden_loss="l1")
     with pytest.raises(ValueError, match="hidden_layers='mean_pooled'"):
-        distillation_loss(copy.deepcopy(model), model, hidden_loss="similarity", hidden_layers="last")
-    loss = distillation_loss(copy.deepcopy(model), model)
+        DistillationLoss(copy.deepcopy(model), model, hidden_loss="similarity", hidden_layers="last")
+    loss = DistillationLoss(copy.deepcopy(model), model)
     with pytest.raises(RuntimeError, match="before the student ran"):
         loss({"logits": torch.zeros(1, 2)})
     outputs = model(input_ids=torch.ones(1, 4, dtype=torch.long))
@@ -134,7 +134,7 @@ def test_bad_uses_are_named():
 
 def test_mean_pooled_distillation_compares_sentence_embeddings():
     student, teacher = _base_student_and_teacher()
-    loss = distillation_loss(teacher, student, logits_weight=0.0, hidden_weight=1.0, hidden_layers="mean_pooled")
+    loss = DistillationLoss(teacher, student, logits_weight=0.0, hidden_weight=1.0, hidden_layers="mean_pooled")
     input_ids = torch.randint(1, 128, (2, 5))
     attention_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
     outputs = student(input_ids=input_ids, attention_mask=attention_mask)
@@ -151,12 +151,12 @@ def test_mean_pooled_distillation_compares_sentence_embeddings():
 def test_similarity_distillation_adds_the_in_batch_similarity_gap():
     student, teacher = _base_student_and_teacher()
     kwargs = dict(logits_weight=0.0, hidden_weight=1.0, hidden_layers="mean_pooled")
-    cosine = distillation_loss(teacher, student, hidden_loss="cosine", **kwargs)
+    cosine = DistillationLoss(teacher, student, hidden_loss="cosine", **kwargs)
     input_ids = torch.randint(1, 128, (3, 6))
     outputs = student(input_ids=input_ids)
     cosine_value = cosine(outputs)
     cosine.remove()
-    similarity = distillation_loss(teacher, student, hidden_loss="similarity", **kwargs)
+    similarity = DistillationLoss(teacher, student, hidden_loss="similarity", **kwargs)
     outputs = student(input_ids=input_ids)
     with torch.no_grad():
         t = torch.nn.functional.normalize(teacher(input_ids=input_ids).last_hidden_state.mean(1), dim=-1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import BertForQuestionAnswering
 
-from hf_sparse.graphs import attention_masks_skippable_while_capturing
+from hf_sparse.inference.cuda_graphs import attention_masks_skippable_while_capturing
 from tests.conftest import tiny_bert_config
 
 

@@ -163,7 +163,7 @@ def test_push_folder_uploads_checkpoint_metadata_and_card(hub, checkpoint):
     uploaded = load(commit["files"]["model.safetensors"])
     meta = json.loads(commit["files"]["config.json"])["sparsity"]
     for name in meta["layers"]:
-        assert hf_sparse.is_nm(uploaded[f"{name}.weight"])
+        assert hf_sparse.masks.is_nm(uploaded[f"{name}.weight"])
     card = ModelCard(commit["files"]["README.md"].decode())
     assert "hf-sparse" in card.data.tags
     assert [(r.metric_type, r.metric_value) for r in card.data.eval_results] == [("exact_match", 12.5), ("f1", 20.25)]
@@ -176,7 +176,7 @@ def test_push_model_compact_uploads_compact_file(hub, tmp_path):
     torch.manual_seed(0)
     model = BertForQuestionAnswering(tiny_bert_config())
     prune_(model)
-    hf_sparse.attach_sparsity_metadata(model, SparsityConfig())
+    hf_sparse.checkpoint.attach_sparsity_metadata(model, SparsityConfig())
     hf_sparse.push_to_hub(
         model, "alice/compact", token=GOOD, endpoint=hub.url, compact=True, save_directory=tmp_path / "c"
     )
@@ -204,7 +204,7 @@ def test_unreachable_hub_is_reported_and_a_temporary_save_is_kept(hub, tmp_path)
     torch.manual_seed(0)
     model = BertForQuestionAnswering(tiny_bert_config())
     prune_(model)
-    hf_sparse.attach_sparsity_metadata(model, SparsityConfig())
+    hf_sparse.checkpoint.attach_sparsity_metadata(model, SparsityConfig())
     closed = FakeHub()  # bind a free port, then close it: nothing listens there
     url = closed.url
     closed.server_close()
@@ -295,6 +295,6 @@ def test_trainers_own_push_carries_checkpoint_metadata_and_tags(hub, tmp_path):
     meta = json.loads(commit["files"]["config.json"])["sparsity"]
     assert meta["sparsity_pattern"] == "2:4" and meta["total_sparsity"] == 0.5
     weights = load(commit["files"]["model.safetensors"])
-    assert all(hf_sparse.is_nm(weights[f"{name}.weight"]) for name in meta["layers"])
+    assert all(hf_sparse.masks.is_nm(weights[f"{name}.weight"]) for name in meta["layers"])
     card = ModelCard(commit["files"]["README.md"].decode())
     assert {"hf-sparse", "2:4-sparsity"} <= set(card.data.tags)

@@ -7,16 +7,10 @@ import torch
 from torch import nn
 
 from hf_sparse import SparsityCallback, SparsityConfig, prune_, swap_to_semi_structured_
-from hf_sparse.graphs import _clone_output, _signature
-from hf_sparse.inference import (
-    LayerSwap,
-    Plan,
-    SemiStructuredLinear,
-    SwapReport,
-    _decide,
-    _units,
-    support_problem,
-)
+from hf_sparse.inference.autotune import Plan
+from hf_sparse.inference.cuda_graphs import _clone_output, _signature
+from hf_sparse.inference.layers import SemiStructuredLinear, support_problem
+from hf_sparse.inference.swap import LayerSwap, SwapReport, _decide, _units
 from tests.conftest import tiny_bert_config
 from tests.test_autotune import FakeTimings
 
@@ -238,7 +232,7 @@ _TUNE_DIR = tempfile.mkdtemp(prefix="hf_sparse_test_tune_")
 def quick_tuner(tmp_path, **kwargs):
     """A fast autotuner whose timings are shared by the GPU tests of this session (tmp_path is unused: the cache
     must outlive one test so every parametrization does not tune the same shapes again)."""
-    from hf_sparse import Autotuner
+    from hf_sparse.inference import Autotuner
 
     name = "tune.json" if not kwargs else f"tune-{sorted(kwargs.items())}.json"
     return Autotuner(cache_path=Path(_TUNE_DIR) / name, reps=3, max_algorithms=2, **kwargs)
@@ -403,7 +397,7 @@ def test_fp32_gpu_model_is_refused_and_left_usable():
 @pytest.mark.gpu
 def test_swap_at_end_swaps_on_a_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_SPARSE_CACHE", str(tmp_path / "tune.json"))
-    import hf_sparse.autotune as autotune
+    import hf_sparse.inference.autotune as autotune
 
     monkeypatch.setattr(autotune, "_DEFAULT_TUNER", quick_tuner(tmp_path))
     model = gpu_model(torch.bfloat16)

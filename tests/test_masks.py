@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from hf_sparse import is_nm, nm_mask, sparsity_report
-from hf_sparse.masks import format_report, nm_mask_from_scores
+from hf_sparse import sparsity_report
+from hf_sparse.masks import format_report, is_nm, nm_mask, nm_mask_from_scores
 
 
 def test_keeps_the_two_largest_magnitudes_of_each_group_of_four():

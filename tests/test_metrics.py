@@ -10,7 +10,7 @@ import string
 
 import pytest
 
-from hf_sparse.metrics import evaluate_module_path, normalize_answer, squad_metric, squad_v2_metric
+from hf_sparse.squad.metrics import evaluate_module_path, normalize_answer, squad_metric, squad_v2_metric
 from tests.conftest import shared_data
 
 REFERENCE_V1 = {  # ../shared/data/README.md: official SQuAD v1.1 script on xquad-en.json

@@ -10,8 +10,8 @@ from huggingface_hub import ModelCard
 from transformers import BertForQuestionAnswering
 
 import hf_sparse
-from hf_sparse import SparsityConfig, model_card, prune_, write_model_card
-from hf_sparse.hub import template_path
+from hf_sparse import SparsityConfig, model_card, prune_
+from hf_sparse.hub import template_path, write_model_card
 from tests.conftest import tiny_bert_config
 
 METRICS = {"dense": {"exact_match": 81.25, "f1": 88.5}, "sparse": {"exact_match": 79.75, "f1": 87.125}}

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hf_sparse.benchmarks.postprocess import _as_tutorial_offsets, loop_postprocess, synthetic_inputs
-from hf_sparse.postprocess import SquadPostprocessor, postprocess_qa_predictions
+from benchmarks.postprocess import _as_tutorial_offsets, loop_postprocess, synthetic_inputs
+from hf_sparse.squad.postprocess import SquadPostprocessor
 
 
 @pytest.mark.parametrize("v2", [False, True])
@@ -21,7 +21,7 @@ def test_vectorised_equals_loop_with_ties_and_multi_feature_examples(v2, seed):
     tutorial_offsets = _as_tutorial_offsets(features["offset_mapping"])
     feature_example = [int(i[1:]) for i in features["example_id"]]
     for n_best, max_len, threshold in [(20, 30, 0.0), (5, 3, 1.5), (1, 1, -2.0)]:
-        fast = postprocess_qa_predictions(
+        fast = _postprocess(
             examples,
             features,
             start,
@@ -48,6 +48,11 @@ def test_vectorised_equals_loop_with_ties_and_multi_feature_examples(v2, seed):
             assert any(t == "" for t in fast.values()) and any(t for t in fast.values())
 
 
+def _postprocess(examples, features, start_logits, end_logits, **kwargs):
+    """One-shot post-processing: build the `SquadPostprocessor` and call it once."""
+    return SquadPostprocessor(examples, features, **kwargs)(start_logits, end_logits)
+
+
 def _one_feature(context_words, start_logits, end_logits, question_tokens=2):
     context = " ".join(context_words)
     spans, pos = [], 0
@@ -67,17 +72,15 @@ def test_known_span_and_filters():
         [0, 9, 0, 0, 1, 5, 2, 0, 0],  # best start logit is a question token: skipped
         [0, 0, 0, 0, 0, 0, 3, 4, 9],  # best end logit is the final SEP: skipped
     )
-    answers = postprocess_qa_predictions(examples, features, s, e)
+    answers = _postprocess(examples, features, s, e)
     assert answers.texts == ["big red dog"] and answers.scores.tolist() == [9.0]
-    assert postprocess_qa_predictions(examples, features, s, e, max_answer_length=2).texts == ["big red"]
+    assert _postprocess(examples, features, s, e, max_answer_length=2).texts == ["big red"]
     # v2: null score 0 + 0 = 0 against 9: answer kept; with a big CLS score the example gets "".
     s[0, 0], e[0, 0] = 10, 10
-    v2 = postprocess_qa_predictions(examples, features, s, e, version_2_with_negative=True)
+    v2 = _postprocess(examples, features, s, e, version_2_with_negative=True)
     assert v2.texts == [""] and v2.null_score_diffs.tolist() == [11.0]
     assert v2.metric_inputs() == [{"id": "q", "prediction_text": "", "no_answer_probability": 0.0}]
-    kept = postprocess_qa_predictions(
-        examples, features, s, e, version_2_with_negative=True, null_score_diff_threshold=11.0
-    )
+    kept = _postprocess(examples, features, s, e, version_2_with_negative=True, null_score_diff_threshold=11.0)
     assert kept.texts == ["big red dog"]
 
 
@@ -85,7 +88,7 @@ def test_tutorial_none_offsets_and_torch_logits_are_accepted():
     torch = pytest.importorskip("torch")
     examples, features, s, e = _one_feature(["a", "b"], [0, 0, 0, 0, 3, 0, 0], [0, 0, 0, 0, 0, 3, 0])
     features[0]["offset_mapping"] = [None if o[0] < 0 else tuple(o) for o in features[0]["offset_mapping"]]
-    assert postprocess_qa_predictions(examples, features, torch.from_numpy(s), torch.from_numpy(e)).texts == ["a b"]
+    assert _postprocess(examples, features, torch.from_numpy(s), torch.from_numpy(e)).texts == ["a b"]
 
 
 def test_postprocessor_reads_a_datasets_dataset():
@@ -106,9 +109,9 @@ def test_postprocessor_reads_a_datasets_dataset():
 def test_shorter_logits_from_dynamic_padding_are_fine_when_only_padding_is_cut():
     examples, features, s, e = _one_feature(["a", "b"], [0, 0, 0, 0, 3, 0, 0], [0, 0, 0, 0, 0, 3, 0])
     features[0]["offset_mapping"] = features[0]["offset_mapping"] + [[-1, -1]] * 5  # padded offsets
-    assert postprocess_qa_predictions(examples, features, s, e).texts == ["a b"]
+    assert _postprocess(examples, features, s, e).texts == ["a b"]
     with pytest.raises(ValueError, match="context tokens beyond position 5"):
-        postprocess_qa_predictions(examples, features, s[:, :5], e[:, :5])
+        _postprocess(examples, features, s[:, :5], e[:, :5])
 
 
 @pytest.mark.parametrize(
@@ -142,7 +145,7 @@ def test_malformed_inputs_raise_clear_errors(mutate, message):
     examples, features, s, e = _one_feature(["a", "b"], [0, 0, 0, 0, 3, 0, 0], [0, 0, 0, 0, 0, 3, 0])
     args = mutate(examples, features, s, e)
     with pytest.raises(ValueError, match=message):
-        postprocess_qa_predictions(*args)
+        _postprocess(*args)
 
 
 @pytest.mark.parametrize("kwargs", [{"n_best_size": 0}, {"max_answer_length": -1}, {"n_best_size": 2.5}])

@@ -12,10 +12,15 @@ import pytest
 import torch
 from transformers import EvalPrediction, Trainer, TrainingArguments
 
-from hf_sparse.metrics import squad_compute_metrics, squad_metric, squad_v2_metric
-from hf_sparse.postprocess import postprocess_qa_predictions
+from hf_sparse.squad.metrics import squad_compute_metrics, squad_metric, squad_v2_metric
+from hf_sparse.squad.postprocess import SquadPostprocessor
 from tests.conftest import REPO, subprocess_env
 from tests.scripts.squad_eval import build
+
+
+def _postprocess(examples, features, start_logits, end_logits, **kwargs):
+    """One-shot post-processing: build the `SquadPostprocessor` and call it once."""
+    return SquadPostprocessor(examples, features, **kwargs)(start_logits, end_logits)
 
 
 def _direct(examples, features, model, v2):
@@ -26,9 +31,7 @@ def _direct(examples, features, model, v2):
             attention_mask=torch.tensor(features["attention_mask"]),
             token_type_ids=torch.tensor(features["token_type_ids"]),
         )
-    answers = postprocess_qa_predictions(
-        examples, features, out.start_logits, out.end_logits, version_2_with_negative=v2
-    )
+    answers = _postprocess(examples, features, out.start_logits, out.end_logits, version_2_with_negative=v2)
     refs = [{"id": e["id"], "answers": e["answers"]} for e in examples]
     metric = squad_v2_metric(answers.metric_inputs(), refs) if v2 else squad_metric(answers.metric_inputs(), refs)
     return answers, metric
@@ -84,7 +87,8 @@ def test_predictions_out_of_feature_order_are_refused():
 
 
 def test_features_without_labels_are_refused_with_a_hint():
-    from hf_sparse.data import QAFeatures, prepare_validation_features, synthetic_tokenizer
+    from hf_sparse.squad.data import QAFeatures, prepare_validation_features
+    from hf_sparse.squad.synthetic import synthetic_tokenizer
 
     examples, _, _ = build(False)
     unlabelled = QAFeatures(prepare_validation_features(examples, synthetic_tokenizer(), 40, 12, with_labels=False))

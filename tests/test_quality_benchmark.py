@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import BertModel
 
-from hf_sparse.benchmarks.quality import embed, format_table, load_retrieval, load_training_text
+from benchmarks.quality import embed, format_table, load_retrieval, load_training_text
 from tests.conftest import shared_data, tiny_bert_config
 
 

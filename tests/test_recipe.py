@@ -10,7 +10,7 @@ import time
 import pytest
 from transformers import AutoModelForQuestionAnswering
 
-from hf_sparse import is_nm
+from hf_sparse.masks import is_nm
 from tests.conftest import REPO, subprocess_env
 
 RECIPE = REPO / "recipes" / "squad_24.py"
@@ -102,13 +102,28 @@ def test_tutorial_preset_and_overrides():
         recipe.parse_args(["--preset", "nope"])
 
 
-def test_config_file_gives_the_same_arguments_as_the_preset():
+def test_config_file_gives_the_same_arguments_as_the_preset_and_flags_override_it(tmp_path):
     recipe = load_recipe()
     from_file = recipe.parse_args([str(REPO / "recipes" / "tutorial.yaml")])
     from_preset = recipe.parse_args(["--preset", "tutorial", "--output_dir", "runs/squad_24_tutorial"])
     for a, b in zip(from_file, from_preset):
         names = [f.name for f in dataclasses.fields(a) if f.init and f.name != "preset"]
         assert {n: getattr(a, n) for n in names} == {n: getattr(b, n) for n in names}
+    args, sparsity, training = recipe.parse_args(
+        [str(REPO / "recipes" / "tutorial.yaml"), "--learning_rate", "1e-5", "--criterion", "wanda"]
+    )
+    assert (training.learning_rate, sparsity.criterion, args.max_seq_length) == (1e-5, "wanda", 384)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: tutorial\n")
+    with pytest.raises(SystemExit, match="'preset' cannot be used in a config file"):
+        recipe.parse_args([str(bad)])
+
+
+def test_offline_defaults_come_from_offline_yaml():
+    recipe = load_recipe()
+    args, sparsity, training = recipe.parse_args([])
+    assert (training.max_steps, training.learning_rate, args.recovery_max_steps) == (1200, 3e-3, 300)
+    assert (args.max_seq_length, args.doc_stride, training.output_dir) == (48, 16, "runs/squad_24")
 
 
 def test_tutorial_preset_offline_fails_at_once_saying_what_to_pass(tmp_path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hf_sparse.report import markdown
+from hf_sparse.run_report import markdown
 
 
 def _report(layers):

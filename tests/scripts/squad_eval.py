@@ -10,8 +10,9 @@ import sys
 import torch
 from transformers import BertConfig, BertForQuestionAnswering, Trainer, TrainingArguments
 
-from hf_sparse.data import squad_records, synthetic_squad, synthetic_tokenizer, tokenize_squad
-from hf_sparse.metrics import squad_compute_metrics
+from hf_sparse.squad.data import squad_records, tokenize_squad
+from hf_sparse.squad.metrics import squad_compute_metrics
+from hf_sparse.squad.synthetic import synthetic_squad, synthetic_tokenizer
 
 
 def build(v2: bool):

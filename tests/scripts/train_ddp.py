@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from transformers import BertForQuestionAnswering, Trainer, TrainerCallback, TrainingArguments
 
-from hf_sparse import SparsityCallback, is_nm
+from hf_sparse import SparsityCallback
+from hf_sparse.masks import is_nm
 from tests.conftest import RandomQADataset, tiny_bert_config
 
 

@@ -12,7 +12,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from transformers import BertForQuestionAnswering, TrainerControl, TrainerState, TrainingArguments
 
-from hf_sparse import SparsityCallback, SparsityConfig, is_nm, nm_mask, select_layers
+from hf_sparse import SparsityCallback, SparsityConfig, select_layers
+from hf_sparse.masks import is_nm, nm_mask
 from tests.conftest import RandomQADataset, tiny_bert_config
 
 

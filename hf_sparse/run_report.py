@@ -158,3 +158,61 @@ def plot_f1(report: dict[str, Any], path: str | os.PathLike) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def timing_from_benchmark(result: dict[str, Any], seq_len: int) -> dict[str, Any]:
+    """The report's "timing" entry from a `hf_sparse.inference.benchmark.run` result (dense and "2:4" rows)."""
+    return {
+        "description": f"{result['device']}, fp16, sequence length {seq_len}, both models fused q/k/v and run "
+        "through CUDA graphs; median of CUDA-event timings (hf_sparse.inference.benchmark).",
+        "rows": [
+            {
+                "batch_size": r["batch"],
+                "dense_ms": r["dense"]["ms"],
+                "sparse_ms": r["2:4"]["ms"],
+                "speedup": r["2:4"]["speedup"],
+            }
+            for r in result["rows"]
+            if r.get("2:4")
+        ],  # fmt: skip
+        "weight_memory_ratio": result["memory"].get("2:4", {}).get("ratio"),
+        "bench": result,
+    }
+
+
+def card_kwargs(report: dict[str, Any], output_dir: str | os.PathLike) -> dict[str, Any]:
+    """What the model card of a run's sparse model says, from its report: `hf_sparse.model_card(folder, **kwargs)`.
+
+    Metrics of the dense and recovered stages, the command, the data (a Hub dataset id, or the name of local or
+    synthetic data, which get no `model-index`), the base model when it is a Hub id, and the latency table and plot.
+    """
+    recipe = report.get("arguments", {}).get("recipe", {})
+    stages = report["stages"]
+    metrics = {
+        key: {"exact_match": stages[key]["exact_match"], "f1": stages[key]["f1"]}
+        for key in ("dense", "sparse")
+        if "f1" in stages.get(key, {})
+    }
+    card: dict[str, Any] = dict(metrics=metrics, command=report.get("command"))
+    dataset = recipe.get("dataset_name", "synthetic")
+    if recipe.get("validation_file"):
+        card["dataset_name"] = Path(recipe["validation_file"]).name
+    elif dataset == "synthetic":
+        card["dataset_name"] = "synthetic SQuAD-format facts (hf_sparse.squad.synthetic_squad)"
+    else:
+        card["dataset"] = dataset
+    model = recipe.get("model_name_or_path")
+    if model and not os.path.exists(model):
+        card["base_model"] = model
+    timing = report.get("timing")
+    if timing:
+        card["benchmark"] = [
+            {"batch size": r["batch_size"], "dense (ms)": round(r["dense_ms"], 3), "2:4 (ms)": round(r["sparse_ms"], 3),
+             "speed-up": f"{r['speedup']:.2f}x"}
+            for r in timing["rows"]
+        ]  # fmt: skip
+        card["benchmark_description"] = timing.get("description")
+        plot = Path(output_dir) / "latency.png"
+        if plot.is_file():
+            card["benchmark_plot"] = str(plot)
+    return card

@@ -1,13 +1,13 @@
-"""SQuAD v2.0 as an `evaluate` module that loads offline; it delegates to `hf_sparse.metrics.squad_v2_metric`.
+"""SQuAD v2.0 as an `evaluate` module that loads offline; it delegates to `hf_sparse.squad.metrics.squad_v2_metric`.
 
-Usage: `evaluate.load(hf_sparse.metrics.evaluate_module_path("squad_v2"))`, then `compute(predictions=...,
+Usage: `evaluate.load(hf_sparse.squad.metrics.evaluate_module_path("squad_v2"))`, then `compute(predictions=...,
 references=...)` with the inputs of the Hub's `squad_v2` metric.
 """
 
 import datasets
 import evaluate
 
-from hf_sparse.metrics import squad_v2_metric
+from hf_sparse.squad.metrics import squad_v2_metric
 
 _DESCRIPTION = "SQuAD v2.0 exact/F1 with unanswerable questions, identical to the official script (offline copy)."
 _KWARGS_DESCRIPTION = """

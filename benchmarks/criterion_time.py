@@ -6,7 +6,7 @@ each criterion on `--device`, after one warm-up run.
 
 Run:
 
-    python -m hf_sparse.benchmarks.criterion_time --device cuda --output criterion_time.json
+    python -m benchmarks.criterion_time --device cuda --output criterion_time.json
 """
 
 from __future__ import annotations

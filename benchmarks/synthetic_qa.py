@@ -1,6 +1,6 @@
-"""How well a tiny BERT trained from scratch on CPU learns `hf_sparse.data.synthetic_squad`.
+"""How well a tiny BERT trained from scratch on CPU learns `hf_sparse.squad.data.synthetic_squad`.
 
-    python -m hf_sparse.benchmarks.synthetic_qa --steps 300 --hidden 128 --layers 2 --threads 2
+    python -m benchmarks.synthetic_qa --steps 300 --hidden 128 --layers 2 --threads 2
 
 Trains with the Trainer (no `datasets` needed) and prints `trainer.evaluate()` (exact match / F1 from
 `squad_compute_metrics`) before and after training, with the wall time.
@@ -15,8 +15,9 @@ import time
 import torch
 from transformers import BertConfig, BertForQuestionAnswering, Trainer, TrainingArguments
 
-from hf_sparse.data import squad_records, synthetic_squad, synthetic_tokenizer, tokenize_squad
-from hf_sparse.metrics import squad_compute_metrics
+from hf_sparse.squad.data import squad_records, tokenize_squad
+from hf_sparse.squad.metrics import squad_compute_metrics
+from hf_sparse.squad.synthetic import synthetic_squad, synthetic_tokenizer
 
 
 def main():

@@ -169,7 +169,7 @@ def squad_metric(predictions: Sequence[Mapping[str, Any]], references: Sequence[
     Example:
 
     ```python
-    >>> from hf_sparse.metrics import squad_metric
+    >>> from hf_sparse.squad.metrics import squad_metric
     >>> refs = [{"id": "q1", "answers": {"text": ["the Eiffel Tower"], "answer_start": [0]}}]
     >>> squad_metric([{"id": "q1", "prediction_text": "Eiffel tower"}], refs)
     {'exact_match': 100.0, 'f1': 100.0}
@@ -234,7 +234,7 @@ def squad_v2_metric(
     Example:
 
     ```python
-    >>> from hf_sparse.metrics import squad_v2_metric
+    >>> from hf_sparse.squad.metrics import squad_v2_metric
     >>> refs = [{"id": "q1", "answers": {"text": [], "answer_start": []}}]
     >>> squad_v2_metric([{"id": "q1", "prediction_text": "", "no_answer_probability": 0.9}], refs)["exact"]
     100.0
@@ -304,13 +304,13 @@ def evaluate_module_path(name: str = "squad") -> str:
 
     ```python
     >>> import evaluate
-    >>> from hf_sparse.metrics import evaluate_module_path
+    >>> from hf_sparse.squad.metrics import evaluate_module_path
     >>> metric = evaluate.load(evaluate_module_path("squad"))  # offline: the module delegates to squad_metric
     ```
     """
     if name not in ("squad", "squad_v2"):
         raise ValueError(f"evaluate_module_path: name must be 'squad' or 'squad_v2'; got {name!r}.")
-    return str(Path(__file__).resolve().parent / "evaluate_metrics" / name)
+    return str(Path(__file__).resolve().parent / "evaluate_modules" / name)
 
 
 # ------------------------------------------------------------------------------------------- Trainer compute_metrics
@@ -381,7 +381,7 @@ class SquadComputeMetrics:
         if not {"start_positions", "end_positions"} <= set(names):
             raise ValueError(
                 "features have no start_positions/end_positions: the Trainer calls compute_metrics only when the "
-                "evaluation set has labels. Build them with hf_sparse.data.prepare_validation_features(..., "
+                "evaluation set has labels. Build them with hf_sparse.squad.data.prepare_validation_features(..., "
                 "with_labels=True) (the default when the examples have answers)."
             )
         self.labels = (

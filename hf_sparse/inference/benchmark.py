@@ -11,7 +11,7 @@ Each latency is the median of repeated CUDA-event timings, taken in interleaved 
 `bench.json` and `bench.png` (latency and speed-up against batch size) to `--output-dir`.
 
 Run:
-    python -m hf_sparse.bench                      # BERT-base QA (random weights), batch 4 16 64 256, seq 384, fp16
+    python -m hf_sparse.inference.benchmark                      # BERT-base QA (random weights), batch 4 16 64 256, seq 384, fp16
     hf-sparse-bench --model path/to/qa-model --batch-sizes 1 8 32 --seq-len 256 --dtype bfloat16
 """
 
@@ -97,21 +97,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parses and checks the benchmark's command line (exits with a message on bad values)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _checked(args: argparse.Namespace, error) -> argparse.Namespace:
     if any(b < 1 for b in args.batch_sizes):
-        parser.error(f"--batch-sizes must be positive integers; got {args.batch_sizes}.")
+        error(f"--batch-sizes must be positive integers; got {args.batch_sizes}.")
     if args.seq_len < 1:
-        parser.error(f"--seq-len must be a positive integer; got {args.seq_len}.")
+        error(f"--seq-len must be a positive integer; got {args.seq_len}.")
     if args.max_algorithms < 1 or args.tune_seconds <= 0:
-        parser.error("--max-algorithms must be >= 1 and --tune-seconds > 0.")
+        error("--max-algorithms must be >= 1 and --tune-seconds > 0.")
     if args.reps < 1 or args.rounds < 1:
-        parser.error(f"--reps and --rounds must be >= 1; got {args.reps} and {args.rounds}.")
+        error(f"--reps and --rounds must be >= 1; got {args.reps} and {args.rounds}.")
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        error(f"--variants {unknown} unknown; choose from {list(VARIANTS)}.")
     args.batch_sizes = sorted(set(args.batch_sizes))
     args.variants = ["dense"] + [v for v in VARIANTS if v in args.variants and v != "dense"]
     return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses and checks the benchmark's command line (exits with a message on bad values)."""
+    parser = build_parser()
+    return _checked(parser.parse_args(argv), parser.error)
+
+
+def options(**overrides) -> argparse.Namespace:
+    """The benchmark's settings for a Python caller: the command line's defaults with `overrides` (the option
+    names with underscores, e.g. `seq_len=256, variants=["dense", "2:4"]`), checked as the command line is.
+
+    Example:
+
+    ```python
+    >>> result = run(options(model="out/sparse", batch_sizes=[16, 64], variants=["dense", "2:4"]))
+    ```
+    """
+    args = build_parser().parse_args([])
+    unknown = set(overrides) - set(vars(args))
+    if unknown:
+        raise TypeError(f"unknown benchmark option(s) {sorted(unknown)}; known: {sorted(vars(args))}.")
+    vars(args).update(overrides)
+
+    def error(message: str):
+        raise ValueError(message)
+
+    return _checked(args, error)
 
 
 # -- building the variants -------------------------------------------------------------------------------------------
@@ -135,10 +163,10 @@ def build_model(args: argparse.Namespace) -> nn.Module:
 
 def prune_to_2_4(model: nn.Module) -> list[str]:
     """Magnitude-prunes the transformer blocks' linear layers to 2:4 unless they already are; returns their names."""
-    from .config import SparsityConfig
-    from .masks import is_nm
-    from .pruning import prune_
-    from .selection import select_layers
+    from ..config import SparsityConfig
+    from ..masks import is_nm
+    from ..pruning import prune_
+    from ..selection import select_layers
 
     config = SparsityConfig()
     layers = select_layers(model, config).targets
@@ -184,17 +212,6 @@ def first_tensor(output) -> torch.Tensor:
     return torch.cat([v.float().flatten() for v in values if isinstance(v, torch.Tensor)])
 
 
-def time_calls(fn, reps: int) -> list[float]:
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for start, end in zip(starts, ends):
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
-
-
 def weight_bytes(layers: list[nn.Module]) -> int:
     return sum(m.weight.numel() * m.weight.element_size() for m in layers)
 
@@ -203,32 +220,63 @@ def weight_bytes(layers: list[nn.Module]) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .autotune import Autotuner
-    from .inference import fuse_qkv_, swap_to_semi_structured_
+    """Builds every variant, times them batch size by batch size, and returns everything measured."""
+    from ..run_report import environment
+    from .layers import semi_structured_support
 
-    if not torch.cuda.is_available():
-        raise SystemExit("hf-sparse-bench needs an NVIDIA GPU (CUDA); none is visible here.")
-    device_name = torch.cuda.get_device_name()
-    cusparselt = torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None
-    print(
-        f"{device_name} (sm{''.join(map(str, torch.cuda.get_device_capability()))}), torch {torch.__version__}, "
-        f"CUDA {torch.version.cuda}, cuSPARSELt {cusparselt}; {args.dtype}, seq {args.seq_len}, mode {args.mode}",
-        flush=True,
-    )
+    problem = semi_structured_support("cuda", DTYPES[args.dtype])
+    if problem:
+        raise SystemExit(f"hf-sparse-bench: {problem}")
+    env = environment()
+    print(f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, cuSPARSELt {env['cusparselt']}; "
+          f"{args.dtype}, seq {args.seq_len}, mode {args.mode}", flush=True)  # fmt: skip
     base = build_model(args)
     names = prune_to_2_4(base)
+    models, memory, reports = build_variants(args, base, names)
+    if args.mode == "compile":
+        compile_start = time.perf_counter()
+        models = _compiled(models, len(args.batch_sizes))
+    rows = []
+    errors: dict[str, float] = {}
+    with _sdpa_backend(args.sdpa_backend):
+        for batch in args.batch_sizes:
+            rows.append(_time_batch(args, base, models, batch, errors))
+    if args.mode == "compile":
+        from torch._dynamo.utils import counters
+
+        breaks = sum(counters["graph_break"].values())
+        print(f"compile mode: {time.perf_counter() - compile_start:.0f} s in all, {breaks} graph breaks", flush=True)
+    return {
+        "device": torch.cuda.get_device_name(),
+        "capability": list(torch.cuda.get_device_capability()),
+        "torch": env["torch"],
+        "cuda": env["cuda"],
+        "cusparselt": env["cusparselt"],
+        "environment": env,
+        "args": {k: v for k, v in vars(args).items()},
+        "variants": [v for v in args.variants if v in models],
+        "rows": rows,
+        "memory": memory,
+        "max_abs_diff_vs_masked_dense": errors,
+        "swap_reports": reports,
+        "command": "python -m hf_sparse.inference.benchmark " + " ".join(sys.argv[1:]),
+    }
+
+
+def build_variants(args: argparse.Namespace, base: nn.Module, names: list[str]) -> tuple[dict, dict, dict]:
+    """(models, weight memory, swap reports) of every variant in `args.variants`, each a copy of `base`."""
+    from .autotune import Autotuner
+    from .swap import fuse_qkv_, swap_to_semi_structured_
+
     dense_2_4_bytes = weight_bytes([base.get_submodule(n) for n in names])
     token_counts = [b * args.seq_len for b in args.batch_sizes]
     tuner = Autotuner(cache_path=args.cache, max_algorithms=args.max_algorithms, time_budget_s=args.tune_seconds)
     fuse = not args.no_fuse_qkv
-
-    models: dict[str, nn.Module] = {}
-    memory: dict[str, dict] = {}
+    models: dict[str, nn.Module] = {"dense": copy.deepcopy(base)}
+    memory: dict[str, dict] = {"dense": {"weight_bytes": dense_2_4_bytes, "ratio": 1.0}}
     reports: dict[str, list] = {}
-    models["dense"] = copy.deepcopy(base)
     if fuse:
         fuse_qkv_(models["dense"])
-    memory["dense"] = {"weight_bytes": dense_2_4_bytes, "ratio": 1.0}
     for variant, fallback in (("2:4", "copy"), ("2:4-lean", "none")):
         if variant not in args.variants:
             continue
@@ -262,39 +310,16 @@ def run(args: argparse.Namespace) -> dict:
     if "dense-unfused" in args.variants:
         models["dense-unfused"] = copy.deepcopy(base)
         memory["dense-unfused"] = {"weight_bytes": dense_2_4_bytes, "ratio": 1.0}
+    return models, memory, reports
 
-    if args.mode == "compile":
-        compile_start = time.perf_counter()
-        # One compiled graph per model and batch size, all from the same code: raise dynamo's recompile limit.
-        limit = 8 * len(models) * len(args.batch_sizes)
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
-        models = {v: torch.compile(m, dynamic=False).eval() for v, m in models.items()}
-    rows = []
-    errors: dict[str, float] = {}
-    with _sdpa_backend(args.sdpa_backend):
-        for batch in args.batch_sizes:
-            rows.append(_time_batch(args, base, models, batch, errors))
-    if args.mode == "compile":
-        from torch._dynamo.utils import counters
 
-        breaks = sum(counters["graph_break"].values())
-        print(f"compile mode: {time.perf_counter() - compile_start:.0f} s in all, {breaks} graph breaks", flush=True)
-    return {
-        "device": device_name,
-        "capability": list(torch.cuda.get_device_capability()),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cusparselt": cusparselt,
-        "args": {k: v for k, v in vars(args).items()},
-        "variants": [v for v in args.variants if v in models],
-        "rows": rows,
-        "memory": memory,
-        "max_abs_diff_vs_masked_dense": errors,
-        "swap_reports": reports,
-        "command": "python -m hf_sparse.bench " + " ".join(sys.argv[1:]),
-    }
+def _compiled(models: dict[str, nn.Module], batch_sizes: int) -> dict[str, nn.Module]:
+    # One compiled graph per model and batch size, all from the same code: raise dynamo's recompile limit.
+    limit = 8 * len(models) * batch_sizes
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+    return {v: torch.compile(m, dynamic=False).eval() for v, m in models.items()}
 
 
 def _sdpa_backend(name: str):
@@ -314,7 +339,8 @@ def _sdpa_backend(name: str):
 
 
 def _time_batch(args, base, models, batch, errors) -> dict:
-    from .graphs import cuda_graphs
+    from .autotune import cuda_event_times
+    from .cuda_graphs import cuda_graphs
 
     inputs = make_inputs(base, batch, args.seq_len, args.seed, args.attention_mask)
     runners = {v: (m if args.mode == "eager" else cuda_graphs(m, warmup=1)) for v, m in models.items()}
@@ -335,7 +361,7 @@ def _time_batch(args, base, models, batch, errors) -> dict:
         for _ in range(args.rounds):
             for variant, runner in runners.items():
                 if variant not in failed:
-                    samples[variant] += time_calls(lambda r=runner, x=inputs: r(**x), args.reps)
+                    samples[variant] += cuda_event_times(lambda r=runner, x=inputs: r(**x), args.reps)
     row = {"batch": batch, "tokens": batch * args.seq_len}
     dense_ms = statistics.median(samples["dense"])
     for variant in runners:
@@ -413,10 +439,10 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Entry point of `python -m hf_sparse.bench` and `hf-sparse-bench`."""
+    """Entry point of `python -m hf_sparse.inference.benchmark` and `hf-sparse-bench`."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("hf_sparse.autotune").setLevel(logging.INFO)
+    logging.getLogger("hf_sparse.inference.autotune").setLevel(logging.INFO)
     result = run(args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
-"""Benchmark: vectorised SQuAD post-processing (`hf_sparse.postprocess`) against the tutorial's per-example loop.
+"""Benchmark: vectorised SQuAD post-processing (`hf_sparse.squad.postprocess`) against the tutorial's per-example loop.
 
 Run on one core, from the repository root:
 
-    OMP_NUM_THREADS=1 taskset -c 0 python -m hf_sparse.benchmarks.postprocess
+    OMP_NUM_THREADS=1 taskset -c 0 python -m benchmarks.postprocess
 
 Both run on the same synthetic logits (SQuAD-dev-sized by default: 10,570 examples, ~10,800 features of 384
 tokens) in the same process; the script checks that they return identical answers (v1 and v2 mode) and prints
@@ -112,7 +112,7 @@ def _as_tutorial_offsets(offsets: np.ndarray):
 
 
 def main():
-    from hf_sparse.postprocess import SquadPostprocessor
+    from hf_sparse.squad.postprocess import SquadPostprocessor
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_examples", type=int, default=10570)

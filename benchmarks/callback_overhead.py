@@ -1,7 +1,7 @@
 """What `SparsityCallback` costs: training-step time with and without it, and mask computation time.
 
-    python -m hf_sparse.benchmarks.callback_overhead            # the tiny CPU test model, and BERT-large masks
-    python -m hf_sparse.benchmarks.callback_overhead --device cuda --hidden_size 768 --num_layers 12
+    python -m benchmarks.callback_overhead            # the tiny CPU test model, and BERT-large masks
+    python -m benchmarks.callback_overhead --device cuda --hidden_size 768 --num_layers 12
 
 Both trainings run in the same process on the same model and data; the figure is the median of per-step
 wall-clock times after warm-up steps.

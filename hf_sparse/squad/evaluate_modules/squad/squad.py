@@ -1,13 +1,13 @@
-"""SQuAD v1.1 as an `evaluate` module that loads offline; it delegates to `hf_sparse.metrics.squad_metric`.
+"""SQuAD v1.1 as an `evaluate` module that loads offline; it delegates to `hf_sparse.squad.metrics.squad_metric`.
 
-Usage: `evaluate.load(hf_sparse.metrics.evaluate_module_path("squad"))`, then `compute(predictions=...,
+Usage: `evaluate.load(hf_sparse.squad.metrics.evaluate_module_path("squad"))`, then `compute(predictions=...,
 references=...)` with the inputs of the Hub's `squad` metric.
 """
 
 import datasets
 import evaluate
 
-from hf_sparse.metrics import squad_metric
+from hf_sparse.squad.metrics import squad_metric
 
 _DESCRIPTION = "SQuAD v1.1 exact match and F1, identical to the official evaluation script (offline copy)."
 _KWARGS_DESCRIPTION = """

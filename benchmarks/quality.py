@@ -5,7 +5,7 @@ Task: for each XQuAD-en question, find its paragraph among all 240 by the cosine
 embeddings (sentence-transformers' pooling; max length 256 as in its `sentence_bert_config.json`); recall@1.
 Every encoder `nn.Linear` is pruned to 2:4 by each criterion (zero-shot), then each pruned model recovers by
 distillation from the dense model through the ordinary `Trainer` + `SparsityCallback` +
-`hf_sparse.distillation_loss` (default: cosine between the student's and the teacher's mean-pooled sentence
+`hf_sparse.DistillationLoss` (default: cosine between the student's and the teacher's mean-pooled sentence
 embeddings, 1 epoch, lr 1e-4; `--hidden-layers last --hidden-loss mse` distills every token's last hidden state).
 
 Calibration and recovery text never contains an evaluation question or paragraph: it is the paragraphs and
@@ -13,7 +13,7 @@ questions of `squad-v2-dev-sample.json` minus every paragraph that XQuAD-en hold
 
 Run (about 10 minutes on 2 shared CPU cores; `--device cuda` on a GPU):
 
-    HF_HUB_OFFLINE=1 python -m hf_sparse.benchmarks.quality --output quality.json
+    HF_HUB_OFFLINE=1 python -m benchmarks.quality --output quality.json
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hf_sparse import SparsityCallback, SparsityConfig, distillation_loss, prune_, sparsity_report
+from hf_sparse import DistillationLoss, SparsityCallback, SparsityConfig, prune_, sparsity_report
 from hf_sparse.selection import select_layers
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "squad"
@@ -117,7 +117,7 @@ class _Texts(torch.utils.data.Dataset):
 
 
 def recover_(model, teacher, tokenizer, texts, args, device: str) -> dict:
-    """Distills `teacher` into the pruned `model` with Trainer + SparsityCallback + distillation_loss."""
+    """Distills `teacher` into the pruned `model` with Trainer + SparsityCallback + DistillationLoss."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     if not args.dropout:
@@ -146,7 +146,7 @@ def recover_(model, teacher, tokenizer, texts, args, device: str) -> dict:
             seed=args.seed,
             **extra,
         )
-        loss = distillation_loss(
+        loss = DistillationLoss(
             teacher,
             model,
             logits_weight=0.0,
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"dense recall@1 {rows[0]['zero_shot']:.2f}", flush=True)
     for criterion in args.criteria.split(","):
         torch.manual_seed(args.seed)
-        model = copy.deepcopy(dense).requires_grad_(True)  # the teacher (dense) is frozen by distillation_loss
+        model = copy.deepcopy(dense).requires_grad_(True)  # the teacher (dense) is frozen by DistillationLoss
         config = SparsityConfig(
             criterion=criterion, calibration_samples=args.calibration_samples, sparsegpt_damping=args.sparsegpt_damping
         )

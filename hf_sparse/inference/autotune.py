@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -54,19 +55,35 @@ def gemm_key(out_features: int, in_features: int, dtype: torch.dtype, bias: bool
     return f"{out_features}x{in_features}|{dtype_name(dtype)}|{'bias' if bias else 'nobias'}|tokens<={bucket}"
 
 
-@dataclass
-class GemmChoice:
-    """What the autotuner chose for one GEMM shape and token-count bucket.
+class Plan(NamedTuple):
+    """How one GEMM runs: dense (`F.linear`) or the cuSPARSELt 2:4 kernel with its settings."""
 
-    `backend` is "sparse" or "dense". The sparse settings (`alg_id`, `split_k`, `split_k_mode`) are those of the
-    fastest sparse candidate even when dense won, so a layer that holds only the compressed weight still runs its
-    best sparse kernel. Times are per GEMM, in milliseconds, measured at `tokens` tokens.
-    """
-
-    backend: str
+    backend: str  # "sparse" or "dense"
     alg_id: int = 0
     split_k: int = 1
     split_k_mode: int = -1
+
+    def describe(self) -> str:
+        if self.backend == "dense":
+            return "dense"
+        extra = f", split-k {self.split_k}/{self.split_k_mode}" if self.split_k != 1 else ""
+        return f"sparse (alg {self.alg_id}{extra})"
+
+
+DENSE = Plan("dense")
+
+
+@dataclass
+class GemmChoice:
+    """What the autotuner measured and chose for one GEMM shape and token-count bucket.
+
+    `backend` is the winner, "sparse" or "dense". `sparse` is the fastest sparse `Plan` even when dense won, so a
+    layer that holds only the compressed weight still runs its best sparse kernel. Times are per GEMM, in
+    milliseconds, measured at `tokens` tokens.
+    """
+
+    backend: str
+    sparse: Plan = Plan("sparse")
     dense_ms: float | None = None
     sparse_ms: float | None = None
     tokens: int = 0
@@ -79,13 +96,24 @@ class GemmChoice:
             return None
         return self.dense_ms / self.sparse_ms
 
+    def plan(self, has_dense: bool) -> Plan:
+        """The plan a layer runs: the winner, except that a layer without a dense weight runs its best sparse
+        kernel where dense won (and dense only where no sparse kernel ran at all)."""
+        if self.backend == "dense" and (has_dense or self.sparse_ms is None):
+            return DENSE
+        return self.sparse
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data.update(self.sparse._asdict(), backend=self.backend)  # flat, as the cache file has always been
+        del data["sparse"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> GemmChoice:
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "sparse"}
+        settings = {k: data[k] for k in ("alg_id", "split_k", "split_k_mode") if k in data}
+        return cls(**known, sparse=Plan("sparse", **settings))
 
 
 def device_key(device: torch.device | str | None = None) -> str:
@@ -241,7 +269,7 @@ class Autotuner:
         """Times dense against every sparse candidate for this shape on `device`, under CUDA graphs."""
         import torch.nn.functional as F
 
-        from .masks import nm_mask
+        from ..masks import nm_mask
 
         device = torch.device(device)
         rows = tokens + (-tokens) % 8
@@ -281,7 +309,9 @@ class Autotuner:
             return GemmChoice("dense", dense_ms=dense_ms, tokens=tokens)
         (alg_id, split_k, split_k_mode), sparse_ms = min(timings.items(), key=lambda item: item[1])
         backend = "sparse" if dense_ms / sparse_ms >= self.min_speedup else "dense"
-        chosen = GemmChoice(backend, alg_id, split_k, split_k_mode, dense_ms, sparse_ms, tokens, len(timings))
+        chosen = GemmChoice(
+            backend, Plan("sparse", alg_id, split_k, split_k_mode), dense_ms, sparse_ms, tokens, len(timings)
+        )
         logger.info(
             "hf-sparse: tuned %s at %d tokens: dense %.4f ms, sparse %.4f ms (alg %d, split-k %d/%d) -> %s",
             f"{out_features}x{in_features} {dtype_name(dtype)}",
@@ -321,6 +351,19 @@ def cslt_linear(x, packed, bias, alg_id: int = 0, split_k: int = 1, split_k_mode
     return torch._cslt_sparse_mm(packed, x.t(), bias, transpose_result=True, alg_id=alg_id)
 
 
+def cuda_event_times(fn, reps: int) -> list[float]:
+    """Milliseconds of each of `reps` calls of `fn`, between CUDA events on the current stream (one synchronize at
+    the end, so the host does not wait between calls)."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends):
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
 def _time_graphed(fn, inner: int, reps: int) -> float | None:
     """Median milliseconds of one call of `fn`: a CUDA graph of one call, replayed `inner` times per timing, `reps`
     timings.
@@ -346,17 +389,12 @@ def _time_graphed(fn, inner: int, reps: int) -> float | None:
     torch.cuda.current_stream().wait_stream(stream)
     graph.replay()
     graph.replay()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for start, end in zip(starts, ends):
-        start.record()
+
+    def replays():
         for _ in range(inner):
             graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    ms = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / inner
-    del graph
-    return ms
+
+    return statistics.median(cuda_event_times(replays, reps)) / inner
 
 
 _DEFAULT_TUNER: Autotuner | None = None

@@ -10,7 +10,7 @@ when `null_score - best_span_score > null_score_diff_threshold` (or when no vali
 Ties are broken deterministically: among equal logits the earlier token ranks first; among equal pair scores the
 pair met first (start rank, then end rank) wins; among features, the earlier feature wins. Instead of Python loops
 over features and pairs, all `n_best_size**2` pairs of all features are scored at once, which takes about 1 s for
-SQuAD-dev-sized input on one CPU core (`python -m hf_sparse.benchmarks.postprocess`).
+SQuAD-dev-sized input on one CPU core (`python -m benchmarks.postprocess`).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class SquadPostprocessor:
     Args:
         examples: the validation examples (`datasets.Dataset`, dict of columns or list of dicts) with `id` and
             `context`.
-        features: their features from `hf_sparse.data.prepare_validation_features`, with `example_id` and
+        features: their features from `hf_sparse.squad.data.prepare_validation_features`, with `example_id` and
             `offset_mapping` (character offsets, `[-1, -1]` or `None` outside the context).
         n_best_size (`int`, defaults to 20): start and end candidates per feature.
         max_answer_length (`int`, defaults to 30): longest answer, in tokens.
@@ -294,35 +294,3 @@ class SquadPostprocessor:
             for i, (ok, cs, ce) in enumerate(zip(answer.tolist(), char_start.tolist(), char_end.tolist()))
         ]
         return QAPredictions(ids=list(self.ids), texts=texts, scores=example_score, null_score_diffs=diffs)
-
-
-def postprocess_qa_predictions(
-    examples: Any,
-    features: Any,
-    start_logits: Any,
-    end_logits: Any,
-    n_best_size: int = 20,
-    max_answer_length: int = 30,
-    version_2_with_negative: bool = False,
-    null_score_diff_threshold: float = 0.0,
-) -> QAPredictions:
-    """One answer per example from the logits of all features; see `SquadPostprocessor` (build that once when
-    you post-process the same features several times).
-
-    Example:
-
-    ```python
-    >>> from hf_sparse.postprocess import postprocess_qa_predictions
-    >>> answers = postprocess_qa_predictions(examples, features, start_logits, end_logits)
-    >>> squad_metric(answers.metric_inputs(), references)
-    ```
-    """
-    post = SquadPostprocessor(
-        examples,
-        features,
-        n_best_size=n_best_size,
-        max_answer_length=max_answer_length,
-        version_2_with_negative=version_2_with_negative,
-        null_score_diff_threshold=null_score_diff_threshold,
-    )
-    return post(start_logits, end_logits)

@@ -1,0 +1,312 @@
+"""Calibration for the activation-aware criteria: the batches to calibrate on, and the block-by-block pass that
+gathers each layer's input statistics.
+
+`block_statistics` runs the calibration batches through the model one transformer block at a time. The statistics
+of block k are gathered after the caller has pruned blocks 0..k-1 (and, for SparseGPT, updated them), so every
+block sees the inputs it will see in the pruned model. The forward pass stops at the end of the block being
+calibrated, and only that block's statistics are held: one vector (Wanda) or one `in_features x in_features` matrix
+(SparseGPT) per layer. Hidden states are never stored between blocks; the price is that block k is reached by
+running blocks 0..k-1 again (k(k+1)/2 block passes per batch instead of k), which is small next to SparseGPT's
+solve for the models this library targets.
+
+Statistics run in float32 on the CUDA GPU when there is one (or on `device`), whatever device the model is on; the
+forward passes run where the model is.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .config import SparsityConfig
+from .selection import block_of
+
+_LABEL_KEYS = {"labels", "label", "label_ids", "start_positions", "end_positions"}
+"""Batch keys that are labels, not model inputs (calibration needs activations only)."""
+
+
+class _StopForward(Exception):
+    """Raised by a hook at the end of the block being calibrated: the rest of the model is not needed."""
+
+
+# -- calibration data ------------------------------------------------------------------------------------------------
+
+
+def _is_batch(item) -> bool:
+    """A dict whose `input_ids` (or first tensor) has a batch dimension, rather than one example."""
+    if not isinstance(item, Mapping):
+        return False
+    value = item.get("input_ids", next(iter(item.values()), None))
+    return isinstance(value, torch.Tensor) and value.dim() >= 2
+
+
+def _collate(examples: list[Mapping], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Stacks examples into a batch, right-padding 1-D sequences of different lengths (labels with -100)."""
+    batch = {}
+    for key in examples[0]:
+        values = [example[key] for example in examples]
+        if isinstance(values[0], str) or (isinstance(values[0], list) and values[0] and isinstance(values[0][0], str)):
+            continue  # text columns (e.g. "context") are not model inputs
+        tensors = [torch.as_tensor(v) for v in values]
+        if all(t.shape == tensors[0].shape for t in tensors):
+            batch[key] = torch.stack(tensors)
+            continue
+        if any(t.dim() != 1 for t in tensors):
+            raise ValueError(
+                f"calibration examples have {key!r} of different shapes {sorted({tuple(t.shape) for t in tensors})}; "
+                "pass batches (dicts of tensors with a batch dimension) or a DataLoader with a padding collator."
+            )
+        pad = -100 if "label" in key else pad_token_id if key == "input_ids" else 0
+        batch[key] = nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=pad)
+        if key == "input_ids" and "attention_mask" not in examples[0]:
+            lengths = torch.tensor([len(t) for t in tensors])
+            batch["attention_mask"] = (torch.arange(batch[key].shape[1])[None] < lengths[:, None]).long()
+    return batch
+
+
+def _take_rows(batch: dict, rows: int) -> dict:
+    size = next((v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    if size is None or size <= rows:
+        return batch
+    return {
+        k: v[:rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else v
+        for k, v in batch.items()
+    }
+
+
+def _batch_size(batch: dict) -> int:
+    return next((v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0), 1)
+
+
+def calibration_batches(data, config: SparsityConfig, pad_token_id: int = 0) -> list[dict[str, torch.Tensor]]:
+    """The first `config.calibration_samples` sequences of `data`, as a list of batches (dicts of tensors).
+
+    Args:
+        data: a `torch.utils.data.DataLoader` or any iterable of batches (dicts of tensors with a batch dimension);
+            a single batch; or a dataset / list / iterable of examples (dicts of tensors or lists of ints, as a
+            tokenized `datasets.Dataset` returns them), which are padded and batched by
+            `config.calibration_batch_size`. Text columns are ignored; tokenize first.
+        config: gives `calibration_samples` and `calibration_batch_size`.
+        pad_token_id: padding of `input_ids` when examples of different lengths are batched here.
+
+    Example:
+
+    ```python
+    >>> batches = calibration_batches(tokenizer(texts, padding=True, return_tensors="pt"), SparsityConfig())
+    ```
+    """
+    if data is None:
+        raise ValueError(
+            f"criterion={config.criterion!r} needs calibration data: pass calibration_data= to hf_sparse.prune_ "
+            "(a DataLoader, a tokenized dataset, or a list of batches or examples), or SparsityCallback("
+            "calibration_data=...); under a Trainer the callback takes it from the train dataloader."
+        )
+    if isinstance(data, Mapping):  # one batch, e.g. a tokenizer's BatchEncoding
+        data = [dict(data)] if _is_batch(data) else [data]
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable) and not hasattr(data, "__getitem__"):
+        raise TypeError(
+            f"calibration_data must be a DataLoader, a dataset, or a list of batches or examples; got "
+            f"{type(data).__name__}. Tokenize text first (e.g. tokenizer(texts, padding=True, return_tensors='pt'))."
+        )
+    wanted = config.calibration_samples
+    batches, pending, seen = [], [], 0
+
+    def flush():
+        nonlocal pending, seen
+        if pending:
+            batch = _collate(pending, pad_token_id)
+            batches.append(batch)
+            seen += _batch_size(batch)
+            pending = []
+
+    items = iter(data) if isinstance(data, Iterable) else (data[i] for i in range(len(data)))
+    for item in items:
+        if seen >= wanted:
+            break
+        if _is_batch(item):
+            flush()
+            batch = _take_rows(dict(item), wanted - seen)
+            batches.append(batch)
+            seen += _batch_size(batch)
+        elif isinstance(item, Mapping):
+            pending.append(item)
+            if len(pending) == min(config.calibration_batch_size, wanted - seen):
+                flush()
+        else:
+            raise TypeError(
+                f"calibration_data items must be dicts (batches or examples, e.g. with 'input_ids'); got "
+                f"{type(item).__name__}."
+            )
+    flush()
+    if not batches:
+        raise ValueError("calibration_data is empty; give at least one batch or example.")
+    return batches
+
+
+def calibration_sample(dataset, config: SparsityConfig, seed: int = 0) -> list:
+    """`config.calibration_samples` examples of a map-style `dataset` (all of it if smaller), drawn by a permutation
+    seeded with `seed`: every data-parallel rank draws the same examples, and no global random state is touched.
+
+    Example:
+
+    ```python
+    >>> examples = calibration_sample(train_features, SparsityConfig(criterion="sparsegpt"), seed=0)
+    >>> masks = hf_sparse.prune_(model, config, calibration_data=examples)
+    ```
+    """
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=generator)[: config.calibration_samples].tolist()
+    return [dataset[i] for i in order]
+
+
+def calibration_from_dataloader(dataloader, config: SparsityConfig, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches from a training dataloader, without disturbing it.
+
+    For a map-style dataset, `calibration_sample` draws the examples and the dataloader's own collator batches them
+    by `config.calibration_batch_size`. Otherwise the dataloader's first batches are used.
+    """
+    dataset = getattr(dataloader, "dataset", None)
+    collate_fn = getattr(dataloader, "collate_fn", None)
+    map_style = (
+        dataset is not None
+        and collate_fn is not None
+        and hasattr(dataset, "__getitem__")
+        and hasattr(dataset, "__len__")
+        and not isinstance(dataset, torch.utils.data.IterableDataset)
+    )
+    if not map_style:
+        return calibration_batches(dataloader, config)
+    examples = calibration_sample(dataset, config, seed)
+    size = config.calibration_batch_size
+    return [dict(collate_fn(examples[j : j + size])) for j in range(0, len(examples), size)]
+
+
+def model_inputs(model: nn.Module, batch: dict, device: torch.device) -> dict:
+    """The entries of `batch` that `model.forward` takes, labels left out, tensors moved to `device`."""
+    params = inspect.signature(model.forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    inputs = {}
+    for key, value in batch.items():
+        if key in _LABEL_KEYS or (key not in params and not takes_any):
+            continue  # calibration needs activations only; labels would just add a loss computation
+        inputs[key] = value.to(device) if isinstance(value, torch.Tensor) else value
+    if not inputs:
+        raise ValueError(f"calibration batch keys {sorted(batch)} are not inputs of {type(model).__name__}.forward.")
+    return inputs
+
+
+# -- block by block --------------------------------------------------------------------------------------------------
+
+
+def _groups(model: nn.Module, layers: dict[str, nn.Linear]) -> list[tuple[str | None, list[str]]]:
+    """Layers grouped by block, blocks in module order; layers outside any block come last (one full pass)."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    by_block: dict[str | None, list[str]] = {}
+    for name in sorted(layers, key=lambda n: order.get(n, len(order))):
+        by_block.setdefault(block_of(name), []).append(name)
+    blocks = sorted((b for b in by_block if b is not None), key=lambda b: order.get(b, len(order)))
+    groups = [(b, by_block[b]) for b in blocks]
+    if None in by_block:
+        groups.append((None, by_block[None]))
+    return groups
+
+
+# -- statistics ------------------------------------------------------------------------------------------------------
+
+
+class _InputStats:
+    """Running statistics of a linear layer's inputs over the calibration tokens (padding excluded)."""
+
+    def __init__(self, in_features: int, hessian: bool, device: torch.device):
+        self.tokens = 0
+        self.sq_norms = None if hessian else torch.zeros(in_features, device=device, dtype=torch.float32)
+        self.hessian = torch.zeros(in_features, in_features, device=device, dtype=torch.float32) if hessian else None
+        self.device = device
+
+    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        if token_mask is not None and token_mask.numel() == x.shape[0]:
+            x = x[token_mask.reshape(-1).to(x.device)]
+        x = x.to(self.device, torch.float32)
+        self.tokens += x.shape[0]
+        if self.hessian is not None:
+            self.hessian.addmm_(x.T, x)
+        else:
+            self.sq_norms += (x * x).sum(dim=0)
+
+
+def stats_device(model: nn.Module, device=None) -> torch.device:
+    """Where statistics and solves run: `device`, else the model's accelerator, else CUDA if any, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type != "cpu":
+        return param.device
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@torch.no_grad()
+def block_statistics(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    batches: list[dict],
+    hessian: bool,
+    device: torch.device,
+) -> Iterator[dict[str, _InputStats]]:
+    """Yields, block after block, the input statistics of `layers` in that block over `batches`.
+
+    The next block's statistics are gathered only when the caller asks for them, so whatever the caller does to
+    the block it was given (prune it) is seen by every later block. The model's train/eval mode and
+    `config.use_cache` are restored when the iteration ends or fails.
+    """
+    modules = dict(model.named_modules())
+    was_training = model.training
+    model_config = getattr(model, "config", None)
+    use_cache = getattr(model_config, "use_cache", None)
+    model.eval()
+    if use_cache:
+        model_config.use_cache = False  # a KV cache would grow with every block pass
+    try:
+        for block, names in _groups(model, layers):
+            stats = {name: _InputStats(layers[name].in_features, hessian, device) for name in names}
+            token_mask: list[torch.Tensor | None] = [None]
+            handles = []
+            for name in names:
+
+                def record(module, args, kwargs, _stats=stats[name], _mask=token_mask):
+                    x = args[0] if args else kwargs.get("input")
+                    _stats.add(x, _mask[0])
+
+                handles.append(layers[name].register_forward_pre_hook(record, with_kwargs=True))
+            if block is not None:
+
+                def stop(module, args, output):
+                    raise _StopForward
+
+                handles.append(modules[block].register_forward_hook(stop))
+            try:
+                for batch in batches:
+                    mask = batch.get("attention_mask")
+                    token_mask[0] = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+                    try:
+                        model(**batch)
+                    except _StopForward:
+                        pass
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for name in names:
+                if stats[name].tokens == 0:
+                    raise ValueError(
+                        f"{name} saw no calibration tokens: the calibration batches do not reach it (an "
+                        "encoder-decoder needs decoder inputs too), or exclude it with exclude_modules."
+                    )
+            yield stats
+            del stats
+    finally:
+        model.train(was_training)
+        if use_cache:
+            model_config.use_cache = use_cache

@@ -1,1 +1,0 @@
-"""`evaluate` modules (`evaluate.load(hf_sparse.metrics.evaluate_module_path("squad"))`) that work offline."""

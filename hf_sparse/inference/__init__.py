@@ -1,0 +1,29 @@
+"""Fast 2:4 inference: swap exactly-2:4 `nn.Linear` layers for cuSPARSELt kernels, never slower than dense.
+
+- `swap.py`: `swap_to_semi_structured_` decides, layer by layer, what runs sparse, and reports it (`SwapReport`).
+- `layers.py`: the layers it installs (`SemiStructuredLinear`, fused q/k/v) and `semi_structured_support`.
+- `autotune.py`: dense against sparse per GEMM shape and token count, cached on disk.
+- `cuda_graphs.py`: `cuda_graphs(model)` replays captured forwards per input shape.
+- `benchmark.py`: the latency benchmark (`python -m hf_sparse.inference.benchmark`, or `hf-sparse-bench`).
+
+Everything here imports on a CPU machine; the kernels need an NVIDIA GPU of compute capability 8.0 or newer.
+"""
+
+from .autotune import Autotuner
+from .cuda_graphs import cuda_graphs, remove_cuda_graphs
+from .layers import FusedLinearSlice, SemiStructuredLinear, semi_structured_support
+from .swap import LayerSwap, SwapReport, fuse_qkv_, restore_dense_, swap_to_semi_structured_
+
+__all__ = [
+    "Autotuner",
+    "FusedLinearSlice",
+    "LayerSwap",
+    "SemiStructuredLinear",
+    "SwapReport",
+    "cuda_graphs",
+    "fuse_qkv_",
+    "remove_cuda_graphs",
+    "restore_dense_",
+    "semi_structured_support",
+    "swap_to_semi_structured_",
+]

@@ -1,0 +1,391 @@
+"""The layers a swapped model runs: `SemiStructuredLinear` (a 2:4 weight compressed for cuSPARSELt, with a dense
+fallback per token count), `FusedLinearSlice` (one of several sibling layers fused into one GEMM), the custom op
+that calls the sparse kernel, and the one check of whether 2:4 kernels can run here (`semi_structured_support`).
+
+`swap_to_semi_structured_` (in `swap.py`) decides which layers become these; this module only runs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..masks import is_nm
+from .autotune import DENSE, Autotuner, Plan, cslt_linear, dtype_name, token_bucket
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+ALIGN = 16  # cuSPARSELt needs both weight dimensions to be multiples of 16 for fp16/bf16
+
+
+# -- support ---------------------------------------------------------------------------------------------------------
+
+
+def support_problem(
+    device_type: str,
+    dtype: torch.dtype,
+    capability: tuple[int, int] | None = None,
+    gpu_name: str = "",
+    cusparselt_available: bool = True,
+    layer: str = "",
+) -> str | None:
+    """Why 2:4 kernels cannot run for weights of `dtype` on this device, or None when they can."""
+    where = f" ({layer})" if layer else ""
+    if device_type != "cuda":
+        return (
+            f"2:4 semi-structured kernels (cuSPARSELt) need an NVIDIA GPU of compute capability 8.0 or newer; the "
+            f"weights{where} are on {device_type}. Move the model to the GPU first (model.to('cuda')), or keep "
+            "the dense model."
+        )
+    if not cusparselt_available:
+        return (
+            "this PyTorch build has no cuSPARSELt (torch.backends.cusparselt.is_available() is False); install a "
+            "CUDA build of PyTorch from pytorch.org, or keep the dense model."
+        )
+    if capability is not None and tuple(capability) < (8, 0):
+        return (
+            f"2:4 semi-structured kernels need a GPU of compute capability 8.0 or newer; found "
+            f"{capability[0]}.{capability[1]}{f' ({gpu_name})' if gpu_name else ''}. Keep the dense model, or run "
+            "on an A100/H100/H200-class GPU."
+        )
+    if dtype not in SUPPORTED_DTYPES:
+        return (
+            f"2:4 kernels here take float16 or bfloat16 weights; the weights{where} are {dtype_name(dtype)}. "
+            "Convert the model first (model.half() or model.to(torch.bfloat16); the zeros stay exact)."
+        )
+    return None
+
+
+def semi_structured_support(device: torch.device | str, dtype: torch.dtype, layer: str = "") -> str | None:
+    """Why 2:4 kernels cannot run for `dtype` weights on `device`, or None when they can.
+
+    Example:
+
+    ```python
+    >>> semi_structured_support("cpu", torch.float16)
+    '2:4 semi-structured kernels (cuSPARSELt) need an NVIDIA GPU of compute capability 8.0 or newer; ...'
+    ```
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return support_problem(device.type, dtype, layer=layer)
+    if not torch.cuda.is_available():
+        return (
+            "2:4 semi-structured kernels (cuSPARSELt) need an NVIDIA GPU of compute capability 8.0 or newer; no "
+            "CUDA GPU is visible here. Keep the dense model, or run on a machine with one."
+        )
+    return support_problem(
+        "cuda",
+        dtype,
+        torch.cuda.get_device_capability(device),
+        torch.cuda.get_device_name(device),
+        torch.backends.cusparselt.is_available(),
+        layer,
+    )
+
+
+# -- the layers ------------------------------------------------------------------------------------------------------
+
+
+_DENSE_PLAN = DENSE
+_OP = None
+
+
+def _sparse_linear_op():
+    """`hf_sparse::sparse_linear` as a custom op, so `torch.compile` treats the cuSPARSELt call as one opaque
+    kernel with a known output shape (the meta function of `aten::_cslt_sparse_mm` cannot infer it)."""
+    global _OP
+    if _OP is not None:
+        return _OP
+
+    def sparse_linear(x, packed, bias, out_features, alg_id, split_k, split_k_mode):
+        rows = x.shape[0]
+        pad = (-rows) % 8  # cuSPARSELt needs the dense operand's dimensions to be multiples of 8
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        out = cslt_linear(x, packed, bias, alg_id, split_k, split_k_mode)
+        return out[:rows].clone() if pad else out
+
+    try:
+        op = torch.library.custom_op(
+            "hf_sparse::sparse_linear",
+            sparse_linear,
+            mutates_args=(),
+            schema="(Tensor x, Tensor packed, Tensor? bias, int out_features, int alg_id, int split_k, "
+            "int split_k_mode) -> Tensor",
+        )
+
+        @op.register_fake
+        def _(x, packed, bias, out_features, alg_id, split_k, split_k_mode):
+            return x.new_empty((x.shape[0], out_features))
+
+        _OP = op
+    except Exception as err:  # pragma: no cover - registration differs across torch versions
+        logger.debug("hf-sparse: custom op registration failed (%s); calling cuSPARSELt directly.", err)
+        _OP = sparse_linear
+    return _OP
+
+
+def _compress(weight: torch.Tensor) -> torch.Tensor:
+    return torch._cslt_compress(weight.contiguous())
+
+
+def _decompress(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    # The sparse kernel times an identity matrix: each output is one weight times 1.0 plus exact zeros, so the
+    # dense weight comes back bit for bit.
+    eye = torch.eye(in_features, dtype=packed.dtype, device=packed.device)
+    return torch._cslt_sparse_mm(packed, eye)
+
+
+class SemiStructuredLinear(nn.Module):
+    """A linear layer whose 2:4 weight is held compressed for cuSPARSELt, with a per-token-count dense fallback.
+
+    Built by `swap_to_semi_structured_`; not an `nn.Linear` subclass, so pruning code never mistakes it for a
+    trainable layer. Every tensor is a non-persistent buffer; `state_dict()` emits the dense `weight` (exactly
+    decompressed) and `bias`, so checkpoints stay ordinary.
+
+    Args:
+        weight: the dense 2:4 weight, `(out_features, in_features)`, fp16/bf16 on a CUDA device; None for a purely
+            dense layer (the fused dense baseline).
+        bias: the bias, or None.
+        plans: token-count bucket -> `Plan`; buckets not listed are tuned on first use (see `Autotuner`).
+        keep_dense: also keep the dense weight, for buckets where dense is faster.
+        tuner: the `Autotuner` consulted for new buckets; None runs the nearest known plan.
+        name: the layer's name, for messages.
+        emits_state: whether `state_dict()` holds this layer's `weight`/`bias` (False for a fused group, whose
+            member layers emit their own slices).
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        sparse: bool = True,
+        plans: dict[int, Plan] | None = None,
+        keep_dense: bool = False,
+        tuner: Autotuner | None = None,
+        name: str = "",
+        emits_state: bool = True,
+    ):
+        super().__init__()
+        weight = weight.detach()
+        self.out_features, self.in_features = weight.shape
+        self.name = name
+        self.tuner = tuner
+        self.plans: dict[int, Plan] = dict(plans or {})
+        self.emits_state = emits_state
+        if sparse:
+            _sparse_linear_op()  # registering the op later, while torch.compile traces, would break the graph
+        self.register_buffer("packed", _compress(weight) if sparse else None, persistent=False)
+        self.register_buffer(
+            "dense_weight", weight.clone().contiguous() if (keep_dense or not sparse) else None, persistent=False
+        )
+        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
+        self.register_state_dict_post_hook(_emit_state)
+        self.register_load_state_dict_pre_hook(_load_state)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.packed if self.packed is not None else self.dense_weight).dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (decompressed on each access for a sparse-only layer: use it sparingly)."""
+        if self.dense_weight is not None:
+            return self.dense_weight
+        return _decompress(self.packed, self.out_features, self.in_features)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.dense_weight) if t is not None)
+
+    def extra_repr(self) -> str:
+        kinds = [k for k, t in (("compressed 2:4", self.packed), ("dense", self.dense_weight)) if t is not None]
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weights={'+'.join(kinds)}"
+        )
+
+    def plan(self, tokens: int) -> Plan:
+        """How a call with `tokens` rows runs (tuning the bucket first if it is new and tuning is possible)."""
+        if self.packed is None:
+            return _DENSE_PLAN  # constant: no dict lookups or writes for torch.compile to guard on
+        bucket = token_bucket(tokens)
+        found = self.plans.get(bucket)
+        if found is None:
+            found = self._new_plan(bucket, tokens)
+        return found
+
+    def _new_plan(self, bucket: int, tokens: int) -> Plan:
+        busy = torch.compiler.is_compiling() or (
+            torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        )
+        if self.tuner is None or busy:
+            # No timing inside a capture or a trace: use the plan of the nearest tuned bucket (not stored, so the
+            # bucket is tuned properly at the next eager call).
+            if not self.plans:
+                return Plan("sparse")
+            nearest = min(self.plans, key=lambda b: abs(math.log2(b) - math.log2(bucket)))
+            near = self.plans[nearest]
+            return near if (near.backend == "sparse" or self.dense_weight is not None) else Plan("sparse")
+        choice = self.tuner.choice(
+            self.out_features, self.in_features, self.dtype, self.bias is not None, tokens, self.packed.device
+        )
+        self.plans[bucket] = choice.plan(self.dense_weight is not None)
+        return self.plans[bucket]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype:
+            raise TypeError(
+                f"{self.name or 'SemiStructuredLinear'}: input is {dtype_name(x.dtype)} but the weights are "
+                f"{dtype_name(self.dtype)}; cast the inputs (or run under torch.autocast with that dtype)."
+            )
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        plan = self.plan(x2.shape[0])
+        if plan.backend == "dense" or x2.shape[0] == 0:
+            out = F.linear(x2, self.weight, self.bias)
+        else:
+            out = _sparse_linear_op()(
+                x2, self.packed, self.bias, self.out_features, plan.alg_id, plan.split_k, plan.split_k_mode
+            )
+        return out.view(*lead, self.out_features)
+
+    # -- dense weights in and out ----------------------------------------------------------------------------------
+
+    def set_weight_(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows: slice | None = None) -> None:
+        """Replaces the weight (or the rows `rows` of it) with a dense 2:4 tensor, recompressing it."""
+        with torch.no_grad():
+            device = (self.packed if self.packed is not None else self.dense_weight).device
+            weight = weight.to(device=device, dtype=self.dtype)
+            if rows is not None:
+                full = self.weight.clone()
+                full[rows] = weight
+                weight = full
+            if tuple(weight.shape) != (self.out_features, self.in_features):
+                raise ValueError(
+                    f"{self.name}: weight of shape {tuple(weight.shape)} does not fit a layer of shape "
+                    f"({self.out_features}, {self.in_features})."
+                )
+            if self.packed is not None:
+                if not is_nm(weight, 2, 4):
+                    raise ValueError(f"{self.name}: the new weight is not 2:4; prune it first (hf_sparse.prune_).")
+                self.packed.copy_(_compress(weight))
+            if self.dense_weight is not None:
+                self.dense_weight.copy_(weight)
+            if bias is not None and self.bias is not None:
+                target = self.bias if rows is None else self.bias[rows]
+                target.copy_(bias.to(target))
+
+
+def _emit_state(module, state_dict, prefix, local_metadata) -> None:
+    if isinstance(module, SemiStructuredLinear):
+        if not module.emits_state:
+            return
+        state_dict[prefix + "weight"] = module.weight.detach().clone()
+        if module.bias is not None:
+            state_dict[prefix + "bias"] = module.bias.detach().clone()
+    else:  # FusedLinearSlice
+        fused, rows = module.fused, module.rows
+        state_dict[prefix + "weight"] = fused.weight[rows].detach().clone()
+        if fused.bias is not None:
+            state_dict[prefix + "bias"] = fused.bias[rows].detach().clone()
+
+
+def _load_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    if isinstance(module, SemiStructuredLinear) and not module.emits_state:
+        return
+    has_bias = (module.bias if isinstance(module, SemiStructuredLinear) else module.fused.bias) is not None
+    weight = state_dict.pop(prefix + "weight", None)
+    bias = state_dict.pop(prefix + "bias", None) if has_bias else None
+    if weight is None:
+        missing_keys.append(prefix + "weight")
+        return
+    if has_bias and bias is None:
+        missing_keys.append(prefix + "bias")
+    try:
+        if isinstance(module, SemiStructuredLinear):
+            module.set_weight_(weight, bias)
+        else:
+            module.fused.set_weight_(weight, bias, rows=module.rows)
+    except ValueError as err:
+        error_msgs.append(f"{prefix}weight: {err}")
+
+
+class _FusedGroup:
+    """Shares one fused GEMM among sibling layers called on the same input (query, key, value)."""
+
+    def __init__(self, fused: SemiStructuredLinear, names: list[str]):
+        self.fused = fused
+        self.names = names
+        self._input = None
+        self._version = -1
+        self._output = None
+        self._served: set[int] = set()
+        self._warned = False
+
+    def output(self, x: torch.Tensor, index: int, rows: slice) -> torch.Tensor:
+        # While torch.compile traces, tensor identity is known but a tensor's version is not (it would break the
+        # graph): inputs are not modified in place between sibling calls inside a compiled region.
+        compiling = torch.compiler.is_compiling()
+        changed = self._input is not x or (not compiling and x._version != self._version)
+        if changed or index in self._served:
+            if self._served and len(self._served) < len(self.names) and not self._warned:
+                self._warned = True
+                logger.warning(
+                    "hf-sparse: fused layers %s were called on different inputs, so each call computes all of "
+                    "them; swap with fuse_qkv=False for this model.",
+                    self.fused.name,
+                )
+            self._output = self.fused(x)
+            self._version = -1 if compiling else x._version
+            self._input, self._served = x, set()
+        self._served.add(index)
+        out = self._output[..., rows]
+        if len(self._served) == len(self.names):
+            self._input = self._output = None  # every member served: hold no activations
+        return out
+
+
+class FusedLinearSlice(nn.Module):
+    """One of several sibling layers fused into a single GEMM (e.g. `key` of query/key/value).
+
+    Its output is a column slice of the fused output (no copy). `state_dict()` emits its own rows of the fused
+    weight and bias under its original `weight`/`bias` keys.
+    """
+
+    def __init__(self, group: _FusedGroup, index: int, rows: slice):
+        super().__init__()
+        object.__setattr__(self, "_group", group)  # not a submodule: the fused layer lives on the parent
+        self.index = index
+        self.rows = rows
+        self.in_features = group.fused.in_features
+        self.out_features = rows.stop - rows.start
+        self.register_state_dict_post_hook(_emit_state)
+        self.register_load_state_dict_pre_hook(_load_state)
+
+    @property
+    def fused(self) -> SemiStructuredLinear:
+        return self._group.fused
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.fused.weight[self.rows]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None if self.fused.bias is None else self.fused.bias[self.rows]
+
+    def extra_repr(self) -> str:
+        return f"rows {self.rows.start}:{self.rows.stop} of {self.fused.name}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._group.output(x, self.index, self.rows)
