@@ -1,5 +1,5 @@
-"""SQuAD data: loading (Hub name or official JSON), and tokenization into model features.
-Synthetic data lives in `hf_sparse.squad.synthetic`.
+"""SQuAD data: loading (Hub name or official JSON) and tokenization into model features (synthetic data is in
+`hf_sparse.squad.synthetic`).
 
 Training features (`prepare_train_features`) and validation features (`prepare_validation_features`) follow the
 Hugging Face question-answering tutorial: question + context, only the context truncated, long contexts split into
