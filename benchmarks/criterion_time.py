@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from hf_sparse import SparsityConfig, prune_
+from hf_sparse.run_report import environment
 
 
 def _sync(device: torch.device) -> None:
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     for criterion, s in seconds.items():
         print(f"  {criterion:<10} {s:8.2f} s")
     result = {"device": name, "samples": args.samples, "seq_len": args.seq_len, "seconds": seconds}
-    result["versions"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
+    result["environment"] = environment()
     if args.output:
         args.output.write_text(json.dumps(result, indent=2))
     return result

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import re
 import tempfile
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_sparse import DistillationLoss, SparsityCallback, SparsityConfig, prune_, sparsity_report
+from hf_sparse.run_report import environment
 from hf_sparse.selection import select_layers
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "squad"
@@ -272,9 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
         "training_texts": len(texts),
         "rows": rows,
         "table": table,
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus"
-        + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
+        "environment": environment(),
     }
     args.output.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.output}")
