@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..masks import is_nm
-from .autotune import DENSE, Autotuner, Plan, cslt_linear, dtype_name, token_bucket
+from . import cusparselt
+from .autotune import DENSE, Autotuner, Plan, dtype_name, token_bucket
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +105,8 @@ def _sparse_linear_op():
         return _OP
 
     def sparse_linear(x, packed, bias, out_features, alg_id, split_k, split_k_mode):
-        rows = x.shape[0]
-        pad = (-rows) % 8  # cuSPARSELt needs the dense operand's dimensions to be multiples of 8
-        if pad:
-            x = F.pad(x, (0, 0, 0, pad))
-        out = cslt_linear(x, packed, bias, alg_id, split_k, split_k_mode)
-        return out[:rows].clone() if pad else out
+        out = _sparse_matmul(x, packed, bias, out_features, alg_id, split_k, split_k_mode)
+        return out.clone() if out._base is not None else out  # a custom op returns no views of its temporaries
 
     try:
         op = torch.library.custom_op(
@@ -129,6 +126,27 @@ def _sparse_linear_op():
         logger.debug("hf-sparse: custom op registration failed (%s); calling cuSPARSELt directly.", err)
         _OP = sparse_linear
     return _OP
+
+
+def _sparse_matmul(x, packed, bias, out_features, alg_id, split_k, split_k_mode, plans=None):
+    """`x @ W.T + bias` through a kept cuSPARSELt plan (see `cusparselt`), else through `torch._cslt_sparse_mm`
+    (which sets a plan up on every call). `plans`: a layer's own (rows, settings) -> plan dict, to skip the global
+    lookup."""
+    rows = x.shape[0]
+    pad = (-rows) % 8  # cuSPARSELt needs the dense operand's dimensions to be multiples of 8
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    if cusparselt.available():
+        key = (x.shape[0], alg_id, split_k, split_k_mode)
+        plan = None if plans is None else plans.get(key)
+        if plan is None or (bias is not None and plan.key.bias_ptr != bias.data_ptr()):
+            plan = cusparselt.plan_for(x, packed, bias, out_features, alg_id, split_k, split_k_mode)
+            if plans is not None:
+                plans[key] = plan
+        out = plan(x, packed)
+    else:
+        out = cusparselt.cslt_linear(x, packed, bias, alg_id, split_k, split_k_mode)
+    return out[:rows] if pad else out
 
 
 def _compress(weight: torch.Tensor) -> torch.Tensor:
@@ -180,6 +198,8 @@ class SemiStructuredLinear(nn.Module):
         self.tuner = tuner
         self.plans: dict[int, Plan] = dict(plans or {})
         self.emits_state = emits_state
+        self._matmul_plans: dict = {}  # (rows, alg_id, split_k, split_k_mode) -> cusparselt.MatmulPlan
+        self._eager: dict = {}  # (rows, dtype) -> the kernel that runs them, see forward
         if sparse:
             _sparse_linear_op()  # registering the op later, while torch.compile traces, would break the graph
         self.register_buffer("packed", _compress(weight) if sparse else None, persistent=False)
@@ -189,6 +209,16 @@ class SemiStructuredLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
         self.register_state_dict_post_hook(_emit_state)
         self.register_load_state_dict_pre_hook(_load_state)
+
+    def _apply(self, fn, recurse=True):
+        # plans and fast paths point at this layer's tensors and device: rebuild them after .to()/.cuda()/.half()
+        self._matmul_plans, self._eager = {}, {}
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state["_matmul_plans"], state["_eager"] = {}, {}  # host handles and closures: a copy builds its own
+        return state
 
     @property
     def dtype(self) -> torch.dtype:
@@ -241,6 +271,16 @@ class SemiStructuredLinear(nn.Module):
         return self.plans[bucket]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            # Eager calls of a token count seen before: one dict lookup, then the kernel (a dense F.linear or a kept
+            # cuSPARSELt plan). An eager model is as fast as its host code, and this is what runs per layer.
+            rows = x.numel() // self.in_features
+            fast = self._eager.get((rows, x.dtype))
+            if fast is not None and x.shape[-1] == self.in_features:
+                return fast(x.reshape(rows, self.in_features).contiguous()).view(*x.shape[:-1], self.out_features)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype:
             raise TypeError(
                 f"{self.name or 'SemiStructuredLinear'}: input is {dtype_name(x.dtype)} but the weights are "
@@ -253,11 +293,41 @@ class SemiStructuredLinear(nn.Module):
         plan = self.plan(x2.shape[0])
         if plan.backend == "dense" or x2.shape[0] == 0:
             out = F.linear(x2, self.weight, self.bias)
-        else:
+        elif torch.compiler.is_compiling():
             out = _sparse_linear_op()(
                 x2, self.packed, self.bias, self.out_features, plan.alg_id, plan.split_k, plan.split_k_mode
             )
+        else:  # eager (or a CUDA graph capture): the layer's kept plans, no dispatcher round trip
+            out = _sparse_matmul(
+                x2,
+                self.packed,
+                self.bias,
+                self.out_features,
+                plan.alg_id,
+                plan.split_k,
+                plan.split_k_mode,
+                self._matmul_plans,
+            )
+            self._remember(x2.shape[0], x.dtype, plan)
+        if plan.backend == "dense":
+            self._remember(x2.shape[0], x.dtype, plan)
         return out.view(*lead, self.out_features)
+
+    def _remember(self, rows: int, dtype: torch.dtype, plan: Plan) -> None:
+        """Keeps the kernel this token count runs, for the eager fast path (only a tuned bucket's settled plan)."""
+        if rows == 0 or torch.compiler.is_compiling():
+            return
+        if self.packed is not None and token_bucket(rows) not in self.plans:
+            return
+        weight, bias = self.dense_weight, self.bias
+        if plan.backend == "dense":
+            if weight is not None:
+                self._eager[(rows, dtype)] = lambda x: F.linear(x, weight, bias)
+            return
+        matmul = self._matmul_plans.get((rows, plan.alg_id, plan.split_k, plan.split_k_mode))
+        if matmul is not None and rows % 8 == 0:
+            packed = self.packed
+            self._eager[(rows, dtype)] = lambda x: matmul(x, packed)
 
     # -- dense weights in and out ----------------------------------------------------------------------------------
 
