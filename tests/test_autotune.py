@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 import torch
@@ -26,6 +27,9 @@ class FakeTimings(Autotuner):
 
     def device_key(self, device):
         return format_device_key(self.gpu, (9, 0), "2.11.0", "13.0", 800)
+
+    def measure_many(self, requests, device):
+        return [self.measure(*request, device) for request in requests]
 
     def measure(self, out_features, in_features, dtype, bias, tokens, device):
         self.calls.append((out_features, in_features, tokens))
@@ -109,3 +113,40 @@ def test_bad_settings_are_refused():
         Autotuner(cache_path=False, min_speedup=0)
     with pytest.raises(ValueError, match="reps"):
         Autotuner(cache_path=False, reps=0)
+
+
+# -- the tuning child process (CPU: a stand-in child speaks the same protocol) ---------------------------------------
+
+FAKE_CHILD = r"""
+import json, os, sys
+payload = json.loads(sys.stdin.read())
+for key, (out_f, in_f, dtype, bias, tokens) in payload["requests"].items():
+    skip = payload["skip"].get(key, [])
+    for alg in range(4):
+        if alg in skip:
+            continue
+        print(json.dumps({"request": key, "trying": alg}), flush=True)
+        if alg == 2 and tokens == 64:  # this algorithm "faults": the process dies on it
+            os.abort()
+    best = 3 if 2 in skip else 2
+    result = {"backend": "sparse", "alg_id": best, "dense_ms": 1.0, "sparse_ms": 0.5, "tokens": tokens}
+    print(json.dumps({"request": key, "result": result}), flush=True)
+"""
+
+
+def test_a_child_killed_by_an_algorithm_is_restarted_without_it(caplog):
+    from hf_sparse.inference.tuning import measure_in_child
+
+    requests = [(768, 768, torch.float16, True, 1536), (768, 768, torch.float16, True, 64)]
+    with caplog.at_level("WARNING", logger="hf_sparse.inference.tuning"):
+        chosen = measure_in_child(requests, "cpu", {}, command=[sys.executable, "-c", FAKE_CHILD])
+    assert [c["alg_id"] for c in chosen] == [2, 3]  # the first request kept its result; the second skipped alg 2
+    assert [c["tokens"] for c in chosen] == [1536, 64]
+    assert "algorithm 2 of 768x768 float16 at 64 tokens killed the tuning process" in caplog.text
+
+
+def test_a_child_that_cannot_start_says_how_to_tune_in_process():
+    from hf_sparse.inference.tuning import measure_in_child
+
+    with pytest.raises(RuntimeError, match=r"before trying any algorithm.*isolate=False"):
+        measure_in_child([(64, 64, torch.float16, False, 8)], "cpu", {}, command=[sys.executable, "-c", "exit(3)"])

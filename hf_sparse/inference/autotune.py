@@ -1,10 +1,11 @@
 """Per-shape autotuning of 2:4 sparse (cuSPARSELt) against dense GEMMs, cached in memory and on disk.
 
-Which kernel wins depends on the GEMM's shape and on the number of tokens: on an H200 (cuSPARSELt 0.8) the sparse
-kernels of BERT-base's layers ran at 0.72-1.04x of dense at 1,536 tokens and at 1.14-1.31x at 24,576-98,304
+Which kernel wins depends on the GEMM's shape and on the number of tokens: on an H100 (cuSPARSELt 0.8) the sparse
+kernels of BERT-base's layers ran at 0.74-1.02x of dense at 1,536 tokens and at 1.03-1.18x at 24,576-98,304
 tokens. So every distinct (weight shape, dtype, bias, token-count bucket) is timed once, dense against the sparse
-kernel over its algorithms and split-k settings, and the fastest is remembered. Timings run under CUDA graphs, so
-they measure the GPU and not the host work (~0.2 s on an H200) that `torch._cslt_sparse_mm` spends per eager call.
+kernel over its algorithms and split-k settings, and the fastest is remembered. The measuring itself (`tuning.py`)
+runs under CUDA graphs, in a child process by default, and keeps only algorithms whose result matches the masked
+dense one.
 
 The disk cache is one JSON file, keyed by the GPU, PyTorch, CUDA and cuSPARSELt versions: a choice measured on
 one machine is never used on another.
@@ -15,14 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from .tuning import measure_in_child, sweep
 
 logger = logging.getLogger(__name__)
 
@@ -143,11 +144,16 @@ class Autotuner:
         min_speedup: the sparse kernel is chosen only if it is at least this much faster than dense (a margin for
             timing noise, so a near tie never makes the model slower).
         reps: timed replays per candidate (the median is kept).
-        max_algorithms: at most this many cuSPARSELt algorithm ids are tried (0, 1, ... until one is refused).
+        max_algorithms: at most this many cuSPARSELt algorithm ids are tried (0, 1, ..., never past the largest
+            one cuSPARSELt offers for the shape).
         time_budget_s: stop trying further algorithms of one shape after this many seconds (each new cuSPARSELt
             algorithm costs host time to plan and load the first time it runs).
         split_k: split-k factors also tried on the two fastest algorithms (default none: they cost tuning time).
         split_k_modes: cuSPARSELt split-k modes tried with them (-1: its default, 1: one kernel, 2: two kernels).
+        isolate: run the sweeps in a child process (default), so an algorithm that faults on the GPU costs the
+            child and not this process's CUDA context; the child is restarted without it.
+        tolerance: largest relative error against the masked dense result (fp32 `F.linear`) for an algorithm to
+            be kept; default 5e-3 for fp16, 1e-2 for bf16.
 
     cuSPARSELt's own search (`torch._C._cusparselt.mm_search`) is not used: with PyTorch 2.11 and cuSPARSELt 0.8
     on an H200 it fails with an internal error for this layout and leaves the CUDA context unusable.
@@ -164,10 +170,12 @@ class Autotuner:
     cache_path: str | os.PathLike | bool | None = None
     min_speedup: float = 1.03
     reps: int = 10
-    max_algorithms: int = 32
+    max_algorithms: int = 64
     time_budget_s: float = 4.0
     split_k: tuple[int, ...] = ()
     split_k_modes: tuple[int, ...] = (-1,)
+    isolate: bool = True
+    tolerance: float | None = None
     _memory: dict[str, dict[str, GemmChoice]] = field(default_factory=dict, init=False, repr=False)
     _loaded: bool = field(default=False, init=False, repr=False)
     measurements: int = field(default=0, init=False)
@@ -263,138 +271,49 @@ class Autotuner:
 
     # -- measuring (GPU) -------------------------------------------------------------------------------------------
 
+    def prefetch(self, requests: list[tuple], device) -> None:
+        """Measures every `(out_features, in_features, dtype, bias, tokens)` not cached yet, together (one child
+        process when `isolate`), and caches the choices."""
+        missing, seen = [], set()
+        for request in requests:
+            out_features, in_features, dtype, bias, tokens = request
+            key = gemm_key(out_features, in_features, dtype, bias, token_bucket(tokens))
+            if key not in seen and self.cached(*request, device) is None:
+                seen.add(key)
+                missing.append(request)
+        if not missing:
+            return
+        for request, chosen in zip(missing, self.measure_many(missing, device)):
+            self.measurements += 1
+            self.store(*request, device, chosen)
+
     def measure(
         self, out_features: int, in_features: int, dtype: torch.dtype, bias: bool, tokens: int, device
     ) -> GemmChoice:
-        """Times dense against every sparse candidate for this shape on `device`, under CUDA graphs."""
-        import torch.nn.functional as F
+        """Times dense against every sparse candidate for this shape on `device` (see `measure_many`)."""
+        return self.measure_many([(out_features, in_features, dtype, bias, tokens)], device)[0]
 
-        from ..masks import nm_mask
+    def measure_many(self, requests: list[tuple], device) -> list[GemmChoice]:
+        """Times dense against the sparse candidates of each `(out_features, in_features, dtype, bias, tokens)`.
 
-        device = torch.device(device)
-        rows = tokens + (-tokens) % 8
-        gen = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(rows, in_features, device=device, dtype=dtype, generator=gen)
-        w = torch.randn(out_features, in_features, device=device, dtype=dtype, generator=gen)
-        w = w * nm_mask(w)
-        b = torch.randn(out_features, device=device, dtype=dtype, generator=gen) if bias else None
-        packed = torch._cslt_compress(w)
-        flops = 2.0 * rows * in_features * out_features
-        inner = int(min(20, max(1, 2e10 // flops)))
-
-        dense_ms = _time_graphed(lambda: F.linear(x, w, b), inner, self.reps)
-        if dense_ms is None:  # pragma: no cover - dense GEMMs do not fail
-            raise RuntimeError(f"could not time a dense {out_features}x{in_features} GEMM on {device}.")
-
-        def sparse(alg_id, split_k=1, split_k_mode=-1):
-            return lambda: cslt_linear(x, packed, b, alg_id, split_k, split_k_mode)
-
-        timings: dict[tuple[int, int, int], float] = {}
-        deadline = time.perf_counter() + self.time_budget_s
-        for alg_id in range(self.max_algorithms):
-            if alg_id > 0 and time.perf_counter() > deadline:
-                logger.info("hf-sparse: tuning time budget spent after %d algorithms.", alg_id)
-                break
-            ms = _time_graphed(sparse(alg_id), inner, self.reps)
-            if ms is None:  # algorithm ids run from 0 to a maximum that depends on the shape: stop past it
-                break
-            timings[(alg_id, 1, -1)] = ms
-        if self.split_k and split_k_supported():
-            best_algs = sorted({cfg[0] for cfg in timings}, key=lambda a: timings[(a, 1, -1)])[:2]
-            for cfg in [(a, k, mode) for a in best_algs for k in self.split_k for mode in self.split_k_modes]:
-                ms = _time_graphed(sparse(*cfg), inner, self.reps)
-                if ms is not None:
-                    timings[cfg] = ms
-        if not timings:
-            return GemmChoice("dense", dense_ms=dense_ms, tokens=tokens)
-        (alg_id, split_k, split_k_mode), sparse_ms = min(timings.items(), key=lambda item: item[1])
-        backend = "sparse" if dense_ms / sparse_ms >= self.min_speedup else "dense"
-        chosen = GemmChoice(
-            backend, Plan("sparse", alg_id, split_k, split_k_mode), dense_ms, sparse_ms, tokens, len(timings)
-        )
-        logger.info(
-            "hf-sparse: tuned %s at %d tokens: dense %.4f ms, sparse %.4f ms (alg %d, split-k %d/%d) -> %s",
-            f"{out_features}x{in_features} {dtype_name(dtype)}",
-            tokens,
-            dense_ms,
-            sparse_ms,
-            alg_id,
-            split_k,
-            split_k_mode,
-            backend,
-        )
-        return chosen
-
-
-def split_k_supported() -> bool:
-    """Whether this PyTorch's `torch._cslt_sparse_mm` takes `split_k` / `split_k_mode` (PyTorch >= 2.6)."""
-    schemas = torch._C._jit_get_schemas_for_operator("aten::_cslt_sparse_mm")
-    return any("split_k" in str(schema) for schema in schemas)
-
-
-def cslt_linear(x, packed, bias, alg_id: int = 0, split_k: int = 1, split_k_mode: int = -1):
-    """`x @ W.T + bias` for a 2-D contiguous `x` whose rows are a multiple of 8, with W compressed in `packed`.
-
-    Passing `x.t()` (a transposed view) with `transpose_result=True` makes cuSPARSELt read x as it lies and write
-    the result row-major, `(tokens, out_features)`: the layout the next op reads, with no copy on either side.
-    """
-    if split_k != 1 or split_k_mode != -1:
-        return torch._cslt_sparse_mm(
-            packed,
-            x.t(),
-            bias,
-            transpose_result=True,
-            alg_id=alg_id,
-            split_k=split_k,
-            split_k_mode=split_k_mode,
-        )
-    return torch._cslt_sparse_mm(packed, x.t(), bias, transpose_result=True, alg_id=alg_id)
-
-
-def cuda_event_times(fn, reps: int) -> list[float]:
-    """Milliseconds of each of `reps` calls of `fn`, between CUDA events on the current stream (one synchronize at
-    the end, so the host does not wait between calls)."""
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for start, end in zip(starts, ends):
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
-
-
-def _time_graphed(fn, inner: int, reps: int) -> float | None:
-    """Median milliseconds of one call of `fn`: a CUDA graph of one call, replayed `inner` times per timing, `reps`
-    timings.
-
-    Only one call is captured because every eager call of `torch._cslt_sparse_mm` with a chosen algorithm id pays
-    cuSPARSELt's plan set-up on the host again (a capture runs the host code too). Returns None if `fn` fails (an
-    algorithm id or split-k setting cuSPARSELt does not support for this shape).
-    """
-    try:
-        fn()
-        torch.cuda.synchronize()
-    except RuntimeError:
-        return None
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-            fn()
-    except RuntimeError:
-        torch.cuda.synchronize()
-        return None
-    torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    graph.replay()
-
-    def replays():
-        for _ in range(inner):
-            graph.replay()
-
-    return statistics.median(cuda_event_times(replays, reps)) / inner
+        With `isolate` (the default) the sweeps run in a child process: an algorithm that faults on the GPU (an
+        illegal instruction poisons the CUDA context of the process that ran it) costs that child, not this
+        process; the child is restarted without the faulty algorithm.
+        """
+        settings = {
+            "reps": self.reps,
+            "max_algorithms": self.max_algorithms,
+            "time_budget_s": self.time_budget_s,
+            "split_k": tuple(self.split_k),
+            "split_k_modes": tuple(self.split_k_modes),
+            "min_speedup": self.min_speedup,
+            "tolerance": self.tolerance,
+        }
+        if self.isolate:
+            measured = measure_in_child(requests, device, settings)
+        else:
+            measured = [sweep(*request, device, **settings) for request in requests]
+        return [GemmChoice.from_dict(m) for m in measured]
 
 
 _DEFAULT_TUNER: Autotuner | None = None

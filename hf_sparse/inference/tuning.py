@@ -1,0 +1,336 @@
+"""Measuring dense against the cuSPARSELt 2:4 kernel for one GEMM shape, in this process or in a child process.
+
+`sweep` times dense `F.linear` and the sparse kernel's algorithm ids (under CUDA graphs, so the host work is not
+timed), checks every algorithm it keeps against the masked dense result, and returns the fastest.
+
+An algorithm id that cuSPARSELt accepts can still fault on the GPU ("an illegal instruction" was seen on an H200
+with ids past the first one refused, and on an H100 in a test that ran ids below cuSPARSELt's maximum over 8 rows):
+the CUDA context of the process that ran it is then lost for good. So `measure_in_child` runs the sweeps in
+`python -c "...tuning.main()"`, which reads the requests as JSON on stdin and answers one JSON line per event on
+stdout: `{"request": i, "trying": alg_id}` before each algorithm runs, `{"request": i, "result": {...}}` after each
+request. If the child dies, the algorithm it was trying is skipped from then on and a new child measures the
+requests that have no result yet.
+
+`Autotuner` (in `autotune.py`) caches what these return.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import cusparselt
+
+logger = logging.getLogger(__name__)
+
+MAX_RESTARTS = 4
+"""Children started after the first one died, per `measure_in_child` call, before it gives up."""
+
+FAULT_ENV = "_HF_SPARSE_TUNE_FAULT"
+"""Testing hook: an algorithm id at which the child process makes a real, sticky CUDA fault (a device-side
+assert), as a faulty cuSPARSELt kernel would. Never set it outside tests."""
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _reference_tolerance(dtype: torch.dtype) -> float:
+    return 1e-2 if dtype == torch.bfloat16 else 5e-3
+
+
+def sweep(
+    out_features: int,
+    in_features: int,
+    dtype: torch.dtype,
+    bias: bool,
+    tokens: int,
+    device,
+    *,
+    reps: int = 10,
+    max_algorithms: int = 64,
+    time_budget_s: float = 4.0,
+    split_k: tuple[int, ...] = (),
+    split_k_modes: tuple[int, ...] = (-1,),
+    min_speedup: float = 1.03,
+    tolerance: float | None = None,
+    skip: tuple[int, ...] = (),
+    progress=None,
+) -> dict:
+    """Times dense against the sparse kernel's algorithms for one GEMM shape, in this process, under CUDA graphs.
+
+    Algorithm ids run from 0 up to the largest one cuSPARSELt offers for this shape (read from cuSPARSELt itself
+    when the plan-keeping binding is available, so no id past it is ever set; otherwise the sweep stops at the first
+    id refused). Every algorithm kept is checked against the masked dense result (`F.linear` in fp32): one whose
+    relative error exceeds `tolerance` is dropped. `skip` lists ids never to run; `progress(alg_id)` is called
+    before each one runs (the child process reports it, so a fault can be pinned on its algorithm).
+
+    Returns the measurement as a dict: `backend` ("sparse" or "dense"), `alg_id`, `split_k`, `split_k_mode`,
+    `dense_ms`, `sparse_ms`, `tokens`, `candidates` (algorithms verified and timed).
+    """
+    import torch.nn.functional as F
+
+    from ..masks import nm_mask
+
+    device = torch.device(device)
+    tolerance = _reference_tolerance(dtype) if tolerance is None else tolerance
+    rows = tokens + (-tokens) % 8
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(rows, in_features, device=device, dtype=dtype, generator=gen)
+    w = torch.randn(out_features, in_features, device=device, dtype=dtype, generator=gen)
+    w = w * nm_mask(w)
+    b = torch.randn(out_features, device=device, dtype=dtype, generator=gen) if bias else None
+    packed = torch._cslt_compress(w)
+    reference = F.linear(x.float(), w.float(), None if b is None else b.float())
+    flops = 2.0 * rows * in_features * out_features
+    inner = int(min(20, max(1, 2e10 // flops)))
+
+    dense_ms = time_graphed(lambda: F.linear(x, w, b), inner, reps)
+    if dense_ms is None:  # pragma: no cover - dense GEMMs do not fail
+        raise RuntimeError(f"could not time a dense {out_features}x{in_features} GEMM on {device}.")
+
+    planned = cusparselt.available()
+    plans = cusparselt.PlanCache()
+    if planned:
+        last_id = min(max_algorithms - 1, cusparselt.max_alg_id(out_features, in_features, rows, dtype, device, b))
+    else:
+        last_id = max_algorithms - 1
+
+    def sparse(alg_id, k=1, mode=-1):
+        if planned:
+            plan = plans.get(cusparselt.PlanKey(device.index or 0, out_features, in_features, rows, dtype,
+                                                0 if b is None else b.data_ptr(), alg_id, k, mode), b)  # fmt: skip
+            return lambda: plan(x, packed)
+        return lambda: cusparselt.cslt_linear(x, packed, b, alg_id, k, mode)
+
+    def run(config) -> float | None:
+        try:
+            fn = sparse(*config)
+            error = float((fn().float() - reference).norm() / reference.norm())
+        except (cusparselt.CusparseLtError, ValueError):  # refused by cuSPARSELt for this shape
+            return None
+        except RuntimeError:
+            torch.cuda.synchronize()  # a GPU fault leaves a sticky error: raise it here, ending this process's sweep
+            return None
+        if not error <= tolerance:  # NaN fails too
+            logger.warning(
+                "hf-sparse: cuSPARSELt algorithm %s of %dx%d %s at %d tokens is off the masked dense result "
+                "(relative error %.2e > %.0e); not used.",
+                config, out_features, in_features, _dtype_name(dtype), tokens, error, tolerance,
+            )  # fmt: skip
+            return float("nan")
+        return time_graphed(fn, inner, reps)
+
+    timings: dict[tuple[int, int, int], float] = {}
+    deadline = time.perf_counter() + time_budget_s
+    try:
+        for alg_id in range(last_id + 1):
+            if alg_id > 0 and time.perf_counter() > deadline:
+                logger.info("hf-sparse: tuning time budget spent after %d algorithms.", alg_id)
+                break
+            if alg_id in skip:
+                continue
+            if progress is not None:
+                progress(alg_id)
+            ms = run((alg_id, 1, -1))
+            if ms is None:  # refused: ids run from 0 to a maximum that depends on the shape; stop past it
+                break
+            if ms == ms:  # not NaN: verified
+                timings[(alg_id, 1, -1)] = ms
+        if split_k and (planned or cusparselt.split_k_supported()):
+            best_algs = sorted({cfg[0] for cfg in timings}, key=lambda a: timings[(a, 1, -1)])[:2]
+            for cfg in [(a, k, mode) for a in best_algs for k in split_k for mode in split_k_modes]:
+                if progress is not None:
+                    progress(cfg[0])
+                ms = run(cfg)
+                if ms is not None and ms == ms:
+                    timings[cfg] = ms
+    finally:
+        plans.clear()
+    if not timings:
+        return {"backend": "dense", "dense_ms": dense_ms, "tokens": tokens}
+    (alg_id, k, mode), sparse_ms = min(timings.items(), key=lambda item: item[1])
+    backend = "sparse" if dense_ms / sparse_ms >= min_speedup else "dense"
+    chosen = {
+        "backend": backend,
+        "alg_id": alg_id,
+        "split_k": k,
+        "split_k_mode": mode,
+        "dense_ms": dense_ms,
+        "sparse_ms": sparse_ms,
+        "tokens": tokens,
+        "candidates": len(timings),
+    }
+    logger.info(
+        "hf-sparse: tuned %s at %d tokens: dense %.4f ms, sparse %.4f ms (alg %d, split-k %d/%d, %d verified) -> %s",
+        f"{out_features}x{in_features} {_dtype_name(dtype)}", tokens, dense_ms, sparse_ms, alg_id, k, mode,
+        len(timings), backend,
+    )  # fmt: skip
+    return chosen
+
+
+def cuda_event_times(fn, reps: int) -> list[float]:
+    """Milliseconds of each of `reps` calls of `fn`, between CUDA events on the current stream (one synchronize at
+    the end, so the host does not wait between calls)."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends):
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def time_graphed(fn, inner: int, reps: int) -> float | None:
+    """Median milliseconds of one call of `fn`: a CUDA graph of one call, replayed `inner` times per timing, `reps`
+    timings.
+
+    One call is captured and replayed, so the timing is the GPU's (not the host work of the call). Returns None if
+    `fn` is refused (an algorithm id or split-k setting cuSPARSELt does not support for this shape); a GPU fault
+    (a sticky CUDA error) raises.
+    """
+    try:
+        fn()
+        torch.cuda.synchronize()
+    except RuntimeError:
+        torch.cuda.synchronize()  # raises again if the context is lost (a fault, not a refusal)
+        return None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            fn()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    graph.replay()
+
+    def replays():
+        for _ in range(inner):
+            graph.replay()
+
+    return statistics.median(cuda_event_times(replays, reps)) / inner
+
+
+def _command() -> list[str]:
+    return [sys.executable, "-c", "from hf_sparse.inference.tuning import main; main()"]
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])  # the child imports this very hf_sparse
+    env["PYTHONPATH"] = os.pathsep.join([package_root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def measure_in_child(requests: list[tuple], device, settings: dict, command: list[str] | None = None) -> list[dict]:
+    """Runs `sweep` for each `(out_features, in_features, dtype, bias, tokens)` in child processes.
+
+    Returns one measurement dict (see `sweep`) per request. An algorithm that kills its child is skipped in the next child; after
+    `MAX_RESTARTS` deaths the remaining requests get a dense choice (logged as such). `command` replaces the child's
+    command line (tests).
+    """
+    device = torch.device(device)
+    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
+    results: dict[int, dict] = {}
+    skip: dict[int, list[int]] = {}
+    for attempt in range(MAX_RESTARTS + 1):
+        pending = [i for i in range(len(requests)) if i not in results]
+        if not pending:
+            break
+        payload = {
+            "device": index,
+            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+            "requests": {str(i): _encode(requests[i]) for i in pending},
+            "skip": {str(i): skip.get(i, []) for i in pending},
+        }
+        proc = subprocess.run(
+            command or _command(), input=json.dumps(payload), capture_output=True, text=True, env=_child_env()
+        )
+        trying: tuple[int, int] | None = None
+        for line in proc.stdout.splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(event, dict) or "request" not in event:
+                continue
+            i = int(event["request"])
+            if "trying" in event:
+                trying = (i, int(event["trying"]))
+            elif "result" in event:
+                results[i] = event["result"]
+                trying = None
+        if proc.returncode == 0 and all(i in results for i in pending):
+            break
+        tail = (proc.stderr or "").strip().splitlines()[-3:]
+        if trying is None:
+            raise RuntimeError(
+                f"hf-sparse: the autotuning child process failed before trying any algorithm (exit code "
+                f"{proc.returncode}): {' | '.join(tail)}. Pass Autotuner(isolate=False) to tune in this process."
+            )
+        request, alg_id = trying
+        skip.setdefault(request, []).append(alg_id)
+        out_f, in_f, dtype, _, tokens = requests[request]
+        logger.warning(
+            "hf-sparse: cuSPARSELt algorithm %d of %dx%d %s at %d tokens killed the tuning process (exit code %d: "
+            "%s); skipping it%s.",
+            alg_id, out_f, in_f, _dtype_name(dtype), tokens, proc.returncode, " | ".join(tail),
+            " and tuning the rest in a new process" if attempt < MAX_RESTARTS else "",
+        )  # fmt: skip
+    for i in range(len(requests)):
+        if i not in results:
+            results[i] = {"backend": "dense", "tokens": requests[i][4]}
+    return [results[i] for i in range(len(requests))]
+
+
+def _encode(request: tuple) -> list:
+    out_features, in_features, dtype, bias, tokens = request
+    return [int(out_features), int(in_features), _dtype_name(dtype), bool(bias), int(tokens)]
+
+
+def _emit(event: dict) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    """The child's entry point: reads the JSON payload on stdin, sweeps, writes JSON lines on stdout."""
+    payload = json.loads(sys.stdin.read())
+    torch.cuda.set_device(payload["device"])
+    device = torch.device("cuda", payload["device"])
+    settings = payload["settings"]
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+    fault = os.environ.get(FAULT_ENV)
+    for key, (out_f, in_f, dtype, bias, tokens) in payload["requests"].items():
+
+        def progress(alg_id, key=key):
+            _emit({"request": key, "trying": alg_id})
+            if fault is not None and alg_id == int(fault):
+                _cuda_fault(device)
+
+        chosen = sweep(
+            out_f, in_f, _DTYPES[dtype], bias, tokens, device,
+            skip=tuple(payload["skip"].get(key, ())), progress=progress, **settings,
+        )  # fmt: skip
+        _emit({"request": key, "result": chosen})
+
+
+def _cuda_fault(device: torch.device) -> None:
+    """A real, sticky CUDA fault: a device-side assert (out-of-bounds gather), which ruins this process's context."""
+    values = torch.zeros(4, device=device)
+    values[torch.tensor([1 << 30], device=device)].sum().item()
