@@ -173,7 +173,7 @@ def timing_from_benchmark(result: dict[str, Any], seq_len: int) -> dict[str, Any
                 "speedup": r["2:4"]["speedup"],
             }
             for r in result["rows"]
-            if r.get("2:4")
+            if r.get("2:4") and r.get("mode", "graphs") == "graphs"
         ],  # fmt: skip
         "weight_memory_ratio": result["memory"].get("2:4", {}).get("ratio"),
         "bench": result,

@@ -460,7 +460,7 @@ def swap_and_time(run: Run, sparse) -> None:
         if seq_len < run.args.timing_sequence_length:
             logger.warning("Timing at sequence length %d, the model's max_position_embeddings.", seq_len)
         options = benchmark.options(
-            model=str(run.output_dir / "sparse"), seq_len=seq_len, variants=["dense", "2:4"],
+            model=str(run.output_dir / "sparse"), seq_len=seq_len, variants=["dense", "2:4"], modes=["graphs"],
             batch_sizes=run.args.timing_batch_sizes, tune_seconds=run.args.timing_tune_seconds,
             output_dir=str(run.output_dir),
         )  # fmt: skip

@@ -1,24 +1,27 @@
 import pytest
 
-from hf_sparse.inference.benchmark import VARIANTS, format_table, parse_args
+from hf_sparse.inference.benchmark import DEFAULT_VARIANTS, MODES, format_table, options, parse_args
 
 
 def test_defaults_are_the_issue_benchmark():
     args = parse_args([])
     assert args.batch_sizes == [4, 16, 64, 256]
-    assert args.seq_len == 384 and args.dtype == "float16" and args.mode == "graphs"
-    assert args.variants == list(VARIANTS) and args.variants[0] == "dense"
+    assert args.seq_len == 384 and args.dtype == "float16"
+    assert args.modes == ["eager", "graphs", "compile"] == list(MODES)  # every mode, in one run
+    assert args.variants == list(DEFAULT_VARIANTS) == ["dense", "2:4"]
     assert args.model is None and not args.no_fuse_qkv and not args.attention_mask
 
 
 def test_other_models_sizes_and_variants():
     args = parse_args(
         ["--model", "my/qa-model", "--batch-sizes", "32", "1", "8", "--seq-len", "128", "--dtype", "bfloat16"]
-        + ["--variants", "stock", "2:4", "--mode", "eager", "--output-dir", "out", "--reps", "5"]
+        + ["--variants", "stock", "2:4", "2:4-lean", "--modes", "compile", "eager", "--output-dir", "out"]
+        + ["--reps", "5"]
     )
     assert args.model == "my/qa-model" and args.batch_sizes == [1, 8, 32] and args.seq_len == 128
-    assert args.dtype == "bfloat16" and args.mode == "eager" and args.output_dir == "out" and args.reps == 5
-    assert args.variants == ["dense", "2:4", "stock"]  # dense is always the baseline
+    assert args.dtype == "bfloat16" and args.modes == ["eager", "compile"] and args.output_dir == "out"
+    assert args.reps == 5
+    assert args.variants == ["dense", "2:4", "2:4-lean", "stock"]  # dense is always the baseline
 
 
 @pytest.mark.parametrize(
@@ -37,15 +40,45 @@ def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_table_shows_speedups_and_memory():
+def test_table_shows_every_mode_memory_and_logit_differences():
     result = {
         "variants": ["dense", "2:4"],
-        "rows": [{"batch": 4, "tokens": 1536, "dense": {"ms": 2.0}, "2:4": {"ms": 1.6, "speedup": 1.25}}],
-        "memory": {"dense": {"ratio": 1.0}, "2:4": {"ratio": 0.5625}},
-        "max_abs_diff_vs_masked_dense": {"2:4": 0.0039},
+        "modes": ["eager", "graphs"],
+        "args": {"seq_len": 384},
+        "rows": [
+            {"mode": "eager", "batch": 4, "tokens": 1536, "dense": {"ms": 4.0}, "2:4": {"ms": 4.2, "speedup": 0.952}},
+            {"mode": "graphs", "batch": 4, "tokens": 1536, "dense": {"ms": 2.0}, "2:4": {"ms": 1.6, "speedup": 1.25}},
+            {"mode": "eager", "batch": 16, "tokens": 6144, "dense": {"ms": 5.0}, "2:4": None},
+        ],
+        "memory": {"dense": {"ratio": 1.0}, "2:4": {"ratio": 0.99}},
+        "max_abs_diff_vs_masked_dense": {"eager": {"2:4": 0.0039}, "graphs": {"2:4": 0.0041}},
     }
     table = format_table(result).splitlines()
-    assert table[0] == "| batch | tokens | dense ms | 2:4 ms | x |"
-    assert table[2] == "| 4 | 1536 | 2.000 | 1.600 | 1.25x |"
-    assert table[4] == "weight memory of the 2:4 layers vs dense: 2:4 0.562x"
-    assert table[5] == "max |logits - masked dense eager logits| at batch 4: 2:4 3.90e-03"
+    assert table[0] == "| batch | tokens | eager: dense ms | 2:4 ms | x | graphs: dense ms | 2:4 ms | x |"
+    assert table[2] == "| 4 | 1536 | 4.000 | 4.200 | 0.95x | 2.000 | 1.600 | 1.25x |"
+    assert table[3] == "| 16 | 6144 | 5.000 | failed | - | - | - | - |"
+    assert table[5] == "weight memory of the 2:4 layers vs dense: 2:4 0.990x"
+    assert table[6] == "max |logits - masked dense eager logits| at batch 4, eager: 2:4 3.90e-03"
+    assert table[7] == "max |logits - masked dense eager logits| at batch 4, graphs: 2:4 4.10e-03"
+
+
+def test_options_for_python_callers_take_modes():
+    args = options(modes=["graphs"], variants=["dense", "2:4"], batch_sizes=[16, 4])
+    assert args.modes == ["graphs"] and args.batch_sizes == [4, 16]
+    with pytest.raises(ValueError, match="--modes"):
+        options(modes=["turbo"])
+
+
+def test_recipe_timing_keeps_the_graph_rows():
+    from hf_sparse.run_report import timing_from_benchmark
+
+    result = {
+        "device": "NVIDIA H100 80GB HBM3",
+        "rows": [
+            {"mode": "eager", "batch": 4, "dense": {"ms": 4.0}, "2:4": {"ms": 4.2, "speedup": 0.95}},
+            {"mode": "graphs", "batch": 4, "dense": {"ms": 2.0}, "2:4": {"ms": 1.6, "speedup": 1.25}},
+        ],
+        "memory": {"2:4": {"ratio": 0.99}},
+    }
+    timing = timing_from_benchmark(result, 384)
+    assert timing["rows"] == [{"batch_size": 4, "dense_ms": 2.0, "sparse_ms": 1.6, "speedup": 1.25}]

@@ -10,7 +10,15 @@ from hf_sparse import SparsityCallback, SparsityConfig, prune_, swap_to_semi_str
 from hf_sparse.inference.autotune import Plan
 from hf_sparse.inference.cuda_graphs import _clone_output, _signature
 from hf_sparse.inference.layers import SemiStructuredLinear, support_problem
-from hf_sparse.inference.swap import LayerSwap, SwapReport, _decide, _units
+from hf_sparse.inference.swap import (
+    DEFAULT_FUSE_GROUPS,
+    LayerSwap,
+    SwapReport,
+    _budget_dense_copies,
+    _decide,
+    _times,
+    _units,
+)
 from tests.conftest import tiny_bert_config
 from tests.test_autotune import FakeTimings
 
@@ -125,23 +133,48 @@ def test_decisions_follow_the_timings():
     unit = units[0]  # 64x64
     tuner = FakeTimings(cache_path=False, sparse_from=4096)  # dense below 4096 tokens, sparse from there on
 
-    status, reason, plans = _decide(unit, tuner, [1536, 98304], "copy")
-    assert status == "sparse+dense" and "dense copy kept" in reason and "1536: 0.80x, 98304: 1.20x" in reason
-    assert plans == {2048: Plan("dense"), 131072: Plan("sparse", 3, 1, -1)}
+    decision = _decide(unit, tuner, [1536, 98304], "copy")
+    assert decision.status == "sparse+dense" and "dense copy kept" in decision.reason
+    assert "1536: 0.80x, 98304: 1.20x" in decision.reason
+    assert decision.plans == {2048: Plan("dense"), 131072: Plan("sparse", 3, 1, -1)}
+    assert _times(decision) == {1536: (1.2, 1.2), 98304: (1.2, 1.0)}
 
-    status, reason, plans = _decide(unit, tuner, [1536, 98304], "none")
-    assert status == "sparse" and "dense_fallback='none'" in reason
-    assert plans == {2048: Plan("sparse", 3, 1, -1), 131072: Plan("sparse", 3, 1, -1)}
+    decision = _decide(unit, tuner, [1536, 98304], "none")
+    assert decision.status == "sparse" and "dense_fallback='none'" in decision.reason
+    assert decision.plans == {2048: Plan("sparse", 3, 1, -1), 131072: Plan("sparse", 3, 1, -1)}
+    assert _times(decision) == {1536: (1.2, 1.5), 98304: (1.2, 1.0)}  # runs sparse where dense is faster
 
-    status, reason, plans = _decide(unit, tuner, [8192, 98304], "copy")
-    assert status == "sparse" and "faster at every tuned token count" in reason
+    decision = _decide(unit, tuner, [8192, 98304], "copy")
+    assert decision.status == "sparse" and "faster at every tuned token count" in decision.reason
 
-    status, reason, plans = _decide(unit, tuner, [512, 1536], "none")
-    assert status == "dense" and "dense is faster at every tuned token count" in reason
-    assert plans == {512: Plan("dense"), 2048: Plan("dense")}
+    decision = _decide(unit, tuner, [512, 1536], "none")
+    assert decision.status == "dense" and "dense is faster at every tuned token count" in decision.reason
+    assert decision.plans == {512: Plan("dense"), 2048: Plan("dense")}
 
-    status, reason, plans = _decide(unit, None, [512], "copy")
-    assert status == "sparse" and "autotune off" in reason and plans == {}
+    decision = _decide(unit, None, [512], "copy")
+    assert decision.status == "sparse" and "autotune off" in decision.reason and decision.plans == {}
+
+
+def test_auto_fallback_keeps_dense_copies_within_the_dense_bytes():
+    model = pruned_tiny_model(hidden_size=64, intermediate_size=128)  # per layer: 192x64, 64x64, 128x64, 64x128
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    units, _ = _units(model, linears, DEFAULT_FUSE_GROUPS)
+    tuner = FakeTimings(cache_path=False, sparse_from=4096)  # every unit: dense wins at 1536 tokens, sparse at 98304
+    decisions = [_decide(u, tuner, [1536, 98304], "auto") for u in units]
+    assert all(d.mixed for d in decisions)
+    decided = _budget_dense_copies(units, decisions)
+    kept = [u.name.split("layer.")[1] for u, d in zip(units, decided) if d.status == "sparse+dense"]
+    # The same loss per call for every unit: the smallest units lose most per byte and get the copies first, until
+    # the next copy would take the swapped layers over their dense bytes.
+    assert kept == ["0.attention.output.dense", "0.intermediate.dense", "0.output.dense", "1.attention.output.dense"]
+    dense = sum(u.dense_bytes for u in units)
+    after = sum(
+        u.dense_bytes * 9 // 16 + (u.dense_bytes if d.status == "sparse+dense" else 0) for u, d in zip(units, decided)
+    )
+    assert after <= dense < after + min(u.dense_bytes for u, d in zip(units, decided) if d.status == "sparse")
+    for d in decided:
+        assert ("within the dense weights' bytes" in d.reason) == (d.status == "sparse+dense")
+        assert ("would take the swapped layers over their dense bytes" in d.reason) == (d.status == "sparse")
 
 
 def test_decisions_keep_misaligned_shapes_dense():
@@ -149,8 +182,8 @@ def test_decisions_keep_misaligned_shapes_dense():
     with torch.no_grad():
         layer.weight.mul_(torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(10))
     units, _ = _units(nn.Sequential(layer), {"0": layer}, [])
-    status, reason, _ = _decide(units[0], FakeTimings(cache_path=False), [64], "copy")
-    assert status == "dense" and "multiples of 16" in reason and "24x40" in reason
+    decision = _decide(units[0], FakeTimings(cache_path=False), [64], "copy")
+    assert decision.status == "dense" and "multiples of 16" in decision.reason and "24x40" in decision.reason
 
 
 def test_report_memory_and_table():
@@ -171,6 +204,41 @@ def test_report_memory_and_table():
     assert table.splitlines()[-1].startswith(
         "2 of 3 2:4 layer(s) swapped; weight memory of the swapped layers: 0.812x dense (all 2:4 layers: 0.850x)"
     )
+
+
+def test_report_shows_measured_speed_per_token_count_and_in_total():
+    report = SwapReport(
+        [
+            LayerSwap("a.qkv", (2304, 768), "sparse", "fast", 9, 5, times={1536: (1.0, 1.25), 98304: (10.0, 8.0)}),
+            LayerSwap("a.out", (768, 768), "sparse+dense", "mixed", 3, 4, times={1536: (1.0, 1.0), 98304: (4.0, 4.0)}),
+        ]
+    )
+    assert report.token_counts == [1536, 98304]
+    assert report.gemm_speedup(1536) == pytest.approx(2.0 / 2.25)
+    assert report.gemm_speedup(98304) == pytest.approx(14.0 / 12.0)
+    assert report.gemm_speedup(64) is None
+    lines = report.format().splitlines()
+    assert lines[0].split()[:6] == ["layer", "out", "x", "in", "status", "memory"] and "x@98304" in lines[0]
+    assert "     0.80       1.25  fast" in lines[1]
+    assert lines[-1] == (
+        "GEMM time of the 2:4 layers vs dense (autotuner's per-GEMM timings; > 1 is faster): 1536 tokens 0.89x, "
+        "98304 tokens 1.17x"
+    )
+
+
+def test_eager_fast_path_remembers_the_kernel_per_token_count_and_forgets_it_on_move():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(32, 16), torch.randn(32)
+    layer = SemiStructuredLinear(weight, bias, sparse=False, name="fused")  # the dense fused baseline runs on CPU
+    x = torch.randn(2, 5, 16)
+    first = layer(x)
+    assert list(layer._eager) == [(10, torch.float32)]
+    assert torch.equal(layer(x), first) and torch.equal(first, torch.nn.functional.linear(x, weight, bias))
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(5, 32))  # 10 rows of 16 would match the numel, but not the layer's input size
+    layer.double()
+    assert layer._eager == {}  # the remembered kernel held the float32 tensors
+    assert torch.allclose(layer(x.double()), first.double(), atol=1e-5)
 
 
 # -- Trainer option and graph helpers (CPU) --------------------------------------------------------------------------
@@ -235,7 +303,8 @@ def quick_tuner(tmp_path, **kwargs):
     from hf_sparse.inference import Autotuner
 
     name = "tune.json" if not kwargs else f"tune-{sorted(kwargs.items())}.json"
-    return Autotuner(cache_path=Path(_TUNE_DIR) / name, reps=3, max_algorithms=2, **kwargs)
+    # In this process: the child-process sweep has its own tests (test_cusparselt.py), and a child per swap is slow.
+    return Autotuner(cache_path=Path(_TUNE_DIR) / name, reps=3, max_algorithms=2, isolate=False, **kwargs)
 
 
 def rel_error(a, b):

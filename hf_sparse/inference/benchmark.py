@@ -1,18 +1,23 @@
-"""Benchmark: dense against 2:4 sparse inference of a question-answering model on one GPU.
+"""Benchmark: dense against 2:4 sparse inference of a question-answering model on one GPU, in every execution mode.
 
-Times, in one process and under the same execution mode (CUDA graphs by default), the forward pass of:
+Times, in one process, the forward pass of these variants in each of the modes `eager` (a plain `model(**batch)`),
+`graphs` (`hf_sparse.cuda_graphs`, one CUDA graph per batch size) and `compile` (`torch.compile(dynamic=False)`,
+then CUDA graphs):
 - `dense`: the 2:4-pruned model run densely, with query/key/value fused into one GEMM (the baseline);
-- `2:4`: the same model after `hf_sparse.swap_to_semi_structured_` (autotuned, dense copies where dense wins);
-- `2:4-lean`: the same with `dense_fallback="none"` (compressed weights only: the least memory);
+- `2:4`: the same model after `hf_sparse.swap_to_semi_structured_` with its defaults (autotuned; dense copies only
+  for the layers that lose at the named token counts, within the dense weights' bytes);
+- `2:4-copy`: `dense_fallback="copy"` (a dense copy for every layer that loses somewhere: fastest, more memory);
+- `2:4-lean`: `dense_fallback="none"` (compressed weights only: the least memory);
 - `stock`: PyTorch's own path, `torch.sparse.to_sparse_semi_structured` on every pruned layer (as in PyTorch's
   2:4 BERT tutorial), for the record;
 - `dense-unfused`: the dense model without the q/k/v fusion, for the record.
-Each latency is the median of repeated CUDA-event timings, taken in interleaved rounds. Prints a table and writes
-`bench.json` and `bench.png` (latency and speed-up against batch size) to `--output-dir`.
+Each latency is the median of repeated CUDA-event timings, taken in interleaved rounds; each speed-up is against
+`dense` in the same mode. Also reported: the weight memory of the 2:4 layers and the largest logit difference
+from the masked dense model run eagerly. Prints a table and writes `bench.json` and `bench.png` to `--output-dir`.
 
 Run:
-    python -m hf_sparse.inference.benchmark                      # BERT-base QA (random weights), batch 4 16 64 256, seq 384, fp16
-    hf-sparse-bench --model path/to/qa-model --batch-sizes 1 8 32 --seq-len 256 --dtype bfloat16
+    python -m hf_sparse.inference.benchmark    # BERT-base QA (random weights), batch 4 16 64 256, seq 384, fp16
+    hf-sparse-bench --model path/to/qa-model --batch-sizes 1 8 32 --seq-len 256 --dtype bfloat16 --modes eager
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-VARIANTS = ("dense", "2:4", "2:4-lean", "stock", "dense-unfused")
+VARIANTS = ("dense", "2:4", "2:4-copy", "2:4-lean", "stock", "dense-unfused")
+DEFAULT_VARIANTS = ("dense", "2:4")
+MODES = ("eager", "graphs", "compile")
+FALLBACK_OF = {"2:4": "auto", "2:4-copy": "copy", "2:4-lean": "none"}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 logger = logging.getLogger(__name__)
@@ -52,18 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, default=384, help="Sequence length (tokens per example).")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="Weight and activation dtype.")
     parser.add_argument(
-        "--mode",
-        choices=["graphs", "compile", "eager"],
-        default="graphs",
-        help="Execution mode of every variant: CUDA graphs per batch size (hf_sparse.cuda_graphs); 'compile': "
-        "torch.compile (inductor fuses the bias adds, GELU, residuals and LayerNorms; GEMMs stay cuBLAS / "
-        "cuSPARSELt), then CUDA graphs; or eager.",
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=list(MODES),
+        help="Execution modes, each timed for every variant: 'eager' (plain calls), 'graphs' (CUDA graphs per batch "
+        "size, hf_sparse.cuda_graphs), 'compile' (torch.compile, then CUDA graphs; inductor fuses the bias adds, "
+        "GELU, residuals and LayerNorms, GEMMs stay cuBLAS / cuSPARSELt).",
     )
     parser.add_argument(
         "--variants",
         nargs="+",
         choices=VARIANTS,
-        default=list(VARIANTS),
+        default=list(DEFAULT_VARIANTS),
         help="What to time ('dense' is always timed: it is the baseline).",
     )
     parser.add_argument("--reps", type=int, default=10, help="Timed calls per variant per round.")
@@ -81,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Autotuning cache file (default: $HF_SPARSE_CACHE or ~/.cache/hf_sparse/autotune.json).",
     )
     parser.add_argument(
-        "--max-algorithms", type=int, default=32, help="cuSPARSELt algorithm ids tried per GEMM shape (autotuning)."
+        "--max-algorithms", type=int, default=64, help="cuSPARSELt algorithm ids tried per GEMM shape (autotuning)."
     )
     parser.add_argument(
         "--tune-seconds", type=float, default=10.0, help="Autotuning time budget per GEMM shape and token count."
@@ -110,7 +119,11 @@ def _checked(args: argparse.Namespace, error) -> argparse.Namespace:
     if unknown:
         error(f"--variants {unknown} unknown; choose from {list(VARIANTS)}.")
     args.batch_sizes = sorted(set(args.batch_sizes))
+    unknown_modes = [m for m in args.modes if m not in MODES]
+    if unknown_modes or not args.modes:
+        error(f"--modes {args.modes} must name one or more of {list(MODES)}.")
     args.variants = ["dense"] + [v for v in VARIANTS if v in args.variants and v != "dense"]
+    args.modes = [m for m in MODES if m in args.modes]
     return args
 
 
@@ -229,23 +242,25 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"hf-sparse-bench: {problem}")
     env = environment()
     print(f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, cuSPARSELt {env['cusparselt']}; "
-          f"{args.dtype}, seq {args.seq_len}, mode {args.mode}", flush=True)  # fmt: skip
+          f"{args.dtype}, seq {args.seq_len}, modes {' '.join(args.modes)}", flush=True)  # fmt: skip
     base = build_model(args)
     names = prune_to_2_4(base)
     models, memory, reports = build_variants(args, base, names)
-    if args.mode == "compile":
-        compile_start = time.perf_counter()
-        models = _compiled(models, len(args.batch_sizes))
     rows = []
-    errors: dict[str, float] = {}
-    with _sdpa_backend(args.sdpa_backend):
-        for batch in args.batch_sizes:
-            rows.append(_time_batch(args, base, models, batch, errors))
-    if args.mode == "compile":
-        from torch._dynamo.utils import counters
+    errors: dict[str, dict[str, float]] = {}
+    notes: dict[str, str] = {}
+    for mode in args.modes:
+        start = time.perf_counter()
+        runnable = _compiled(models, len(args.batch_sizes)) if mode == "compile" else models
+        with _sdpa_backend(args.sdpa_backend):
+            for batch in args.batch_sizes:
+                rows.append(_time_batch(args, base, runnable, batch, errors.setdefault(mode, {}), mode))
+        notes[mode] = f"{time.perf_counter() - start:.0f} s"
+        if mode == "compile":
+            from torch._dynamo.utils import counters
 
-        breaks = sum(counters["graph_break"].values())
-        print(f"compile mode: {time.perf_counter() - compile_start:.0f} s in all, {breaks} graph breaks", flush=True)
+            notes[mode] += f", {sum(counters['graph_break'].values())} graph breaks"
+        print(f"{mode} mode: {notes[mode]}", flush=True)
     return {
         "device": torch.cuda.get_device_name(),
         "capability": list(torch.cuda.get_device_capability()),
@@ -255,9 +270,11 @@ def run(args: argparse.Namespace) -> dict:
         "environment": env,
         "args": {k: v for k, v in vars(args).items()},
         "variants": [v for v in args.variants if v in models],
+        "modes": list(args.modes),
         "rows": rows,
         "memory": memory,
         "max_abs_diff_vs_masked_dense": errors,
+        "mode_notes": notes,
         "swap_reports": reports,
         "command": "python -m hf_sparse.inference.benchmark " + " ".join(sys.argv[1:]),
     }
@@ -277,7 +294,7 @@ def build_variants(args: argparse.Namespace, base: nn.Module, names: list[str]) 
     reports: dict[str, list] = {}
     if fuse:
         fuse_qkv_(models["dense"])
-    for variant, fallback in (("2:4", "copy"), ("2:4-lean", "none")):
+    for variant, fallback in FALLBACK_OF.items():
         if variant not in args.variants:
             continue
         model = copy.deepcopy(base)
@@ -296,9 +313,18 @@ def build_variants(args: argparse.Namespace, base: nn.Module, names: list[str]) 
             "swapped_layers_ratio": report.memory_ratio,
         }
         reports[variant] = [
-            {"name": r.name, "shape": r.shape, "status": r.status, "reason": r.reason, "plans": r.plans}
+            {
+                "name": r.name,
+                "shape": r.shape,
+                "status": r.status,
+                "reason": r.reason,
+                "memory_ratio": r.memory_ratio,
+                "plans": r.plans,
+                "times_ms": {t: list(v) for t, v in r.times.items()},
+            }
             for r in report
         ]
+        memory[variant]["gemm_speedup_by_tokens"] = {t: report.gemm_speedup(t) for t in report.token_counts}
     if "stock" in args.variants:
         model = copy.deepcopy(base)
         try:
@@ -319,6 +345,7 @@ def _compiled(models: dict[str, nn.Module], batch_sizes: int) -> dict[str, nn.Mo
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+    torch._dynamo.reset()
     return {v: torch.compile(m, dynamic=False).eval() for v, m in models.items()}
 
 
@@ -338,23 +365,24 @@ def _sdpa_backend(name: str):
     return sdpa_kernel(backend)
 
 
-def _time_batch(args, base, models, batch, errors) -> dict:
-    from .autotune import cuda_event_times
+def _time_batch(args, base, models, batch, errors, mode) -> dict:
     from .cuda_graphs import cuda_graphs
+    from .tuning import cuda_event_times
 
     inputs = make_inputs(base, batch, args.seq_len, args.seed, args.attention_mask)
-    runners = {v: (m if args.mode == "eager" else cuda_graphs(m, warmup=1)) for v, m in models.items()}
+    runners = {v: (m if mode == "eager" else cuda_graphs(m, warmup=1)) for v, m in models.items()}
     samples: dict[str, list[float]] = {v: [] for v in runners}
     failed: dict[str, str] = {}
     with torch.no_grad():
         reference = first_tensor(base(**inputs)).float() if batch == args.batch_sizes[0] else None
         for variant, runner in runners.items():
             try:
-                out = runner(**inputs)  # captures the graph (and tunes unseen token counts)
+                out = runner(**inputs)  # captures the graph / compiles (and tunes unseen token counts)
+                runner(**inputs)
                 torch.cuda.synchronize()
             except Exception as err:
                 failed[variant] = f"{type(err).__name__}: {str(err)[:200]}"
-                print(f"{variant} failed at batch {batch}: {failed[variant]}", flush=True)
+                print(f"{variant} failed at batch {batch} ({mode}): {failed[variant]}", flush=True)
                 continue
             if reference is not None:
                 errors[variant] = float((first_tensor(out).float() - reference).abs().max())
@@ -362,7 +390,7 @@ def _time_batch(args, base, models, batch, errors) -> dict:
             for variant, runner in runners.items():
                 if variant not in failed:
                     samples[variant] += cuda_event_times(lambda r=runner, x=inputs: r(**x), args.reps)
-    row = {"batch": batch, "tokens": batch * args.seq_len}
+    row = {"mode": mode, "batch": batch, "tokens": batch * args.seq_len}
     dense_ms = statistics.median(samples["dense"])
     for variant in runners:
         if variant in failed:
@@ -370,7 +398,7 @@ def _time_batch(args, base, models, batch, errors) -> dict:
             continue
         ms = statistics.median(samples[variant])
         row[variant] = {"ms": ms, "speedup": dense_ms / ms, "samples": len(samples[variant])}
-    print(f"batch {batch}: " + ", ".join(f"{v} {row[v]['ms']:.3f} ms" for v in runners if row[v]), flush=True)
+    print(f"{mode} batch {batch}: " + ", ".join(f"{v} {row[v]['ms']:.3f} ms" for v in runners if row[v]), flush=True)
     for runner in runners.values():
         if hasattr(runner, "reset"):
             runner.reset()
@@ -380,16 +408,32 @@ def _time_batch(args, base, models, batch, errors) -> dict:
 
 
 def format_table(result: dict) -> str:
+    """The results as a Markdown table: one row per batch size, for each mode the dense time and each variant's
+    time and speed-up over dense in that mode; then weight memory and logit differences."""
     variants = result["variants"]
-    header = ["batch", "tokens", "dense ms"]
-    for v in variants[1:]:
-        header += [f"{v} ms", "x"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in result["rows"]:
-        cells = [str(row["batch"]), str(row["tokens"]), f"{row['dense']['ms']:.3f}"]
+    modes = result.get("modes") or sorted({r["mode"] for r in result["rows"]}, key=MODES.index)
+    header = ["batch", "tokens"]
+    for mode in modes:
+        header.append(f"{mode}: dense ms")
         for v in variants[1:]:
-            cell = row.get(v)
-            cells += ["failed", "-"] if cell is None else [f"{cell['ms']:.3f}", f"{cell['speedup']:.2f}x"]
+            header += [f"{v} ms", "x"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    by_key = {(r["mode"], r["batch"]): r for r in result["rows"]}
+    for batch in sorted({r["batch"] for r in result["rows"]}):
+        cells = None
+        for mode in modes:
+            row = by_key.get((mode, batch))
+            if cells is None:
+                cells = [str(batch), str(batch * result["args"]["seq_len"]) if "args" in result else "-"]
+                if row is not None:
+                    cells[1] = str(row["tokens"])
+            if row is None or not row.get("dense"):
+                cells += ["-"] * (1 + 2 * (len(variants) - 1))
+                continue
+            cells.append(f"{row['dense']['ms']:.3f}")
+            for v in variants[1:]:
+                cell = row.get(v)
+                cells += ["failed", "-"] if cell is None else [f"{cell['ms']:.3f}", f"{cell['speedup']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     mem = result["memory"]
     lines.append("")
@@ -398,11 +442,13 @@ def format_table(result: dict) -> str:
         + ", ".join(f"{v} {mem[v]['ratio']:.3f}x" for v in variants if v in mem and v != "dense")
     )
     errors = result.get("max_abs_diff_vs_masked_dense") or {}
-    if errors:
-        lines.append(
-            f"max |logits - masked dense eager logits| at batch {result['rows'][0]['batch']}: "
-            + ", ".join(f"{v} {e:.2e}" for v, e in errors.items())
-        )
+    first = min(r["batch"] for r in result["rows"]) if result["rows"] else "-"
+    for mode in modes:
+        if errors.get(mode):
+            lines.append(
+                f"max |logits - masked dense eager logits| at batch {first}, {mode}: "
+                + ", ".join(f"{v} {e:.2e}" for v, e in errors[mode].items())
+            )
     return "\n".join(lines)
 
 
@@ -413,14 +459,17 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_ms, ax_x) = plt.subplots(1, 2, figsize=(11, 4.2))
-    batches = [r["batch"] for r in result["rows"]]
-    for v in result["variants"]:
-        points = [(r["batch"], r[v]) for r in result["rows"] if r.get(v)]
-        if not points:
-            continue
-        ax_ms.plot([b for b, _ in points], [c["ms"] for _, c in points], marker="o", label=v)
-        if v != "dense":
-            ax_x.plot([b for b, _ in points], [c["speedup"] for _, c in points], marker="o", label=v)
+    batches = sorted({r["batch"] for r in result["rows"]})
+    for mode in result.get("modes", ["graphs"]):
+        rows = [r for r in result["rows"] if r.get("mode", mode) == mode]
+        for v in result["variants"]:
+            points = [(r["batch"], r[v]) for r in rows if r.get(v)]
+            if not points:
+                continue
+            label = f"{v}, {mode}"
+            ax_ms.plot([b for b, _ in points], [c["ms"] for _, c in points], marker="o", label=label)
+            if v != "dense":
+                ax_x.plot([b for b, _ in points], [c["speedup"] for _, c in points], marker="o", label=label)
     ax_x.axhline(1.0, color="gray", linestyle="--", linewidth=1)
     for ax in (ax_ms, ax_x):
         ax.set_xscale("log", base=2)
@@ -432,7 +481,7 @@ def plot(result: dict, path: Path) -> None:
     ax_ms.set_ylabel("latency per forward (ms)")
     ax_x.set_ylabel("speed-up over dense (same mode)")
     args = result["args"]
-    fig.suptitle(f"{result['device']}, {args['dtype']}, seq {args['seq_len']}, {args['mode']}")
+    fig.suptitle(f"{result['device']}, {args['dtype']}, seq {args['seq_len']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,17 +1,19 @@
 """Fast 2:4 inference: swap a model's 2:4 `nn.Linear` layers for cuSPARSELt kernels, never slower than dense.
 
 `swap_to_semi_structured_` replaces every exactly-2:4 `nn.Linear` with a `SemiStructuredLinear` that holds the
-weight compressed by cuSPARSELt (values + metadata: 56% of the fp16/bf16 weight's bytes) and calls
-`torch._cslt_sparse_mm` directly: bias fused, output written row-major as the next op reads it, and the
-algorithm / split-k setting chosen per token count by the `Autotuner`. Where the dense GEMM is faster (small
-token counts, small shapes), the layer runs dense instead, so the sparse model is never slower than its dense
-twin. Sibling projections that read the same input (`query`/`key`/`value`) are fused into one GEMM, which is
-where the sparse kernel gains most on BERT-sized layers.
+weight compressed by cuSPARSELt (values + metadata: 56% of the fp16/bf16 weight's bytes) and runs it through a
+cuSPARSELt plan kept per token count (`cusparselt.py`): bias fused, output written row-major as the next op reads
+it, and the algorithm / split-k setting chosen per token count by the `Autotuner`. Where the dense GEMM is faster
+(small token counts, small shapes), the layer runs dense instead, from a dense copy kept as long as the swapped
+layers' weights stay within their dense bytes (`dense_fallback="auto"`). Sibling projections that read the same
+input (`query`/`key`/`value`) are fused into one GEMM, which is where the sparse kernel gains most on BERT-sized
+layers.
 
-`torch._cslt_sparse_mm` spends ~0.2 s of host time per call setting its cuSPARSELt plan up (H200), so run the
-swapped model under CUDA graphs (`hf_sparse.cuda_graphs(model)`), or compile it first (`torch.compile(model,
-dynamic=False)`, which also fuses the element-wise work between the GEMMs) and then run it under CUDA graphs; give
-the dense model you compare against the same treatment.
+A plain eager `model(**batch)` works (the plans are kept; `torch._cslt_sparse_mm` in PyTorch 2.11 sets its plan up
+again on every call). Eagerly, each sparse call still costs more host time than a dense one, so where the model is
+bound by host time (small batches) run it under CUDA graphs (`hf_sparse.cuda_graphs(model)`), or compile it first
+(`torch.compile(model, dynamic=False)`, which also fuses the element-wise work between the GEMMs); give the dense
+model you compare against the same treatment.
 
 A swapped model still saves as an ordinary dense checkpoint (`...weight`/`...bias` keys, exact zeros):
 `state_dict()` decompresses the weights exactly, and `load_state_dict` recompresses them.
@@ -29,7 +31,8 @@ from torch import nn
 from ..config import SparsityConfig
 from ..masks import is_nm
 from ..selection import select_layers
-from .autotune import Autotuner, GemmChoice, Plan, default_tuner, split_k_supported, token_bucket
+from .autotune import Autotuner, GemmChoice, Plan, default_tuner, token_bucket
+from .cusparselt import split_k_supported
 from .layers import (
     ALIGN,
     FusedLinearSlice,
@@ -44,7 +47,7 @@ DEFAULT_FUSE_GROUPS: tuple[tuple[str, ...], ...] = (("query", "key", "value"), (
 """Sibling `nn.Linear` names fused into one GEMM by default (self-attention projections reading one input)."""
 DEFAULT_TOKEN_COUNTS: tuple[int, ...] = (512, 2048, 8192, 32768, 131072)
 """Token counts (batch x sequence length) tuned at swap time when none are given."""
-FALLBACKS = ("copy", "none")
+FALLBACKS = ("auto", "copy", "none")
 
 
 # -- the report ------------------------------------------------------------------------------------------------------
@@ -65,10 +68,17 @@ class LayerSwap:
     dense_bytes: int
     bytes: int
     plans: dict[int, str] = field(default_factory=dict)
+    times: dict[int, tuple[float | None, float | None]] = field(default_factory=dict)
+    """tokens -> (dense ms, ms of the kernel this layer runs) per GEMM call, as the autotuner measured them."""
 
     @property
     def memory_ratio(self) -> float:
         return self.bytes / self.dense_bytes if self.dense_bytes else 1.0
+
+    def time_ratio(self, tokens: int) -> float | None:
+        """Dense time over this layer's time at `tokens` (> 1: faster than dense), if measured."""
+        dense, ran = self.times.get(tokens, (None, None))
+        return dense / ran if dense and ran else None
 
 
 class SwapReport(list):
@@ -95,19 +105,42 @@ class SwapReport(list):
         dense = sum(r.dense_bytes for r in rows)
         return sum(r.bytes for r in rows) / dense if dense else 1.0
 
+    @property
+    def token_counts(self) -> list[int]:
+        return sorted({t for r in self for t in r.times})
+
+    def gemm_speedup(self, tokens: int) -> float | None:
+        """Dense GEMM time over the swapped model's GEMM time at `tokens`, summed over the 2:4 layers (one call
+        each), from the autotuner's measurements; None if some layer was not measured there."""
+        pairs = [r.times.get(tokens, (None, None)) for r in self.rows("sparse", "sparse+dense", "dense")]
+        if not pairs or any(not d or not t for d, t in pairs):
+            return None
+        return sum(d for d, _ in pairs) / sum(t for _, t in pairs)
+
     def format(self) -> str:
+        """The report as a table: per layer its status, memory and speed against dense at each tuned token count
+        (from the autotuner's per-GEMM timings), then the totals."""
         if not self:
             return "(no layers)"
         width = max(len(r.name) for r in self)
-        lines = [f"{'layer':<{width}}  {'out x in':>11}  {'status':<12}  {'memory':>6}  why"]
+        counts = self.token_counts
+        speed_head = "".join(f"  {f'x@{t}':>9}" for t in counts)
+        lines = [f"{'layer':<{width}}  {'out x in':>11}  {'status':<12}  {'memory':>6}{speed_head}  why"]
         for r in self:
             shape = f"{r.shape[0]}x{r.shape[1]}"
-            lines.append(f"{r.name:<{width}}  {shape:>11}  {r.status:<12}  {r.memory_ratio:6.3f}  {r.reason}")
+            speeds = "".join(f"  {r.time_ratio(t):9.2f}" if r.time_ratio(t) else f"  {'-':>9}" for t in counts)
+            lines.append(f"{r.name:<{width}}  {shape:>11}  {r.status:<12}  {r.memory_ratio:6.3f}{speeds}  {r.reason}")
         lines.append(
             f"{len(self.swapped)} of {len(self.rows('sparse', 'sparse+dense', 'dense'))} 2:4 layer(s) swapped; "
             f"weight memory of the swapped layers: {self.memory_ratio:.3f}x dense "
             f"(all 2:4 layers: {self.memory_ratio_2_4:.3f}x)"
         )
+        speeds = [(t, self.gemm_speedup(t)) for t in counts]
+        if any(x for _, x in speeds):
+            lines.append(
+                "GEMM time of the 2:4 layers vs dense (autotuner's per-GEMM timings; > 1 is faster): "
+                + ", ".join(f"{t} tokens {x:.2f}x" for t, x in speeds if x)
+            )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -258,19 +291,29 @@ def _fmt_speedups(choices: dict[int, GemmChoice], buckets: list[int]) -> str:
     return ", ".join(parts)
 
 
-def _decide(
-    unit: _Unit, tuner: Autotuner | None, token_counts: Sequence[int], fallback: str
-) -> tuple[str, str, dict[int, Plan]]:
-    """(status, reason, plans) of one unit."""
+@dataclass
+class _Decision:
+    status: str
+    reason: str
+    plans: dict[int, Plan]
+    choices: dict[int, GemmChoice] = field(default_factory=dict)
+
+    @property
+    def mixed(self) -> bool:
+        """Sparse wins at some tuned token counts and dense at others."""
+        backends = {c.backend for c in self.choices.values()}
+        return self.status != "dense" and backends == {"sparse", "dense"}
+
+
+def _decide(unit: _Unit, tuner: Autotuner | None, token_counts: Sequence[int], fallback: str) -> _Decision:
+    """What one unit becomes; with fallback "auto", a mixed unit is settled later by `_budget_dense_copies`."""
     out_f, in_f = unit.shape
     if out_f % ALIGN or in_f % ALIGN:
-        return (
-            "dense",
-            f"cuSPARSELt needs both dimensions to be multiples of {ALIGN}; this GEMM is {out_f}x{in_f}",
-            {},
+        return _Decision(
+            "dense", f"cuSPARSELt needs both dimensions to be multiples of {ALIGN}; this GEMM is {out_f}x{in_f}", {}
         )
     if tuner is None or not token_counts:
-        return "sparse", "not tuned (autotune off): sparse kernel with cuSPARSELt's default algorithm", {}
+        return _Decision("sparse", "not tuned (autotune off): sparse kernel with cuSPARSELt's default algorithm", {})
     dtype, device = unit.layers[0].weight.dtype, unit.layers[0].weight.device
     choices: dict[int, GemmChoice] = {}
     for tokens in token_counts:
@@ -280,18 +323,76 @@ def _decide(
     dense_wins = [b for b in buckets if choices[b].backend == "dense"]
     speed = f"sparse/dense speed-up by tokens: {_fmt_speedups(choices, buckets)}"
     if not sparse_wins:
-        return "dense", f"dense is faster at every tuned token count ({speed})", {b: Plan("dense") for b in buckets}
-    keep_dense = bool(dense_wins) and fallback == "copy"
-    plans = {b: choices[b].plan(keep_dense) for b in buckets}
+        plans = {b: Plan("dense") for b in buckets}
+        return _Decision("dense", f"dense is faster at every tuned token count ({speed})", plans, choices)
     if not dense_wins:
-        return "sparse", f"sparse is faster at every tuned token count ({speed})", plans
+        plans = {b: choices[b].plan(False) for b in buckets}
+        return _Decision("sparse", f"sparse is faster at every tuned token count ({speed})", plans, choices)
+    return _mixed(choices, fallback == "copy", fallback, speed)
+
+
+def _mixed(choices: dict[int, GemmChoice], keep_dense: bool, fallback: str, speed: str) -> _Decision:
+    plans = {b: c.plan(keep_dense) for b, c in choices.items()}
     if keep_dense:
-        return "sparse+dense", f"dense copy kept for the token counts where dense is faster ({speed})", plans
-    return (
-        "sparse",
-        f"compressed weight only (dense_fallback='none'): sparse runs where dense would be faster ({speed})",
-        plans,
+        why = "within the dense weights' bytes" if fallback == "auto" else "dense_fallback='copy'"
+        reason = f"dense copy kept for the token counts where dense is faster, {why} ({speed})"
+        return _Decision("sparse+dense", reason, plans, choices)
+    why = (
+        "a dense copy would take the swapped layers over their dense bytes"
+        if fallback == "auto"
+        else "dense_fallback='none'"
     )
+    reason = f"compressed weight only ({why}): sparse runs where dense would be faster ({speed})"
+    return _Decision("sparse", reason, plans, choices)
+
+
+def _budget_dense_copies(units: list[_Unit], decisions: list[_Decision]) -> list[_Decision]:
+    """dense_fallback="auto": dense copies for the mixed units that lose most where dense wins, as long as the
+    swapped layers' weights stay within their dense bytes.
+
+    Every compressed-only unit saves 7/16 of its dense bytes; a dense copy costs its dense bytes again. The copies
+    go first to the units whose sparse kernel loses most, per byte, where dense is faster: each loss in ms is taken
+    relative to the dense GEMM time of all units at that token count, so every named token count weighs the same.
+    """
+    slack = 0  # bytes saved by compressed-only units (mixed ones start compressed-only)
+    for unit, decision in zip(units, decisions):
+        if decision.status != "dense":
+            slack += unit.dense_bytes - _compressed_bytes(unit)
+    totals: dict[int, float] = {}
+    for decision in decisions:
+        for bucket, choice in decision.choices.items():
+            totals[bucket] = totals.get(bucket, 0.0) + (choice.dense_ms or 0.0)
+
+    def loss_per_byte(index: int) -> float:
+        loss = 0.0
+        for bucket, c in decisions[index].choices.items():
+            if c.backend == "dense" and c.sparse_ms and c.dense_ms and totals.get(bucket):
+                loss += (c.sparse_ms - c.dense_ms) / totals[bucket]
+        return loss / units[index].dense_bytes
+
+    decided = list(decisions)
+    for index in sorted((i for i, d in enumerate(decisions) if d.mixed), key=loss_per_byte, reverse=True):
+        unit, decision = units[index], decisions[index]
+        speed = decision.reason[decision.reason.rfind("(") + 1 : -1]
+        keep = unit.dense_bytes <= slack
+        if keep:
+            slack -= unit.dense_bytes
+        decided[index] = _mixed(decision.choices, keep, "auto", speed)
+    return decided
+
+
+def _compressed_bytes(unit: _Unit) -> int:
+    return unit.dense_bytes * 9 // 16  # cuSPARSELt's compressed fp16/bf16 2:4 weight: values plus metadata
+
+
+def _times(decision: _Decision) -> dict[int, tuple[float | None, float | None]]:
+    """tokens -> (dense ms, ms of what the layer runs) per GEMM call, as the autotuner measured them."""
+    times = {}
+    for bucket, choice in sorted(decision.choices.items()):
+        plan = decision.plans.get(bucket)
+        ran = choice.dense_ms if plan is None or plan.backend == "dense" else choice.sparse_ms
+        times[choice.tokens] = (choice.dense_ms, ran)
+    return times
 
 
 # -- the public API --------------------------------------------------------------------------------------------------
@@ -303,13 +404,13 @@ def swap_to_semi_structured_(
     *,
     fuse_qkv: bool | Sequence[Sequence[str]] = True,
     token_counts: Sequence[int] | None = DEFAULT_TOKEN_COUNTS,
-    dense_fallback: str = "copy",
+    dense_fallback: str = "auto",
     autotune: bool | Autotuner = True,
 ) -> SwapReport:
     """Swaps a model's 2:4 `nn.Linear` layers for cuSPARSELt 2:4 kernels, in place, and reports what it did.
 
-    Each swapped layer holds the compressed weight (56% of the dense bytes) and runs `torch._cslt_sparse_mm`
-    with the bias fused and the output written in the layout the next op reads. For every distinct GEMM shape the
+    Each swapped layer holds the compressed weight (56% of the dense bytes) and runs it through a kept cuSPARSELt
+    plan, with the bias fused and the output written in the layout the next op reads. For every distinct GEMM shape the
     `Autotuner` times dense against the sparse kernel's algorithms and split-k settings at each of `token_counts`
     (once per GPU and library versions: the results are cached on disk) and each layer uses the faster one per
     token-count bucket. Token counts met later are tuned on their first eager call.
@@ -317,8 +418,9 @@ def swap_to_semi_structured_(
     Nothing is changed when the call fails: named layers that are not exactly 2:4, weights on the CPU, a GPU older
     than compute capability 8.0, a PyTorch without cuSPARSELt, or fp32 weights raise an error that says what to do.
 
-    Run the swapped model under CUDA graphs (`hf_sparse.cuda_graphs`), after `torch.compile(model, dynamic=False)`
-    if you like: each eager cuSPARSELt call costs ~0.2 s of host time on an H200.
+    Plain eager calls keep their cuSPARSELt plans. Where the model is bound by host time (small batches), run it
+    under CUDA graphs (`hf_sparse.cuda_graphs`), after `torch.compile(model, dynamic=False)` if you like: eagerly,
+    BERT-base at batch 4 and 16 (seq 384) ran at 0.83x and 0.70x of dense on an H100, 1.04-1.09x at 64-256.
 
     Args:
         model: the model, with fp16 or bf16 weights on an NVIDIA GPU of compute capability >= 8.0.
@@ -331,15 +433,19 @@ def swap_to_semi_structured_(
         token_counts: token counts (batch size x sequence length) to tune at swap time; give those you will run.
             None or () tunes nothing now (each new bucket is tuned at its first eager call) and keeps no dense
             copies.
-        dense_fallback: "copy" keeps a dense copy of the layers where dense is faster at some tuned token counts
-            and sparse at others (fastest; those layers then take 1.56x the dense memory); "none" keeps only the
-            compressed weights (least memory; the sparse kernel then runs where dense would be a bit faster).
-            Layers where dense wins at every tuned token count stay dense either way.
+        dense_fallback: what a layer holds when dense is faster at some tuned token counts and sparse at others.
+            "auto" (default): a dense copy for the layers that lose most there, as long as the swapped layers'
+            weights stay within their dense bytes; compressed only for the rest (each saves 7/16 of its bytes).
+            "copy": a dense copy for every such layer (fastest; 1.56x the dense bytes of those layers). "none":
+            compressed weights only (least memory: 0.56x; the sparse kernel then runs where dense would be a bit
+            faster). Layers where dense wins at every tuned token count stay dense either way. The report says,
+            per layer and in total, what the choice costs in memory and in (measured) GEMM time.
         autotune: True uses the process-wide `Autotuner` (cache in `~/.cache/hf_sparse`), an `Autotuner` instance
             uses that one, False uses cuSPARSELt's default algorithm everywhere (no timing, no dense fallback).
 
     Returns:
-        `SwapReport`: one `LayerSwap` per layer or fused group (status, reason, memory), also logged.
+        `SwapReport`: one `LayerSwap` per layer or fused group (status, reason, memory, measured time against dense
+        per token count), also logged.
 
     Example:
 
@@ -393,13 +499,20 @@ def swap_to_semi_structured_(
         logger.info("hf-sparse: this PyTorch's _cslt_sparse_mm has no split-k arguments; tuning algorithms only.")
 
     # Decide everything before changing anything, so a failure leaves the model as it was.
+    if tuner is not None and counts:
+        device = units[0].layers[0].weight.device
+        tuner.prefetch([(*u.shape, u.layers[0].weight.dtype, u.has_bias, t) for u in units for t in counts], device)
     decisions = [_decide(unit, tuner, counts, dense_fallback) for unit in units]
+    if dense_fallback == "auto":
+        decisions = _budget_dense_copies(units, decisions)
 
     report = SwapReport()
-    for unit, (status, reason, plans) in zip(units, decisions):
+    for unit, decision in zip(units, decisions):
+        status, reason, plans, times = decision.status, decision.reason, decision.plans, _times(decision)
         sparse = status != "dense"
         if not sparse and len(unit.layers) == 1:
-            report.append(LayerSwap(unit.name, unit.shape, status, reason, unit.dense_bytes, unit.dense_bytes, {}))
+            dense = unit.dense_bytes
+            report.append(LayerSwap(unit.name, unit.shape, status, reason, dense, dense, {}, times))
             continue
         new = SemiStructuredLinear(
             unit.weight,
@@ -413,7 +526,9 @@ def swap_to_semi_structured_(
         )
         _install(unit, new)
         described = {b: p.describe() for b, p in sorted(plans.items())}
-        report.append(LayerSwap(unit.name, unit.shape, status, reason, unit.dense_bytes, new.weight_bytes, described))
+        report.append(
+            LayerSwap(unit.name, unit.shape, status, reason, unit.dense_bytes, new.weight_bytes, described, times)
+        )
     for unit in not_nm:
         weight = unit.layers[0].weight.detach()
         zeros = float((weight == 0).float().mean())
