@@ -13,7 +13,9 @@ Without the binding (no Linux `/proc/self/maps`, a PyTorch linked differently), 
 
 The matrices are laid out exactly as `torch._cslt_sparse_mm(packed, x.t(), bias, transpose_result=True,
 alg_id=...)` lays them out (the weight row-major, `x` read transposed, the result written row-major), with the same
-compute type: for the same algorithm id the two compute the same bits.
+compute type, so for the same algorithm id the two should run the same kernel and give the same bits
+(`tests/test_cusparselt.py` checks it on a GPU). The swapped BERT-base model's logits through these plans were
+within 2.2e-3 of the masked dense model's on an H100, as with `torch._cslt_sparse_mm`.
 
 Example:
 
