@@ -2,7 +2,9 @@
 
 - `swap.py`: `swap_to_semi_structured_` decides, layer by layer, what runs sparse, and reports it (`SwapReport`).
 - `layers.py`: the layers it installs (`SemiStructuredLinear`, fused q/k/v) and `semi_structured_support`.
+- `cusparselt.py`: cuSPARSELt plans kept per shape and token count (a ctypes binding to PyTorch's own library).
 - `autotune.py`: dense against sparse per GEMM shape and token count, cached on disk.
+- `tuning.py`: the measuring behind it: verified algorithm sweeps, in a child process that a GPU fault cannot spread from.
 - `cuda_graphs.py`: `cuda_graphs(model)` replays captured forwards per input shape.
 - `benchmark.py`: the latency benchmark (`python -m hf_sparse.inference.benchmark`, or `hf-sparse-bench`).
 
