@@ -23,6 +23,13 @@ def test_binding_is_unavailable_without_a_gpu_and_import_stays_cheap():
         cusparselt.library()
 
 
+def test_planned_matmuls_can_be_switched_off(monkeypatch):
+    # The way out if a kept plan misbehaves: every call then goes through torch._cslt_sparse_mm. Checked before any
+    # binding happens, so it holds on a GPU machine too.
+    monkeypatch.setenv(cusparselt.PLANNED_ENV, "0")
+    assert cusparselt.available() is False
+
+
 def problem(out_f, in_f, rows, dtype=torch.float16, bias=True, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     w = torch.randn(out_f, in_f, device="cuda", dtype=dtype, generator=gen)

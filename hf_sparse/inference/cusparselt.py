@@ -174,8 +174,16 @@ def library() -> _Library:
         return bound
 
 
+PLANNED_ENV = "HF_SPARSE_PLANNED_MATMULS"
+"""Set to 0 to run every sparse call through `torch._cslt_sparse_mm` instead of kept plans (slower eagerly; a way
+out if a kept plan ever misbehaves on your GPU or cuSPARSELt version)."""
+
+
 def available() -> bool:
-    """Whether planned cuSPARSELt matmuls can run here (binds the library on first use)."""
+    """Whether planned cuSPARSELt matmuls can run here (binds the library on first use). False when
+    `HF_SPARSE_PLANNED_MATMULS=0`."""
+    if os.environ.get(PLANNED_ENV, "1").strip() == "0":
+        return False
     try:
         library()
     except RuntimeError:
