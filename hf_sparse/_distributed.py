@@ -87,33 +87,100 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def broadcast_masks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rank 0's masks on every rank.
-
-    Under data parallelism every rank computes the same masks from the same weights; broadcasting rank 0's makes
-    that a guarantee rather than an assumption about deterministic kernels."""
-    if world_size() == 1:
-        return masks
+def _broadcast_(tensor: torch.Tensor, src: int = 0) -> None:
+    """`dist.broadcast` in place, through this rank's GPU when the backend is NCCL and `tensor` is on the CPU."""
     import torch.distributed as dist
 
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.broadcast(on_gpu, src=src)
+        tensor.copy_(on_gpu)
+    else:
+        dist.broadcast(tensor, src=src)
+
+
+def broadcast_masks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rank 0's masks on every rank (each rank passes masks of the same names and shapes; only rank 0's values
+    matter)."""
+    if world_size() == 1:
+        return masks
     synced = {}
     for name, mask in masks.items():
         as_bytes = mask.to(torch.uint8)
-        dist.broadcast(as_bytes, src=0)
+        _broadcast_(as_bytes)
         synced[name] = as_bytes.bool()
     return synced
 
 
 def broadcast_weights_(layers: dict[str, nn.Linear]) -> None:
-    """Copies rank 0's weights of `layers` to every data-parallel rank (after SparseGPT changed them), so that
-    replicas stay identical even if ranks computed from different calibration batches. No-op without
-    `torch.distributed` or for sharded (DTensor) weights, whose ranks hold different rows."""
+    """Copies rank 0's weights of `layers` to every data-parallel rank (after SparseGPT changed them). No-op
+    without `torch.distributed` or for sharded (DTensor) weights, whose ranks hold different rows."""
     if world_size() == 1:
         return
-    import torch.distributed as dist
-
     dtensor = _dtensor_type()
     for layer in layers.values():
         if dtensor is not None and isinstance(layer.weight, dtensor):
             continue
-        dist.broadcast(layer.weight.data, src=0)
+        _broadcast_(layer.weight.data)
+
+
+def gather_object(value) -> list:
+    """`value` of every rank, in rank order (`[value]` without `torch.distributed`)."""
+    if world_size() == 1:
+        return [value]
+    import torch.distributed as dist
+
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def masks_digest(masks: dict[str, torch.Tensor]) -> str:
+    """A short SHA-256 of `masks` (names and bits), to compare the masks of ranks without moving them."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for name in sorted(masks):
+        digest.update(name.encode())
+        digest.update(np.packbits(masks[name].detach().cpu().numpy().reshape(-1)).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_replicas_agree(masks: dict[str, torch.Tensor], where: str) -> list[str]:
+    """The masks' digest on every rank; raises if data-parallel replicas hold different masks.
+
+    Every rank must call it (it gathers). Under FSDP2, ranks hold different rows by design: call it only for
+    replicated weights."""
+    digests = gather_object(masks_digest(masks))
+    if len(set(digests)) > 1:
+        raise RuntimeError(
+            f"hf-sparse: the data-parallel ranks hold different masks {where} (digests by rank: {digests}); "
+            "replicas must start from identical weights, which DDP and this library's broadcasts guarantee."
+        )
+    return digests
+
+
+def shard_like_(module: nn.Module, reference: nn.Module) -> bool:
+    """Shards `module` with FSDP2 as `reference` (an FSDP2-sharded copy of the same architecture) is: every
+    submodule whose counterpart in `reference` is an `FSDPModule` gets `fully_shard` on the same device mesh,
+    innermost first. Returns False (and does nothing) when `reference` is not sharded with FSDP2.
+
+    Used for a distillation teacher: it then holds 1/world of its weights on each rank and gathers one block at a
+    time in its forward pass, instead of a full replica per rank."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+    except ImportError:  # pragma: no cover - torch builds without distributed
+        return False
+    sharded = [name for name, sub in reference.named_modules() if isinstance(sub, FSDPModule)]
+    mesh = next((p.device_mesh for p in reference.parameters() if is_sharded(p)), None)
+    if not sharded or mesh is None:
+        return False
+    modules = dict(module.named_modules())
+    missing = [name for name in sharded if name not in modules]
+    if missing:
+        raise ValueError(f"cannot shard the teacher like the student: it has no submodules {missing[:5]}.")
+    for name in sorted(sharded, key=lambda n: n.count(".") + (n != ""), reverse=True):
+        fully_shard(modules[name], mesh=mesh, reshard_after_forward=True)
+    return True

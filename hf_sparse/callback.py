@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 
-from ._distributed import broadcast_masks, broadcast_weights_, is_sharded, local_tensor, rank, unwrap_model, world_size
+from ._distributed import check_replicas_agree, is_sharded, local_tensor, rank, unwrap_model, world_size
 from .calibration import calibration_from_dataloader
 from .config import SparsityConfig
 from .criteria import CALIBRATED_CRITERIA, compute_masks
@@ -122,16 +122,22 @@ class SparsityCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if not self.masks:
             return
+        # Sharded weights (FSDP2) have masks that differ by rank: every rank saves its own shard's.
+        sharded = self._sharded()
+        metadata = self._metadata()
+        if world_size() > 1 and not sharded:  # every rank, before any early return: it gathers
+            digests = check_replicas_agree(self.masks, f"at step {state.global_step}")
+            metadata["digests_by_rank"] = ",".join(digests)
+            logger.info("hf-sparse: masks identical on %d ranks at step %d (%s).", len(digests), state.global_step,
+                        digests[0])  # fmt: skip
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if not os.path.isdir(checkpoint):
             logger.warning("hf-sparse: checkpoint folder %s not found; masks not saved with it.", checkpoint)
             return
-        # Sharded weights (FSDP2) have masks that differ by rank: every rank saves its own shard's.
-        sharded = self._sharded()
         if args.should_save or sharded:
             tensors = _pack_masks(self.masks)
             tensors.update({f"pruned_values.{name}": value.cpu() for name, value in self.pruned_values.items()})
-            save_file(tensors, os.path.join(checkpoint, _masks_file(sharded)), metadata=self._metadata())
+            save_file(tensors, os.path.join(checkpoint, _masks_file(sharded)), metadata=metadata)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.squash_(model)
@@ -184,10 +190,8 @@ class SparsityCallback(TrainerCallback):
                 data = calibration_from_dataloader(train_dataloader, self.config, getattr(args, "seed", 0))
             if model is None:
                 raise ValueError(f"criterion={self.config.criterion!r} needs the Trainer's model; it passed none.")
-        masks = compute_masks(unwrap_model(model) if model is not None else None, self.layers, self.config, data)
-        if self.config.criterion == "sparsegpt" and not self._sharded():
-            broadcast_weights_(self.layers)  # SparseGPT changed the kept weights: keep replicas identical
-        self.masks = masks if self._sharded() else broadcast_masks(masks)
+        # Under DDP, rank 0's masks (and SparseGPT's weights) on every rank; under FSDP2, each rank's own rows.
+        self.masks = compute_masks(unwrap_model(model) if model is not None else None, self.layers, self.config, data)
         if self.config.updates_after(step):
             with torch.no_grad():
                 self.pruned_values = {

@@ -18,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from ._distributed import local_tensor
+from ._distributed import broadcast_masks, broadcast_weights_, is_sharded, local_tensor, rank, world_size
 from .calibration import block_statistics, calibration_batches, model_inputs, stats_device
 from .config import SparsityConfig
 from .masks import nm_mask, nm_mask_from_scores
@@ -164,6 +164,13 @@ def compute_masks(
     calibrating the next, so on return the masked-out weights of `layers` are zero (and SparseGPT has updated the
     kept ones). The model's train/eval mode and `config.use_cache` are restored.
 
+    Under data parallelism (`torch.distributed` initialized, weights replicated, as under DDP or before the
+    Trainer wraps the model) every rank must call it, and every rank returns rank 0's masks: Wanda and SparseGPT
+    calibrate on rank 0 alone while the other ranks wait, then rank 0's masks and pruned weights are broadcast
+    (one calibration's time plus one broadcast of the pruned layers; the log line says both). Magnitude masks are
+    computed on every rank and rank 0's broadcast. Under FSDP2 (row-sharded weights) every rank computes the
+    masks of its own rows from the same calibration batches, as the sharded forward pass needs every rank.
+
     Args:
         model: the model whose forward takes the calibration batches (unused by magnitude).
         layers: the layers, as `select_layers(model, config).targets` returns them.
@@ -179,11 +186,38 @@ def compute_masks(
     >>> masks = compute_masks(model, select_layers(model, config).targets, config, batches)
     ```
     """
+    replicated = world_size() > 1 and not any(is_sharded(layer.weight) for layer in layers.values())
     if config.criterion not in CALIBRATED_CRITERIA:
-        return {
+        masks = {
             name: nm_mask(local_tensor(layer.weight, f"{name}.weight"), config.n, config.m, name)
             for name, layer in layers.items()
         }
+        return broadcast_masks(masks) if replicated else masks
+    if not replicated:
+        return _calibrated_masks(model, layers, config, calibration_data, device)
+    started = time.perf_counter()
+    if rank() == 0:
+        masks = _calibrated_masks(model, layers, config, calibration_data, device)
+    else:  # placeholders of the right shapes: the broadcast fills them with rank 0's masks
+        masks = {name: torch.zeros_like(layer.weight, dtype=torch.bool) for name, layer in layers.items()}
+    calibrated = time.perf_counter()
+    broadcast_weights_(layers)
+    masks = broadcast_masks(masks)
+    logger.log(
+        logging.INFO if rank() == 0 else logging.DEBUG,
+        "hf-sparse: %s masks calibrated on rank 0 in %.2fs; its masks and weights of %d layer(s) broadcast to %d "
+        "ranks in %.2fs.",
+        config.criterion,
+        calibrated - started,
+        len(masks),
+        world_size(),
+        time.perf_counter() - calibrated,
+    )
+    return masks
+
+
+@torch.no_grad()
+def _calibrated_masks(model, layers, config, calibration_data, device) -> dict[str, torch.Tensor]:
     pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     batches = calibration_batches(calibration_data, config, pad_token_id)
     model_device = next(model.parameters()).device

@@ -4,7 +4,8 @@ The Trainer calls `compute_loss_func(outputs, labels, num_items_in_batch)` after
 the inputs. `DistillationLoss` therefore keeps a forward pre-hook on the student that remembers the keyword
 arguments of its latest call, and runs the teacher on exactly those inputs when the Trainer asks for the loss.
 The teacher is an in-memory copy of the dense model taken before pruning (`copy.deepcopy(model)`); nothing is
-written to disk.
+written to disk. When the Trainer shards the student with FSDP2, the teacher is sharded the same way on its first
+use (`shard_teacher`), so each rank holds 1/world of it rather than a full replica.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ._distributed import is_sharded, shard_like_
+
+logger = logging.getLogger(__name__)
 
 _NOT_FOR_TEACHER = {"labels", "label", "label_ids", "start_positions", "end_positions", "num_items_in_batch"}
 HIDDEN_LOSSES = ("mse", "cosine", "similarity")
@@ -79,6 +84,9 @@ class DistillationLoss:
         hidden_loss: "mse", "cosine" or (sentence embeddings only) "similarity".
         hidden_layers: "last", "all" or "mean_pooled".
         gradient_accumulation_steps: the Trainer's `gradient_accumulation_steps`.
+        shard_teacher: when the student turns out FSDP2-sharded (as `accelerate launch` with `fsdp_version: 2`
+            leaves it), shard the teacher's blocks the same way on first use, so each rank holds 1/world of it and
+            gathers one block at a time; False keeps a full replica on every rank.
 
     Example:
 
@@ -103,6 +111,7 @@ class DistillationLoss:
         hidden_loss: str = "mse",
         hidden_layers: str = "last",
         gradient_accumulation_steps: int = 1,
+        shard_teacher: bool = True,
     ):
         if teacher is student:
             raise ValueError("teacher and student are the same module; pass a dense copy (copy.deepcopy(model)).")
@@ -138,6 +147,8 @@ class DistillationLoss:
         self.hidden_loss = hidden_loss
         self.hidden_layers = hidden_layers
         self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.shard_teacher = shard_teacher
+        self._teacher_sharded: bool | None = None  # decided on first use, once the Trainer has wrapped
         name = type(student).__name__
         self._causal = name.endswith("ForCausalLM") or bool(getattr(getattr(student, "config", None), "is_decoder", 0))
         self._inputs: tuple[tuple, dict] | None = None
@@ -160,7 +171,11 @@ class DistillationLoss:
     def teacher_outputs(self, args: tuple, kwargs: dict):
         """The teacher's outputs on the student's inputs."""
         device = next((v.device for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)), None)
-        if device is not None and next(self.teacher.parameters()).device != device:
+        if self._teacher_sharded is None:
+            if self.shard_teacher and shard_like_(self.teacher, self.student):
+                logger.info("hf-sparse: distillation teacher sharded with FSDP2 like the student.")
+            self._teacher_sharded = any(is_sharded(p) for p in self.teacher.parameters())
+        if device is not None and not self._teacher_sharded and next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
         kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_TEACHER}
         return self.teacher(*args, **kwargs)

@@ -44,6 +44,7 @@ from transformers.trainer_utils import get_last_checkpoint
 import hf_sparse
 import hf_sparse.squad
 from hf_sparse import run_report
+from hf_sparse._distributed import check_replicas_agree, gather_object
 from hf_sparse.calibration import calibration_sample
 from hf_sparse.inference import semi_structured_support
 
@@ -307,6 +308,7 @@ class Run:
         return dataclasses.replace(self.training_args, push_to_hub=False, **changes)
 
     def evaluate(self, model) -> dict:
+        """SQuAD metrics of `model`, a plain module (never one a Trainer sharded: stages reload what they saved)."""
         fp16 = self.args.fp16_eval and torch.cuda.is_available()
         if fp16 and next(model.parameters()).dtype != torch.float16:
             # A half-precision copy: the Trainer's fp16_full_eval would cast the model itself, which trains on.
@@ -339,10 +341,23 @@ class Run:
             logger.info("Resuming %s from %s", name, last)
         return trainer, trainer.train(resume_from_checkpoint=last).metrics
 
-    def save(self, trainer: Trainer, folder: Path) -> None:
+    def save(self, trainer: Trainer, folder: Path):
+        """Saves the trained model and returns it reloaded as a plain module: under FSDP2 the trained module holds
+        sharded weights, which cannot be copied, pruned as a whole or evaluated in fp16; everywhere, the later
+        stages then start from exactly what was saved."""
         trainer.save_model(str(folder))  # every process: FSDP gathers the weights
         if self.main_process:
             self.tokenizer.save_pretrained(folder)
+        self.barrier()
+        return AutoModelForQuestionAnswering.from_pretrained(folder)
+
+    def peak_memory(self) -> dict:
+        """Peak GPU memory of every rank since the last call (GiB), e.g. to see a sharded teacher."""
+        if self.training_args.device.type != "cuda":
+            return {}
+        peak = torch.cuda.max_memory_allocated(self.training_args.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(self.training_args.device)
+        return {"peak_gpu_memory_gib_by_rank": [round(p, 3) for p in gather_object(peak)]}
 
 
 def prepare(args: RecipeArguments, sparsity, training_args: TrainingArguments) -> Run:
@@ -386,24 +401,31 @@ def fine_tune_dense(run: Run):
     else:
         torch.manual_seed(run.training_args.seed)
         dense = new_model(run.args, run.tokenizer)
+        run.peak_memory()
         start = time.perf_counter()
         trainer, metrics = run.train(dense, "dense-training")
-        run.save(trainer, dense_dir)
-        run.record("dense", {"train_seconds": time.perf_counter() - start, "train_loss": metrics.get("train_loss")})
+        dense = run.save(trainer, dense_dir)
+        run.record("dense", {"train_seconds": time.perf_counter() - start, "train_loss": metrics.get("train_loss"),
+                             **_throughput(metrics), **run.peak_memory()})  # fmt: skip
     if not run.done("dense"):
         run.record("dense", run.evaluate(dense))
     return dense
 
 
 def prune_zero_shot(run: Run, dense):
-    """2. Zero-shot: prune a copy of the dense model and evaluate it without training."""
-    pruned = copy.deepcopy(dense)
+    """2. Zero-shot: prune a copy of the dense model and evaluate it without training. With several processes,
+    rank 0 calibrates and broadcasts its masks and weights (`compute_masks`); the masks' digests of every rank are
+    compared and recorded."""
+    pruned = copy.deepcopy(dense).to(run.training_args.device)
     calibration = None
     if run.sparsity.criterion != "magnitude":
         calibration = calibration_sample(run.features[0], run.sparsity, seed=run.training_args.seed)
+    start = time.perf_counter()
     masks = hf_sparse.prune_(pruned, run.sparsity, calibration_data=calibration)
+    seconds = time.perf_counter() - start
+    digests = check_replicas_agree(masks, "after pruning")
     if not run.done("pruned"):
-        values = run.evaluate(pruned)
+        values = {**run.evaluate(pruned), "prune_seconds": seconds, "mask_digests_by_rank": digests}
         rows = hf_sparse.sparsity_report(pruned, run.sparsity.n, run.sparsity.m, layers=list(masks))
         values["sparsity"], values["layers"] = hf_sparse.masks.total_sparsity(rows), len(masks)
         run.record("pruned", values)
@@ -420,14 +442,14 @@ def recover(run: Run, dense, pruned, masks):
         recovery = dataclasses.replace(run.sparsity, criterion="magnitude")
         loss = hf_sparse.DistillationLoss(dense, pruned, task_weight=1.0) if run.args.distill else None
         steps = {} if run.args.recovery_max_steps is None else {"max_steps": run.args.recovery_max_steps}
+        run.peak_memory()
         start = time.perf_counter()
         trainer, metrics = run.train(
             pruned, "sparse-training", [hf_sparse.SparsityCallback(recovery)], compute_loss_func=loss, **steps
         )
-        sparse = pruned
-        run.save(trainer, sparse_dir)
+        sparse = run.save(trainer, sparse_dir)
         run.record("sparse", {"train_seconds": time.perf_counter() - start, "train_loss": metrics.get("train_loss"),
-                              "distilled": run.args.distill})  # fmt: skip
+                              "distilled": run.args.distill, **_throughput(metrics), **run.peak_memory()})  # fmt: skip
     if not run.done("sparse"):
         values = run.evaluate(sparse)
         rows = hf_sparse.sparsity_report(sparse, run.sparsity.n, run.sparsity.m, layers=list(masks))
@@ -447,7 +469,9 @@ def swap_and_time(run: Run, sparse) -> None:
     from hf_sparse.inference import benchmark
 
     # Evaluate on the sparse kernels: the answers must match the masked dense model's (fp16 rounding aside).
-    if not run.done("swapped"):
+    if not run.done("swapped") and _fsdp():
+        run.report["skipped"]["sparse-kernel evaluation"] = "under FSDP the Trainer would shard the swapped weights"
+    elif not run.done("swapped"):
         swapped = copy.deepcopy(sparse).to(device=run.training_args.device, dtype=torch.float16).eval()
         tokens = [run.training_args.per_device_eval_batch_size * run.args.max_seq_length]
         swap = hf_sparse.swap_to_semi_structured_(swapped, token_counts=tokens)
@@ -507,6 +531,14 @@ def _set_up_logging(training_args: TrainingArguments) -> None:
         log_level = logging.INFO
     for name in ("squad_24", "hf_sparse"):
         logging.getLogger(name).setLevel(log_level)
+
+
+def _throughput(metrics: dict) -> dict:
+    return {"train_samples_per_second": metrics.get("train_samples_per_second")}
+
+
+def _fsdp() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
 def _data_name(args: RecipeArguments) -> str:
