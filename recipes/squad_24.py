@@ -310,9 +310,11 @@ class Run:
     def evaluate(self, model) -> dict:
         """SQuAD metrics of `model`, a plain module (never one a Trainer sharded: stages reload what they saved)."""
         fp16 = self.args.fp16_eval and torch.cuda.is_available()
-        if fp16 and next(model.parameters()).dtype != torch.float16:
-            # A half-precision copy: the Trainer's fp16_full_eval would cast the model itself, which trains on.
-            model = copy.deepcopy(model).to(device=self.training_args.device, dtype=torch.float16)
+        if (fp16 and next(model.parameters()).dtype != torch.float16) or _fsdp():
+            # A copy: the Trainer's fp16_full_eval would cast the model itself, which trains on, and FSDP2 shards
+            # the module it evaluates in place.
+            dtype = {"dtype": torch.float16} if fp16 else {}
+            model = copy.deepcopy(model).to(device=self.training_args.device, **dtype)
         examples, features = self.examples[1], self.features[1]
         trainer = Trainer(
             model=model,
@@ -322,6 +324,10 @@ class Run:
                 examples, features, version_2_with_negative=self.args.version_2_with_negative
             ),
         )
+        if _fsdp():
+            # Accelerate prepares a model for FSDP2 only together with an optimizer (evaluate() alone is refused):
+            # shard the copy with one that never steps, and the Trainer evaluates it as prepared.
+            trainer.accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))
         result = {key.removeprefix("eval_"): value for key, value in trainer.evaluate().items()}
         result["eval_dtype"] = "fp16" if fp16 else str(next(model.parameters()).dtype).removeprefix("torch.")
         return result
