@@ -5,6 +5,7 @@ The names below are the public API. Building blocks stay importable from their m
 (`hf_sparse.squad`: data, post-processing, metrics).
 """
 
+from .adapters import merge_and_unload_sparse
 from .callback import SparsityCallback
 from .checkpoint import SparseCheckpointError, from_pretrained, save_pretrained
 from .config import SparsityConfig
@@ -25,6 +26,7 @@ __all__ = [
     "select_layers",
     "sparsity_report",
     "DistillationLoss",
+    "merge_and_unload_sparse",
     # Checkpoints, model cards and the Hub
     "save_pretrained",
     "from_pretrained",

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ._distributed import check_replicas_agree, is_sharded, local_tensor, rank, unwrap_model, world_size
+from .adapters import base_layer_names
 from .calibration import calibration_from_dataloader
 from .config import SparsityConfig
 from .criteria import CALIBRATED_CRITERIA, compute_masks
@@ -159,10 +160,13 @@ class SparsityCallback(TrainerCallback):
         if broken:
             raise RuntimeError(f"hf-sparse: layers {broken} are not {self.config.sparsity_pattern} after training.")
         logger.info("hf-sparse: final sparsity\n%s", format_report(rows))
-        if model is not None and getattr(unwrap_model(model), "config", None) is not None:
-            from .checkpoint import attach_sparsity_metadata
+        if model is not None:
+            # On a PEFT model the metadata goes on the base model, under its own layer names.
+            target, layers = base_layer_names(unwrap_model(model), list(self.layers))
+            if getattr(target, "config", None) is not None:
+                from .checkpoint import attach_sparsity_metadata
 
-            attach_sparsity_metadata(unwrap_model(model), self.config, layers=list(self.layers))
+                attach_sparsity_metadata(target, self.config, layers=layers)
         self.masks, self.pruned_values = {}, {}
 
     def report(self):

@@ -62,12 +62,40 @@ def _head_names(model: nn.Module) -> set[int]:
     return heads
 
 
+def _adapter_names(named: list[tuple[str, nn.Module]]) -> tuple[set[str], set[str]]:
+    """PEFT's wrappers in a model: (names of the tuner layers that wrap a `base_layer`, names of the adapter
+    modules, whose whole subtrees are never pruned).
+
+    Duck-typed on the attributes PEFT's `BaseTunerLayer` and `ModulesToSaveWrapper` define (`adapter_layer_names`
+    names the adapters' `ModuleDict`s: `lora_A`, `lora_B`, `modules_to_save`, ...), so `peft` is not imported.
+    """
+    tuners, adapters = set(), set()
+    for name, module in named:
+        adapter_layers = getattr(module, "adapter_layer_names", None)
+        if not isinstance(adapter_layers, tuple):
+            continue
+        if isinstance(getattr(module, "base_layer", None), nn.Module):
+            tuners.add(name)
+        adapters.update(f"{name}.{layer}" for layer in adapter_layers)
+        if isinstance(getattr(module, "original_module", None), nn.Module):
+            # modules_to_save: PEFT trains a dense copy; the original is unused while the adapter is active.
+            adapters.add(f"{name}.original_module")
+    return tuners, adapters
+
+
+def _is_under(name: str, prefixes: set[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
 def select_layers(model: nn.Module, config: SparsityConfig) -> Selection:
     """Finds the layers `config` selects in `model`.
 
     Default (no `target_modules`): every `nn.Linear` inside the repeated transformer blocks. With
     `target_modules`, every module whose name matches; matched modules that cannot hold an N:M weight (not an
     `nn.Linear`, or an input dimension not divisible by M) are reported in `Selection.skipped`.
+
+    On a PEFT model the base layers are selected (`...query.base_layer`, matched by the name of the layer PEFT
+    wraps, `...query`) and the adapters never are: `lora_A`, `lora_B`, `modules_to_save` and the like stay dense.
 
     Raises:
         ValueError: if the selection matches no module at all, naming the patterns and some module names.
@@ -76,13 +104,19 @@ def select_layers(model: nn.Module, config: SparsityConfig) -> Selection:
     skipped: dict[str, str] = {}
     heads = _head_names(model)
     named = [(name, module) for name, module in model.named_modules() if name]
+    tuners, adapters = _adapter_names(named)
     for name, module in named:
+        if name in tuners or _is_under(name, adapters):
+            continue  # a PEFT wrapper (its base_layer is matched under its name) or an adapter
+        parent = name.rpartition(".")[0]
+        # A PEFT base layer is selected by the name of the layer it replaced (`...query`, not `...base_layer`).
+        match_name = parent if parent in tuners and name.endswith(".base_layer") else name
         if config.target_modules is None:
-            if not isinstance(module, nn.Linear) or block_of(name) is None or id(module) in heads:
+            if not isinstance(module, nn.Linear) or block_of(match_name) is None or id(module) in heads:
                 continue
-        elif not _matches(name, config.target_modules):
+        elif not _matches(match_name, config.target_modules):
             continue
-        if config.exclude_modules is not None and _matches(name, config.exclude_modules):
+        if config.exclude_modules is not None and _matches(match_name, config.exclude_modules):
             continue
         if not isinstance(module, nn.Linear):
             if config.target_modules is not None and any(isinstance(child, nn.Linear) for child in module.modules()):

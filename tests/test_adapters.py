@@ -1,0 +1,89 @@
+"""PEFT on sparse models: the callback prunes the base layers and never the adapters; merging keeps N:M."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertForQuestionAnswering, Trainer, TrainingArguments
+
+from hf_sparse import SparsityCallback, SparsityConfig, merge_and_unload_sparse, select_layers
+from hf_sparse.masks import is_nm
+from tests.conftest import RandomQADataset, tiny_bert_config
+
+peft = pytest.importorskip("peft", reason="install the test extra: pip install -e '.[test]'")
+
+BLOCK_LINEARS = (
+    "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+    "intermediate.dense", "output.dense",
+)  # fmt: skip
+
+
+def _lora_model(**lora):
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(tiny_bert_config())
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value", "intermediate.dense"], modules_to_save=["qa_outputs"],
+        **lora,
+    )  # fmt: skip
+    return peft.get_peft_model(model, config)
+
+
+def _train(model, tmp_path, config=None):
+    args = TrainingArguments(
+        str(tmp_path), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-2, report_to="none",
+        save_strategy="no", use_cpu=True, logging_steps=3,
+    )  # fmt: skip
+    trainer = Trainer(model, args, train_dataset=RandomQADataset(48), callbacks=[SparsityCallback(config)])
+    trainer.train()
+    return trainer
+
+
+def test_selection_on_a_peft_model_takes_base_layers_and_no_adapter():
+    model = _lora_model()
+    default = select_layers(model, SparsityConfig()).targets
+    assert len(default) == 2 * 6  # every nn.Linear of the 2 blocks, adapted or not
+    assert not [n for n in default if "lora_" in n or "modules_to_save" in n or "original_module" in n]
+    assert "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer" in default
+    # A pattern names the layer PEFT wrapped, as on the model without adapters.
+    named = select_layers(model, SparsityConfig(target_modules=["query"])).targets
+    assert list(named) == [f"base_model.model.bert.encoder.layer.{i}.attention.self.query.base_layer" for i in (0, 1)]
+
+
+def test_lora_training_keeps_adapters_dense_and_the_masked_merge_is_exactly_2_4(tmp_path):
+    model = _lora_model()
+    _train(model, tmp_path)
+    adapters = {n: p for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n}
+    assert len(adapters) == 2 * 3 * 2 + 2  # lora_A/lora_B of 3 layers in 2 blocks, qa_outputs' weight and bias
+    # Dense: not one zero (lora_B starts at zero in PEFT and trained away from it; pruning would leave 50%).
+    assert {n: int((p == 0).sum()) for n, p in adapters.items()} == dict.fromkeys(adapters, 0)
+    base = model.get_base_model()
+    meta = base.config.sparsity  # written by the callback at train end, under the base model's names
+    assert set(meta["layers"]) == {f"bert.encoder.layer.{i}.{s}" for i in (0, 1) for s in BLOCK_LINEARS}
+
+    query = base.bert.encoder.layer[0].attention.self.query
+    before = query.get_base_layer().weight.detach().clone()
+    delta = query.get_delta_weight("default").detach().clone()
+    merged = merge_and_unload_sparse(model)
+    assert not [n for n, _ in merged.named_modules() if "lora_" in n]
+    weights = {name: merged.get_submodule(name).weight for name in meta["layers"]}
+    assert all(is_nm(w) for w in weights.values())
+    # Exactly the base weight plus the update where the base weight is kept, and zero where it was pruned.
+    expected = before + delta * (before != 0)
+    torch.testing.assert_close(merged.bert.encoder.layer[0].attention.self.query.weight, expected)
+    assert merged.config.sparsity["layers"].keys() == meta["layers"].keys()
+
+
+def test_plain_peft_merge_breaks_2_4_which_is_why_the_masked_merge_exists(tmp_path):
+    model = _lora_model()
+    _train(model, tmp_path)
+    merged = model.merge_and_unload()
+    assert not is_nm(merged.bert.encoder.layer[0].attention.self.query.weight)
+    assert is_nm(merged.bert.encoder.layer[0].attention.self.key.weight)  # not adapted: still 2:4
+
+
+def test_masked_merge_refuses_a_dense_base_layer():
+    model = _lora_model()
+    with pytest.raises(ValueError, match="not 2:4 before merging"):
+        merge_and_unload_sparse(model, layers=["bert.encoder.layer.0.attention.self.query"])
+    with pytest.raises(TypeError, match="peft.PeftModel"):
+        merge_and_unload_sparse(model.get_base_model())
