@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from .config import SparsityConfig
 from .criteria import CALIBRATED_CRITERIA, compute_masks
 from .masks import format_report, is_nm, layer_sparsity, nm_mask, total_sparsity
 from .pruning import apply_masks_
-from .selection import select_layers
+from .selection import block_of, select_layers
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class SparsityCallback(TrainerCallback):
     # -- training events ---------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        _run_before_reporting_callbacks(self)  # also when added with trainer.add_callback after __init__
         if model is None:
             raise ValueError("SparsityCallback needs the Trainer's model; the Trainer passed none.")
         model = unwrap_model(model)
@@ -107,14 +109,25 @@ class SparsityCallback(TrainerCallback):
         if state.global_step > 0 and self.config.mask_due(state.global_step):
             self._update_masks(state.global_step, args, model, kwargs.get("train_dataloader"))
 
+    def on_init_end(self, args, state, control, **kwargs):
+        _run_before_reporting_callbacks(self)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.masks or logs is None:
             return
         rows = self.report()
         extra = {"sparsity": total_sparsity(rows)}
-        if self._log_layers and self.config.log_per_layer:
-            extra.update({f"sparsity/{r.name}": round(r.sparsity, 6) for r in rows})
+        if self._log_layers:
+            # Per transformer block ("sparsity/bert.encoder.layer.0") whenever masks were (re)computed, and per
+            # layer too with `log_per_layer`.
+            groups: dict[str, list] = {}
+            for r in rows:
+                groups.setdefault(block_of(r.name) or "other", []).append(r)
+            extra.update({f"sparsity/{group}": round(total_sparsity(g), 6) for group, g in groups.items()})
+            if self.config.log_per_layer:
+                extra.update({f"sparsity/{r.name}": round(r.sparsity, 6) for r in rows})
             self._log_layers = False
+        # In place: the reporting callbacks (TensorBoard, W&B, MLflow, ...) that run after this one see the keys.
         logs.update(extra)
         # The Trainer stores its own copy of the logs before callbacks run: keep `state.log_history` complete.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
@@ -241,6 +254,36 @@ class SparsityCallback(TrainerCallback):
 
     def _metadata(self) -> dict[str, str]:
         return {"sparsity_pattern": self.config.sparsity_pattern, "criterion": self.config.criterion}
+
+
+def _run_before_reporting_callbacks(callback: TrainerCallback) -> None:
+    """Moves `callback` to the front of the Trainer's callback list.
+
+    The Trainer registers the `report_to` integrations (TensorBoard, W&B, MLflow, ...) before the user's callbacks
+    and calls `on_log` in that order, with one `logs` dict: the sparsity added there by a callback behind them
+    would never reach them. Callbacks are not given the Trainer, so this finds its `CallbackHandler` in the
+    caller's frame (`CallbackHandler.call_event`, which is running this callback's event). Moving the running
+    callback from position i to 0 leaves every later one at its index, so the current event still reaches each
+    callback exactly once.
+    """
+    from transformers.trainer_callback import CallbackHandler
+
+    frame = sys._getframe(1)
+    for _ in range(4):  # the event method, then call_event (or a wrapper of it)
+        frame = frame.f_back
+        if frame is None:
+            break
+        handler = frame.f_locals.get("self")
+        if isinstance(handler, CallbackHandler):
+            callbacks = handler.callbacks
+            if callback in callbacks and callbacks[0] is not callback:
+                callbacks.remove(callback)
+                callbacks.insert(0, callback)
+            return
+    logger.warning(
+        "hf-sparse: could not find the Trainer's callback list; the sparsity logged by SparsityCallback reaches "
+        "state.log_history but not the report_to integrations that run before it."
+    )
 
 
 def _masks_file(sharded: bool) -> str:

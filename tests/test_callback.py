@@ -200,6 +200,25 @@ def test_sparsity_is_logged_per_layer_when_masks_change(tmp_path, tiny_qa_model)
     assert not any(key.startswith("sparsity/") for key in history[1])
 
 
+def test_sparsity_reaches_the_tensorboard_event_files(tmp_path, tiny_qa_model):
+    pytest.importorskip("tensorboard", reason="install the test extra: pip install -e '.[test]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # report_to's callbacks are registered before the user's, and on_log runs in that order.
+    config = SparsityConfig(mask_start_step=3, log_per_layer=False)
+    make_trainer(tmp_path, tiny_qa_model, [SparsityCallback(config)], report_to="tensorboard").train()
+    (event_file,) = tmp_path.rglob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file))
+    events.Reload()
+    scalars = {tag: [(e.step, round(e.value, 6)) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert scalars["train/loss"][0][0] == 1  # the file is the run's, logged from step 1
+    # Masks from step 3 on (step 6 twice: the last step's log and the Trainer's summary of the run).
+    assert scalars["train/sparsity"] == [(3, 0.5), (4, 0.5), (5, 0.5), (6, 0.5), (6, 0.5)]
+    # Per transformer block, when the masks were computed; no per-layer keys with log_per_layer=False.
+    groups = {tag: v for tag, v in scalars.items() if tag.startswith("train/sparsity/")}
+    assert groups == {f"train/sparsity/bert.encoder.layer.{i}": [(3, 0.5)] for i in range(2)}
+
+
 def test_skipped_layers_are_listed_in_one_warning(tmp_path, caplog):
     from transformers import BertForQuestionAnswering
 
