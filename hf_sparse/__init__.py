@@ -14,6 +14,7 @@ from .hub import HubPushError, model_card, push_to_hub
 from .inference import SwapReport, cuda_graphs, restore_dense_, swap_to_semi_structured_
 from .masks import sparsity_report
 from .pruning import prune_
+from .quantizer import HfSparseConfig as _HfSparseConfig  # noqa: F401 - registers compact checkpoints with transformers
 from .selection import select_layers
 
 __version__ = "0.1.0.dev0"

@@ -43,6 +43,15 @@ COMPACT_WEIGHTS_NAME = "hf_sparse_model.safetensors"
 COMPACT_FORMAT = "compact-nm-v1"
 VALUES_SUFFIX = ".nm_values"
 INDICES_SUFFIX = ".nm_indices"
+QUANT_METHOD = "hf-sparse"
+"""`quant_method` of a compact checkpoint's `quantization_config`: `import hf_sparse` registers it with transformers
+(`hf_sparse.quantizer`), so plain `AutoModel*.from_pretrained` loads compact checkpoints."""
+MISSING_LIBRARY_MESSAGE = (
+    "this is a compact N:M sparse checkpoint written by hf-sparse (its sparse layers are stored as values plus "
+    "positions in hf_sparse_model.safetensors): install hf-sparse and run `import hf_sparse` before from_pretrained"
+)
+"""`transformers_weights` of a compact checkpoint's config.json: without hf-sparse, transformers refuses the value
+(it does not end in .safetensors) with an error that shows it, before building any layer."""
 METADATA_KEY = "sparsity"
 """Attribute of the model's config (and key of `config.json`) that holds the sparsity metadata."""
 
@@ -341,6 +350,13 @@ def save_pretrained(
         )
         config_json = json.loads((tmp / CONFIG_NAME).read_text())
         config_json[METADATA_KEY]["format"] = "compact"
+        config_json["quantization_config"] = {
+            "quant_method": QUANT_METHOD,
+            "format": COMPACT_FORMAT,
+            "sparsity_pattern": f"{n}:{m}",
+            "weights": COMPACT_WEIGHTS_NAME,
+        }
+        config_json["transformers_weights"] = MISSING_LIBRARY_MESSAGE
         (tmp / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
         dense_files = {p.name for p in _weight_files(tmp)} | {DENSE_INDEX_NAME}
         # Dense weights left from an earlier save would shadow the compact file for plain from_pretrained.
@@ -564,6 +580,10 @@ def from_pretrained(
 
     state, meta = load_state_dict(folder)
     config = AutoConfig.from_pretrained(folder)
+    # The state dict is dense already: build the model without the compact format's loader (hf_sparse.quantizer).
+    for key in ("quantization_config", "transformers_weights"):
+        if hasattr(config, key):
+            delattr(config, key)
     cls = _model_class(config, model_class)
     model, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True, **model_kwargs)
     missing = sorted(info.get("missing_keys", []))

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from ._distributed import local_tensor
+from .adapters import base_layer_names
+from .checkpoint import attach_sparsity_metadata
 from .config import SparsityConfig
 from .criteria import compute_masks
 from .selection import select_layers
@@ -25,6 +27,9 @@ def prune_(
     device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prunes `model` in place to N:M (one shot, no training) and returns the masks by layer name.
+
+    A `transformers` model also gets the sparsity metadata in `model.config.sparsity` (as after
+    `SparsityCallback`), so `hf_sparse.save_pretrained(model, folder, compact=True)` works right after.
 
     Args:
         model: any module; the layers are chosen as in `SparsityConfig` (default: every `nn.Linear` inside the
@@ -50,4 +55,8 @@ def prune_(
     layers = select_layers(model, config).targets
     masks = compute_masks(model, layers, config, calibration_data, device)
     apply_masks_(layers, masks)
+    # As at the end of SparsityCallback: the metadata config.json carries, which compact saving needs.
+    target, names = base_layer_names(model, list(layers))
+    if getattr(target, "config", None) is not None:
+        attach_sparsity_metadata(target, config, layers=names)
     return masks

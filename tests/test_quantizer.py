@@ -1,0 +1,98 @@
+"""Compact checkpoints through plain `from_pretrained` (transformers' quantizer registry), with and without
+hf-sparse imported, and the Trainer on a model loaded that way."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForQuestionAnswering, BertForQuestionAnswering, Trainer, TrainingArguments
+
+import hf_sparse
+from hf_sparse import SparseCheckpointError, SparsityCallback
+from hf_sparse.checkpoint import COMPACT_WEIGHTS_NAME, VALUES_SUFFIX
+from hf_sparse.masks import is_nm
+from tests.conftest import RandomQADataset, subprocess_env, tiny_bert_config
+
+LAYER = "bert.encoder.layer.1.intermediate.dense"
+
+
+@pytest.fixture
+def compact(tmp_path):
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(tiny_bert_config())
+    masks = hf_sparse.prune_(model)  # also records config.sparsity, so the compact save needs nothing else
+    hf_sparse.save_pretrained(model, tmp_path / "compact", compact=True)
+    return model, masks, tmp_path / "compact"
+
+
+def test_plain_from_pretrained_loads_a_compact_checkpoint_with_identical_tensors(compact):
+    model, masks, folder = compact
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "hf-sparse"
+    loaded, info = AutoModelForQuestionAnswering.from_pretrained(folder, output_loading_info=True)
+    assert type(loaded) is BertForQuestionAnswering
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    saved, restored = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == restored.keys()
+    assert [k for k in saved if not torch.equal(saved[k], restored[k])] == []
+    assert all(is_nm(loaded.get_submodule(name).weight) for name in masks)
+    # An ordinary dense model afterwards: no quantizer, trainable, and saved as a standard checkpoint.
+    assert getattr(loaded, "hf_quantizer", None) is None and not getattr(loaded, "is_quantized", False)
+    assert not hasattr(loaded.config, "quantization_config") and not hasattr(loaded.config, "transformers_weights")
+    assert loaded.config.sparsity["format"] == "dense"
+    assert all(p.requires_grad for p in loaded.parameters())
+
+
+def test_without_hf_sparse_the_load_fails_naming_hf_sparse(compact):
+    _, _, folder = compact
+    code = (
+        "import sys\n"
+        "from transformers import AutoModelForQuestionAnswering\n"
+        f"try:\n    AutoModelForQuestionAnswering.from_pretrained({str(folder)!r})\n"
+        "except Exception as err:\n    print(type(err).__name__, err)\n"
+        "else:\n    print('LOADED')\n"
+        "assert not [m for m in sys.modules if m.startswith('hf_sparse')], 'hf_sparse was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LOADED" not in result.stdout
+    assert "hf-sparse" in result.stdout and "import hf_sparse" in result.stdout, result.stdout
+
+
+def test_damaged_compact_file_fails_plain_from_pretrained_naming_the_layer(compact):
+    _, _, folder = compact
+    file = folder / COMPACT_WEIGHTS_NAME
+    tensors = load_file(file)
+    values = tensors[f"{LAYER}.weight{VALUES_SUFFIX}"]
+    values[values != 0] = 0.0  # still decodes, but not to the zeros the metadata records
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(SparseCheckpointError, match=rf"layer {LAYER} .* has \d+ zeros but the metadata records"):
+        AutoModelForQuestionAnswering.from_pretrained(folder)
+
+
+def test_trainer_fine_tunes_resumes_and_reloads_best_from_a_compact_load(compact, tmp_path):
+    _, masks, folder = compact
+    model = AutoModelForQuestionAnswering.from_pretrained(folder)
+    args = dict(
+        per_device_train_batch_size=8, learning_rate=1e-2, report_to="none", use_cpu=True, save_steps=2,
+        eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
+        save_total_limit=2, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    out = tmp_path / "run"
+    trainer = Trainer(model, TrainingArguments(str(out), max_steps=2, **args), train_dataset=RandomQADataset(32),
+                      eval_dataset=RandomQADataset(16), callbacks=[SparsityCallback()])  # fmt: skip
+    trainer.train()
+    checkpoint = json.loads((out / "checkpoint-2" / "config.json").read_text())
+    assert "quantization_config" not in checkpoint and checkpoint["sparsity"]["format"] == "dense"
+    # Resume to step 4 from the Trainer's checkpoint, then reload the best one at the end.
+    resumed = Trainer(AutoModelForQuestionAnswering.from_pretrained(folder), TrainingArguments(str(out), max_steps=4, **args),
+                      train_dataset=RandomQADataset(32), eval_dataset=RandomQADataset(16),
+                      callbacks=[SparsityCallback()])  # fmt: skip
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert resumed.state.global_step == 4 and resumed.state.best_model_checkpoint is not None
+    assert all(is_nm(resumed.model.get_submodule(name).weight) for name in masks)
