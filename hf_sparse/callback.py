@@ -218,7 +218,11 @@ class SparsityCallback(TrainerCallback):
             self.pruned_values = {}
         apply_masks_(self.layers, self.masks)
         self._log_layers = True
-        logger.info("hf-sparse: masks computed\n%s", format_report(self.report()))
+        # One line here; the per-layer table is logged once, when training ends (squash_).
+        logger.info(
+            "hf-sparse: masks computed at step %d: %d layer(s), %.2f%% of their weights pruned.",
+            step, len(self.masks), 100 * total_sparsity(self.report()),
+        )  # fmt: skip
 
     def _sharded(self) -> bool:
         return any(is_sharded(layer.weight) for layer in self.layers.values())

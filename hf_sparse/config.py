@@ -60,11 +60,12 @@ class SparsityConfig:
     criterion: str = field(
         default="magnitude",
         metadata={
+            "choices": list(CRITERIA),
             "help": f"Which weights to keep in each group. One of: {', '.join(CRITERIA)}. magnitude: the largest |w|. "
             "wanda: the largest |w| * ||x_j||_2 (input column norm over calibration tokens). sparsegpt: the mask and "
             "weight update of SparseGPT (second-order, the kept weights are changed to compensate). wanda and "
             "sparsegpt run the calibration data through the model block by block, so later blocks see the pruned "
-            "earlier ones."
+            "earlier ones.",
         },
     )
     calibration_samples: int = field(

@@ -17,9 +17,10 @@ import time
 
 import torch
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from ._distributed import broadcast_masks, broadcast_weights_, is_sharded, local_tensor, rank, world_size
-from .calibration import block_statistics, calibration_batches, model_inputs, stats_device
+from .calibration import _groups, block_statistics, calibration_batches, model_inputs, stats_device
 from .config import SparsityConfig
 from .masks import nm_mask, nm_mask_from_scores
 
@@ -226,7 +227,14 @@ def _calibrated_masks(model, layers, config, calibration_data, device) -> dict[s
     hessian = config.criterion == "sparsegpt"
     masks: dict[str, torch.Tensor] = {}
     started = time.perf_counter()
-    for stats in block_statistics(model, layers, batches, hessian, on):
+    blocks = block_statistics(model, layers, batches, hessian, on)
+    # A progress bar per block, as the Trainer shows for steps (transformers' tqdm: off with
+    # HF_HUB_DISABLE_PROGRESS_BARS=1 or transformers.utils.logging.disable_progress_bar(); main process only).
+    progress = hf_logging.tqdm(
+        blocks, total=len(_groups(model, layers)), desc=f"{config.criterion} calibration", unit="block",
+        disable=rank() != 0,
+    )  # fmt: skip
+    for stats in progress:
         for name, stat in stats.items():
             weight = local_tensor(layers[name].weight, f"{name}.weight")
             if hessian:

@@ -54,11 +54,57 @@ def template_path() -> Path:
 
 
 def current_command() -> str:
-    """The command line of this process, as a user would type it again (for the card's "Reproduce" section)."""
+    """The command line of this process, as a user would type it again (for the card's "Reproduce" section).
+
+    Under `accelerate launch` or `torchrun`, the launcher's command (found among the parent processes' command
+    lines, on Linux), e.g. `accelerate launch --num_processes 2 recipes/squad_24.py --preset tutorial`.
+    """
+    launcher = launcher_command(_parent_command_lines())
+    if launcher is not None:
+        return launcher
     argv = list(sys.argv)
     if argv and argv[0].endswith(".py"):
         return "python " + shlex.join(argv)
     return shlex.join(argv)
+
+
+_LAUNCHERS = {"accelerate": "accelerate launch", "accelerate.commands.launch": "accelerate launch",
+              "accelerate.commands.accelerate_cli": "accelerate launch", "torchrun": "torchrun",
+              "torch.distributed.run": "torchrun", "torch.distributed.launch": "torchrun"}  # fmt: skip
+
+
+def launcher_command(command_lines: list[list[str]]) -> str | None:
+    """The `accelerate launch ...` / `torchrun ...` command among `command_lines` (the parents' argv, nearest
+    first), as typed: `python -m accelerate.commands.launch x.py` reads `accelerate launch x.py`. None if none is."""
+    for argv in command_lines:
+        for i, arg in enumerate(argv):
+            name = os.path.basename(arg)
+            module = argv[i + 1] if arg == "-m" and i + 1 < len(argv) else None
+            launcher = _LAUNCHERS.get(module) if module else _LAUNCHERS.get(name)
+            if launcher is None or (name == "accelerate" and argv[i + 1 : i + 2] != ["launch"]):
+                continue
+            rest = argv[i + (2 if module or name == "accelerate" else 1) :]
+            if launcher == "accelerate launch" and rest[:1] == ["launch"]:
+                rest = rest[1:]  # python -m accelerate.commands.accelerate_cli launch ...
+            return shlex.join([*launcher.split(), *rest])
+    return None
+
+
+def _parent_command_lines(depth: int = 4) -> list[list[str]]:
+    if not any(key.startswith(("ACCELERATE_", "TORCHELASTIC_")) or key == "LOCAL_RANK" for key in os.environ):
+        return []  # not started by a launcher: no need to look
+    lines, pid = [], os.getppid()
+    for _ in range(depth):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                lines.append([a.decode(errors="replace") for a in f.read().split(b"\0") if a])
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        if pid <= 1:
+            break
+    return lines
 
 
 def _load_config(model_or_folder) -> dict:

@@ -135,26 +135,47 @@ def _kernels(stage: dict[str, Any]) -> str:
 
 
 def plot_f1(report: dict[str, Any], path: str | os.PathLike) -> None:
-    """Bar chart of F1 (and exact match) across the stages of a run."""
+    """F1 and exact match across the stages of a run (left, every bar labelled), and each stage's change from the
+    dense model in points (right): the differences between the stages are often a point or two, which a 0-100
+    axis would hide."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     stages = [s for s in STAGES if "f1" in report["stages"].get(s, {})]
-    f1 = [report["stages"][s]["f1"] for s in stages]
-    em = [report["stages"][s].get("exact_match", 0.0) for s in stages]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    xs = range(len(stages))
-    ax.bar([x - 0.2 for x in xs], f1, width=0.4, label="F1")
-    ax.bar([x + 0.2 for x in xs], em, width=0.4, label="exact match")
-    for x, value in zip(xs, f1):
-        ax.text(x - 0.2, value + 1, f"{value:.1f}", ha="center", fontsize=8)
-    ax.set_xticks(list(xs), [STAGE_NAMES[s].replace(" (", "\n(") for s in stages], fontsize=8)
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("score")
-    ax.set_title(report.get("title", "F1 across stages"))
-    ax.legend()
+    scores = {
+        "F1": [report["stages"][s]["f1"] for s in stages],
+        "exact match": [report["stages"][s].get("exact_match", 0.0) for s in stages],
+    }
+    labels = [STAGE_NAMES[s].replace(" (", "\n(") for s in stages]
+    xs = list(range(len(stages)))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for offset, (name, values) in zip((-0.2, 0.2), scores.items()):
+        bars = left.bar([x + offset for x in xs], values, width=0.4, label=name)
+        left.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=8, padding=2)
+    low = min(min(v) for v in scores.values())
+    left.set_ylim(max(0.0, low - 10), min(105.0, max(max(v) for v in scores.values()) + 5))
+    left.set_ylabel("score (axis does not start at 0)" if low > 10 else "score")
+    left.set_xticks(xs, labels, fontsize=8)
+    left.set_title("scores")
+    left.legend(loc="lower right")
+    if "dense" in stages:
+        base = {name: values[stages.index("dense")] for name, values in scores.items()}
+        others = [i for i, s in enumerate(stages) if s != "dense"]
+        for offset, (name, values) in zip((-0.2, 0.2), scores.items()):
+            deltas = [values[i] - base[name] for i in others]
+            bars = right.bar([k + offset for k in range(len(others))], deltas, width=0.4, label=name)
+            right.bar_label(bars, labels=[f"{d:+.2f}" for d in deltas], fontsize=8, padding=2)
+        right.axhline(0, color="black", linewidth=0.8)
+        right.margins(y=0.25)
+        right.set_xticks(range(len(others)), [labels[i] for i in others], fontsize=8)
+        right.set_ylabel("points vs dense")
+        right.set_title("change from the dense model")
+        right.legend(loc="best")
+    else:
+        right.axis("off")
+    fig.suptitle(report.get("title", "F1 across stages"))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -17,6 +17,7 @@ continues where it stopped when started again with the same `--output_dir`.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import logging
@@ -54,6 +55,9 @@ HERE = Path(__file__).resolve().parent
 OFFLINE_DEFAULTS = HERE / "offline.yaml"
 PRESETS = {"tutorial": HERE / "tutorial.yaml"}
 """Presets of defaults: YAML files of arguments beside this recipe."""
+STAGES = ("Dense fine-tuning", "Zero-shot 2:4 pruning", "Recovery fine-tuning", "Sparse kernels and timing",
+          "Report and model card")  # fmt: skip
+"""The stages, in order; each announces itself with a banner."""
 
 
 @dataclass
@@ -104,8 +108,8 @@ class RecipeArguments:
     synthetic_facts_per_paragraph: int = field(default=3, metadata={"help": "Synthetic data: facts per paragraph."})
     recovery_max_steps: int | None = field(
         default=None,
-        metadata={"help": "Optimizer steps of the recovery fine-tuning. Default: as the dense fine-tuning "
-                  "(--max_steps / --num_train_epochs), as in the tutorial."},
+        metadata={"help": "Optimizer steps of the recovery fine-tuning; unset (None): as many as the dense "
+                  "fine-tuning (--max_steps / --num_train_epochs), as in the tutorial."},
     )  # fmt: skip
     distill: bool = field(
         default=False,
@@ -139,11 +143,21 @@ def _read_config(path: Path) -> dict:
     return values
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every argument's default."""
+
+
 def parse_args(argv: list[str] | None = None):
     """Parses `RecipeArguments`, `SparsityConfig` and `TrainingArguments`: defaults from `recipes/offline.yaml`,
     from `--preset NAME`, or from a YAML/JSON file given first; then the command-line flags over them."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((RecipeArguments, hf_sparse.SparsityConfig, TrainingArguments))
+    parser = HfArgumentParser(
+        (RecipeArguments, hf_sparse.SparsityConfig, TrainingArguments),
+        description=__doc__,
+        epilog="Defaults shown are those in effect for this command line (recipes/offline.yaml, the preset or the "
+        "config file); every flag overrides them.",
+        formatter_class=_HelpFormatter,
+    )
     defaults = OFFLINE_DEFAULTS
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         defaults = Path(argv.pop(0)).resolve()
@@ -304,8 +318,15 @@ class Run:
             torch.distributed.barrier()
 
     def stage_args(self, **changes) -> TrainingArguments:
-        # The recipe pushes the sparse model itself, with its card; the stage trainers never push.
-        return dataclasses.replace(self.training_args, push_to_hub=False, **changes)
+        # The recipe pushes the sparse model itself, with its card; the stage trainers never push. Pinned memory
+        # needs an accelerator: on a CPU, torch would warn about it for every DataLoader the stages create.
+        pin = self.training_args.dataloader_pin_memory and self.training_args.device.type != "cpu"
+        return dataclasses.replace(self.training_args, push_to_hub=False, dataloader_pin_memory=pin, **changes)
+
+    def banner(self, number: int, title: str, what: str) -> None:
+        """Announces a stage on the console (main process): its number, name and what it does."""
+        if self.main_process:
+            print(f"\n{'=' * 100}\nStage {number}/{len(STAGES)}: {title}\n  {what}\n{'=' * 100}", flush=True)
 
     def evaluate(self, model) -> dict:
         """SQuAD metrics of `model`, a plain module (never one a Trainer sharded: stages reload what they saved)."""
@@ -398,6 +419,10 @@ def prepare(args: RecipeArguments, sparsity, training_args: TrainingArguments) -
 def fine_tune_dense(run: Run):
     """1. Dense fine-tuning (or a given fine-tuned model)."""
     dense_dir = run.output_dir / "dense"
+    steps = _steps(run.training_args.max_steps, run.training_args.num_train_epochs)
+    run.banner(1, STAGES[0], f"load {run.args.dense_model_name_or_path} and evaluate it" if
+               run.args.dense_model_name_or_path else f"train {_model_name(run.args)} densely for {steps} on "
+               f"{_data_name(run.args)}, save it to {dense_dir} and evaluate it")  # fmt: skip
     if run.args.dense_model_name_or_path:
         dense = AutoModelForQuestionAnswering.from_pretrained(run.args.dense_model_name_or_path)
         run.report["skipped"]["dense fine-tuning"] = f"started from {run.args.dense_model_name_or_path}"
@@ -422,6 +447,8 @@ def prune_zero_shot(run: Run, dense):
     """2. Zero-shot: prune a copy of the dense model and evaluate it without training. With several processes,
     rank 0 calibrates and broadcasts its masks and weights (`compute_masks`); the masks' digests of every rank are
     compared and recorded."""
+    run.banner(2, STAGES[1], f"prune a copy of the dense model to {run.sparsity.sparsity_pattern} by "
+               f"{run.sparsity.criterion} and evaluate it without training")  # fmt: skip
     pruned = copy.deepcopy(dense).to(run.training_args.device)
     calibration = None
     if run.sparsity.criterion != "magnitude":
@@ -441,6 +468,12 @@ def prune_zero_shot(run: Run, dense):
 def recover(run: Run, dense, pruned, masks):
     """3. Recovery: fine-tune the pruned model with its masks held exactly (the masks of the weights' nonzeros)."""
     sparse_dir = run.output_dir / "sparse"
+    recovery_steps = run.args.recovery_max_steps
+    steps = _steps(run.training_args.max_steps if recovery_steps is None else recovery_steps,
+                   run.training_args.num_train_epochs)  # fmt: skip
+    run.banner(3, STAGES[2], f"fine-tune the pruned model for {steps} with its masks held"
+               f"{' and distillation from the dense model' if run.args.distill else ''}, save it to {sparse_dir} "
+               "and evaluate it")  # fmt: skip
     if (sparse_dir / "config.json").is_file() and run.done("sparse", "train_seconds"):
         logger.info("Sparse model already recovered in %s; skipping that stage.", sparse_dir)
         sparse = AutoModelForQuestionAnswering.from_pretrained(sparse_dir)
@@ -469,6 +502,8 @@ def swap_and_time(run: Run, sparse) -> None:
     """4. GPU only: swap to sparse kernels, evaluate on them, and time dense against 2:4 (same process, same
     execution mode: CUDA graphs for both)."""
     problem = semi_structured_support("cuda", torch.float16)
+    run.banner(4, STAGES[3], f"skipped: {problem}" if problem else "swap to cuSPARSELt kernels, evaluate on them, "
+               f"and time dense against 2:4 at batch sizes {run.args.timing_batch_sizes}")  # fmt: skip
     if problem:
         run.report["skipped"]["swap and timing"] = problem
         return
@@ -503,6 +538,9 @@ def swap_and_time(run: Run, sparse) -> None:
 
 def write_card_and_push(run: Run) -> None:
     """5. The model card of the sparse model, and the push (main process)."""
+    push = f", and push it to {run.training_args.hub_model_id}" if run.training_args.push_to_hub else ""
+    run.banner(5, STAGES[4], f"write report.json, report.md and plots to {run.output_dir}, and the sparse model's "
+               f"card{push}")  # fmt: skip
     if not run.main_process:
         return
     run_report.save_report(run.report, run.output_dir)
@@ -545,6 +583,14 @@ def _throughput(metrics: dict) -> dict:
 
 def _fsdp() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def _steps(max_steps: int, epochs: float) -> str:
+    return f"{max_steps} steps" if max_steps and max_steps > 0 else f"{epochs:g} epoch(s)"
+
+
+def _model_name(args: RecipeArguments) -> str:
+    return args.model_name_or_path or "a small BERT (built from a config, random weights)"
 
 
 def _data_name(args: RecipeArguments) -> str:

@@ -21,3 +21,25 @@ def test_pruned_stages_record_a_layer_count():
     report = _report({"sparse": 8})
     report["stages"]["pruned"] = {"exact_match": 70.0, "f1": 75.0, "layers": 12, "sparsity": 0.5}
     assert "| 2:4, zero-shot (pruned, no training) | 70.00 | 75.00 | — | 50.00% |" in markdown(report)
+
+
+def test_f1_plot_labels_every_bar_and_shows_one_point_differences(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from hf_sparse.run_report import plot_f1
+
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    report = _report({"sparse": 8})
+    report["stages"]["pruned"] = {"exact_match": 79.5, "f1": 85.2, "sparsity": 0.5}
+    plot_f1(report, tmp_path / "f1.png")
+    (fig,) = figures
+    scores, deltas = fig.axes
+    # Every bar carries its value: 3 stages x (F1, exact match) on the left, 2 x 2 changes on the right.
+    assert sorted(t.get_text() for t in scores.texts) == sorted(["86.00", "81.00", "85.20", "79.50", "85.00", "80.00"])
+    assert sorted(t.get_text() for t in deltas.texts) == sorted(["-0.80", "-1.50", "-1.00", "-1.00"])
+    low, high = scores.get_ylim()
+    assert low >= 60 and high - low <= 40  # a 1-point gap is at least 1/40 of the axis, not 1/105

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-sparse-bench",
         description="Dense vs 2:4 sparse inference latency of a question-answering model on one NVIDIA GPU.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--model",
@@ -470,6 +471,9 @@ def plot(result: dict, path: Path) -> None:
             ax_ms.plot([b for b, _ in points], [c["ms"] for _, c in points], marker="o", label=label)
             if v != "dense":
                 ax_x.plot([b for b, _ in points], [c["speedup"] for _, c in points], marker="o", label=label)
+                for b, c in points:  # the value of every point: the differences are a few percent
+                    ax_x.annotate(f"{c['speedup']:.2f}x", (b, c["speedup"]), textcoords="offset points",
+                                  xytext=(0, 6), ha="center", fontsize=8)  # fmt: skip
     ax_x.axhline(1.0, color="gray", linestyle="--", linewidth=1)
     for ax in (ax_ms, ax_x):
         ax.set_xscale("log", base=2)
