@@ -298,3 +298,19 @@ def test_trainers_own_push_carries_checkpoint_metadata_and_tags(hub, tmp_path):
     assert all(hf_sparse.masks.is_nm(weights[f"{name}.weight"]) for name in meta["layers"])
     card = ModelCard(commit["files"]["README.md"].decode())
     assert {"hf-sparse", "2:4-sparsity"} <= set(card.data.tags)
+
+
+def test_launcher_command_is_recorded_as_typed():
+    from hf_sparse.hub import launcher_command
+
+    accelerate = ["/venv/bin/python", "/venv/bin/accelerate", "launch", "--num_processes", "2", "recipes/squad_24.py"]
+    assert launcher_command([["python", "recipes/squad_24.py"], accelerate]) == (
+        "accelerate launch --num_processes 2 recipes/squad_24.py"
+    )
+    assert launcher_command([["python3", "-m", "accelerate.commands.launch", "--cpu", "r.py", "--x", "a b"]]) == (
+        "accelerate launch --cpu r.py --x 'a b'"
+    )
+    assert launcher_command([["/venv/bin/torchrun", "--nproc_per_node", "2", "r.py"]]) == (
+        "torchrun --nproc_per_node 2 r.py"
+    )
+    assert launcher_command([["bash"], ["/venv/bin/accelerate", "config"]]) is None

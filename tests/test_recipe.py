@@ -67,7 +67,19 @@ def test_embedded_default_runs_offline_and_reports_every_stage(tmp_path):
     print(f"embedded default: {seconds:.0f} s")
     assert seconds < 300
     check_report(tmp_path, min_dense_f1=50.0)
-    assert result.stdout.count("## Stages") == 1
+    check_console(result)
+
+
+def check_console(result):
+    """A first run's console: one banner per stage, in order, each table once, no warning twice."""
+    out = result.stdout + result.stderr
+    banners = [line for line in result.stdout.splitlines() if line.startswith("Stage ")]
+    assert [b.split(":")[0] for b in banners] == [f"Stage {i}/5" for i in range(1, 6)], banners
+    assert result.stdout.count("## Stages") == 1  # the report's table
+    assert out.count("layer  ") == 1  # the per-layer sparsity table (hf_sparse.masks.format_report), at the end
+    assert "pin_memory" not in out
+    warnings = [line for line in out.splitlines() if "Warning:" in line or " WARNING " in line]
+    assert len(warnings) == len(set(warnings)), warnings
 
 
 @pytest.mark.slow
@@ -77,6 +89,10 @@ def test_embedded_default_in_two_processes_and_resumed(tmp_path):
     result = run(["--output_dir", str(tmp_path), "--use_cpu", "true", *SHORT], launcher=launcher)
     report = check_report(tmp_path, min_dense_f1=10.0)
     assert result.stdout.count("## Stages") == 1  # printed by the main process only
+    assert sum(line.startswith("Stage 1/5") for line in result.stdout.splitlines()) == 1
+    # The launcher's command, as typed (python -m accelerate.commands.launch reads `accelerate launch`).
+    assert report["command"].startswith("accelerate launch --multi_gpu --num_processes 2 ")
+    assert report["command"].endswith(" ".join(SHORT)) and "recipes/squad_24.py" in report["command"]
     # Started again on a finished run, every training stage is skipped and the measurements are kept.
     again = run(["--output_dir", str(tmp_path), *SHORT])
     assert "already fine-tuned" in again.stderr and "already recovered" in again.stderr
@@ -117,6 +133,22 @@ def test_config_file_gives_the_same_arguments_as_the_preset_and_flags_override_i
     bad.write_text("preset: tutorial\n")
     with pytest.raises(SystemExit, match="'preset' cannot be used in a config file"):
         recipe.parse_args([str(bad)])
+
+
+def test_help_has_a_description_the_defaults_in_effect_and_criterion_choices(capsys):
+    recipe = load_recipe()
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "The 2:4 workflow of PyTorch's BERT tutorial in one command" in text  # the description
+    assert "--criterion {magnitude,wanda,sparsegpt}" in text
+    recovery = text[text.index("--recovery-max-steps") : text.index("--distill [DISTILL]   ")]
+    assert "(default: 300)" in " ".join(recovery.split())  # offline.yaml's value, which is the default in effect
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--preset", "tutorial", "--help"])
+    tutorial = capsys.readouterr().out
+    recovery = tutorial[tutorial.index("--recovery-max-steps") : tutorial.index("--distill [DISTILL]   ")]
+    assert "(default: None)" in " ".join(recovery.split())  # the tutorial recovers as long as it fine-tunes
 
 
 def test_offline_defaults_come_from_offline_yaml():
