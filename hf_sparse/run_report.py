@@ -159,7 +159,7 @@ def plot_f1(report: dict[str, Any], path: str | os.PathLike) -> None:
     left.set_ylabel("score (axis does not start at 0)" if low > 10 else "score")
     left.set_xticks(xs, labels, fontsize=8)
     left.set_title("scores")
-    left.legend(loc="lower right")
+    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, frameon=False)  # below: bars stay clear
     if "dense" in stages:
         base = {name: values[stages.index("dense")] for name, values in scores.items()}
         others = [i for i, s in enumerate(stages) if s != "dense"]
@@ -172,7 +172,6 @@ def plot_f1(report: dict[str, Any], path: str | os.PathLike) -> None:
         right.set_xticks(range(len(others)), [labels[i] for i in others], fontsize=8)
         right.set_ylabel("points vs dense")
         right.set_title("change from the dense model")
-        right.legend(loc="best")
     else:
         right.axis("off")
     fig.suptitle(report.get("title", "F1 across stages"))
