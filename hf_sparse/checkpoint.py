@@ -7,7 +7,8 @@ This module adds:
 - `attach_sparsity_metadata`: records in `model.config.sparsity` (saved in `config.json`) the pattern, the sparse
   layers, the criterion, per-layer and total sparsity and the library version;
 - `save_pretrained(model, path, compact=True)`: stores every N:M layer as its kept values plus the positions of
-  those values (2 bits each for 2:4), about 56% of the bytes of the fp16 layer, in one safetensors file;
+  those values (2 bits each for 2:4), about 56% of the bytes of the fp16 layer, in one safetensors file, with a
+  `quantization_config` that lets plain `from_pretrained` read it after `import hf_sparse` (see `quantizer.py`);
 - `from_pretrained`: loads either format from a folder or a Hub repo and checks that every layer the metadata
   calls sparse really is N:M, naming the layer and the file when it is not.
 """
@@ -285,7 +286,8 @@ def save_pretrained(
 
     The standard checkpoint (`compact=False`) is what `model.save_pretrained` writes, with `config.json` carrying
     the sparsity metadata: plain `AutoModel*.from_pretrained` loads it. The compact one stores each N:M layer as
-    kept values + packed positions in `hf_sparse_model.safetensors`; load it with `hf_sparse.from_pretrained`.
+    kept values + packed positions in `hf_sparse_model.safetensors`; `hf_sparse.from_pretrained` loads it, and so
+    does plain `AutoModel*.from_pretrained` once `import hf_sparse` has run (`hf_sparse.quantizer`).
     Models swapped to semi-structured layers save their ordinary dense `state_dict`.
 
     Args:
