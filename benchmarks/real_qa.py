@@ -39,6 +39,7 @@ from transformers import AutoModelForQuestionAnswering, AutoTokenizer, Trainer, 
 from hf_sparse import SparsityCallback, SparsityConfig, distillation_loss, prune_, sparsity_report
 from hf_sparse.data import read_squad_json, tokenize_squad
 from hf_sparse.metrics import squad_metric
+from hf_sparse.numerics import NumericsCallback
 from hf_sparse.postprocess import SquadPostprocessor
 from hf_sparse.selection import select_layers
 
@@ -141,6 +142,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-eval-samples", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--write-train-file",
+        type=Path,
+        default=None,
+        help="Only write the training questions as SQuAD JSON to this path (for recipes/squad_24.py) and exit.",
+    )
     args = p.parse_args(argv)
     args.model = args.model or default_model_dir()
     for path in (args.train_file, args.eval_file):
@@ -159,6 +166,28 @@ def load_data(args) -> tuple[list[dict], list[dict]]:
     if args.max_eval_samples:
         evaluation = evaluation[: args.max_eval_samples]
     return train, evaluation
+
+
+def write_squad_json(records: list[dict], path: Path) -> None:
+    """Writes records (`read_squad_json`'s layout) back as official SQuAD JSON, one article per title."""
+    articles: dict[str, dict[str, list]] = {}
+    for r in records:
+        paragraphs = articles.setdefault(r["title"], {})
+        paragraphs.setdefault(r["context"], []).append(
+            {
+                "id": r["id"],
+                "question": r["question"],
+                "answers": [
+                    {"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"])
+                ],
+            }
+        )
+    data = [
+        {"title": title, "paragraphs": [{"context": c, "qas": qas} for c, qas in paragraphs.items()]}
+        for title, paragraphs in articles.items()
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": "1.1", "data": data}))
 
 
 def load_model(path: Path, device: str):
@@ -220,7 +249,7 @@ def train(model, features, args, epochs: float, lr: float, callbacks=(), loss=No
             model=model,
             args=training_args,
             train_dataset=features,
-            callbacks=list(callbacks),
+            callbacks=[NumericsCallback(), *callbacks],
             compute_loss_func=loss,
         )
         start = time.perf_counter()
@@ -365,6 +394,11 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("transformers", "hf_sparse"):
         logging.getLogger(name).setLevel(logging.WARNING)
     args = parse_args(argv)
+    if args.write_train_file:
+        train, _ = load_data(args)
+        write_squad_json(train, args.write_train_file)
+        print(f"{len(train)} training questions written to {args.write_train_file}")
+        return {}
     started = time.perf_counter()
     result = run(args)
     result["total_s"] = time.perf_counter() - started
