@@ -63,6 +63,7 @@ class Variant:
         gradual: start from the dense model and let the callback recompute magnitude masks every `--gradual-every`
             steps until half of the recovery (pruned weights can come back), instead of fixing one-shot masks.
         dense_control: train the dense model on for the same steps with no masks (is recovery only more training?).
+        hidden_weight: weight of the hidden-state term for distill="hidden" (default `--hidden-weight`).
     """
 
     name: str
@@ -74,6 +75,7 @@ class Variant:
     lr: float | None = None
     gradual: bool = False
     dense_control: bool = False
+    hidden_weight: float | None = None
 
 
 def _table_grid() -> list[Variant]:
@@ -86,17 +88,17 @@ def _table_grid() -> list[Variant]:
 
 
 def _explore_grid() -> list[Variant]:
-    rows = [
+    hidden = dict(criterion="sparsegpt", distill="hidden")
+    return [
         Variant("dense, trained on (control)", dense_control=True),
         Variant("gradual magnitude + distill hidden", "magnitude", distill="hidden", gradual=True),
-        Variant("sparsegpt calib 512 + distill hidden", "sparsegpt", 512, distill="hidden"),
-        Variant("sparsegpt calib all + distill hidden", "sparsegpt", 0, distill="hidden"),
-        Variant("sparsegpt + distill hidden, 2x epochs", "sparsegpt", distill="hidden", epochs=2.0),
-        Variant("sparsegpt + distill hidden, 1/2 epochs", "sparsegpt", distill="hidden", epochs=0.5),
-        Variant("sparsegpt + distill hidden, lr x3", "sparsegpt", distill="hidden", lr=3.0),
-        Variant("sparsegpt + distill hidden, lr /3", "sparsegpt", distill="hidden", lr=1 / 3),
+        Variant("sparsegpt calib 32 + distill hidden", calibration_samples=32, **hidden),
+        Variant("sparsegpt calib 512 + distill hidden", calibration_samples=512, **hidden),
+        Variant("sparsegpt + distill hidden x10", hidden_weight=10.0, **hidden),
+        Variant("sparsegpt + distill hidden, 2x epochs", epochs=2.0, **hidden),
+        Variant("sparsegpt + distill hidden, lr x2", lr=2.0, **hidden),
+        Variant("sparsegpt + distill hidden, lr /2", lr=0.5, **hidden),
     ]
-    return rows
 
 
 GRIDS = {
@@ -131,10 +133,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seq-length", type=int, default=384)
     p.add_argument("--doc-stride", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--epochs", type=float, default=10.0, help="Dense fine-tuning epochs.")
-    p.add_argument("--lr", type=float, default=1e-4, help="Dense fine-tuning learning rate.")
-    p.add_argument("--recovery-epochs", type=float, default=5.0)
-    p.add_argument("--recovery-lr", type=float, default=5e-5)
+    p.add_argument("--epochs", type=float, default=20.0, help="Dense fine-tuning epochs.")
+    p.add_argument("--lr", type=float, default=2e-4, help="Dense fine-tuning learning rate.")
+    p.add_argument("--recovery-epochs", type=float, default=10.0)
+    p.add_argument("--recovery-lr", type=float, default=1.5e-4)
     p.add_argument("--gradual-every", type=int, default=10, help="Steps between mask updates of gradual variants.")
     p.add_argument("--temperature", type=float, default=2.0, help="Distillation temperature.")
     p.add_argument("--hidden-weight", type=float, default=1.0, help="Weight of the hidden-state distillation term.")
@@ -254,15 +256,17 @@ def train(model, features, args, epochs: float, lr: float, callbacks=(), loss=No
         )
         start = time.perf_counter()
         metrics = trainer.train().metrics
+    if loss is not None:
+        loss.remove()
     if not math.isfinite(metrics.get("train_loss", 0.0)):
         raise FloatingPointError(f"training loss is {metrics['train_loss']}")
     return {"train_s": time.perf_counter() - start, "steps": steps, "train_loss": metrics.get("train_loss")}
 
 
-def _distill(kind: str, teacher, student, args):
+def _distill(kind: str, teacher, student, args, weight: float | None = None):
     if kind == "none":
         return None
-    hidden = args.hidden_weight if kind == "hidden" else 0.0
+    hidden = (weight if weight is not None else args.hidden_weight) if kind == "hidden" else 0.0
     return distillation_loss(
         teacher,
         student,
@@ -329,7 +333,7 @@ def run(args) -> dict:
             )
             model = copy.deepcopy(dense)
             callback = SparsityCallback(gradual)
-            loss = _distill(variant.distill, copy.deepcopy(dense), model, args)
+            loss = _distill(variant.distill, copy.deepcopy(dense), model, args, variant.hidden_weight)
             stats = train(model, train_features, args, epochs, lr, [callback], loss)
             _check_24(model, config)
             row(variant.name, "gradual recovery", **stats, **evaluate(model))
@@ -355,7 +359,7 @@ def run(args) -> dict:
         model = copy.deepcopy(pruned)
         # The masks are the pruned weights' nonzeros: magnitude on an N:M model finds exactly them again.
         callback = SparsityCallback(dataclasses.replace(config, criterion="magnitude"))
-        loss = _distill(variant.distill, copy.deepcopy(dense), model, args)
+        loss = _distill(variant.distill, copy.deepcopy(dense), model, args, variant.hidden_weight)
         stats = train(model, train_features, args, epochs, lr, [callback], loss)
         _check_24(model, config)
         row(variant.name, "recovered", prune_s=prune_s, **stats, **evaluate(model))

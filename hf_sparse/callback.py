@@ -46,6 +46,9 @@ class SparsityCallback(TrainerCallback):
         calibration_data: for criterion "wanda" or "sparsegpt": the batches or examples to calibrate on (see
             `hf_sparse.criteria.calibration_batches`). Default: `config.calibration_samples` examples of the
             Trainer's training data, drawn with `args.seed` and batched by its collator.
+        masks: masks already chosen for the selected layers, by layer name (what `hf_sparse.prune_` returns, e.g.
+            after a one-shot SparseGPT pass): held from `mask_start_step` instead of computed there, so a
+            recovery fine-tuning keeps the masks of `config.criterion` and `config.json` names that criterion.
 
     Example:
 
@@ -57,11 +60,14 @@ class SparsityCallback(TrainerCallback):
     ```
     """
 
-    def __init__(self, config: SparsityConfig | None = None, calibration_data=None):
+    def __init__(
+        self, config: SparsityConfig | None = None, calibration_data=None, masks: dict[str, torch.Tensor] | None = None
+    ):
         if config is not None and not isinstance(config, SparsityConfig):
             raise TypeError(f"SparsityCallback(config=...) takes a SparsityConfig; got {type(config).__name__}.")
         self.config = config or SparsityConfig()
         self.calibration_data = calibration_data
+        self.initial_masks = dict(masks) if masks is not None else None
         self.masks: dict[str, torch.Tensor] = {}
         self.layers: dict[str, nn.Linear] = {}
         # Values the pruned weights had when pruned, kept only while a mask recomputation is still scheduled.
@@ -90,6 +96,8 @@ class SparsityCallback(TrainerCallback):
         self.masks, self.pruned_values = {}, {}
         if state.global_step > 0 and state.global_step >= self.config.mask_start_step:
             self._restore_masks(args, state)
+        elif self.initial_masks is not None and state.global_step == self.config.mask_start_step:
+            self._hold_masks(self.initial_masks)
         elif self.config.mask_due(state.global_step):
             self._update_masks(state.global_step, args, model, kwargs.get("train_dataloader"))
 
@@ -188,6 +196,33 @@ class SparsityCallback(TrainerCallback):
             layer_sparsity(name, local_tensor(layer.weight), self.config.n, self.config.m)
             for name, layer in self.layers.items()
         ]
+
+    def _hold_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        missing, extra = set(self.layers) - set(masks), set(masks) - set(self.layers)
+        if missing or extra:
+            raise ValueError(
+                f"SparsityCallback(masks=...) must have one mask per selected layer; missing {sorted(missing)[:3]}, "
+                f"not selected {sorted(extra)[:3]}. Pass the masks prune_ returned with the same SparsityConfig."
+            )
+        held = {}
+        for name, layer in self.layers.items():
+            weight = local_tensor(layer.weight, f"{name}.weight")
+            mask = masks[name].to(device=weight.device, dtype=torch.bool)
+            if mask.shape != weight.shape or not is_nm(mask, self.config.n, self.config.m):
+                raise ValueError(
+                    f"SparsityCallback(masks=...): the mask of {name} has shape {tuple(mask.shape)} or is not "
+                    f"{self.config.sparsity_pattern}; expected an N:M boolean mask of shape {tuple(weight.shape)}."
+                )
+            held[name] = mask
+        self.masks = held
+        if self.config.updates_after(self.config.mask_start_step):
+            with torch.no_grad():
+                self.pruned_values = {
+                    name: local_tensor(layer.weight) * ~self.masks[name] for name, layer in self.layers.items()
+                }
+        apply_masks_(self.layers, self.masks)
+        self._log_layers = True
+        logger.info("hf-sparse: holding the %d given %s masks.", len(held), self.config.criterion)
 
     def _update_masks(self, step: int, args=None, model=None, train_dataloader=None) -> None:
         if self.pruned_values:

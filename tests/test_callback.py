@@ -308,3 +308,26 @@ def test_fsdp2_row_shards_keep_exact_2_4_and_resume_per_rank(tmp_path):
         assert report["sharded_masks_equal_unsharded"] and report["restored_equal"]
         assert report["full_weights_nm"] and report["full_weights_follow_masks"]
         assert report["mask_files"] == [f"hf_sparse_masks-rank0000{r}-of-00002.safetensors" for r in range(2)]
+
+
+def test_given_masks_are_held_and_named_by_the_configs_criterion(tmp_path, tiny_qa_model):
+    # Masks no magnitude pass would choose (the two smallest |w| of every four), as a calibrated criterion may.
+    config = SparsityConfig(criterion="wanda", log_per_layer=False)
+    layers = select_layers(tiny_qa_model, config).targets
+    masks = {}
+    for name, layer in layers.items():
+        order = layer.weight.detach().abs().reshape(-1, 4).argsort(dim=1)
+        keep = torch.zeros_like(order, dtype=torch.bool).scatter_(1, order[:, :2], True)
+        masks[name] = keep.reshape(layer.weight.shape)
+    trainer = make_trainer(tmp_path, tiny_qa_model, [SparsityCallback(config, masks=masks)])
+    trainer.train()
+    for name, layer in layers.items():
+        assert torch.equal(layer.weight != 0, masks[name]), name
+    assert tiny_qa_model.config.sparsity["criterion"] == "wanda"
+
+
+def test_given_masks_must_cover_the_selection(tmp_path, tiny_qa_model):
+    config = SparsityConfig(log_per_layer=False)
+    trainer = make_trainer(tmp_path, tiny_qa_model, [SparsityCallback(config, masks={})])
+    with pytest.raises(ValueError, match="one mask per selected layer"):
+        trainer.train()

@@ -303,6 +303,87 @@ def prepare_validation_features(
     return features
 
 
+def _split_columns(records: Any, needed: Sequence[str]) -> dict[str, list]:
+    if hasattr(records, "column_names"):  # datasets.Dataset
+        return {key: records[key] for key in needed}
+    return _columns(records, needed)
+
+
+def check_squad_inputs(
+    tokenizer,
+    examples: dict[str, Any],
+    max_length: int,
+    doc_stride: int,
+    max_position_embeddings: int | None = None,
+    version_2_with_negative: bool = False,
+) -> dict[str, int]:
+    """Checks the tokenizer and the data against `max_length` / `doc_stride` before any training, and fails with
+    what to change instead of a tokenizer panic or a metric error after training.
+
+    Checks: the tokenizer is fast (offset mappings); `max_length` fits the tokenizer's `model_max_length` and the
+    model's `max_position_embeddings`; the longest question leaves more than `doc_stride` context tokens in a
+    feature (else the tokenizer cannot split long contexts into overlapping windows); every split has questions;
+    and without `version_2_with_negative`, evaluation questions all have answers.
+
+    Args:
+        tokenizer: the fast tokenizer the features will be built with.
+        examples: records by split name, e.g. `{"train": train, "validation": validation}` (lists of dicts or
+            `datasets.Dataset`s with `id`, `question`, `context`, `answers`).
+        max_length, doc_stride: the feature length and window overlap to check.
+        max_position_embeddings: the model's limit, when known.
+        version_2_with_negative: whether questions without answers are expected.
+
+    Returns:
+        `dict[str, int]`: `longest_question_tokens` and `context_tokens_per_feature`.
+
+    Example:
+
+    ```python
+    >>> check_squad_inputs(tokenizer, {"train": train, "validation": dev}, max_length=384, doc_stride=128)
+    {'longest_question_tokens': 40, 'context_tokens_per_feature': 341}
+    ```
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer; SQuAD features need offset mappings, which only "
+            "fast (Rust) tokenizers provide. Load it with AutoTokenizer.from_pretrained(..., use_fast=True)."
+        )
+    limits = {"the tokenizer's model_max_length": getattr(tokenizer, "model_max_length", None)}
+    limits["the model's max_position_embeddings"] = max_position_embeddings
+    for what, limit in limits.items():
+        if limit is not None and limit < 1_000_000 and max_length > limit:
+            raise ValueError(f"--max_seq_length {max_length} exceeds {what} ({limit}); pass at most {limit}.")
+    if not 0 < doc_stride < max_length:
+        raise ValueError(f"--doc_stride must be in (0, --max_seq_length={max_length}); got {doc_stride}.")
+    longest, longest_id = 0, None
+    for split, records in examples.items():
+        if not len(records):
+            raise ValueError(f"the {split} data has no questions.")
+        columns = _split_columns(records, ("id", "question"))
+        questions = [q.lstrip() for q in columns["question"]]
+        lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+        i = max(range(len(lengths)), key=lengths.__getitem__)
+        if lengths[i] > longest:
+            longest, longest_id = lengths[i], f"{split} question {columns['id'][i]!r}"
+        if split != "train" and not version_2_with_negative:
+            answers = _split_columns(records, ("answers",))["answers"]
+            empty = [columns["id"][j] for j, a in enumerate(answers) if not a["text"]]
+            if empty:
+                raise ValueError(
+                    f"{len(empty)} {split} question(s) have no answer (first: {empty[0]!r}): pass "
+                    "--version_2_with_negative for SQuAD v2 data, or evaluate on answerable questions only."
+                )
+    room = max_length - longest - tokenizer.num_special_tokens_to_add(pair=True)
+    if room <= doc_stride:
+        raise ValueError(
+            f"the longest question ({longest_id}, {longest} tokens) leaves {room} context tokens per feature at "
+            f"--max_seq_length {max_length}, not more than --doc_stride {doc_stride}: long contexts cannot be split "
+            f"into overlapping windows. Raise --max_seq_length (384 is usual for SQuAD) or lower --doc_stride below "
+            f"{max(room, 1)}."
+        )
+    return {"longest_question_tokens": longest, "context_tokens_per_feature": room}
+
+
 def tokenize_squad(examples: Any, tokenizer, train: bool, max_length: int = 384, doc_stride: int = 128) -> Any:
     """Features for a whole split: a `datasets.Dataset` from a `datasets.Dataset`, or a `QAFeatures` (torch
     dataset) from a list of example dicts (no `datasets` needed).
