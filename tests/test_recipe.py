@@ -171,3 +171,68 @@ def test_tutorial_preset_offline_fails_at_once_saying_what_to_pass(tmp_path):
     assert "model 'bert-base-cased'" in message and "dataset 'squad'" in message
     assert "--model_name_or_path" in message and "--train_file" in message and "without --preset" in message
     assert not (tmp_path / "dense").exists()
+
+
+def _tiny_real_model(folder, *files):
+    """A tiny BERT stored in fp16 (as many Hub checkpoints are), with a WordPiece vocabulary of the files' words."""
+    import re
+
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering, BertTokenizerFast
+
+    from tests.conftest import tiny_bert_config
+
+    words = set()
+    for path in files:
+        words |= set(re.findall(r"\w+", path.read_text(encoding="utf-8").lower()))
+    folder.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config: BertConfig = tiny_bert_config(vocab_size=len(vocab), max_position_embeddings=512)
+    BertForQuestionAnswering(config).half().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_real_files_and_an_fp16_model_with_no_further_flags(tmp_path):
+    from tests.conftest import shared_data
+
+    train, dev = shared_data("squad", "squad-v2-dev-sample.json"), shared_data("squad", "xquad-en.json")
+    model = _tiny_real_model(tmp_path / "model", train, dev)
+    out = tmp_path / "run"
+    common = ["--model_name_or_path", str(model), "--train_file", str(train), "--validation_file", str(dev),
+              "--max_train_samples", "24", "--max_eval_samples", "24", "--disable_tqdm", "true"]  # fmt: skip
+    # A window too short for the longest question plus the stride would make the tokenizer panic: refused at once.
+    env = subprocess_env()
+    bad = subprocess.run([sys.executable, str(RECIPE), *common, "--max_seq_length", "24", "--doc_stride", "16",
+                          "--output_dir", str(out)], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode != 0 and "Raise --max_seq_length" in bad.stderr, bad.stderr[-2000:]
+    assert not (out / "dense").exists()
+    run([*common, "--max_steps", "3", "--output_dir", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    arguments = report["arguments"]
+    assert (arguments["recipe"]["max_seq_length"], arguments["recipe"]["doc_stride"]) == (384, 128)
+    assert arguments["sparsity"]["criterion"] == "sparsegpt"
+    assert report["data"]["longest_question_tokens"] > 10
+    stages = report["stages"]
+    for stage in ("dense", "pruned", "sparse"):
+        assert 0.0 <= stages[stage]["exact_match"] <= stages[stage]["f1"] <= 100.0
+    assert all(v is not None and v == v for v in (stages["dense"]["train_loss"], stages["sparse"]["train_loss"]))
+    # fp32 master weights from the fp16 checkpoint, and the masks named by the criterion that chose them.
+    saved = json.loads((out / "sparse" / "config.json").read_text())
+    assert saved["sparsity"]["criterion"] == "sparsegpt" and saved["dtype"] == "float32"
+    assert "Masks were chosen by `sparsegpt`" in (out / "sparse" / "README.md").read_text()
+
+
+def test_real_data_defaults_apply_only_to_real_data():
+    recipe = load_recipe()
+    args, sparsity, training = recipe.parse_args(["--model_name_or_path", "m", "--train_file", "t"])
+    recipe.resolve_sequence_lengths(args)
+    assert (args.max_seq_length, args.doc_stride, sparsity.criterion, args.distill) == (384, 128, "sparsegpt", True)
+    assert training.learning_rate == 2e-4 and training.num_train_epochs == 20
+    args, sparsity, training = recipe.parse_args([])
+    recipe.resolve_sequence_lengths(args)
+    assert (args.max_seq_length, args.doc_stride, sparsity.criterion, args.distill) == (48, 16, "magnitude", False)
