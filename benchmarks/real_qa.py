@@ -12,10 +12,10 @@ Stages: the dense fine-tuning; for every variant, one-shot 2:4 pruning of every 
 and a recovery fine-tuning with the masks held (`SparsityCallback`), with or without distillation from the dense
 model (`hf_sparse.distillation_loss`). Each row says what it cost in seconds.
 
-    python benchmarks/real_qa.py --output-dir runs/real_qa                    # the README's table (GPU: minutes)
-    python benchmarks/real_qa.py --grid explore --output-dir runs/explore     # every recovery variant tried
-    python benchmarks/real_qa.py --max-train-samples 32 --max-eval-samples 32 --max-seq-length 128 \\
-        --doc-stride 32 --epochs 1 --grid smoke                               # a CPU smoke run in a minute
+    python -m benchmarks.real_qa --output-dir runs/real_qa                  # the main rows (GPU: a minute)
+    python -m benchmarks.real_qa --grid explore --output-dir runs/explore   # the README's table: every variant tried
+    python -m benchmarks.real_qa --max-train-samples 32 --max-eval-samples 32 --max-seq-length 128 \\
+        --doc-stride 32 --epochs 1 --grid smoke                             # a CPU smoke run in a minute
 """
 
 from __future__ import annotations
@@ -37,11 +37,9 @@ import torch
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
 from hf_sparse import SparsityCallback, SparsityConfig, distillation_loss, prune_, sparsity_report
-from hf_sparse.data import read_squad_json, tokenize_squad
-from hf_sparse.metrics import squad_metric
 from hf_sparse.numerics import NumericsCallback
-from hf_sparse.postprocess import SquadPostprocessor
 from hf_sparse.selection import select_layers
+from hf_sparse.squad import SquadPostprocessor, read_squad_json, squad_metric, tokenize_squad
 
 logger = logging.getLogger("real_qa")
 

@@ -48,11 +48,17 @@ from hf_sparse import run_report
 from hf_sparse._distributed import check_replicas_agree, gather_object
 from hf_sparse.calibration import calibration_sample
 from hf_sparse.inference import semi_structured_support
+from hf_sparse.numerics import NumericsCallback
+from hf_sparse.squad.data import check_squad_inputs
 
 logger = logging.getLogger("squad_24")
 
 HERE = Path(__file__).resolve().parent
 OFFLINE_DEFAULTS = HERE / "offline.yaml"
+REAL_DATA_DEFAULTS = HERE / "real.yaml"
+REAL_DATA_FLAGS = ("--model_name_or_path", "--dense_model_name_or_path", "--train_file", "--validation_file",
+                   "--dataset_name")  # fmt: skip
+"""Flags that mean real data: without a preset or config file, `recipes/real.yaml` gives the defaults."""
 PRESETS = {"tutorial": HERE / "tutorial.yaml"}
 """Presets of defaults: YAML files of arguments beside this recipe."""
 STAGES = ("Dense fine-tuning", "Zero-shot 2:4 pruning", "Recovery fine-tuning", "Sparse kernels and timing",
@@ -97,8 +103,15 @@ class RecipeArguments:
     version_2_with_negative: bool = field(
         default=False, metadata={"help": "SQuAD v2: some questions have no answer (set for 'squad_v2')."}
     )
-    max_seq_length: int = field(default=48, metadata={"help": "Tokens per feature (question + context window)."})
-    doc_stride: int = field(default=16, metadata={"help": "Overlap between the windows of a long context."})
+    max_seq_length: int = field(
+        default=384,
+        metadata={"help": "Tokens per feature (question + context window); the tutorial's 384 (offline.yaml: 48 for "
+                  "the synthetic facts). Checked against the tokenizer, the model and the longest question before "
+                  "anything runs."},
+    )  # fmt: skip
+    doc_stride: int = field(
+        default=128, metadata={"help": "Overlap between the windows of a long context (offline.yaml: 16)."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training questions."})
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Use at most this many evaluation questions."}
@@ -111,10 +124,23 @@ class RecipeArguments:
         metadata={"help": "Optimizer steps of the recovery fine-tuning; unset (None): as many as the dense "
                   "fine-tuning (--max_steps / --num_train_epochs), as in the tutorial."},
     )  # fmt: skip
+    recovery_num_train_epochs: float | None = field(
+        default=None,
+        metadata={"help": "Epochs of the recovery fine-tuning when neither --recovery_max_steps nor --max_steps is "
+                  "given. Default: as the dense fine-tuning."},
+    )  # fmt: skip
+    recovery_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the recovery fine-tuning. Default: --learning_rate."}
+    )
     distill: bool = field(
         default=False,
         metadata={"help": "Recover with distillation from the dense model (logits, plus the task loss)."},
     )
+    distill_hidden_weight: float = field(
+        default=0.0,
+        metadata={"help": "With --distill: weight of the MSE between every layer's hidden states of the sparse and "
+                  "the dense model (0: logits only)."},
+    )  # fmt: skip
     timing_batch_sizes: list[int] = field(
         default_factory=lambda: [4, 16, 64, 256],
         metadata={"help": "Batch sizes at which dense and 2:4 are timed (GPU only)."},
@@ -154,11 +180,12 @@ def parse_args(argv: list[str] | None = None):
     parser = HfArgumentParser(
         (RecipeArguments, hf_sparse.SparsityConfig, TrainingArguments),
         description=__doc__,
-        epilog="Defaults shown are those in effect for this command line (recipes/offline.yaml, the preset or the "
-        "config file); every flag overrides them.",
+        epilog="Defaults shown are those in effect for this command line (recipes/offline.yaml, recipes/real.yaml "
+        "with a model or data of your own, the preset or the config file); every flag overrides them.",
         formatter_class=_HelpFormatter,
     )
-    defaults = OFFLINE_DEFAULTS
+    real = any(a.split("=", 1)[0] in REAL_DATA_FLAGS for a in argv)
+    defaults = REAL_DATA_DEFAULTS if real else OFFLINE_DEFAULTS
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         defaults = Path(argv.pop(0)).resolve()
     preset = None
@@ -263,9 +290,15 @@ def load_tokenizer(args: RecipeArguments):
     return AutoTokenizer.from_pretrained(name)
 
 
+def load_model(name_or_path):
+    # fp32 master weights whatever the checkpoint's dtype (transformers 5 keeps an fp16 checkpoint in fp16, and pure
+    # fp16 training overflows: NaN gradients from the first step); --fp16 / --bf16 add mixed precision on top.
+    return AutoModelForQuestionAnswering.from_pretrained(name_or_path, dtype=torch.float32)
+
+
 def new_model(args: RecipeArguments, tokenizer):
     if args.model_name_or_path is not None:
-        return AutoModelForQuestionAnswering.from_pretrained(args.model_name_or_path)
+        return load_model(args.model_name_or_path)
     # The offline default: a small BERT, trained from scratch on the synthetic facts.
     config = BertConfig(
         vocab_size=len(tokenizer),
@@ -319,9 +352,11 @@ class Run:
 
     def stage_args(self, **changes) -> TrainingArguments:
         # The recipe pushes the sparse model itself, with its card; the stage trainers never push. Pinned memory
-        # needs an accelerator: on a CPU, torch would warn about it for every DataLoader the stages create.
+        # needs an accelerator: on a CPU, torch would warn about it for every DataLoader the stages create. The logged
+        # loss is the real one (the Trainer's NaN filter would log a running mean instead), for NumericsCallback.
         pin = self.training_args.dataloader_pin_memory and self.training_args.device.type != "cpu"
-        return dataclasses.replace(self.training_args, push_to_hub=False, dataloader_pin_memory=pin, **changes)
+        changes = {"push_to_hub": False, "dataloader_pin_memory": pin, "logging_nan_inf_filter": False, **changes}
+        return dataclasses.replace(self.training_args, **changes)
 
     def banner(self, number: int, title: str, what: str) -> None:
         """Announces a stage on the console (main process): its number, name and what it does."""
@@ -360,7 +395,7 @@ class Run:
             model=model,
             args=self.stage_args(output_dir=str(output_dir), **changes),
             train_dataset=self.features[0],
-            callbacks=list(callbacks),
+            callbacks=[NumericsCallback(), *callbacks],
             compute_loss_func=compute_loss_func,
         )
         last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
@@ -376,7 +411,7 @@ class Run:
         if self.main_process:
             self.tokenizer.save_pretrained(folder)
         self.barrier()
-        return AutoModelForQuestionAnswering.from_pretrained(folder)
+        return load_model(folder)
 
     def peak_memory(self) -> dict:
         """Peak GPU memory of every rank since the last call (GiB), e.g. to see a sharded teacher."""
@@ -399,11 +434,16 @@ def prepare(args: RecipeArguments, sparsity, training_args: TrainingArguments) -
     )
     tokenizer = load_tokenizer(args)
     train_examples, eval_examples = load_data(args)
+    # Tokenizer, lengths and data checked before anything trains (a long question or a v2 file fails here).
+    checked = check_squad_inputs(tokenizer, {"train": train_examples, "validation": eval_examples},
+                                 args.max_seq_length, args.doc_stride, _max_positions(args),
+                                 args.version_2_with_negative)  # fmt: skip
     with training_args.main_process_first(desc="tokenizing"):
         kw = dict(max_length=args.max_seq_length, doc_stride=args.doc_stride)
         train_features = hf_sparse.squad.tokenize_squad(train_examples, tokenizer, train=True, **kw)
         eval_features = hf_sparse.squad.tokenize_squad(eval_examples, tokenizer, train=False, **kw)
     report["data"] = {
+        **checked,
         "train_questions": len(train_examples),
         "train_features": len(train_features),
         "eval_questions": len(eval_examples),
@@ -424,11 +464,11 @@ def fine_tune_dense(run: Run):
                run.args.dense_model_name_or_path else f"train {_model_name(run.args)} densely for {steps} on "
                f"{_data_name(run.args)}, save it to {dense_dir} and evaluate it")  # fmt: skip
     if run.args.dense_model_name_or_path:
-        dense = AutoModelForQuestionAnswering.from_pretrained(run.args.dense_model_name_or_path)
+        dense = load_model(run.args.dense_model_name_or_path)
         run.report["skipped"]["dense fine-tuning"] = f"started from {run.args.dense_model_name_or_path}"
     elif (dense_dir / "config.json").is_file() and run.done("dense", "train_seconds"):
         logger.info("Dense model already fine-tuned in %s; skipping that stage.", dense_dir)
-        dense = AutoModelForQuestionAnswering.from_pretrained(dense_dir)
+        dense = load_model(dense_dir)
     else:
         torch.manual_seed(run.training_args.seed)
         dense = new_model(run.args, run.tokenizer)
@@ -466,29 +506,33 @@ def prune_zero_shot(run: Run, dense):
 
 
 def recover(run: Run, dense, pruned, masks):
-    """3. Recovery: fine-tune the pruned model with its masks held exactly (the masks of the weights' nonzeros)."""
+    """3. Recovery: fine-tune the pruned model with the masks of the criterion held exactly."""
     sparse_dir = run.output_dir / "sparse"
-    recovery_steps = run.args.recovery_max_steps
-    steps = _steps(run.training_args.max_steps if recovery_steps is None else recovery_steps,
-                   run.training_args.num_train_epochs)  # fmt: skip
+    changes = _recovery_changes(run)
+    steps = _steps(changes.get("max_steps", run.training_args.max_steps),
+                   changes.get("num_train_epochs", run.training_args.num_train_epochs))  # fmt: skip
     run.banner(3, STAGES[2], f"fine-tune the pruned model for {steps} with its masks held"
                f"{' and distillation from the dense model' if run.args.distill else ''}, save it to {sparse_dir} "
                "and evaluate it")  # fmt: skip
     if (sparse_dir / "config.json").is_file() and run.done("sparse", "train_seconds"):
         logger.info("Sparse model already recovered in %s; skipping that stage.", sparse_dir)
-        sparse = AutoModelForQuestionAnswering.from_pretrained(sparse_dir)
+        sparse = load_model(sparse_dir)
     else:
-        recovery = dataclasses.replace(run.sparsity, criterion="magnitude")
-        loss = hf_sparse.DistillationLoss(dense, pruned, task_weight=1.0) if run.args.distill else None
-        steps = {} if run.args.recovery_max_steps is None else {"max_steps": run.args.recovery_max_steps}
+        loss = None
+        if run.args.distill:
+            loss = hf_sparse.DistillationLoss(dense, pruned, task_weight=1.0, hidden_layers="all",
+                                              hidden_weight=run.args.distill_hidden_weight)  # fmt: skip
+        # The criterion's own masks, held (so config.json and the card name the criterion that chose them).
+        callback = hf_sparse.SparsityCallback(run.sparsity, masks=masks)
         run.peak_memory()
         start = time.perf_counter()
-        trainer, metrics = run.train(
-            pruned, "sparse-training", [hf_sparse.SparsityCallback(recovery)], compute_loss_func=loss, **steps
-        )
+        trainer, metrics = run.train(pruned, "sparse-training", [callback], compute_loss_func=loss, **changes)
+        if loss is not None:
+            loss.remove()  # its hook asks the student for hidden states; evaluation wants the logits only
         sparse = run.save(trainer, sparse_dir)
         run.record("sparse", {"train_seconds": time.perf_counter() - start, "train_loss": metrics.get("train_loss"),
-                              "distilled": run.args.distill, **_throughput(metrics), **run.peak_memory()})  # fmt: skip
+                              "distilled": run.args.distill, "criterion": run.sparsity.criterion,
+                              **_throughput(metrics), **run.peak_memory()})  # fmt: skip
     if not run.done("sparse"):
         values = run.evaluate(sparse)
         rows = hf_sparse.sparsity_report(sparse, run.sparsity.n, run.sparsity.m, layers=list(masks))
@@ -496,6 +540,18 @@ def recover(run: Run, dense, pruned, masks):
         values["all_layers_exact"] = all(r.is_nm for r in rows)
         run.record("sparse", values)
     return sparse
+
+
+def _recovery_changes(run: Run) -> dict:
+    """TrainingArguments of the recovery that differ from the dense fine-tuning's."""
+    args, changes = run.args, {}
+    if args.recovery_learning_rate is not None:
+        changes["learning_rate"] = args.recovery_learning_rate
+    if args.recovery_max_steps is not None:
+        changes["max_steps"] = args.recovery_max_steps
+    elif args.recovery_num_train_epochs is not None and run.training_args.max_steps <= 0:
+        changes["num_train_epochs"] = args.recovery_num_train_epochs
+    return changes
 
 
 def swap_and_time(run: Run, sparse) -> None:
@@ -591,6 +647,13 @@ def _steps(max_steps: int, epochs: float) -> str:
 
 def _model_name(args: RecipeArguments) -> str:
     return args.model_name_or_path or "a small BERT (built from a config, random weights)"
+
+
+def _max_positions(args: RecipeArguments) -> int | None:
+    name = args.dense_model_name_or_path or args.model_name_or_path
+    if name is None:
+        return None  # the offline default's model is built with room for max_seq_length
+    return getattr(transformers.AutoConfig.from_pretrained(name), "max_position_embeddings", None)
 
 
 def _data_name(args: RecipeArguments) -> str:

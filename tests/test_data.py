@@ -145,3 +145,28 @@ def test_bad_tokenization_inputs_are_refused():
         prepare_train_features([{**examples[0], "answers": ["x"]}], tokenizer)
     with pytest.raises(ValueError, match="not a fast tokenizer"):
         prepare_train_features(examples, types.SimpleNamespace(is_fast=False, padding_side="right"))
+
+
+def test_inputs_are_checked_against_lengths_tokenizer_and_answers():
+    from hf_sparse.squad.data import check_squad_inputs
+
+    tokenizer = synthetic_tokenizer()
+    train = squad_records(synthetic_squad(3, 3, seed=0))
+    dev = squad_records(synthetic_squad(2, 3, seed=1))
+    checked = check_squad_inputs(tokenizer, {"train": train, "validation": dev}, 48, 16, max_position_embeddings=64)
+    longest = checked["longest_question_tokens"]
+    assert longest == max(len(tokenizer(r["question"], add_special_tokens=False)["input_ids"]) for r in train + dev)
+    assert checked["context_tokens_per_feature"] == 48 - longest - 3  # [CLS] question [SEP] context [SEP]
+    # No room for more than the stride beside the longest question: refused, naming it and what to change.
+    tight = longest + 3 + 16
+    with pytest.raises(ValueError, match=r"longest question .* Raise --max_seq_length .* lower --doc_stride"):
+        check_squad_inputs(tokenizer, {"train": train, "validation": dev}, tight, 16)
+    check_squad_inputs(tokenizer, {"train": train, "validation": dev}, tight + 1, 16)
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
+        check_squad_inputs(tokenizer, {"train": train, "validation": dev}, 128, 16, max_position_embeddings=64)
+    unanswerable = [{**dev[0], "answers": {"text": [], "answer_start": []}}, *dev[1:]]
+    with pytest.raises(ValueError, match="1 validation question.* --version_2_with_negative"):
+        check_squad_inputs(tokenizer, {"train": train, "validation": unanswerable}, 48, 16)
+    check_squad_inputs(tokenizer, {"train": train, "validation": unanswerable}, 48, 16, version_2_with_negative=True)
+    with pytest.raises(ValueError, match="the validation data has no questions"):
+        check_squad_inputs(tokenizer, {"train": train, "validation": []}, 48, 16)

@@ -230,9 +230,8 @@ def test_real_files_and_an_fp16_model_with_no_further_flags(tmp_path):
 def test_real_data_defaults_apply_only_to_real_data():
     recipe = load_recipe()
     args, sparsity, training = recipe.parse_args(["--model_name_or_path", "m", "--train_file", "t"])
-    recipe.resolve_sequence_lengths(args)
     assert (args.max_seq_length, args.doc_stride, sparsity.criterion, args.distill) == (384, 128, "sparsegpt", True)
-    assert training.learning_rate == 2e-4 and training.num_train_epochs == 20
+    assert (training.learning_rate, training.num_train_epochs, args.recovery_learning_rate) == (2e-4, 20, 1.5e-4)
+    assert args.distill_hidden_weight == 10.0
     args, sparsity, training = recipe.parse_args([])
-    recipe.resolve_sequence_lengths(args)
     assert (args.max_seq_length, args.doc_stride, sparsity.criterion, args.distill) == (48, 16, "magnitude", False)
