@@ -10,7 +10,7 @@ metric (the official script's numbers to the last digit).
 
 Stages: the dense fine-tuning; for every variant, one-shot 2:4 pruning of every encoder `nn.Linear` (zero-shot)
 and a recovery fine-tuning with the masks held (`SparsityCallback`), with or without distillation from the dense
-model (`hf_sparse.distillation_loss`). Each row says what it cost in seconds.
+model (`hf_sparse.DistillationLoss`). Each row says what it cost in seconds.
 
     python -m benchmarks.real_qa --output-dir runs/real_qa                  # the main rows (GPU: a minute)
     python -m benchmarks.real_qa --grid explore --output-dir runs/explore   # the README's table: every variant tried
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
-from hf_sparse import SparsityCallback, SparsityConfig, distillation_loss, prune_, sparsity_report
+from hf_sparse import DistillationLoss, SparsityCallback, SparsityConfig, prune_, sparsity_report
 from hf_sparse.numerics import NumericsCallback
 from hf_sparse.selection import select_layers
 from hf_sparse.squad import SquadPostprocessor, read_squad_json, squad_metric, tokenize_squad
@@ -265,7 +265,7 @@ def _distill(kind: str, teacher, student, args, weight: float | None = None):
     if kind == "none":
         return None
     hidden = (weight if weight is not None else args.hidden_weight) if kind == "hidden" else 0.0
-    return distillation_loss(
+    return DistillationLoss(
         teacher,
         student,
         temperature=args.temperature,
