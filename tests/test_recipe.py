@@ -154,7 +154,7 @@ def test_help_has_a_description_the_defaults_in_effect_and_criterion_choices(cap
 def test_offline_defaults_come_from_offline_yaml():
     recipe = load_recipe()
     args, sparsity, training = recipe.parse_args([])
-    assert (training.max_steps, training.learning_rate, args.recovery_max_steps) == (1200, 3e-3, 300)
+    assert (training.max_steps, training.learning_rate, args.recovery_max_steps) == (1200, 1e-3, 300)
     assert (args.max_seq_length, args.doc_stride, training.output_dir) == (48, 16, "runs/squad_24")
 
 
