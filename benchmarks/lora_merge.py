@@ -29,13 +29,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, Trainer, TrainingArguments
 
-from benchmarks.quality import default_model_dir
+from benchmarks._common import DEFAULT_DATA, default_model_dir
 from hf_sparse import SparsityCallback, merge_and_unload_sparse
 from hf_sparse.masks import is_nm
 from hf_sparse.squad import squad_compute_metrics, tokenize_squad
 from hf_sparse.squad.data import read_squad_json
-
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad"
 
 
 def load_splits(data: Path, train_articles: int, max_eval: int | None):

