@@ -129,6 +129,7 @@ class SparsityConfig:
     )
 
     def __post_init__(self):
+        _check_types(self)
         self.n, self.m = parse_pattern(self.sparsity_pattern)
         self.sparsity_pattern = f"{self.n}:{self.m}"
         self.target_modules = _as_pattern_list("target_modules", self.target_modules)
@@ -188,6 +189,32 @@ class SparsityConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_INTEGER_FIELDS = (
+    "calibration_samples",
+    "calibration_batch_size",
+    "sparsegpt_block_size",
+    "mask_start_step",
+    "mask_update_every",
+    "mask_freeze_step",
+)
+_BOOL_FIELDS = ("swap_at_end", "log_per_layer")
+
+
+def _check_types(config: SparsityConfig) -> None:
+    """Refuses values Python would silently take for another type: `True` for a step (it is an int equal to 1),
+    a float step, or a string where a flag is expected."""
+    for name in _INTEGER_FIELDS:
+        value = getattr(config, name)
+        if isinstance(value, bool) or (value is not None and not isinstance(value, int)):
+            raise ValueError(f"{name} must be an integer; got {value!r} ({type(value).__name__}).")
+    if isinstance(config.sparsegpt_damping, bool):
+        raise ValueError(f"sparsegpt_damping must be a number in (0, 1), e.g. 0.01; got {config.sparsegpt_damping!r}.")
+    for name in _BOOL_FIELDS:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False; got {value!r} ({type(value).__name__}).")
 
 
 def _as_pattern_list(name: str, value) -> list[str] | None:
