@@ -92,7 +92,8 @@ def select_layers(model: nn.Module, config: SparsityConfig) -> Selection:
 
     Default (no `target_modules`): every `nn.Linear` inside the repeated transformer blocks. With
     `target_modules`, every module whose name matches; matched modules that cannot hold an N:M weight (not an
-    `nn.Linear`, or an input dimension not divisible by M) are reported in `Selection.skipped`.
+    `nn.Linear`, or an input dimension not divisible by M) are reported in `Selection.skipped`, and so is a layer
+    whose weight is the same tensor as an earlier selected layer's (tied weights are pruned once, through the first).
 
     On a PEFT model the base layers are selected (`...query.base_layer`, matched by the name of the layer PEFT
     wraps, `...query`) and the adapters never are: `lora_A`, `lora_B`, `modules_to_save` and the like stay dense.
@@ -102,6 +103,7 @@ def select_layers(model: nn.Module, config: SparsityConfig) -> Selection:
     """
     targets: dict[str, nn.Linear] = {}
     skipped: dict[str, str] = {}
+    owners: dict[int, str] = {}  # id of a weight -> the first selected layer holding it
     heads = _head_names(model)
     named = [(name, module) for name, module in model.named_modules() if name]
     tuners, adapters = _adapter_names(named)
@@ -128,6 +130,11 @@ def select_layers(model: nn.Module, config: SparsityConfig) -> Selection:
             continue
         if module.in_features % config.m != 0:
             skipped[name] = f"in_features={module.in_features} is not divisible by M={config.m}"
+            continue
+        owner = owners.setdefault(id(module.weight), name)
+        if owner != name:
+            # Tied weights: one tensor, one mask. Selecting it twice would prune (and restore) it twice.
+            skipped[name] = f"shares its weight with {owner}, which is pruned (one mask for the one tensor)"
             continue
         targets[name] = module
 
