@@ -163,7 +163,8 @@ def compute_masks(
 
     Magnitude reads the weights only. Wanda and SparseGPT calibrate block by block and prune each block before
     calibrating the next, so on return the masked-out weights of `layers` are zero (and SparseGPT has updated the
-    kept ones). The model's train/eval mode and `config.use_cache` are restored.
+    kept ones); if anything fails on the way, every weight of `layers` is put back as it was before the call. The
+    model's train/eval mode and `config.use_cache` are restored.
 
     Under data parallelism (`torch.distributed` initialized, weights replicated, as under DDP or before the
     Trainer wraps the model) every rank must call it, and every rank returns rank 0's masks: Wanda and SparseGPT
@@ -224,6 +225,28 @@ def _calibrated_masks(model, layers, config, calibration_data, device) -> dict[s
     model_device = next(model.parameters()).device
     batches = [model_inputs(model, batch, model_device) for batch in batches]
     on = stats_device(model, device)
+    # Calibrated criteria prune block by block: a failure in block k (or an interrupt) would leave blocks < k
+    # pruned. Keep the selected weights (on the CPU) until every mask is computed, and put them back on any error.
+    snapshot = _snapshot(layers)
+    try:
+        return _prune_block_by_block(model, layers, config, batches, on)
+    except BaseException:
+        _restore_(layers, snapshot)
+        raise
+
+
+def _snapshot(layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    return {name: local_tensor(layer.weight).detach().to("cpu", copy=True) for name, layer in layers.items()}
+
+
+@torch.no_grad()
+def _restore_(layers: dict[str, nn.Linear], snapshot: dict[str, torch.Tensor]) -> None:
+    for name, saved in snapshot.items():
+        local_tensor(layers[name].weight).copy_(saved)
+
+
+def _prune_block_by_block(model, layers, config: SparsityConfig, batches: list, on: torch.device) -> dict:
+    """Wanda / SparseGPT masks, pruning each block of `layers` before the next block is calibrated."""
     hessian = config.criterion == "sparsegpt"
     masks: dict[str, torch.Tensor] = {}
     started = time.perf_counter()
