@@ -15,12 +15,15 @@ This module adds:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -313,63 +316,153 @@ def save_pretrained(
     model = unwrap_model(model)
     meta = attach_sparsity_metadata(model, config)
     save_directory = Path(save_directory)
-    if not compact:
-        model.save_pretrained(save_directory, **kwargs)
-        stale = save_directory / COMPACT_WEIGHTS_NAME
-        if stale.exists():
-            stale.unlink()  # a compact file beside a dense checkpoint would make the folder ambiguous
-        return meta
-
     save_directory.mkdir(parents=True, exist_ok=True)
-    n, m = parse_pattern(meta["sparsity_pattern"])
+    # Everything is written into a folder beside the checkpoint first and moved in only when complete, so a failure
+    # at any point leaves the folder loading as before (old files are removed only once their replacements are in).
     with tempfile.TemporaryDirectory(dir=save_directory, prefix=".hf_sparse_tmp-") as tmp:
         tmp = Path(tmp)
         model.save_pretrained(tmp, **kwargs)
-        tensors: dict[str, torch.Tensor] = {}
-        for file in _weight_files(tmp):
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
-        out: dict[str, torch.Tensor] = {}
-        sparse_keys = {f"{name}.weight": name for name in meta["layers"]}
-        absent = [key for key in sparse_keys if key not in tensors]
-        if absent:
-            raise ValueError(
-                f"the checkpoint written by save_pretrained has no tensors {absent[:5]}; these sparse layers are "
-                "saved under other names (tied or renamed weights) and cannot be stored in the compact format."
-            )
-        for key, tensor in tensors.items():
-            if key in sparse_keys:
-                values, packed = compact_encode(tensor, n, m, sparse_keys[key])
-                out[key + VALUES_SUFFIX] = values
-                out[key + INDICES_SUFFIX] = packed
-            else:
-                out[key] = tensor.contiguous()
-        save_file(
-            out,
-            str(tmp / COMPACT_WEIGHTS_NAME),
-            metadata={"format": "pt", "hf_sparse_format": COMPACT_FORMAT, "sparsity_pattern": f"{n}:{m}"},
-        )
-        config_json = json.loads((tmp / CONFIG_NAME).read_text())
-        config_json[METADATA_KEY]["format"] = "compact"
-        config_json["quantization_config"] = {
-            "quant_method": QUANT_METHOD,
-            "format": COMPACT_FORMAT,
-            "sparsity_pattern": f"{n}:{m}",
-            "weights": COMPACT_WEIGHTS_NAME,
-        }
-        config_json["transformers_weights"] = MISSING_LIBRARY_MESSAGE
-        (tmp / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
-        dense_files = {p.name for p in _weight_files(tmp)} | {DENSE_INDEX_NAME}
-        # Dense weights left from an earlier save would shadow the compact file for plain from_pretrained.
-        for old in _weight_files(save_directory) + [save_directory / DENSE_INDEX_NAME]:
-            if old.exists():
+        if compact:
+            _to_compact(tmp, meta)
+        new_files = {p.name for p in tmp.iterdir()}
+        stale = [p for p in _weight_files(save_directory) + [save_directory / DENSE_INDEX_NAME] if p.exists()]
+        stale.append(save_directory / COMPACT_WEIGHTS_NAME)  # a stale compact file or dense weights: ambiguous
+        _install(tmp, save_directory)
+        for old in stale:
+            if old.name not in new_files and old.exists():
                 old.unlink()
-        for item in tmp.iterdir():
-            if item.name not in dense_files:
-                shutil.move(str(item), str(save_directory / item.name))
-    meta = dict(meta, format="compact")
-    return meta
+    return dict(meta, format="compact") if compact else meta
+
+
+def _to_compact(folder: Path, meta: dict) -> None:
+    """Turns the standard checkpoint in `folder` into the compact one: N:M layers as values + positions."""
+    n, m = parse_pattern(meta["sparsity_pattern"])
+    dense_files = _weight_files(folder)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in dense_files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    out: dict[str, torch.Tensor] = {}
+    sparse_keys = {f"{name}.weight": name for name in meta["layers"]}
+    absent = [key for key in sparse_keys if key not in tensors]
+    if absent:
+        raise ValueError(
+            f"the checkpoint written by save_pretrained has no tensors {absent[:5]}; these sparse layers are "
+            "saved under other names (tied or renamed weights) and cannot be stored in the compact format."
+        )
+    for key, tensor in tensors.items():
+        if key in sparse_keys:
+            values, packed = compact_encode(tensor, n, m, sparse_keys[key])
+            out[key + VALUES_SUFFIX] = values
+            out[key + INDICES_SUFFIX] = packed
+        else:
+            out[key] = tensor.contiguous()
+    save_file(
+        out,
+        str(folder / COMPACT_WEIGHTS_NAME),
+        metadata={"format": "pt", "hf_sparse_format": COMPACT_FORMAT, "sparsity_pattern": f"{n}:{m}"},
+    )
+    config_json = json.loads((folder / CONFIG_NAME).read_text())
+    config_json[METADATA_KEY]["format"] = "compact"
+    config_json["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "format": COMPACT_FORMAT,
+        "sparsity_pattern": f"{n}:{m}",
+        "weights": COMPACT_WEIGHTS_NAME,
+    }
+    config_json["transformers_weights"] = MISSING_LIBRARY_MESSAGE
+    (folder / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+    for file in dense_files + [folder / DENSE_INDEX_NAME]:
+        if file.exists():
+            file.unlink()
+
+
+def _install(source: Path, destination: Path) -> None:
+    """Moves every file of `source` into `destination` with `os.replace` (atomic per file), `config.json` last:
+    until the new config is in place, the folder's config still describes the old, complete set of weights."""
+    items = sorted(source.iterdir(), key=lambda p: p.name == CONFIG_NAME)
+    for item in items:
+        target = destination / item.name
+        if item.is_dir():
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.move(str(item), str(target))
+        else:
+            os.replace(item, target)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary path beside `path` to write to; moved onto `path` (atomically) when the block ends without an
+    error, removed otherwise. The file at `path`, if any, is never left half written.
+
+    Example:
+
+    ```python
+    >>> with atomic_path("out/masks.safetensors") as tmp:
+    ...     save_file(tensors, tmp)
+    ```
+    """
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")  # per process: ranks never share one
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why a Trainer checkpoint folder cannot be resumed from (a run killed while saving it), or None if it looks
+    complete: `trainer_state.json` readable and at the folder's step, and model weights whose headers read."""
+    folder = Path(folder)
+    state_file = folder / "trainer_state.json"
+    if not state_file.is_file():
+        return "it has no trainer_state.json (the Trainer writes it last)"
+    try:
+        step = json.loads(state_file.read_text()).get("global_step")
+    except (OSError, ValueError, AttributeError) as err:
+        return f"{state_file.name} cannot be read ({err})"
+    match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
+    if match and step != int(match.group(1)):
+        return f"{state_file.name} records step {step}, not {match.group(1)}"
+    files = _weight_files(folder)
+    if not files:
+        return f"it has neither {DENSE_WEIGHTS_NAME} nor {DENSE_INDEX_NAME}"
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as err:
+            return f"{file.name} cannot be read ({type(err).__name__}: {err})"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> tuple[str | None, dict[str, str]]:
+    """The last Trainer checkpoint of `output_dir` that can be resumed from, and the later ones that cannot (a run
+    killed while saving leaves a half-written `checkpoint-N`), each with the reason.
+
+    Example:
+
+    ```python
+    >>> last, broken = last_complete_checkpoint("out")
+    >>> trainer.train(resume_from_checkpoint=last)
+    ```
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None, {}
+    folders = [p for p in output_dir.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    broken: dict[str, str] = {}
+    for folder in sorted(folders, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return str(folder), broken
+        broken[str(folder)] = problem
+    return None, broken
 
 
 # -- loading -----------------------------------------------------------------------------------------------------
