@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import os
 import sys
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import TrainerCallback
 
 from ._distributed import check_replicas_agree, is_sharded, local_tensor, rank, unwrap_model, world_size
 from .adapters import base_layer_names
 from .calibration import calibration_from_dataloader
+from .checkpoint import SparseCheckpointError, atomic_path
 from .config import SparsityConfig
 from .criteria import CALIBRATED_CRITERIA, compute_masks
-from .masks import format_report, is_nm, layer_sparsity, nm_mask, total_sparsity
+from .masks import format_report, group_counts, is_nm, layer_sparsity, nm_mask, total_sparsity
 from .pruning import apply_masks_
 from .selection import block_of, select_layers
 
@@ -94,6 +98,12 @@ class SparsityCallback(TrainerCallback):
             f", then every {self.config.mask_update_every} steps" if self.config.mask_update_every else "",
         )
         self.masks, self.pruned_values = {}, {}
+        if state.max_steps and self.config.mask_start_step > state.max_steps:
+            raise ValueError(
+                f"hf-sparse: mask_start_step={self.config.mask_start_step} is after the last optimizer step of this "
+                f"run (max_steps={state.max_steps}): training would end with a dense model. Lower mask_start_step "
+                "or train for more steps."
+            )
         if state.global_step > 0 and state.global_step >= self.config.mask_start_step:
             self._restore_masks(args, state)
         elif self.initial_masks is not None and state.global_step == self.config.mask_start_step:
@@ -159,9 +169,16 @@ class SparsityCallback(TrainerCallback):
         if args.should_save or sharded:
             tensors = _pack_masks(self.masks)
             tensors.update({f"pruned_values.{name}": value.cpu() for name, value in self.pruned_values.items()})
-            save_file(tensors, os.path.join(checkpoint, _masks_file(sharded)), metadata=metadata)
+            with atomic_path(os.path.join(checkpoint, _masks_file(sharded))) as tmp:
+                save_file(tensors, tmp, metadata=metadata)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.layers and not self.masks:
+            raise RuntimeError(
+                f"hf-sparse: training ended at step {state.global_step} before any mask was computed "
+                f"(mask_start_step={self.config.mask_start_step}); the model is dense. Lower mask_start_step, or "
+                "train until it (the run stopped early?)."
+            )
         self.squash_(model)
         if self.config.swap_at_end and model is not None:
             from .inference.swap import swap_at_train_end
@@ -230,20 +247,12 @@ class SparsityCallback(TrainerCallback):
             with torch.no_grad():
                 for name, values in self.pruned_values.items():
                     local_tensor(self.layers[name].weight).add_(values)
-        data = None
-        if self.config.criterion in CALIBRATED_CRITERIA:
-            data = self.calibration_data
-            if data is None:
-                if train_dataloader is None:
-                    raise ValueError(
-                        f"criterion={self.config.criterion!r} needs calibration data and the Trainer passed no "
-                        "train_dataloader; give SparsityCallback(calibration_data=...)."
-                    )
-                data = calibration_from_dataloader(train_dataloader, self.config, getattr(args, "seed", 0))
-            if model is None:
-                raise ValueError(f"criterion={self.config.criterion!r} needs the Trainer's model; it passed none.")
-        # Under DDP, rank 0's masks (and SparseGPT's weights) on every rank; under FSDP2, each rank's own rows.
-        self.masks = compute_masks(unwrap_model(model) if model is not None else None, self.layers, self.config, data)
+        try:
+            masks = self._compute_masks(args, model, train_dataloader)
+        except BaseException:
+            apply_masks_(self.layers, self.masks)  # zero the pruned values again: the weights are as they were
+            raise
+        self.masks = masks
         if self.config.updates_after(step):
             with torch.no_grad():
                 self.pruned_values = {
@@ -259,18 +268,30 @@ class SparsityCallback(TrainerCallback):
             step, len(self.masks), 100 * total_sparsity(self.report()),
         )  # fmt: skip
 
+    def _compute_masks(self, args=None, model=None, train_dataloader=None) -> dict[str, torch.Tensor]:
+        data = None
+        if self.config.criterion in CALIBRATED_CRITERIA:
+            data = self.calibration_data
+            if data is None:
+                if train_dataloader is None:
+                    raise ValueError(
+                        f"criterion={self.config.criterion!r} needs calibration data and the Trainer passed no "
+                        "train_dataloader; give SparsityCallback(calibration_data=...)."
+                    )
+                data = calibration_from_dataloader(train_dataloader, self.config, getattr(args, "seed", 0))
+            if model is None:
+                raise ValueError(f"criterion={self.config.criterion!r} needs the Trainer's model; it passed none.")
+        # Under DDP, rank 0's masks (and SparseGPT's weights) on every rank; under FSDP2, each rank's own rows.
+        return compute_masks(unwrap_model(model) if model is not None else None, self.layers, self.config, data)
+
     def _sharded(self) -> bool:
         return any(is_sharded(layer.weight) for layer in self.layers.values())
 
     def _restore_masks(self, args, state) -> None:
-        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", _masks_file(self._sharded()))
+        checkpoint = resumed_checkpoint(args, state)
+        path = os.path.join(checkpoint, _masks_file(self._sharded()))
         if os.path.isfile(path):
-            packed = load_file(path)
-            self.masks = _unpack_masks(packed, self.layers, path)
-            for key, value in packed.items():
-                if key.startswith("pruned_values."):
-                    name = key.removeprefix("pruned_values.")
-                    self.pruned_values[name] = value.to(local_tensor(self.layers[name].weight).device)
+            self.masks, self.pruned_values = read_masks(path, self.layers, self.config)
             logger.info("hf-sparse: resumed with the masks saved in %s.", path)
         else:
             # A checkpoint from elsewhere: its weights are already N:M, so their nonzeros are the masks.
@@ -280,9 +301,10 @@ class SparsityCallback(TrainerCallback):
                 if not is_nm(local_tensor(layer.weight), self.config.n, self.config.m)
             ]
             if not_nm:
-                raise ValueError(
-                    f"hf-sparse: resuming at step {state.global_step} without {path}, and layers {not_nm[:5]} are "
-                    f"not {self.config.sparsity_pattern}; resume from a checkpoint written with SparsityCallback."
+                raise SparseCheckpointError(
+                    f"hf-sparse: resuming at step {state.global_step} from {checkpoint}, which has no {MASKS_NAME}, "
+                    f"and layers {not_nm[:5]} are not {self.config.sparsity_pattern}; resume from a checkpoint "
+                    "written with SparsityCallback (and the same sparsity_pattern)."
                 )
             logger.warning("hf-sparse: %s not found; resuming with the masks of the weights' nonzeros.", path)
             self.masks = {
@@ -325,6 +347,105 @@ def _run_before_reporting_callbacks(callback: TrainerCallback) -> None:
     )
 
 
+def resumed_checkpoint(args, state) -> str:
+    """The checkpoint folder the Trainer is resuming from.
+
+    `Trainer.train(resume_from_checkpoint=path)` loads `path`, which can be anywhere: it is read from the arguments
+    of the running `Trainer.train` call. With `resume_from_checkpoint=True` (or when no such call is on the stack)
+    it is `output_dir/checkpoint-<global_step>`, the checkpoint the Trainer picks. The folder's
+    `trainer_state.json` must be at the step the Trainer resumed at.
+    """
+    from transformers import Trainer
+
+    checkpoint = None
+    train_code = inspect.unwrap(Trainer.train).__code__
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code is train_code:
+            value = frame.f_locals.get("resume_from_checkpoint")
+            checkpoint = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+            break
+        frame = frame.f_back
+    del frame
+    checkpoint = checkpoint or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+    state_file = os.path.join(checkpoint, "trainer_state.json")
+    if os.path.isfile(state_file):
+        try:
+            step = json.loads(open(state_file).read()).get("global_step")
+        except (OSError, ValueError):
+            step = None
+        if step != state.global_step:
+            raise SparseCheckpointError(
+                f"hf-sparse: the Trainer resumed at step {state.global_step}, but {state_file} records step {step}; "
+                "the masks of this checkpoint are not those of the weights being trained. Pass the checkpoint "
+                "folder itself: trainer.train(resume_from_checkpoint='.../checkpoint-N')."
+            )
+    return checkpoint
+
+
+def read_masks(
+    path: str, layers: dict[str, nn.Linear], config: SparsityConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Reads a masks file written by `SparsityCallback` and checks it against `layers` (their current weights, as
+    loaded from the same checkpoint) and `config`: the pattern it was written for, one mask per layer with the
+    weight's shape, exactly N kept of every M, and no nonzero weight where the mask prunes.
+
+    Returns:
+        `(masks, pruned_values)` by layer name, on the weights' devices.
+
+    Raises:
+        SparseCheckpointError: naming the file and the layer at fault.
+    """
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            packed = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:
+        raise SparseCheckpointError(
+            f"hf-sparse: the masks file {path} cannot be read ({type(err).__name__}: {err}); it is truncated or "
+            "damaged. Resume from an earlier checkpoint, or start the run again."
+        ) from err
+    pattern = metadata.get("sparsity_pattern")
+    if pattern != config.sparsity_pattern:
+        raise SparseCheckpointError(
+            f"hf-sparse: {path} holds masks for sparsity_pattern {pattern!r}, but this run's SparsityConfig has "
+            f"{config.sparsity_pattern!r}; resume with the pattern the checkpoint was trained with, or start over."
+        )
+    masks = _unpack_masks(packed, layers, path)
+    pruned_values = {}
+    for name, mask in masks.items():
+        weight = local_tensor(layers[name].weight)
+        _check_mask(name, mask, weight, config, path)
+        values = packed.get(f"pruned_values.{name}")
+        if values is not None:
+            if tuple(values.shape) != tuple(weight.shape):
+                raise SparseCheckpointError(
+                    f"hf-sparse: layer {name} in {path}: pruned values of shape {tuple(values.shape)}, weight of "
+                    f"shape {tuple(weight.shape)}; the file does not belong to this model."
+                )
+            pruned_values[name] = values.to(weight.device, weight.dtype)
+    return masks, pruned_values
+
+
+def _check_mask(name: str, mask: torch.Tensor, weight: torch.Tensor, config: SparsityConfig, path: str) -> None:
+    kept = group_counts(mask.reshape(-1, config.m))
+    wrong = kept != config.n
+    if bool(wrong.any()):
+        group = int(wrong.nonzero()[0, 0])
+        raise SparseCheckpointError(
+            f"hf-sparse: layer {name} in {path}: the mask keeps {int(kept[group])} of {config.m} weights in group "
+            f"{group} ({int(wrong.sum())} group(s) wrong), not exactly {config.n}:{config.m}; the file is damaged "
+            "or was not written by SparsityCallback."
+        )
+    stray = int((weight.detach() != 0).logical_and_(~mask).sum())
+    if stray:
+        raise SparseCheckpointError(
+            f"hf-sparse: layer {name} in {path}: {stray} weight(s) of the resumed checkpoint are nonzero where this "
+            "mask prunes; the masks file belongs to another run or another checkpoint. Resume from a checkpoint "
+            "folder written by this run (its weights and masks are saved together)."
+        )
+
+
 def _masks_file(sharded: bool) -> str:
     if not sharded:
         return MASKS_NAME
@@ -339,15 +460,20 @@ def _pack_masks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _unpack_masks(packed: dict[str, torch.Tensor], layers: dict[str, nn.Linear], path: str) -> dict:
     missing = sorted(set(layers) - set(packed))
     if missing:
-        raise ValueError(f"hf-sparse: {path} has no masks for layers {missing[:5]}; was it written for this model?")
+        raise SparseCheckpointError(
+            f"hf-sparse: {path} has no masks for layers {missing[:5]}; was it written for this model?"
+        )
     masks = {}
     for name, layer in layers.items():
-        if packed[name].dtype != torch.uint8:
-            raise ValueError(f"hf-sparse: the mask of {name} in {path} is {packed[name].dtype}, not packed uint8.")
+        if packed[name].dtype != torch.uint8 or packed[name].dim() != 1:
+            raise SparseCheckpointError(
+                f"hf-sparse: the mask of {name} in {path} is a {packed[name].dtype} tensor of shape "
+                f"{tuple(packed[name].shape)}, not 1-D packed uint8; the file was not written by SparsityCallback."
+            )
         weight = local_tensor(layer.weight)
         bits = np.unpackbits(packed[name].numpy())
         if bits.size < weight.numel() or bits.size - weight.numel() >= 8:
-            raise ValueError(
+            raise SparseCheckpointError(
                 f"hf-sparse: the mask of {name} in {path} holds {bits.size} bits, not {weight.numel()} "
                 f"(weight shape {tuple(weight.shape)}); the file does not belong to this model."
             )
