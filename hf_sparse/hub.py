@@ -319,7 +319,12 @@ def write_model_card(folder: str | os.PathLike, **card_kwargs) -> Path:
 def _explain(err: Exception, repo_id: str, endpoint: str) -> str:
     response = getattr(err, "response", None)
     status = getattr(response, "status_code", None)
-    if status == 401:
+    kind = type(err).__name__
+    if kind == "OfflineModeIsEnabled":
+        why = "HF_HUB_OFFLINE=1 is set, so no request was sent: unset it to push"
+    elif kind == "HFValidationError":
+        why = f"{repo_id!r} is not a valid Hub repo id, so no request was sent: use 'namespace/name'"
+    elif status == 401:
         why = "the Hub rejected the token (401): log in with `hf auth login`, set HF_TOKEN, or pass token="
     elif status == 403:
         why = f"the token has no write access to {repo_id} (403): use a write token of an account that owns it"
@@ -327,11 +332,39 @@ def _explain(err: Exception, repo_id: str, endpoint: str) -> str:
         why = f"{repo_id} or the revision was not found (404): check the repo id and revision"
     elif status is not None:
         why = f"the Hub answered HTTP {status}"
-    elif "token" in type(err).__name__.lower() or "token" in str(err).lower():
+    elif "token" in kind.lower() or "token" in str(err).lower():
         why = "no Hugging Face token was found: log in with `hf auth login`, set HF_TOKEN, or pass token="
     else:
         why = f"the Hub at {endpoint} could not be reached (network error, proxy or HF_ENDPOINT)"
-    return f"{why}. ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    return f"{why}. ({kind}: {str(err).splitlines()[0] if str(err) else ''})"
+
+
+def _check_before_push(repo_id: str | None, token: str | bool | None) -> None:
+    """Refuses, before anything is saved or sent, a push that cannot work: a malformed repo id, offline mode, or
+    no token at all (which the Hub would answer with the same 401 as a wrong token)."""
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub import get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise ValueError(f"repo_id must be 'namespace/name' (e.g. 'your-name/bert-squad-2of4'); got {repo_id!r}.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(
+            f"repo_id {repo_id!r} is not a valid Hub repo id ({err}); nothing was sent. Use 'namespace/name' with "
+            "letters, digits, '-', '_' and '.'."
+        ) from None
+    if hub_constants.HF_HUB_OFFLINE:
+        raise HubPushError(
+            f"cannot push to {repo_id}: HF_HUB_OFFLINE=1 is set, so no request was sent and nothing was saved. "
+            "Unset HF_HUB_OFFLINE to push."
+        )
+    if token is False or (token is None and get_token() is None):
+        raise HubPushError(
+            f"cannot push to {repo_id}: no Hugging Face token was found (token={token!r}, no HF_TOKEN, not logged "
+            "in), so no request was sent. Log in with `hf auth login`, set HF_TOKEN, or pass token=."
+        )
 
 
 def push_to_hub(
@@ -363,7 +396,9 @@ def push_to_hub(
         token, private, revision, create_pr: as in `huggingface_hub.HfApi.upload_folder` / `create_repo`;
             a `revision` branch that does not exist is created from the main branch.
         commit_message: the commit message.
-        compact: save a model in the compact format (for a model or Trainer; a folder is uploaded as it is).
+        compact: save a model in the compact format (for a model or Trainer; a folder is uploaded as it is). A
+            Trainer's output_dir keeps its standard checkpoint; the compact one goes to `save_directory` or a
+            temporary folder.
         save_directory: where to save a model before upload (default: a temporary folder).
         endpoint: Hub endpoint (default: `HF_ENDPOINT` / huggingface.co).
         card_kwargs: passed to `model_card` (base_model, dataset, metrics, benchmark, benchmark_plot, command, ...).
@@ -389,10 +424,11 @@ def push_to_hub(
         private = private if private is not None else getattr(args, "hub_private_repo", None)
         revision = revision or getattr(args, "hub_revision", None)
         if not args.should_save:
-            _folder_to_push(model_or_folder, compact, save_directory)  # saving is collective under FSDP
+            folder, temporary = _folder_to_push(model_or_folder, compact, save_directory)  # collective under FSDP
+            if temporary:
+                shutil.rmtree(folder, ignore_errors=True)
             return None
-    if not repo_id or "/" not in repo_id:
-        raise ValueError(f"repo_id must be 'namespace/name' (e.g. 'your-name/bert-squad-2of4'); got {repo_id!r}.")
+    _check_before_push(repo_id, token)
     folder, temporary = _folder_to_push(model_or_folder, compact, save_directory)
 
     load_state_dict(folder)  # never upload a checkpoint that hf_sparse.from_pretrained would refuse
@@ -412,10 +448,11 @@ def push_to_hub(
             create_pr=create_pr,
         )
     except Exception as err:
+        kept = " (a temporary save, kept for you)" if temporary else ""
         raise HubPushError(
             f"pushing {folder} to {repo_id}{f'@{revision}' if revision else ''} failed: {_explain(err, repo_id, endpoint)} "
-            f"The local checkpoint in {folder} is intact; push it again with hf_sparse.push_to_hub({str(folder)!r}, "
-            f"{repo_id!r})."
+            f"The local checkpoint in {folder} is intact{kept}; push it again with "
+            f"hf_sparse.push_to_hub({str(folder)!r}, {repo_id!r})."
         ) from err
     if temporary:
         shutil.rmtree(folder, ignore_errors=True)
@@ -428,19 +465,25 @@ def _folder_to_push(model_or_folder, compact: bool, save_directory) -> tuple[Pat
     output_dir, a model saved to `save_directory` or a temporary folder, or a checkpoint folder as it is."""
     if hasattr(model_or_folder, "args") and hasattr(model_or_folder, "save_model"):
         trainer = model_or_folder
-        folder = Path(save_directory or trainer.args.output_dir)
+        folder = Path(trainer.args.output_dir if save_directory is None or compact else save_directory)
         # _internal_call keeps the Trainer from starting its own push (with its own card) when args.push_to_hub.
         trainer.save_model(str(folder), _internal_call=True)
-        if compact:
-            save_pretrained(trainer.model, folder, compact=True)
-        return folder, False
+        if not compact:
+            return folder, False
+        # The standard checkpoint stays in output_dir; the compact one is written beside it (save_directory, or a
+        # temporary folder), so a failed push never leaves the user without the weights they had.
+        return _save_model(trainer.model, save_directory, compact=True)
     if isinstance(model_or_folder, (str, os.PathLike)):
         if compact:
             raise ValueError("compact=True applies when saving a model; save the folder with compact=True first.")
         return Path(model_or_folder), False
+    return _save_model(model_or_folder, save_directory, compact)
+
+
+def _save_model(model, save_directory, compact: bool) -> tuple[Path, bool]:
     temporary = save_directory is None
     folder = Path(tempfile.mkdtemp(prefix="hf_sparse_push-")) if temporary else Path(save_directory)
-    save_pretrained(model_or_folder, folder, compact=compact)
+    save_pretrained(model, folder, compact=compact)
     return folder, temporary
 
 
