@@ -61,17 +61,14 @@ def squad_records(squad: Mapping[str, Any], source: str = "SQuAD data") -> list[
                     raise ValueError(f"{source}: question {qid!r} needs a 'question' string and an 'answers' list.")
                 texts, starts = [], []
                 for answer in qa["answers"]:
-                    if (
-                        not isinstance(answer, Mapping)
-                        or not isinstance(answer.get("text"), str)
-                        or not isinstance(answer.get("answer_start"), int)
-                    ):
+                    if not isinstance(answer, Mapping) or "text" not in answer or "answer_start" not in answer:
                         raise ValueError(
                             f"{source}: question {qid!r}: each answer must be {{'text': str, 'answer_start': int}}; "
                             f"got {answer!r:.200}."
                         )
                     texts.append(answer["text"])
                     starts.append(answer["answer_start"])
+                check_example(qid, qa["question"], context, {"text": texts, "answer_start": starts}, source)
                 if not texts and not qa.get("is_impossible", False):
                     raise ValueError(f"{source}: question {qid!r} has no answers and is not marked 'is_impossible'.")
                 records.append(
@@ -86,16 +83,63 @@ def squad_records(squad: Mapping[str, Any], source: str = "SQuAD data") -> list[
     return records
 
 
+def check_example(qid: str, question: Any, context: Any, answers: Any, source: str = "examples") -> None:
+    """Checks one SQuAD question where it is read, so that a bad record fails with its file, id and field instead of
+    training on a wrong label: a non-empty question and context, and answers whose `answer_start` is an int
+    (not a bool) that points, inside the context, at exactly the answer's text.
+
+    Raises:
+        ValueError: naming `source`, the question id and the field at fault.
+    """
+    where = f"{source}: question {qid!r}"
+    for field_name, value in (("question", question), ("context", context)):
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: {field_name!r} must be a str; got {type(value).__name__}.")
+        if not value.strip():
+            raise ValueError(f"{where}: {field_name!r} is empty; every question needs a question text and a context.")
+    if not isinstance(answers, Mapping) or "text" not in answers or "answer_start" not in answers:
+        raise ValueError(f"{where}: 'answers' must be {{'text': [...], 'answer_start': [...]}}; got {answers!r:.200}.")
+    texts, starts = answers["text"], answers["answer_start"]
+    if isinstance(texts, str) or isinstance(starts, str) or len(texts) != len(starts):
+        raise ValueError(
+            f"{where}: answers 'text' and 'answer_start' must be lists of the same length; got {answers!r:.200}."
+        )
+    for i, (text, start) in enumerate(zip(texts, starts)):
+        field_name = f"answers[{i}]"
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}: {field_name} 'text' must be a non-empty str; got {text!r:.100}.")
+        if isinstance(start, bool) or not isinstance(start, int):
+            raise ValueError(
+                f"{where}: {field_name} 'answer_start' must be an int (a character offset); got {start!r} "
+                f"({type(start).__name__})."
+            )
+        if not 0 <= start <= len(context) - len(text):
+            raise ValueError(
+                f"{where}: {field_name} 'answer_start' {start} is outside the context: the answer "
+                f"{text!r:.60} ({len(text)} characters) must start between 0 and {len(context) - len(text)}."
+            )
+        found = context[start : start + len(text)]
+        if found != text:
+            raise ValueError(
+                f"{where}: {field_name} 'answer_start' {start} points at {found!r:.60} in the context, not at the "
+                f"answer {text!r:.60}; fix the offset (the first occurrence is at {context.find(text)})."
+            )
+
+
 def read_squad_json(path: str | Path) -> list[dict[str, Any]]:
     """Reads a SQuAD file in the official JSON format (v1.1 or v2.0) into records (see `squad_records`)."""
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        try:
-            squad = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{path} is not valid JSON ({err}); expected a SQuAD file in the official format."
-            ) from err
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); SQuAD JSON files are UTF-8. Convert it, "
+            "e.g. with iconv -f <encoding> -t utf-8."
+        ) from None
+    try:
+        squad = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); expected a SQuAD file in the official format.") from err
     return squad_records(squad, source=str(path))
 
 
@@ -158,25 +202,61 @@ def _tokenize(batch: Mapping[str, list], tokenizer, max_length: int, doc_stride:
         )
     if doc_stride >= max_length:
         raise ValueError(f"doc_stride ({doc_stride}) must be smaller than max_length ({max_length}).")
-    for name in ("question", "context"):
-        for i, value in enumerate(batch[name]):
-            if not isinstance(value, str):
-                raise ValueError(f"example {batch['id'][i]!r}: {name!r} must be a str; got {type(value).__name__}.")
+    for i, qid in enumerate(batch["id"]):
+        answers = batch["answers"][i] if "answers" in batch else {"text": [], "answer_start": []}
+        check_example(qid, batch["question"][i], batch["context"][i], answers)
     pad_on_right = tokenizer.padding_side == "right"
     # Leading spaces in questions waste tokens and can push the context out of the window.
     questions = [q.lstrip() for q in batch["question"]]
     contexts = batch["context"]
-    encoded = tokenizer(
-        questions if pad_on_right else contexts,
-        contexts if pad_on_right else questions,
-        truncation="only_second" if pad_on_right else "only_first",
-        max_length=max_length,
-        stride=doc_stride,
-        return_overflowing_tokens=True,
-        return_offsets_mapping=True,
-        padding="max_length",
-    )
+    _check_room(batch["id"], questions, tokenizer, max_length, doc_stride)
+
+    def encode(q, c):
+        return tokenizer(
+            q if pad_on_right else c,
+            c if pad_on_right else q,
+            truncation="only_second" if pad_on_right else "only_first",
+            max_length=max_length,
+            stride=doc_stride,
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+            padding="max_length",
+        )
+
+    try:
+        encoded = encode(questions, contexts)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # the Rust tokenizer panics with a BaseException that names no example
+        for qid, q, c in zip(batch["id"], questions, contexts):
+            try:
+                encode([q], [c])
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:
+                raise ValueError(
+                    f"question {qid!r} cannot be tokenized with max_length={max_length}, doc_stride={doc_stride} "
+                    f"({type(err).__name__}: {str(err).splitlines()[0]:.200}); raise max_length, lower doc_stride, "
+                    "or leave the question out."
+                ) from None
+        raise
     return encoded, (1 if pad_on_right else 0)
+
+
+def _check_room(ids: list, questions: list[str], tokenizer, max_length: int, doc_stride: int) -> None:
+    """Each window holds the question, the special tokens and `max_length - those` context tokens, and windows of
+    one context overlap by `doc_stride` tokens, so a question must leave more than `doc_stride` context tokens.
+    (The Rust tokenizer would otherwise fail with a panic or a truncation error that names no question.)"""
+    special = tokenizer.num_special_tokens_to_add(pair=True)
+    lengths = [len(ids_) for ids_ in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+    for qid, length in zip(ids, lengths):
+        room = max_length - special - length
+        if room <= doc_stride:
+            raise ValueError(
+                f"question {qid!r} has {length} tokens: with {special} special tokens it leaves {max(room, 0)} "
+                f"context tokens per window of max_length={max_length}, and doc_stride={doc_stride} needs more "
+                f"than that. Raise max_length, lower doc_stride below {max(room, 1)}, or leave the question out."
+            )
 
 
 def _answer_positions(encoded, batch, context_index: int, tokenizer) -> tuple[list[int], list[int]]:
