@@ -12,6 +12,7 @@ import collections
 import math
 import re
 import string
+import warnings
 from collections.abc import Mapping, Sequence
 from numbers import Real
 from pathlib import Path
@@ -144,7 +145,21 @@ def _check_predictions(
                     f"prediction for id {qid!r}: 'no_answer_probability' must be a number; got {probability!r}."
                 )
         preds[qid] = (text, probability)
+    _warn_unanswered(golds, preds)
     return preds
+
+
+def _warn_unanswered(golds: Mapping[str, Any], preds: Mapping[str, Any]) -> None:
+    """Warns, as the official script does ("Unanswered question ... will receive score 0."), when some questions
+    have no prediction: they count, with score 0."""
+    missing = [qid for qid in golds if qid not in preds]
+    if missing:
+        warnings.warn(
+            f"{len(missing)} of {len(golds)} questions have no prediction and score 0 (first: {missing[:5]}); "
+            "pass a prediction for every reference id to score the whole set.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------- metrics
@@ -403,6 +418,13 @@ class SquadComputeMetrics:
             label_ids = [b[1] for b in self._batches]
             self._batches = []
         start, end = _start_end(predictions, "predictions")
+        if label_ids is None and len(start) == len(self.labels[0]):
+            raise ValueError(
+                "compute_metrics got predictions without label_ids, so it cannot check that they are in the order of "
+                "the features it was built from (shuffled or reordered predictions would be scored against the wrong "
+                "questions). Evaluate on features with start_positions/end_positions (prepare_validation_features("
+                "with_labels=True)) and keep them in the Trainer's label_names."
+            )
         if label_ids is not None:
             label_start, label_end = _start_end(label_ids, "label_ids")
             expected = len(self.labels[0])
