@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,9 +42,9 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 import hf_sparse
+import hf_sparse.checkpoint
 import hf_sparse.squad
 from hf_sparse import run_report
 from hf_sparse._distributed import check_replicas_agree, gather_object
@@ -157,6 +159,11 @@ class RecipeArguments:
     fp16_eval: bool = field(
         default=True, metadata={"help": "Evaluate in fp16 on a GPU, as the tutorial does (fp32 on a CPU)."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over: delete the stages, checkpoints and report an earlier run left in --output_dir "
+                  "(without it, a rerun continues them, and refuses if they ran with other arguments)."},
+    )  # fmt: skip
 
 
 def _read_config(path: Path) -> dict:
@@ -253,10 +260,36 @@ def check_sources(args: RecipeArguments) -> None:
         )
 
 
+def check_arguments(args: RecipeArguments) -> None:
+    """Fails at once on arguments that cannot work together."""
+    if bool(args.train_file) != bool(args.validation_file):
+        given, missing = (
+            ("--train_file", "--validation_file") if args.train_file else ("--validation_file", "--train_file")
+        )
+        raise SystemExit(
+            f"{given} was given without {missing}: pass both (local SQuAD-format JSON files), or neither to use "
+            f"--dataset_name ({args.dataset_name!r})."
+        )
+
+
+def check_answerable(args: RecipeArguments, train, validation) -> None:
+    """SQuAD v2 data (questions without an answer) needs --version_2_with_negative: refuse it before training, not
+    at the first evaluation after the dense fine-tuning."""
+    if args.version_2_with_negative:
+        return
+    splits = (("training", train, args.train_file), ("evaluation", validation, args.validation_file))
+    for split, examples, source in splits:
+        unanswerable = [e["id"] for e in examples if not e["answers"]["text"]]
+        if unanswerable:
+            raise SystemExit(
+                f"the {split} data ({source or args.dataset_name}) has {len(unanswerable)} question(s) without an "
+                f"answer (first: {unanswerable[0]!r}): it is SQuAD v2 data. Pass --version_2_with_negative, or "
+                "give SQuAD v1.1 data."
+            )
+
+
 def load_data(args: RecipeArguments):
     if args.train_file or args.validation_file:
-        if not (args.train_file and args.validation_file):
-            raise SystemExit("Pass both --train_file and --validation_file (local SQuAD-format JSON files).")
         train, validation = (
             hf_sparse.squad.read_squad_json(args.train_file),
             hf_sparse.squad.read_squad_json(args.validation_file),
@@ -280,6 +313,7 @@ def load_data(args: RecipeArguments):
             if isinstance(validation, list)
             else validation.select(range(args.max_eval_samples))
         )
+    check_answerable(args, train, validation)
     return train, validation
 
 
@@ -315,6 +349,90 @@ def new_model(args: RecipeArguments, tokenizer):
     return BertForQuestionAnswering(config)
 
 
+# -- what each stage ran with ---------------------------------------------------------------------------------------
+
+_DATA_ARGUMENTS = ("model_name_or_path", "config_overrides", "dense_model_name_or_path", "dataset_name", "train_file",
+                   "validation_file", "version_2_with_negative", "max_seq_length", "doc_stride", "max_train_samples",
+                   "max_eval_samples", "synthetic_train_paragraphs", "synthetic_eval_paragraphs",
+                   "synthetic_facts_per_paragraph", "fp16_eval")  # fmt: skip
+_TRAINING_ARGUMENTS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+                       "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "seed",
+                       "data_seed", "per_device_train_batch_size", "gradient_accumulation_steps", "fp16", "bf16",
+                       "optim", "label_smoothing_factor")  # fmt: skip
+STAGE_KEYS = ("dense", "pruned", "sparse", "swapped")
+"""The stages in order; each one's result depends on its own arguments and those of the stages before it."""
+_RECIPE_FILES = ("dense", "dense-training", "sparse", "sparse-training", "eval", "report.json", "report.md",
+                 "f1_by_stage.png", "latency.png")  # fmt: skip
+"""What the recipe writes into --output_dir: what --overwrite_output_dir deletes."""
+
+
+def stage_arguments(args: RecipeArguments, sparsity, training_args: TrainingArguments, stage: str) -> dict:
+    """The arguments that `stage` (and the stages it builds on) depend on, by flag name, as JSON values."""
+    values = {name: getattr(args, name) for name in _DATA_ARGUMENTS}
+    values.update({name: getattr(training_args, name, None) for name in _TRAINING_ARGUMENTS})
+    if STAGE_KEYS.index(stage) >= STAGE_KEYS.index("pruned"):
+        values.update({k: v for k, v in sparsity.to_dict().items() if k not in ("log_per_layer", "swap_at_end")})
+    if STAGE_KEYS.index(stage) >= STAGE_KEYS.index("sparse"):
+        values.update(recovery_max_steps=args.recovery_max_steps, distill=args.distill)
+    values = {k: getattr(v, "value", v) for k, v in values.items()}  # enums (lr_scheduler_type, optim)
+    return json.loads(json.dumps(values, default=str))
+
+
+def check_stage_arguments(report: dict, args: RecipeArguments, sparsity, training_args, output_dir: Path) -> None:
+    """Refuses to continue an earlier run's stages with other arguments: its results would sit beside the new
+    arguments in the report and the card as if they had been measured with them."""
+    recorded = report.get("stage_arguments", {})
+    unrecorded = [stage for stage in report["stages"] if stage not in recorded]
+    if unrecorded:
+        raise SystemExit(
+            f"{output_dir} holds stages {unrecorded} of an earlier run that did not record its arguments, so they "
+            "cannot be continued safely. Start over with --overwrite_output_dir, or pass a new --output_dir."
+        )
+    for stage, before in recorded.items():
+        now = stage_arguments(args, sparsity, training_args, stage)
+        differ = {
+            k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)
+        }
+        if differ:
+            listed = ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in differ.items())
+            raise SystemExit(
+                f"{output_dir} holds the {stage!r} stage of a run with other arguments ({listed}). Rerun with the "
+                "same arguments to continue it, or start over with --overwrite_output_dir (deletes that run's "
+                "stages), or pass a new --output_dir."
+            )
+
+
+def start_over(training_args: TrainingArguments) -> None:
+    """--overwrite_output_dir: deletes what an earlier run of the recipe left in output_dir (main process)."""
+    output_dir = Path(training_args.output_dir)
+    with training_args.main_process_first(desc="starting over"):
+        if training_args.process_index == 0:
+            for name in _RECIPE_FILES:
+                path = output_dir / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+                else:
+                    continue
+                logger.info("--overwrite_output_dir: deleted %s", path)
+
+
+def whole_run_loss(trainer: Trainer, metrics: dict, resumed_step: int) -> dict:
+    """`train_loss` over the whole run: the Trainer's covers only the steps of this `train()` call, so after a resume
+    the earlier steps are added back from the logged losses (up to the last step logged before the checkpoint)."""
+    steps_now = trainer.state.global_step - resumed_step
+    if not resumed_step or metrics.get("train_loss") is None:
+        return {"train_loss": metrics.get("train_loss"), "train_loss_steps": steps_now}
+    total, covered, previous = 0.0, 0, 0
+    for entry in trainer.state.log_history:
+        if "loss" in entry and entry.get("step", 0) <= resumed_step:
+            total += entry["loss"] * (entry["step"] - previous)
+            covered, previous = entry["step"], entry["step"]
+    total += metrics["train_loss"] * steps_now
+    return {"train_loss": total / max(covered + steps_now, 1), "train_loss_steps": covered + steps_now}
+
+
 # -- one run -------------------------------------------------------------------------------------------------------
 
 
@@ -340,6 +458,13 @@ class Run:
 
     def done(self, stage: str, key: str = "f1") -> bool:
         return key in self.report["stages"].get(stage, {})
+
+    def begin(self, stage: str) -> None:
+        """Records the arguments `stage` runs with before it writes anything (checked when the run is continued)."""
+        values = stage_arguments(self.args, self.sparsity, self.training_args, stage)
+        self.report.setdefault("stage_arguments", {})[stage] = values
+        if self.main_process:
+            run_report.save_report(self.report, self.output_dir)
 
     def record(self, stage: str, values: dict) -> None:
         """Adds `values` to the report's `stage` and saves it (main process), then waits for every process."""
@@ -391,7 +516,8 @@ class Run:
         return result
 
     def train(self, model, name: str, callbacks=(), compute_loss_func=None, **changes) -> tuple[Trainer, dict]:
-        """Trains `model` in `output_dir/name`, resuming from its last checkpoint there if a run was interrupted."""
+        """Trains `model` in `output_dir/name`, resuming from its last complete checkpoint there if a run was
+        interrupted (a checkpoint half written when the run was killed is passed over, and written again)."""
         output_dir = self.output_dir / name
         trainer = Trainer(
             model=model,
@@ -400,10 +526,13 @@ class Run:
             callbacks=[NumericsCallback(), *callbacks],
             compute_loss_func=compute_loss_func,
         )
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        last, broken = hf_sparse.checkpoint.last_complete_checkpoint(output_dir)
+        for folder, problem in broken.items():
+            logger.warning("Passing over %s, half written when a run stopped: %s.", folder, problem)
         if last:
             logger.info("Resuming %s from %s", name, last)
-        return trainer, trainer.train(resume_from_checkpoint=last).metrics
+        metrics = trainer.train(resume_from_checkpoint=last).metrics
+        return trainer, {**metrics, **whole_run_loss(trainer, metrics, int(last.rsplit("-", 1)[1]) if last else 0)}
 
     def save(self, trainer: Trainer, folder: Path):
         """Saves the trained model and returns it reloaded as a plain module: under FSDP2 the trained module holds
@@ -425,9 +554,14 @@ class Run:
 
 
 def prepare(args: RecipeArguments, sparsity, training_args: TrainingArguments) -> Run:
-    """Checks the sources, reads and tokenizes the data, and opens the report (an earlier run's, if any)."""
+    """Checks the arguments and sources, reads and tokenizes the data, and opens the report (an earlier run's, if
+    any, whose stages must have run with the same arguments)."""
+    check_arguments(args)
     check_sources(args)
+    if args.overwrite_output_dir:
+        start_over(training_args)
     report = run_report.load_report(Path(training_args.output_dir) / "report.json")
+    check_stage_arguments(report, args, sparsity, training_args, Path(training_args.output_dir))
     report.update(
         title=f"2:4 sparsity, {_data_name(args)}",
         command=hf_sparse.hub.current_command(),
@@ -465,6 +599,7 @@ def fine_tune_dense(run: Run):
     run.banner(1, STAGES[0], f"load {run.args.dense_model_name_or_path} and evaluate it" if
                run.args.dense_model_name_or_path else f"train {_model_name(run.args)} densely for {steps} on "
                f"{_data_name(run.args)}, save it to {dense_dir} and evaluate it")  # fmt: skip
+    run.begin("dense")
     if run.args.dense_model_name_or_path:
         dense = load_model(run.args.dense_model_name_or_path)
         run.report["skipped"]["dense fine-tuning"] = f"started from {run.args.dense_model_name_or_path}"
@@ -478,8 +613,9 @@ def fine_tune_dense(run: Run):
         start = time.perf_counter()
         trainer, metrics = run.train(dense, "dense-training")
         dense = run.save(trainer, dense_dir)
-        run.record("dense", {"train_seconds": time.perf_counter() - start, "train_loss": metrics.get("train_loss"),
-                             **_throughput(metrics), **run.peak_memory()})  # fmt: skip
+        run.record("dense", {"train_seconds": time.perf_counter() - start, "train_loss": metrics["train_loss"],
+                             "train_loss_steps": metrics["train_loss_steps"], **_throughput(metrics),
+                             **run.peak_memory()})  # fmt: skip
     if not run.done("dense"):
         run.record("dense", run.evaluate(dense))
     return dense
@@ -491,6 +627,7 @@ def prune_zero_shot(run: Run, dense):
     compared and recorded."""
     run.banner(2, STAGES[1], f"prune a copy of the dense model to {run.sparsity.sparsity_pattern} by "
                f"{run.sparsity.criterion} and evaluate it without training")  # fmt: skip
+    run.begin("pruned")
     pruned = copy.deepcopy(dense).to(run.training_args.device)
     calibration = None
     if run.sparsity.criterion != "magnitude":
@@ -516,6 +653,7 @@ def recover(run: Run, dense, pruned, masks):
     run.banner(3, STAGES[2], f"fine-tune the pruned model for {steps} with its masks held"
                f"{' and distillation from the dense model' if run.args.distill else ''}, save it to {sparse_dir} "
                "and evaluate it")  # fmt: skip
+    run.begin("sparse")
     if (sparse_dir / "config.json").is_file() and run.done("sparse", "train_seconds"):
         logger.info("Sparse model already recovered in %s; skipping that stage.", sparse_dir)
         sparse = load_model(sparse_dir)
@@ -532,8 +670,9 @@ def recover(run: Run, dense, pruned, masks):
         if loss is not None:
             loss.remove()  # its hook asks the student for hidden states; evaluation wants the logits only
         sparse = run.save(trainer, sparse_dir)
-        run.record("sparse", {"train_seconds": time.perf_counter() - start, "train_loss": metrics.get("train_loss"),
-                              "distilled": run.args.distill, "criterion": run.sparsity.criterion,
+        run.record("sparse", {"train_seconds": time.perf_counter() - start, "train_loss": metrics["train_loss"],
+                              "train_loss_steps": metrics["train_loss_steps"], "distilled": run.args.distill,
+                              "criterion": run.sparsity.criterion,
                               **_throughput(metrics), **run.peak_memory()})  # fmt: skip
     if not run.done("sparse"):
         values = run.evaluate(sparse)
@@ -567,6 +706,7 @@ def swap_and_time(run: Run, sparse) -> None:
         return
     from hf_sparse.inference import benchmark
 
+    run.begin("swapped")
     # Evaluate on the sparse kernels: the answers must match the masked dense model's (fp16 rounding aside).
     if not run.done("swapped") and _fsdp():
         run.report["skipped"]["sparse-kernel evaluation"] = "under FSDP the Trainer would shard the swapped weights"
