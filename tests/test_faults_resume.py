@@ -1,0 +1,281 @@
+"""Faults around sparse training: resuming with the wrong, damaged or foreign masks file, a mask schedule that never
+prunes, tied weights under mask updates, and config values Python would silently coerce. Each error must name the
+file and the layer (or the field) at fault."""
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import BertForQuestionAnswering, TrainerControl, TrainerState, TrainingArguments
+
+from hf_sparse import SparsityCallback, SparsityConfig
+from hf_sparse.callback import MASKS_NAME, read_masks
+from hf_sparse.checkpoint import SparseCheckpointError
+from tests.conftest import tiny_bert_config
+from tests.test_callback import TARGETS, make_trainer
+
+LAYER = TARGETS[0]
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return BertForQuestionAnswering(tiny_bert_config())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two runs of 4 steps with checkpoints at steps 2 and 4: "a" and "b" (another seed, so other masks)."""
+    root = tmp_path_factory.mktemp("runs")
+    for name, seed in (("a", 0), ("b", 1)):
+        trainer = make_trainer(root / name, _model(seed), [SparsityCallback()], max_steps=4, save_strategy="steps",
+                               save_steps=2, seed=seed)  # fmt: skip
+        trainer.train()
+    return root
+
+
+def _file_masks(path):
+    with safe_open(str(path), framework="pt") as f:
+        packed = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("pruned_values.")}
+    return packed
+
+
+def _resume(output_dir, checkpoint, config=None, seed=0):
+    callback = SparsityCallback(config)
+    trainer = make_trainer(output_dir, _model(seed), [callback], max_steps=4, save_strategy="no")
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    return trainer, callback
+
+
+def test_resume_takes_the_masks_of_the_checkpoint_being_resumed_not_output_dirs(runs, tmp_path):
+    # output_dir holds run b's checkpoint-2; the run resumes run a's checkpoint-2.
+    shutil.copytree(runs / "b", tmp_path / "out")
+    trainer, _ = _resume(tmp_path / "out", runs / "a" / "checkpoint-2")
+    a_masks = _file_masks(runs / "a" / "checkpoint-2" / MASKS_NAME)
+    weight = trainer.model.get_submodule(LAYER).weight.detach()
+    bits = np.unpackbits(a_masks[LAYER].numpy())[: weight.numel()].reshape(weight.shape).astype(bool)
+    assert torch.equal(weight != 0, torch.from_numpy(bits))  # run a's masks, not run b's
+
+
+def _damage_other_run(checkpoint, runs):
+    shutil.copy(runs / "b" / "checkpoint-2" / MASKS_NAME, checkpoint / MASKS_NAME)
+
+
+def _damage_all_ones(checkpoint, runs):
+    path = checkpoint / MASKS_NAME
+    with safe_open(str(path), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors[LAYER] = torch.full_like(tensors[LAYER], 255)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _damage_truncate(checkpoint, runs):
+    path = checkpoint / MASKS_NAME
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _damage_garbage(checkpoint, runs):
+    (checkpoint / MASKS_NAME).write_bytes(b"not a safetensors file at all" * 10)
+
+
+@pytest.mark.parametrize(
+    "damage, expected, names_layer",
+    [
+        (_damage_other_run, "nonzero where this mask prunes; the masks file belongs to another run", True),
+        (_damage_all_ones, "keeps 4 of 4 weights in group 0", True),
+        (_damage_truncate, "cannot be read", False),
+        (_damage_garbage, "cannot be read", False),
+    ],
+    ids=["other-run-same-shapes", "all-ones", "truncated", "garbage"],
+)
+def test_resume_with_a_bad_masks_file_fails_at_train_begin_naming_file_and_layer(
+    runs, tmp_path, damage, expected, names_layer
+):
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(runs / "a" / "checkpoint-2", checkpoint)
+    damage(checkpoint, runs)
+    with pytest.raises(SparseCheckpointError, match=re.escape(expected)) as err:
+        _resume(tmp_path / "out", checkpoint)
+    assert str(checkpoint / MASKS_NAME) in str(err.value)
+    assert (LAYER in str(err.value)) == names_layer
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("checkpoint-*"))  # no step was taken
+
+
+def test_resume_with_another_sparsity_pattern_fails_at_train_begin(runs, tmp_path):
+    with pytest.raises(SparseCheckpointError, match=r"sparsity_pattern '2:4'.*has '1:4'") as err:
+        _resume(tmp_path / "out", runs / "a" / "checkpoint-2", SparsityConfig(sparsity_pattern="1:4"))
+    assert str(runs / "a" / "checkpoint-2" / MASKS_NAME) in str(err.value)
+
+
+# -- read_masks on its own: every way a masks file can disagree with the model or the config ----------------------
+
+
+def _layers(model):
+    return {name: model.get_submodule(name) for name in TARGETS}
+
+
+def _packed_file(tmp_path, model, change):
+    """A masks file for `model`'s magnitude masks, with `change(tensors)` applied before saving."""
+    from hf_sparse.callback import _pack_masks
+    from hf_sparse.masks import nm_mask
+    from hf_sparse.pruning import apply_masks_
+
+    layers = _layers(model)
+    masks = {name: nm_mask(layer.weight) for name, layer in layers.items()}
+    apply_masks_(layers, masks)
+    tensors = _pack_masks(masks)
+    metadata = {"sparsity_pattern": "2:4", "criterion": "magnitude"}
+    change(tensors, metadata, masks)
+    path = tmp_path / MASKS_NAME
+    save_file(tensors, str(path), metadata=metadata)
+    return path, layers
+
+
+def _drop_layer(t, meta, masks):
+    del t[LAYER]
+
+
+def _float_mask(t, meta, masks):
+    t[LAYER] = t[LAYER].float()
+
+
+def _short_mask(t, meta, masks):
+    t[LAYER] = t[LAYER][:-8].clone()
+
+
+def _one_kept(t, meta, masks):
+    mask = masks[LAYER].clone()
+    mask.reshape(-1, 4)[0] = torch.tensor([True, False, False, False])
+    t[LAYER] = torch.from_numpy(np.packbits(mask.numpy().reshape(-1)))
+
+
+def _bad_pruned_values(t, meta, masks):
+    t[f"pruned_values.{LAYER}"] = torch.zeros(3, 3)
+
+
+def _pattern_in_file(t, meta, masks):
+    meta["sparsity_pattern"] = "4:8"
+
+
+def _no_metadata(t, meta, masks):
+    meta.clear()
+
+
+@pytest.mark.parametrize(
+    "change, expected, names_layer",
+    [
+        (_drop_layer, "has no masks for layers", True),
+        (_float_mask, "not 1-D packed uint8", True),
+        (_short_mask, "bits, not 4096", True),
+        (_one_kept, "keeps 1 of 4 weights in group 0", True),
+        (_bad_pruned_values, "pruned values of shape (3, 3)", True),
+        (_pattern_in_file, "sparsity_pattern '4:8'", False),
+        (_no_metadata, "sparsity_pattern None", False),
+    ],
+    ids=[
+        "missing-layer",
+        "float-mask",
+        "wrong-size",
+        "one-kept",
+        "pruned-values-shape",
+        "other-pattern",
+        "no-metadata",
+    ],
+)
+def test_read_masks_names_file_and_layer(tmp_path, change, expected, names_layer):
+    path, layers = _packed_file(tmp_path, _model(), change)
+    with pytest.raises(SparseCheckpointError, match=re.escape(expected)) as err:
+        read_masks(str(path), layers, SparsityConfig())
+    assert str(path) in str(err.value)
+    assert (LAYER in str(err.value)) == names_layer
+
+
+def test_read_masks_accepts_its_own_file(tmp_path):
+    path, layers = _packed_file(tmp_path, _model(), lambda *a: None)
+    masks, pruned = read_masks(str(path), layers, SparsityConfig())
+    assert set(masks) == set(TARGETS) and pruned == {}
+
+
+# -- a schedule that never prunes ----------------------------------------------------------------------------------
+
+
+def test_mask_start_step_after_the_last_step_is_refused_before_training(tmp_path):
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = make_trainer(tmp_path, model, [SparsityCallback(SparsityConfig(mask_start_step=7))], max_steps=6)
+    with pytest.raises(
+        ValueError, match=r"mask_start_step=7 is after the last optimizer step of this run \(max_steps=6\)"
+    ):
+        trainer.train()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not one step taken
+
+
+def test_training_stopped_before_mask_start_step_fails_at_train_end(tmp_path):
+    from transformers import TrainerCallback
+
+    class StopAt2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step >= 2
+
+    callbacks = [SparsityCallback(SparsityConfig(mask_start_step=4)), StopAt2()]
+    trainer = make_trainer(tmp_path, _model(), callbacks, max_steps=6)
+    with pytest.raises(RuntimeError, match=r"ended at step 2 before any mask was computed \(mask_start_step=4\)"):
+        trainer.train()
+
+
+# -- tied weights ----------------------------------------------------------------------------------------------------
+
+
+class TiedBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.ModuleDict({"a": nn.Linear(8, 8), "b": nn.Linear(8, 8)})])
+        self.layers[0]["b"].weight = self.layers[0]["a"].weight
+
+
+def test_tied_weights_are_selected_once_and_mask_updates_do_not_multiply_them():
+    model = TiedBlocks()
+    original = model.layers[0]["a"].weight.detach().clone()
+    callback = SparsityCallback(SparsityConfig(mask_update_every=1))
+    args = TrainingArguments("unused", report_to="none", use_cpu=True)
+    state, control = TrainerState(max_steps=8), TrainerControl()
+    callback.on_train_begin(args, state, control, model=model)
+    assert list(callback.layers) == ["layers.0.a"]
+    for step in range(1, 6):  # learning rate 0: only the mask updates touch the weight
+        state.global_step = step
+        callback.on_step_end(args, state, control, model=model)
+    weight = model.layers[0]["a"].weight.detach()
+    kept = weight != 0
+    assert torch.equal(weight[kept], original[kept])  # every kept weight has its own value, never 2x, 4x, ...
+
+
+# -- config values that Python would coerce ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("mask_start_step", True),
+        ("mask_start_step", 1.0),
+        ("mask_update_every", True),
+        ("mask_freeze_step", False),
+        ("calibration_samples", True),
+        ("calibration_batch_size", 16.0),
+        ("sparsegpt_block_size", True),
+        ("sparsegpt_damping", True),
+        ("swap_at_end", "no"),
+        ("log_per_layer", 1),
+    ],
+)
+def test_config_refuses_values_of_the_wrong_type_naming_the_field(field, value):
+    kwargs = {field: value}
+    if field == "mask_freeze_step":
+        kwargs["mask_update_every"] = 2
+    with pytest.raises(ValueError, match=f"^{field} must be") as err:
+        SparsityConfig(**kwargs)
+    assert repr(value) in str(err.value)
