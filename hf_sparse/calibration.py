@@ -295,6 +295,13 @@ def block_statistics(
                         model(**batch)
                     except _StopForward:
                         pass
+                    except (ValueError, TypeError) as err:
+                        raise ValueError(
+                            f"calibrating {block or 'the layers outside the blocks'} ({names[0]}, ...): the model's "
+                            f"forward failed on a calibration batch with keys {sorted(batch)} ({type(err).__name__}: "
+                            f"{err}). The batches must reach every selected layer (an encoder-decoder needs decoder "
+                            "inputs such as decoder_input_ids too); nothing was pruned."
+                        ) from err
             finally:
                 for handle in handles:
                     handle.remove()
