@@ -317,20 +317,17 @@ def save_pretrained(
     meta = attach_sparsity_metadata(model, config)
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
-    # Everything is written into a folder beside the checkpoint first and moved in only when complete, so a failure
-    # at any point leaves the folder loading as before (old files are removed only once their replacements are in).
+    # Everything is written into a folder beside the checkpoint first and moved in only when complete, as one
+    # transaction (see _install): a failure at any point leaves the folder as it was.
     with tempfile.TemporaryDirectory(dir=save_directory, prefix=".hf_sparse_tmp-") as tmp:
         tmp = Path(tmp)
         model.save_pretrained(tmp, **kwargs)
         if compact:
             _to_compact(tmp, meta)
-        new_files = {p.name for p in tmp.iterdir()}
+        # Old weights of the other format or other shard names would shadow or mix with the new ones.
         stale = [p for p in _weight_files(save_directory) + [save_directory / DENSE_INDEX_NAME] if p.exists()]
-        stale.append(save_directory / COMPACT_WEIGHTS_NAME)  # a stale compact file or dense weights: ambiguous
-        _install(tmp, save_directory)
-        for old in stale:
-            if old.name not in new_files and old.exists():
-                old.unlink()
+        stale.append(save_directory / COMPACT_WEIGHTS_NAME)
+        _install(tmp, save_directory, stale)
     return dict(meta, format="compact") if compact else meta
 
 
@@ -378,18 +375,40 @@ def _to_compact(folder: Path, meta: dict) -> None:
             file.unlink()
 
 
-def _install(source: Path, destination: Path) -> None:
-    """Moves every file of `source` into `destination` with `os.replace` (atomic per file), `config.json` last:
-    until the new config is in place, the folder's config still describes the old, complete set of weights."""
-    items = sorted(source.iterdir(), key=lambda p: p.name == CONFIG_NAME)
-    for item in items:
-        target = destination / item.name
-        if item.is_dir():
-            if target.exists():
-                shutil.rmtree(target)
-            shutil.move(str(item), str(target))
-        else:
+def _install(source: Path, destination: Path, stale: list[Path]) -> None:
+    """Moves every file of `source` into `destination` (`os.replace`, `config.json` last) and removes the `stale`
+    files it does not replace, as one transaction: the files replaced or removed are kept aside until the end, and
+    put back if anything fails, so the folder holds either the old checkpoint or the new one."""
+    aside = Path(tempfile.mkdtemp(dir=destination, prefix=".hf_sparse_old-"))
+    done: list[tuple[Path, Path | None]] = []  # (path in destination, its old version kept aside, if any)
+    new_names = {p.name for p in source.iterdir()}
+    try:
+        for item in sorted(source.iterdir(), key=lambda p: p.name == CONFIG_NAME):
+            target = destination / item.name
+            done.append((target, _set_aside(target, aside)))
             os.replace(item, target)
+        for old in stale:
+            if old.name not in new_names and old.exists():
+                done.append((old, _set_aside(old, aside)))
+    except BaseException:
+        for target, kept in reversed(done):
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            if kept is not None:
+                os.replace(kept, target)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _set_aside(path: Path, aside: Path) -> Path | None:
+    if not path.exists():
+        return None
+    kept = aside / path.name
+    os.replace(path, kept)
+    return kept
 
 
 @contextlib.contextmanager
