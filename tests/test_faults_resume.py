@@ -14,7 +14,7 @@ from torch import nn
 from transformers import BertForQuestionAnswering, TrainerControl, TrainerState, TrainingArguments
 
 from hf_sparse import SparsityCallback, SparsityConfig
-from hf_sparse.callback import MASKS_NAME, read_masks
+from hf_sparse.callback import MASKS_NAME
 from hf_sparse.checkpoint import SparseCheckpointError
 from tests.conftest import tiny_bert_config
 from tests.test_callback import TARGETS, make_trainer
@@ -187,6 +187,8 @@ def _no_metadata(t, meta, masks):
     ],
 )
 def test_read_masks_names_file_and_layer(tmp_path, change, expected, names_layer):
+    from hf_sparse.callback import read_masks
+
     path, layers = _packed_file(tmp_path, _model(), change)
     with pytest.raises(SparseCheckpointError, match=re.escape(expected)) as err:
         read_masks(str(path), layers, SparsityConfig())
@@ -195,6 +197,8 @@ def test_read_masks_names_file_and_layer(tmp_path, change, expected, names_layer
 
 
 def test_read_masks_accepts_its_own_file(tmp_path):
+    from hf_sparse.callback import read_masks
+
     path, layers = _packed_file(tmp_path, _model(), lambda *a: None)
     masks, pruned = read_masks(str(path), layers, SparsityConfig())
     assert set(masks) == set(TARGETS) and pruned == {}

@@ -1,0 +1,209 @@
+"""Faults of recipe reruns and inputs: stages of a run with other arguments are refused (naming the arguments and the
+flag that starts over), half-written checkpoints are passed over, train_loss covers the whole run after a resume,
+and arguments or data that cannot work stop before training."""
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from transformers import BertForQuestionAnswering
+
+from tests.conftest import RandomQADataset, shared_data, tiny_bert_config
+from tests.test_recipe import load_recipe
+
+SMALL = ["--synthetic_train_paragraphs", "12", "--synthetic_eval_paragraphs", "4", "--max_steps", "4",
+         "--recovery_max_steps", "2", "--disable_tqdm", "true"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return load_recipe()
+
+
+def _prepare(recipe, output_dir, *flags):
+    return recipe.prepare(*recipe.parse_args(["--output_dir", str(output_dir), *SMALL, *flags]))
+
+
+@pytest.fixture
+def started(recipe, tmp_path):
+    """An output_dir whose dense, pruned and sparse stages have begun (recorded their arguments) and measured."""
+    run = _prepare(recipe, tmp_path)
+    for stage in ("dense", "pruned", "sparse"):
+        run.begin(stage)
+        run.record(stage, {"f1": 50.0, "exact_match": 40.0})
+    return tmp_path
+
+
+CHANGES = {
+    "learning_rate": (["--learning_rate", "1e-3"], "dense"),
+    "max_steps": (["--max_steps", "7"], "dense"),
+    "seed": (["--seed", "3"], "dense"),
+    "max_seq_length": (["--max_seq_length", "64"], "dense"),
+    "synthetic_train_paragraphs": (["--synthetic_train_paragraphs", "30"], "dense"),
+    "weight_decay": (["--weight_decay", "0.0"], "dense"),
+    "criterion": (["--criterion", "wanda"], "pruned"),
+    "sparsity_pattern": (["--sparsity_pattern", "1:4"], "pruned"),
+    "target_modules": (["--target_modules", "query"], "pruned"),
+    "recovery_max_steps": (["--recovery_max_steps", "3"], "sparse"),
+    "distill": (["--distill", "true"], "sparse"),
+}
+
+
+@pytest.mark.parametrize("flags, stage", CHANGES.values(), ids=CHANGES.keys())
+def test_rerun_with_other_arguments_is_refused_naming_them_and_how_to_start_over(recipe, started, flags, stage):
+    report_before = (started / "report.json").read_bytes()
+    with pytest.raises(SystemExit) as err:
+        _prepare(recipe, started, *flags)
+    message = str(err.value)
+    assert f"holds the {stage!r} stage of a run with other arguments" in message
+    assert f"{flags[0]} " in message and "--overwrite_output_dir" in message and "new --output_dir" in message
+    assert str(started) in message
+    assert (started / "report.json").read_bytes() == report_before  # the earlier run's numbers are untouched
+
+
+def test_rerun_with_the_same_or_irrelevant_arguments_continues(recipe, started):
+    run = _prepare(recipe, started, "--logging_steps", "1", "--per_device_eval_batch_size", "3")
+    assert run.done("dense") and run.done("sparse")
+
+
+def test_overwrite_output_dir_starts_over(recipe, started):
+    (started / "dense-training" / "checkpoint-2").mkdir(parents=True)
+    run = _prepare(recipe, started, "--learning_rate", "1e-3", "--overwrite_output_dir", "true")
+    assert run.report["stages"] == {} and "stage_arguments" not in run.report
+    assert not (started / "dense-training").exists()
+
+
+def test_stages_without_recorded_arguments_are_refused(recipe, tmp_path):
+    (tmp_path / "report.json").write_text(json.dumps({"stages": {"dense": {"f1": 1.0}}, "skipped": {}}))
+    with pytest.raises(SystemExit, match=r"holds stages \['dense'\] of an earlier run that did not record"):
+        _prepare(recipe, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "given, missing", [("--train_file", "--validation_file"), ("--validation_file", "--train_file")]
+)
+def test_one_data_file_without_the_other_is_refused(recipe, tmp_path, given, missing):
+    path = str(shared_data("squad", "xquad-en.json"))
+    with pytest.raises(SystemExit, match=re.escape(f"{given} was given without {missing}: pass both")):
+        _prepare(recipe, tmp_path, given, path)
+
+
+def test_v2_data_without_the_v2_flag_is_refused_before_training(recipe, tmp_path):
+    path = shared_data("squad", "squad-v2-dev-sample.json")
+    first = next(
+        qa["id"]
+        for article in json.loads(path.read_text())["data"]
+        for paragraph in article["paragraphs"]
+        for qa in paragraph["qas"]
+        if not qa["answers"]
+    )
+    with pytest.raises(SystemExit) as err:
+        _prepare(recipe, tmp_path, "--train_file", str(path), "--validation_file", str(path))
+    message = str(err.value)
+    assert f"the training data ({path}) has 702 question(s) without an answer (first: {first!r})" in message
+    assert "--version_2_with_negative" in message
+    assert not (tmp_path / "dense").exists() and not (tmp_path / "dense-training").exists()
+
+
+# -- half-written checkpoints ------------------------------------------------------------------------------------------
+
+
+def _train_args(recipe, output_dir, **overrides):
+    args, sparsity, training = recipe.parse_args(
+        [
+            "--output_dir",
+            str(output_dir),
+            "--max_steps",
+            "6",
+            "--save_steps",
+            "2",
+            "--save_total_limit",
+            "5",
+            "--logging_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "8",
+            "--learning_rate",
+            "1e-3",
+            "--warmup_steps",
+            "0",
+            "--disable_tqdm",
+            "true",
+            "--use_cpu",
+            "true",
+        ]  # fmt: skip
+    )
+    return recipe.Run(args, sparsity, training, {"stages": {}, "skipped": {}}, None, (None, None),
+                      (RandomQADataset(), None))  # fmt: skip
+
+
+def _model():
+    torch.manual_seed(0)
+    return BertForQuestionAnswering(tiny_bert_config())
+
+
+@pytest.fixture(scope="module")
+def trained(recipe, tmp_path_factory):
+    """A 6-step run with checkpoints at steps 2, 4 and 6, and its train_loss."""
+    root = tmp_path_factory.mktemp("trained")
+    _, metrics = _train_args(recipe, root).train(_model(), "dense-training")
+    return root / "dense-training", metrics
+
+
+def _no_state(folder):
+    (folder / "trainer_state.json").unlink()
+
+
+def _truncated_weights(folder):
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:64])
+
+
+def _no_weights(folder):
+    (folder / "model.safetensors").unlink()
+
+
+def _garbage_state(folder):
+    (folder / "trainer_state.json").write_text('{"global_st')
+
+
+def _state_of_another_step(folder):
+    path = folder / "trainer_state.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), global_step=2)))
+
+
+DAMAGE = {
+    "no-trainer_state": (_no_state, "it has no trainer_state.json"),
+    "truncated-weights": (_truncated_weights, "model.safetensors cannot be read"),
+    "no-weights": (_no_weights, "it has neither model.safetensors nor model.safetensors.index.json"),
+    "garbage-trainer_state": (_garbage_state, "trainer_state.json cannot be read"),
+    "state-of-another-step": (_state_of_another_step, "trainer_state.json records step 2, not 4"),
+}
+
+
+@pytest.mark.parametrize("damage, reason", DAMAGE.values(), ids=DAMAGE.keys())
+def test_last_complete_checkpoint_passes_over_half_written_ones_naming_why(trained, tmp_path, damage, reason):
+    from hf_sparse.checkpoint import last_complete_checkpoint
+
+    folder = tmp_path / "out"
+    shutil.copytree(trained[0] / "checkpoint-2", folder / "checkpoint-2")
+    shutil.copytree(trained[0] / "checkpoint-4", folder / "checkpoint-4")
+    damage(folder / "checkpoint-4")
+    last, broken = last_complete_checkpoint(folder)
+    assert last == str(folder / "checkpoint-2")
+    assert list(broken) == [str(folder / "checkpoint-4")] and reason in broken[str(folder / "checkpoint-4")]
+
+
+def test_a_rerun_resumes_past_a_half_written_checkpoint_and_reports_the_whole_runs_loss(recipe, trained, tmp_path):
+    output_dir, uninterrupted = trained
+    folder = tmp_path / "dense-training"
+    shutil.copytree(output_dir / "checkpoint-2", folder / "checkpoint-2")
+    shutil.copytree(output_dir / "checkpoint-4", folder / "checkpoint-4")
+    _truncated_weights(folder / "checkpoint-4")  # the run was killed while writing checkpoint-4
+    trainer, metrics = _train_args(recipe, tmp_path).train(_model(), "dense-training")
+    assert trainer.state.global_step == 6 and metrics["train_loss_steps"] == 6
+    # Resumed at step 2, the Trainer's own train_loss covers steps 3-6 only; the recipe's covers all 6.
+    assert metrics["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-5)
+    assert trainer.state.log_history[-1]["train_loss"] != pytest.approx(uninterrupted["train_loss"], rel=1e-5)
