@@ -371,7 +371,8 @@ def resumed_checkpoint(args, state) -> str:
     state_file = os.path.join(checkpoint, "trainer_state.json")
     if os.path.isfile(state_file):
         try:
-            step = json.loads(open(state_file).read()).get("global_step")
+            with open(state_file) as f:
+                step = json.load(f).get("global_step")
         except (OSError, ValueError):
             step = None
         if step != state.global_step:

@@ -166,7 +166,8 @@ def _warn_unanswered(golds: Mapping[str, Any], preds: Mapping[str, Any]) -> None
 def squad_metric(predictions: Sequence[Mapping[str, Any]], references: Sequence[Mapping[str, Any]]) -> dict:
     """SQuAD v1.1 exact match and F1, identical to the official script and to `evaluate.load("squad")`.
 
-    Every question in `references` counts; a question without a prediction scores 0. Each prediction is scored
+    Every question in `references` counts; a question without a prediction scores 0 (with a warning, as the
+    official script prints one). Each prediction is scored
     against every gold answer and the best score is kept.
 
     Args:
