@@ -249,13 +249,13 @@ def test_tied_weights_are_selected_once_and_mask_updates_do_not_multiply_them():
     args = TrainingArguments("unused", report_to="none", use_cpu=True)
     state, control = TrainerState(max_steps=8), TrainerControl()
     callback.on_train_begin(args, state, control, model=model)
-    assert list(callback.layers) == ["layers.0.a"]
     for step in range(1, 6):  # learning rate 0: only the mask updates touch the weight
         state.global_step = step
         callback.on_step_end(args, state, control, model=model)
     weight = model.layers[0]["a"].weight.detach()
     kept = weight != 0
     assert torch.equal(weight[kept], original[kept])  # every kept weight has its own value, never 2x, 4x, ...
+    assert list(callback.layers) == ["layers.0.a"]  # one tensor, one mask
 
 
 # -- config values that Python would coerce ---------------------------------------------------------------------------
