@@ -7,6 +7,7 @@ import collections
 import json
 import re
 import string
+import warnings
 
 import pytest
 
@@ -42,7 +43,11 @@ def test_squad_metric_reproduces_official_reference_values(name):
     answers = json.loads(shared_data("squad", "predictions", name).read_text(encoding="utf-8"))
     # The leaderboard files cover the whole v1.1 dev set; ids absent from a file are missing predictions (score 0).
     predictions = [{"id": r["id"], "prediction_text": answers[r["id"]]} for r in references if r["id"] in answers]
-    result = squad_metric(predictions, references)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = squad_metric(predictions, references)
+    missing = len(references) - len(predictions)
+    assert [str(w.message).split(" questions")[0] for w in caught] == ([f"{missing} of 1190"] if missing else [])
     assert (result["exact_match"], result["f1"]) == REFERENCE_V1[name]
     assert set(result) == {"exact_match", "f1"}
 
@@ -157,7 +162,8 @@ def test_v1_small_cases_exact_values():
         {"id": "a", "prediction_text": "eiffel tower."},  # exact after normalisation
         {"id": "b", "prediction_text": "York City hall"},  # f1 = 2 * (2/3 * 2/3) / (4/3) = 2/3
     ]  # "c" missing: scores 0
-    result = squad_metric(preds, refs)
+    with pytest.warns(UserWarning, match=r"1 of 3 questions have no prediction and score 0 \(first: \['c'\]\)"):
+        result = squad_metric(preds, refs)
     assert result == {"exact_match": 100.0 / 3, "f1": 100.0 * (1 + 2 / 3) / 3}
     assert normalize_answer("  The  (quick) brown-fox, a an  ") == "quick brownfox"
 
@@ -172,7 +178,8 @@ def test_v2_missing_prediction_scores_zero_and_empty_answer_is_right_for_unanswe
         {"id": "a", "prediction_text": "x y", "no_answer_probability": 0.2},
         {"id": "b", "prediction_text": "", "no_answer_probability": 0.9},
     ]
-    result = squad_v2_metric(preds, refs)
+    with pytest.warns(UserWarning, match=r"1 of 3 questions have no prediction"):
+        result = squad_v2_metric(preds, refs)
     assert result["exact"] == 100.0 * 2 / 3 and result["total"] == 3
     assert result["HasAns_exact"] == 100.0 and result["NoAns_exact"] == 50.0 and result["NoAns_total"] == 2
 
