@@ -26,14 +26,21 @@ def _prepare(recipe, output_dir, *flags):
     return recipe.prepare(*recipe.parse_args(["--output_dir", str(output_dir), *SMALL, *flags]))
 
 
-@pytest.fixture
-def started(recipe, tmp_path):
-    """An output_dir whose dense, pruned and sparse stages have begun (recorded their arguments) and measured."""
-    run = _prepare(recipe, tmp_path)
+@pytest.fixture(scope="module")
+def started_once(recipe, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("started")
+    run = _prepare(recipe, output_dir)
     for stage in ("dense", "pruned", "sparse"):
         run.begin(stage)
         run.record(stage, {"f1": 50.0, "exact_match": 40.0})
-    return tmp_path
+    return output_dir
+
+
+@pytest.fixture
+def started(started_once, tmp_path):
+    """An output_dir whose dense, pruned and sparse stages have begun (recorded their arguments) and measured."""
+    shutil.copytree(started_once, tmp_path / "out")
+    return tmp_path / "out"
 
 
 CHANGES = {
