@@ -359,6 +359,8 @@ _TRAINING_ARGUMENTS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta
                        "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "seed",
                        "data_seed", "per_device_train_batch_size", "gradient_accumulation_steps", "fp16", "bf16",
                        "optim", "label_smoothing_factor")  # fmt: skip
+_RECOVERY_ARGUMENTS = ("recovery_max_steps", "recovery_num_train_epochs", "recovery_learning_rate", "distill",
+                       "distill_hidden_weight")  # fmt: skip
 STAGE_KEYS = ("dense", "pruned", "sparse", "swapped")
 """The stages in order; each one's result depends on its own arguments and those of the stages before it."""
 _RECIPE_FILES = ("dense", "dense-training", "sparse", "sparse-training", "eval", "report.json", "report.md",
@@ -373,7 +375,7 @@ def stage_arguments(args: RecipeArguments, sparsity, training_args: TrainingArgu
     if STAGE_KEYS.index(stage) >= STAGE_KEYS.index("pruned"):
         values.update({k: v for k, v in sparsity.to_dict().items() if k not in ("log_per_layer", "swap_at_end")})
     if STAGE_KEYS.index(stage) >= STAGE_KEYS.index("sparse"):
-        values.update(recovery_max_steps=args.recovery_max_steps, distill=args.distill)
+        values.update({name: getattr(args, name) for name in _RECOVERY_ARGUMENTS})
     values = {k: getattr(v, "value", v) for k, v in values.items()}  # enums (lr_scheduler_type, optim)
     return json.loads(json.dumps(values, default=str))
 

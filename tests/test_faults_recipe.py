@@ -44,7 +44,7 @@ def started(started_once, tmp_path):
 
 
 CHANGES = {
-    "learning_rate": (["--learning_rate", "1e-3"], "dense"),
+    "learning_rate": (["--learning_rate", "2e-3"], "dense"),
     "max_steps": (["--max_steps", "7"], "dense"),
     "seed": (["--seed", "3"], "dense"),
     "max_seq_length": (["--max_seq_length", "64"], "dense"),
@@ -55,6 +55,7 @@ CHANGES = {
     "target_modules": (["--target_modules", "query"], "pruned"),
     "recovery_max_steps": (["--recovery_max_steps", "3"], "sparse"),
     "distill": (["--distill", "true"], "sparse"),
+    "recovery_learning_rate": (["--recovery_learning_rate", "1e-4"], "sparse"),
 }
 
 
@@ -77,7 +78,7 @@ def test_rerun_with_the_same_or_irrelevant_arguments_continues(recipe, started):
 
 def test_overwrite_output_dir_starts_over(recipe, started):
     (started / "dense-training" / "checkpoint-2").mkdir(parents=True)
-    run = _prepare(recipe, started, "--learning_rate", "1e-3", "--overwrite_output_dir", "true")
+    run = _prepare(recipe, started, "--learning_rate", "2e-3", "--overwrite_output_dir", "true")
     assert run.report["stages"] == {} and "stage_arguments" not in run.report
     assert not (started / "dense-training").exists()
 
