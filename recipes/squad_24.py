@@ -272,22 +272,6 @@ def check_arguments(args: RecipeArguments) -> None:
         )
 
 
-def check_answerable(args: RecipeArguments, train, validation) -> None:
-    """SQuAD v2 data (questions without an answer) needs --version_2_with_negative: refuse it before training, not
-    at the first evaluation after the dense fine-tuning."""
-    if args.version_2_with_negative:
-        return
-    splits = (("training", train, args.train_file), ("evaluation", validation, args.validation_file))
-    for split, examples, source in splits:
-        unanswerable = [e["id"] for e in examples if not e["answers"]["text"]]
-        if unanswerable:
-            raise SystemExit(
-                f"the {split} data ({source or args.dataset_name}) has {len(unanswerable)} question(s) without an "
-                f"answer (first: {unanswerable[0]!r}): it is SQuAD v2 data. Pass --version_2_with_negative, or "
-                "give SQuAD v1.1 data."
-            )
-
-
 def load_data(args: RecipeArguments):
     if args.train_file or args.validation_file:
         train, validation = (
@@ -313,7 +297,6 @@ def load_data(args: RecipeArguments):
             if isinstance(validation, list)
             else validation.select(range(args.max_eval_samples))
         )
-    check_answerable(args, train, validation)
     return train, validation
 
 

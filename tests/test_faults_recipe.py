@@ -107,10 +107,10 @@ def test_v2_data_without_the_v2_flag_is_refused_before_training(recipe, tmp_path
         for qa in paragraph["qas"]
         if not qa["answers"]
     )
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(ValueError) as err:
         _prepare(recipe, tmp_path, "--train_file", str(path), "--validation_file", str(path))
     message = str(err.value)
-    assert f"the training data ({path}) has 702 question(s) without an answer (first: {first!r})" in message
+    assert f"702 validation question(s) have no answer (first: {first!r})" in message
     assert "--version_2_with_negative" in message
     assert not (tmp_path / "dense").exists() and not (tmp_path / "dense-training").exists()
 
