@@ -243,14 +243,26 @@ def _tokenize(batch: Mapping[str, list], tokenizer, max_length: int, doc_stride:
     return encoded, (1 if pad_on_right else 0)
 
 
+def _question_tokens(tokenizer, questions: list[str]) -> list[int]:
+    """Tokens of each question, special tokens left out."""
+    return [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+
+
+def _context_room(tokenizer, question_tokens: int, max_length: int) -> int:
+    """Context tokens a feature of `max_length` holds beside a question of `question_tokens` tokens: the one rule
+    that `_check_room` (per question, while tokenizing) and `check_squad_inputs` (the longest, before training)
+    apply. More than `doc_stride` are needed to split a long context into overlapping windows."""
+    return max_length - question_tokens - tokenizer.num_special_tokens_to_add(pair=True)
+
+
 def _check_room(ids: list, questions: list[str], tokenizer, max_length: int, doc_stride: int) -> None:
     """Each window holds the question, the special tokens and `max_length - those` context tokens, and windows of
     one context overlap by `doc_stride` tokens, so a question must leave more than `doc_stride` context tokens.
     (The Rust tokenizer would otherwise fail with a panic or a truncation error that names no question.)"""
     special = tokenizer.num_special_tokens_to_add(pair=True)
-    lengths = [len(ids_) for ids_ in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+    lengths = _question_tokens(tokenizer, questions)
     for qid, length in zip(ids, lengths):
-        room = max_length - special - length
+        room = _context_room(tokenizer, length, max_length)
         if room <= doc_stride:
             raise ValueError(
                 f"question {qid!r} has {length} tokens: with {special} special tokens it leaves {max(room, 0)} "
@@ -441,7 +453,7 @@ def check_squad_inputs(
             raise ValueError(f"the {split} data has no questions.")
         columns = _split_columns(records, ("id", "question"))
         questions = [q.lstrip() for q in columns["question"]]
-        lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+        lengths = _question_tokens(tokenizer, questions)
         i = max(range(len(lengths)), key=lengths.__getitem__)
         if lengths[i] > longest:
             longest, longest_id = lengths[i], f"{split} question {columns['id'][i]!r}"
@@ -453,7 +465,7 @@ def check_squad_inputs(
                     f"{len(empty)} {split} question(s) have no answer (first: {empty[0]!r}): pass "
                     "--version_2_with_negative for SQuAD v2 data, or evaluate on answerable questions only."
                 )
-    room = max_length - longest - tokenizer.num_special_tokens_to_add(pair=True)
+    room = _context_room(tokenizer, longest, max_length)
     if room <= doc_stride:
         raise ValueError(
             f"the longest question ({longest_id}, {longest} tokens) leaves {room} context tokens per feature at "
