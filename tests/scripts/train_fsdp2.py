@@ -80,6 +80,10 @@ def main():
         "full_weights_follow_masks": all(torch.equal(full[n] != 0, gathered_masks[n]) for n in full),
     }
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    # Tear the group down before exiting: a gloo group left to the interpreter's exit sometimes aborted a rank
+    # ("terminate called without an active exception") on a loaded 2-core machine.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
