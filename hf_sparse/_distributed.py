@@ -184,3 +184,14 @@ def shard_like_(module: nn.Module, reference: nn.Module) -> bool:
     for name in sorted(sharded, key=lambda n: n.count(".") + (n != ""), reverse=True):
         fully_shard(modules[name], mesh=mesh, reshard_after_forward=True)
     return True
+
+
+def shut_down() -> None:
+    """Waits for every process and tears the default process group down, if there is one. Call it at the end of a
+    multi-process script: a gloo group left to the interpreter's exit sometimes aborts a rank there ("terminate
+    called without an active exception"), failing a run that did all its work."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

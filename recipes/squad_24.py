@@ -47,7 +47,7 @@ import hf_sparse
 import hf_sparse.checkpoint
 import hf_sparse.squad
 from hf_sparse import run_report
-from hf_sparse._distributed import check_replicas_agree, gather_object
+from hf_sparse._distributed import check_replicas_agree, gather_object, shut_down
 from hf_sparse.calibration import calibration_sample
 from hf_sparse.inference import semi_structured_support
 from hf_sparse.numerics import NumericsCallback
@@ -746,6 +746,7 @@ def main(argv: list[str] | None = None) -> dict:
     sparse = recover(run, dense, pruned, masks)
     swap_and_time(run, sparse)
     write_card_and_push(run)
+    shut_down()
     return run.report
 
 

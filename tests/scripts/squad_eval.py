@@ -10,6 +10,7 @@ import sys
 import torch
 from transformers import BertConfig, BertForQuestionAnswering, Trainer, TrainingArguments
 
+from hf_sparse._distributed import shut_down
 from hf_sparse.squad.data import squad_records, tokenize_squad
 from hf_sparse.squad.metrics import squad_compute_metrics
 from hf_sparse.squad.synthetic import synthetic_squad, synthetic_tokenizer
@@ -64,3 +65,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    shut_down()

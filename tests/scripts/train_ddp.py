@@ -10,6 +10,7 @@ import torch
 from transformers import BertForQuestionAnswering, Trainer, TrainerCallback, TrainingArguments
 
 from hf_sparse import SparsityCallback
+from hf_sparse._distributed import shut_down
 from hf_sparse.masks import is_nm
 from tests.conftest import RandomQADataset, tiny_bert_config
 
@@ -57,3 +58,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    shut_down()

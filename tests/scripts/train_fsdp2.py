@@ -13,6 +13,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import BertForQuestionAnswering, TrainerControl, TrainerState, TrainingArguments
 
 from hf_sparse import SparsityCallback, SparsityConfig, select_layers
+from hf_sparse._distributed import shut_down
 from hf_sparse.masks import is_nm, nm_mask
 from tests.conftest import RandomQADataset, tiny_bert_config
 
@@ -80,10 +81,7 @@ def main():
         "full_weights_follow_masks": all(torch.equal(full[n] != 0, gathered_masks[n]) for n in full),
     }
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
-    # Tear the group down before exiting: a gloo group left to the interpreter's exit sometimes aborted a rank
-    # ("terminate called without an active exception") on a loaded 2-core machine.
-    dist.barrier()
-    dist.destroy_process_group()
+    shut_down()
 
 
 if __name__ == "__main__":
