@@ -33,6 +33,22 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def torchrun_two_ranks(script: str, out: Path, *args: str) -> list[dict]:
+    """Runs `tests/scripts/<script>` in two processes (torchrun, gloo) writing into `out`, and returns what each rank
+    wrote to `out/rank<r>.json`; fails with the end of the output if a rank failed."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "tests" / "scripts" / script),
+         str(out), *args],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
 def tiny_bert_config(**overrides):
     from transformers import BertConfig
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForQuestionAnswering, Trainer, TrainerCallback
 from hf_sparse import SparsityCallback, SparsityConfig, select_layers
 from hf_sparse.callback import MASKS_NAME
 from hf_sparse.masks import is_nm
-from tests.conftest import REPO, RandomQADataset, subprocess_env
+from tests.conftest import REPO, RandomQADataset, subprocess_env, torchrun_two_ranks
 
 TARGETS = [f"bert.encoder.layer.{i}.{p}" for i in range(2) for p in (
     "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -296,14 +296,7 @@ def test_bert_large_masks_take_well_under_a_second_on_gpu():
 
 
 def test_fsdp2_row_shards_keep_exact_2_4_and_resume_per_rank(tmp_path):
-    script = REPO / "tests" / "scripts" / "train_fsdp2.py"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)],
-        env=subprocess_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for rank in range(2):
-        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for report in torchrun_two_ranks("train_fsdp2.py", tmp_path):
         assert (report["local_rows"], report["full_rows"]) == (32, 64)  # each rank really held half the rows
         assert report["sharded_masks_equal_unsharded"] and report["restored_equal"]
         assert report["full_weights_nm"] and report["full_weights_follow_masks"]

@@ -191,19 +191,9 @@ def test_callback_wanda_calibrates_on_the_train_dataloader(tmp_path):
 @pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
 def test_two_processes_end_with_rank_0_masks_and_weights(tmp_path, criterion):
     # Replicas that differ on purpose (weights and calibration data): rank 0 calibrates alone and broadcasts.
-    import json
-    import subprocess
-    import sys
+    from tests.conftest import torchrun_two_ranks
 
-    from tests.conftest import REPO, subprocess_env
-
-    script = REPO / "tests" / "scripts" / "prune_ranks.py"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path), criterion],
-        env=subprocess_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = torchrun_two_ranks("prune_ranks.py", tmp_path, criterion)
     assert ranks[0]["mask_digest"] == ranks[1]["mask_digest"] == ranks[0]["reference_digest"]
     assert ranks[0]["weights_sum"] == ranks[1]["weights_sum"] == ranks[0]["reference_weights_sum"]
     assert all(r["all_2_4"] and r["masks_follow_weights"] for r in ranks)

@@ -167,20 +167,9 @@ def test_similarity_distillation_adds_the_in_batch_similarity_gap():
 
 
 def test_teacher_is_sharded_like_an_fsdp2_student_and_gives_the_replica_loss(tmp_path):
-    import json
-    import subprocess
-    import sys
+    from tests.conftest import torchrun_two_ranks
 
-    from tests.conftest import REPO, subprocess_env
-
-    script = REPO / "tests" / "scripts" / "distill_fsdp2.py"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)],
-        env=subprocess_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for rank in range(2):
-        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for report in torchrun_two_ranks("distill_fsdp2.py", tmp_path):
         assert report["teacher_sharded"] and not report["replica_sharded"]
         assert (report["teacher_local_rows"], report["teacher_full_rows"]) == (32, 64)
         assert report["loss"] > 0 and report["loss"] == pytest.approx(report["replica_loss"], rel=1e-6)
