@@ -120,33 +120,39 @@ def test_bad_settings_are_refused():
 FAKE_CHILD = r"""
 import json, os, sys
 payload = json.loads(sys.stdin.read())
+last = payload["settings"].get("max_algorithms", 4)
 for key, (out_f, in_f, dtype, bias, tokens) in payload["requests"].items():
-    skip = payload["skip"].get(key, [])
-    for alg in range(4):
-        if alg in skip:
-            continue
-        print(json.dumps({"request": key, "trying": alg}), flush=True)
+    print(json.dumps({"request": key, "dense_ms": 1.0}), flush=True)
+    for alg in range(min(4, last)):
+        print(json.dumps({"request": key, "trying": alg, "split_k": 1}), flush=True)
         if alg == 2 and tokens == 64:  # this algorithm "faults": the process dies on it
             os.abort()
-    best = 3 if 2 in skip else 2
-    result = {"backend": "sparse", "alg_id": best, "dense_ms": 1.0, "sparse_ms": 0.5, "tokens": tokens}
+        print(json.dumps({"request": key, "timed": [alg, 1, -1], "ms": 0.9 - 0.1 * alg}), flush=True)
+    result = {"backend": "sparse", "alg_id": min(4, last) - 1, "dense_ms": 1.0, "sparse_ms": 0.5, "tokens": tokens}
     print(json.dumps({"request": key, "result": result}), flush=True)
 """
 
 
-def test_a_child_killed_by_an_algorithm_is_restarted_without_it(caplog):
-    from hf_sparse.inference.tuning import measure_in_child
+def test_an_algorithm_that_kills_the_child_ends_its_sweep_and_caps_later_ones(caplog, monkeypatch):
+    from hf_sparse.inference import tuning
 
-    requests = [(768, 768, torch.float16, True, 1536), (768, 768, torch.float16, True, 64)]
+    monkeypatch.setattr(tuning, "FAULT_FLOOR", {})
+    requests = [(768, 768, torch.float16, True, n) for n in (1536, 64, 4096)]
     with caplog.at_level("WARNING", logger="hf_sparse.inference.tuning"):
-        chosen = measure_in_child(requests, "cpu", {}, command=[sys.executable, "-c", FAKE_CHILD])
-    assert [c["alg_id"] for c in chosen] == [2, 3]  # the first request kept its result; the second skipped alg 2
-    assert [c["tokens"] for c in chosen] == [1536, 64]
-    assert "algorithm 2 of 768x768 float16 at 64 tokens killed the tuning process" in caplog.text
+        chosen = tuning.measure_in_child(requests, "cpu", {}, command=[sys.executable, "-c", FAKE_CHILD])
+    # the first request finished; the second is settled from algorithms 0 and 1 (timed before 2 killed the child);
+    # the third, measured by a new child, never tries 2 or above
+    assert [c["alg_id"] for c in chosen] == [3, 1, 1]
+    assert [c["tokens"] for c in chosen] == [1536, 64, 4096]
+    assert chosen[1]["backend"] == "sparse" and chosen[1]["candidates"] == 2 and chosen[1]["sparse_ms"] == 0.8
+    assert chosen[1]["note"] == "sweep ended by a fault at algorithm 2"
+    assert tuning.FAULT_FLOOR == {0: 2}
+    assert "cuSPARSELt algorithm 2 of 768x768 float16 at 64 tokens killed the tuning process" in caplog.text
+    assert "from 2 up are not tried again" in caplog.text
 
 
 def test_a_child_that_cannot_start_says_how_to_tune_in_process():
     from hf_sparse.inference.tuning import measure_in_child
 
-    with pytest.raises(RuntimeError, match=r"before trying any algorithm.*isolate=False"):
+    with pytest.raises(RuntimeError, match=r"outside any measurement.*isolate=False"):
         measure_in_child([(64, 64, torch.float16, False, 8)], "cpu", {}, command=[sys.executable, "-c", "exit(3)"])

@@ -144,14 +144,16 @@ def test_swapped_model_eager_graphs_and_compile_agree(tmp_path):
 @needs_gpu
 @pytest.mark.gpu
 def test_an_algorithm_that_faults_costs_the_child_not_this_process(tmp_path, monkeypatch, caplog):
-    from hf_sparse.inference import Autotuner
-    from hf_sparse.inference.tuning import FAULT_ENV
+    from hf_sparse.inference import Autotuner, tuning
 
-    monkeypatch.setenv(FAULT_ENV, "1")  # the child makes a real, sticky CUDA fault when it reaches algorithm 1
+    monkeypatch.setattr(tuning, "FAULT_FLOOR", {})
+    monkeypatch.setenv(tuning.FAULT_ENV, "1")  # the child makes a real, sticky CUDA fault when it reaches algorithm 1
     tuner = Autotuner(cache_path=tmp_path / "tune.json", reps=2, max_algorithms=4, time_budget_s=5.0)
     with caplog.at_level("WARNING", logger="hf_sparse.inference.tuning"):
         choice = tuner.choice(768, 768, torch.float16, True, 1536, "cuda")
-    assert "algorithm 1 of 768x768 float16 at 1536 tokens killed the tuning process" in caplog.text
-    assert choice.alg_id != 1 and choice.sparse_ms and choice.dense_ms and choice.candidates == 3
+    assert "cuSPARSELt algorithm 1 of 768x768 float16 at 1536 tokens killed the tuning process" in caplog.text
+    # settled from algorithm 0, verified and timed before the fault; later sweeps on this GPU stop below 1
+    assert choice.sparse.alg_id == 0 and choice.candidates == 1 and choice.sparse_ms and choice.dense_ms
+    assert choice.note == "sweep ended by a fault at algorithm 1" and tuning.FAULT_FLOOR == {0: 1}
     w, x, b, packed = problem(768, 768, 64)  # this process's CUDA context is untouched
-    assert rel_error(cusparselt.sparse_linear(x, packed, b, 768, choice.alg_id), F.linear(x, w, b)) < 5e-3
+    assert rel_error(cusparselt.sparse_linear(x, packed, b, 768, choice.sparse.alg_id), F.linear(x, w, b)) < 5e-3

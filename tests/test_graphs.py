@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers import BertForQuestionAnswering
 
 from hf_sparse.inference.cuda_graphs import attention_masks_skippable_while_capturing
@@ -58,3 +60,40 @@ def test_the_rule_applies_only_inside_the_context():
         assert masking_utils.is_tracing(None) is False
         assert masking_utils.is_tracing is not original
     assert masking_utils.is_tracing is original
+
+
+# -- a swapped model's own graphs (EagerGraphs): what holds without a GPU --------------------------------------------
+
+
+def test_eager_graphs_run_the_plain_forward_without_a_gpu_and_survive_copies():
+    import copy
+    import pickle
+
+    from hf_sparse.inference.cuda_graphs import EagerGraphs
+
+    model = nn.Linear(4, 2)
+    model.forward = EagerGraphs(model)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert torch.equal(model(x), F.linear(x, model.weight, model.bias))
+    assert model.forward.captures == 0  # no CUDA: nothing to capture, nothing fails
+    assert model.forward._key((x,), {}) is None
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        runner = twin.__dict__["forward"]
+        assert isinstance(runner, EagerGraphs) and runner.model is twin and runner is not model.forward
+        assert runner._forward.__self__ is twin  # the copy's own forward, not the original's (nor the runner)
+        with torch.no_grad():
+            assert torch.equal(twin(x), model(x))
+
+
+def test_eager_graphs_key_only_what_a_graph_can_replay(monkeypatch):
+    from hf_sparse.inference.cuda_graphs import EagerGraphs
+
+    model = nn.Linear(4, 2).eval()
+    runner = EagerGraphs(model)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    x = torch.randn(3, 4)  # on the CPU: never graphed
+    with torch.no_grad():
+        assert runner._key((x,), {}) is None
+        assert runner._key((), {"cache": object()}) is None  # a type a graph cannot be keyed on

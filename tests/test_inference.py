@@ -8,7 +8,7 @@ from torch import nn
 
 from hf_sparse import SparsityCallback, SparsityConfig, prune_, swap_to_semi_structured_
 from hf_sparse.inference.autotune import Plan
-from hf_sparse.inference.cuda_graphs import _clone_output, _signature
+from hf_sparse.inference.cuda_graphs import EagerGraphs, _clone_output, _signature
 from hf_sparse.inference.layers import SemiStructuredLinear, support_problem
 from hf_sparse.inference.swap import (
     DEFAULT_FUSE_GROUPS,
@@ -420,6 +420,7 @@ def test_cuda_graphs_match_eager(tmp_path):
 
     model = gpu_model()
     swap_to_semi_structured_(model, token_counts=[128, 512], autotune=quick_tuner(tmp_path))
+    model.forward.enabled = False  # "eager" below is the plain forward, not the swapped model's own graphs
     fast = cuda_graphs(model)
     for seed, batch in ((0, 2), (1, 2), (2, 8)):
         inputs = gpu_inputs(batch=batch, seed=seed)
@@ -476,6 +477,71 @@ def test_swap_at_end_swaps_on_a_gpu(tmp_path, monkeypatch):
     callback = SparsityCallback(SparsityConfig(swap_at_end=True))
     callback.on_train_end(args=None, state=None, control=None, model=model)
     assert any(isinstance(m, SemiStructuredLinear) for m in model.modules())
-    assert "forward" in model.__dict__  # model(...) goes through CUDA graphs now
+    assert isinstance(model.__dict__["forward"], EagerGraphs)  # model(...) goes through CUDA graphs now
     with torch.no_grad():
         assert rel_error(model(**inputs).start_logits, expected) < 3e-2
+    assert model.forward.captures == 1
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_a_swapped_model_graphs_its_own_inference_calls_safely(tmp_path, caplog):
+    from hf_sparse import cuda_graphs
+
+    model = gpu_model()
+    report = swap_to_semi_structured_(model, token_counts=[128], autotune=quick_tuner(tmp_path))
+    runner = model.__dict__["forward"]
+    assert isinstance(runner, EagerGraphs) and report.eager_graphs and "CUDA graphs" in report.format()
+    a, b = gpu_inputs(seed=0), gpu_inputs(seed=1)
+    runner.enabled = False
+    with torch.no_grad():
+        plain_a, plain_b = model(**a).start_logits, model(**b).start_logits
+    runner.enabled = True
+    assert runner.captures == 0
+    with torch.no_grad():
+        got_a = model(**a).start_logits
+        got_b = model(**b).start_logits  # same shape: the graph replays with b's values
+    assert runner.captures == 1 and runner.num_graphs == 1
+    assert torch.equal(got_a, plain_a) and torch.equal(got_b, plain_b)  # same kernels, and got_a not overwritten
+    # calls that must not be graphed run the plain forward: with gradients, in training mode
+    with torch.enable_grad():
+        out = model(**a).start_logits
+    assert out.requires_grad and runner.captures == 1
+    model.train()
+    with torch.no_grad():
+        model(**a)
+    model.eval()
+    assert runner.captures == 1
+    # an explicit cuda_graphs() over it graphs the model's own forward, not the runner (no graph inside a graph)
+    outer = cuda_graphs(model)
+    assert torch.equal(outer(**a).start_logits, plain_a) and runner.captures == 1
+    # moving the model drops the graphs captured over the old tensors
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        moved = model(**a).start_logits
+    assert runner.num_graphs == 1 and runner.captures == 2 and moved.dtype == torch.bfloat16
+    assert rel_error(moved, plain_a) < 3e-2
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_a_forward_that_cannot_be_captured_runs_plainly_with_a_warning(caplog):
+    class Syncs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4, device="cuda"))
+
+        def forward(self, x):
+            if float(x.sum()) > 1e9:  # a host sync: not allowed while capturing
+                return x
+            return x * self.scale
+
+    module = Syncs()
+    module.forward = EagerGraphs(module)
+    x = torch.arange(4.0, device="cuda")
+    with caplog.at_level("WARNING", logger="hf_sparse.inference.cuda_graphs"), torch.no_grad():
+        first = module(x)
+        second = module(x + 1)
+    assert torch.equal(first, x) and torch.equal(second, x + 1)
+    assert "could not capture Syncs as a CUDA graph" in caplog.text and module.forward.num_graphs == 0
+    assert caplog.text.count("could not capture") == 1  # that shape is not tried again

@@ -5,19 +5,21 @@
 - `cusparselt.py`: cuSPARSELt plans kept per shape and token count (a ctypes binding to PyTorch's own library).
 - `autotune.py`: dense against sparse per GEMM shape and token count, cached on disk.
 - `tuning.py`: the measuring behind it: verified algorithm sweeps, in a child process that a GPU fault cannot spread from.
-- `cuda_graphs.py`: `cuda_graphs(model)` replays captured forwards per input shape.
+- `cuda_graphs.py`: `cuda_graphs(model)` replays captured forwards per input shape; `EagerGraphs` does it for a
+  swapped model's own inference calls.
 - `benchmark.py`: the latency benchmark (`python -m hf_sparse.inference.benchmark`, or `hf-sparse-bench`).
 
 Everything here imports on a CPU machine; the kernels need an NVIDIA GPU of compute capability 8.0 or newer.
 """
 
 from .autotune import Autotuner
-from .cuda_graphs import cuda_graphs, remove_cuda_graphs
+from .cuda_graphs import EagerGraphs, cuda_graphs, remove_cuda_graphs
 from .layers import FusedLinearSlice, SemiStructuredLinear, semi_structured_support
 from .swap import LayerSwap, SwapReport, fuse_qkv_, restore_dense_, swap_to_semi_structured_
 
 __all__ = [
     "Autotuner",
+    "EagerGraphs",
     "FusedLinearSlice",
     "LayerSwap",
     "SemiStructuredLinear",

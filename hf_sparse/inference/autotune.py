@@ -89,6 +89,7 @@ class GemmChoice:
     sparse_ms: float | None = None
     tokens: int = 0
     candidates: int = 0
+    note: str = ""  # e.g. "sweep ended by a fault at algorithm 36"
 
     @property
     def speedup(self) -> float | None:

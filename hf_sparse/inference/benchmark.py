@@ -5,7 +5,9 @@ Times, in one process, the forward pass of these variants in each of the modes `
 then CUDA graphs):
 - `dense`: the 2:4-pruned model run densely, with query/key/value fused into one GEMM (the baseline);
 - `2:4`: the same model after `hf_sparse.swap_to_semi_structured_` with its defaults (autotuned; dense copies only
-  for the layers that lose at the named token counts, within the dense weights' bytes);
+  for the layers that lose at the named token counts, within the dense weights' bytes; plain calls at inference
+  run through CUDA graphs per input shape, so its `eager` row is what a user's plain `model(**batch)` gets);
+- `2:4-plain`: the same with `eager_graphs=False` (its `eager` row is the layers' own eager speed), for the record;
 - `2:4-copy`: `dense_fallback="copy"` (a dense copy for every layer that loses somewhere: fastest, more memory);
 - `2:4-lean`: `dense_fallback="none"` (compressed weights only: the least memory);
 - `stock`: PyTorch's own path, `torch.sparse.to_sparse_semi_structured` on every pruned layer (as in PyTorch's
@@ -35,10 +37,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-VARIANTS = ("dense", "2:4", "2:4-copy", "2:4-lean", "stock", "dense-unfused")
+VARIANTS = ("dense", "2:4", "2:4-plain", "2:4-copy", "2:4-lean", "stock", "dense-unfused")
 DEFAULT_VARIANTS = ("dense", "2:4")
 MODES = ("eager", "graphs", "compile")
-FALLBACK_OF = {"2:4": "auto", "2:4-copy": "copy", "2:4-lean": "none"}
+FALLBACK_OF = {"2:4": "auto", "2:4-plain": "auto", "2:4-copy": "copy", "2:4-lean": "none"}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 logger = logging.getLogger(__name__)
@@ -301,7 +303,12 @@ def build_variants(args: argparse.Namespace, base: nn.Module, names: list[str]) 
         model = copy.deepcopy(base)
         start = time.perf_counter()
         report = swap_to_semi_structured_(
-            model, fuse_qkv=fuse, token_counts=token_counts, dense_fallback=fallback, autotune=tuner
+            model,
+            fuse_qkv=fuse,
+            token_counts=token_counts,
+            dense_fallback=fallback,
+            autotune=tuner,
+            eager_graphs=variant != "2:4-plain",
         )
         seconds = time.perf_counter() - start
         print(f"\n{variant}: swapped in {seconds:.1f} s ({tuner.measurements} GEMM shapes tuned so far)")

@@ -17,6 +17,7 @@ from torch import nn
 from ..masks import is_nm
 from . import cusparselt
 from .autotune import DENSE, Autotuner, Plan, dtype_name, token_bucket
+from .cuda_graphs import GENERATION
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +214,22 @@ class SemiStructuredLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # plans and fast paths point at this layer's tensors and device: rebuild them after .to()/.cuda()/.half()
         self._matmul_plans, self._eager = {}, {}
-        return super()._apply(fn, recurse)
+        GENERATION[0] += 1  # CUDA graphs captured over this layer read its old tensors
+        packed, before = self.packed, dict(self._buffers)
+        result = super()._apply(fn, recurse)
+        if packed is not None and self.packed is not None and self.packed.dtype != packed.dtype:
+            # A cast converted the compressed bytes as if they were values (the metadata with them): recompress
+            # from the exact dense weight instead.
+            dtype, device = self.packed.dtype, self.packed.device
+            if dtype not in SUPPORTED_DTYPES or device.type != "cuda" or packed.device.type != "cuda":
+                self._buffers.update(before)  # this layer stays as it was
+                raise TypeError(
+                    f"{self.name or 'SemiStructuredLinear'}: a swapped layer runs float16 or bfloat16 weights on the "
+                    f"GPU; cannot make it {dtype_name(dtype)} on {device.type}. Call hf_sparse.restore_dense_(model) "
+                    "first for a dense model you can cast anywhere."
+                )
+            self.packed = _compress(_decompress(packed, self.out_features, self.in_features).to(device, dtype))
+        return result
 
     def __getstate__(self):
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)

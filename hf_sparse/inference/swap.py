@@ -9,11 +9,11 @@ layers' weights stay within their dense bytes (`dense_fallback="auto"`). Sibling
 input (`query`/`key`/`value`) are fused into one GEMM, which is where the sparse kernel gains most on BERT-sized
 layers.
 
-A plain eager `model(**batch)` works (the plans are kept; `torch._cslt_sparse_mm` in PyTorch 2.11 sets its plan up
-again on every call). Eagerly, each sparse call still costs more host time than a dense one, so where the model is
-bound by host time (small batches) run it under CUDA graphs (`hf_sparse.cuda_graphs(model)`), or compile it first
-(`torch.compile(model, dynamic=False)`, which also fuses the element-wise work between the GEMMs); give the dense
-model you compare against the same treatment.
+A plain eager `model(**batch)` is fast: each layer keeps its cuSPARSELt plans (`torch._cslt_sparse_mm` in PyTorch
+2.11 sets its plan up again on every call, ~0.19 s of host time with an algorithm id on an H100), and at inference
+the swapped model runs through CUDA graphs per input shape by itself (`EagerGraphs`), since eager PyTorch is bound
+by host time at small batches and a sparse call costs more host time than a dense one. `torch.compile(model,
+dynamic=False)` traces the layers through a custom op and fuses the element-wise work between the GEMMs.
 
 A swapped model still saves as an ordinary dense checkpoint (`...weight`/`...bias` keys, exact zeros):
 `state_dict()` decompresses the weights exactly, and `load_state_dict` recompresses them.
@@ -32,6 +32,7 @@ from ..config import SparsityConfig
 from ..masks import is_nm
 from ..selection import select_layers
 from .autotune import Autotuner, GemmChoice, Plan, default_tuner, token_bucket
+from .cuda_graphs import CudaGraphModel, EagerGraphs, remove_cuda_graphs
 from .cusparselt import split_k_supported
 from .layers import (
     ALIGN,
@@ -82,7 +83,10 @@ class LayerSwap:
 
 
 class SwapReport(list):
-    """Per-layer result of `swap_to_semi_structured_`: a list of `LayerSwap`, with memory totals and a table."""
+    """Per-layer result of `swap_to_semi_structured_`: a list of `LayerSwap`, with memory totals and a table.
+    `eager_graphs` says whether plain `model(...)` calls at inference now run through CUDA graphs."""
+
+    eager_graphs: bool = False
 
     def rows(self, *statuses: str) -> list[LayerSwap]:
         return [r for r in self if r.status in statuses]
@@ -141,6 +145,8 @@ class SwapReport(list):
                 "GEMM time of the 2:4 layers vs dense (autotuner's per-GEMM timings; > 1 is faster): "
                 + ", ".join(f"{t} tokens {x:.2f}x" for t, x in speeds if x)
             )
+        if self.eager_graphs:
+            lines.append("model(...) at inference (no grad, eval mode) runs through CUDA graphs, one per input shape")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -406,6 +412,7 @@ def swap_to_semi_structured_(
     token_counts: Sequence[int] | None = DEFAULT_TOKEN_COUNTS,
     dense_fallback: str = "auto",
     autotune: bool | Autotuner = True,
+    eager_graphs: bool = True,
 ) -> SwapReport:
     """Swaps a model's 2:4 `nn.Linear` layers for cuSPARSELt 2:4 kernels, in place, and reports what it did.
 
@@ -418,9 +425,11 @@ def swap_to_semi_structured_(
     Nothing is changed when the call fails: named layers that are not exactly 2:4, weights on the CPU, a GPU older
     than compute capability 8.0, a PyTorch without cuSPARSELt, or fp32 weights raise an error that says what to do.
 
-    Plain eager calls keep their cuSPARSELt plans. Where the model is bound by host time (small batches), run it
-    under CUDA graphs (`hf_sparse.cuda_graphs`), after `torch.compile(model, dynamic=False)` if you like: eagerly,
-    BERT-base at batch 4 and 16 (seq 384) ran at 0.83x and 0.70x of dense on an H100, 1.04-1.09x at 64-256.
+    A plain `model(**batch)` at inference (eval mode, no grad) then runs through CUDA graphs, one per input shape
+    (`eager_graphs`, see `EagerGraphs`): eager PyTorch is bound by host time at small batches, and a cuSPARSELt call
+    costs more host time than a dense one, so without graphs the swapped model lost there (BERT-base, seq 384, H100:
+    0.88x / 0.92x of eager dense at batch 4 / 16). Training-mode calls, calls with gradients, and `torch.compile`
+    run the layers as they are (each keeps its cuSPARSELt plans).
 
     Args:
         model: the model, with fp16 or bf16 weights on an NVIDIA GPU of compute capability >= 8.0.
@@ -442,6 +451,8 @@ def swap_to_semi_structured_(
             per layer and in total, what the choice costs in memory and in (measured) GEMM time.
         autotune: True uses the process-wide `Autotuner` (cache in `~/.cache/hf_sparse`), an `Autotuner` instance
             uses that one, False uses cuSPARSELt's default algorithm everywhere (no timing, no dense fallback).
+        eager_graphs: route `model(...)` at inference through CUDA graphs per input shape (each keeps its
+            activation memory; at most 8 shapes). False leaves `model.forward` alone.
 
     Returns:
         `SwapReport`: one `LayerSwap` per layer or fused group (status, reason, memory, measured time against dense
@@ -453,8 +464,8 @@ def swap_to_semi_structured_(
     >>> model = AutoModelForQuestionAnswering.from_pretrained(path, torch_dtype=torch.float16).cuda().eval()
     >>> report = hf_sparse.swap_to_semi_structured_(model, token_counts=[16 * 384, 64 * 384])
     >>> print(report)
-    >>> fast = hf_sparse.cuda_graphs(model)
-    >>> outputs = fast(**batch)
+    >>> with torch.no_grad():
+    ...     outputs = model(**batch)   # first call per shape captures a CUDA graph, later calls replay it
     ```
     """
     if dense_fallback not in FALLBACKS:
@@ -542,6 +553,13 @@ def swap_to_semi_structured_(
                 unit.dense_bytes,
             )
         )
+    if eager_graphs and report.swapped:
+        installed = model.__dict__.get("forward")
+        if isinstance(installed, CudaGraphModel):
+            installed.reset()  # captured over the layers just replaced
+        if not isinstance(installed, EagerGraphs):
+            model.forward = EagerGraphs(model)  # instance attribute: nn.Module.__call__ reaches it
+        report.eager_graphs = True
     logger.info("hf-sparse: semi-structured swap\n%s", report.format())
     return report
 
@@ -580,10 +598,13 @@ def fuse_qkv_(model: nn.Module, groups: Sequence[Sequence[str]] = DEFAULT_FUSE_G
 
 
 def restore_dense_(model: nn.Module) -> list[str]:
-    """Turns every swapped or fused layer back into a plain `nn.Linear` (exact weights), in place.
+    """Turns every swapped or fused layer back into a plain `nn.Linear` (exact weights), in place, and removes the
+    automatic CUDA graphs of `model(...)`.
 
     Returns the names of the restored layers.
     """
+    if isinstance(model.__dict__.get("forward"), EagerGraphs):
+        remove_cuda_graphs(model)
     restored = []
     for name, module in list(model.named_modules()):
         if isinstance(module, (FusedLinearSlice, SemiStructuredLinear)) and not (
@@ -609,10 +630,8 @@ def restore_dense_(model: nn.Module) -> list[str]:
 
 
 def swap_at_train_end(model: nn.Module, config: SparsityConfig) -> SwapReport | None:
-    """What `SparsityCallback` does when training ends with `swap_at_end=True`: swaps the trained 2:4 layers and
-    routes `model(...)` through CUDA graphs, or logs why it cannot and leaves the model as it is."""
-    from .cuda_graphs import cuda_graphs
-
+    """What `SparsityCallback` does when training ends with `swap_at_end=True`: swaps the trained 2:4 layers (and
+    `model(...)` at inference runs through CUDA graphs), or logs why it cannot and leaves the model as it is."""
     layers = select_layers(model, config).targets
     for name, layer in layers.items():
         problem = semi_structured_support(layer.weight.device, layer.weight.dtype, name)
@@ -620,7 +639,6 @@ def swap_at_train_end(model: nn.Module, config: SparsityConfig) -> SwapReport | 
             logger.warning("hf-sparse: swap_at_end: the model stays dense: %s", problem)
             return None
     report = swap_to_semi_structured_(model, config)
-    cuda_graphs(model, inplace=True)
     logger.info(
         "hf-sparse: swap_at_end: %d layer(s) swapped; model(...) now runs through CUDA graphs.", len(report.swapped)
     )

@@ -5,11 +5,15 @@ timed), checks every algorithm it keeps against the masked dense result, and ret
 
 An algorithm id that cuSPARSELt accepts can still fault on the GPU ("an illegal instruction" was seen on an H200
 with ids past the first one refused, and on an H100 in a test that ran ids below cuSPARSELt's maximum over 8 rows):
-the CUDA context of the process that ran it is then lost for good. So `measure_in_child` runs the sweeps in
-`python -c "...tuning.main()"`, which reads the requests as JSON on stdin and answers one JSON line per event on
-stdout: `{"request": i, "trying": alg_id}` before each algorithm runs, `{"request": i, "result": {...}}` after each
-request. If the child dies, the algorithm it was trying is skipped from then on and a new child measures the
-requests that have no result yet.
+the CUDA context of the process that ran it is then lost for good. On an H100 with cuSPARSELt 0.8.0 (torch
+2.11.0+cu130), algorithm 36 of fp16 3072x768 and 768x3072 GEMMs faulted that way, through `torch._cslt_sparse_mm` as
+well as through the kept plans, although cuSPARSELt offered ids up to 49 for them. So `measure_in_child` runs the
+sweeps in `python -c "...tuning.main()"`, which reads the requests as JSON on stdin and answers one JSON line per
+event on stdout: `{"request": i, "dense_ms": ms}`, then `{"request": i, "trying": alg_id, "split_k": k}` before each
+algorithm runs and `{"request": i, "timed": [alg_id, split_k, mode], "ms": ms}` after it is verified and timed, and
+`{"request": i, "result": {...}}` at the end. If the child dies, the request it was measuring is settled from the
+algorithms already timed (a fault ends its sweep as a refusal would), later sweeps on that GPU stop below the id
+that faulted, and a new child measures the requests that have no result yet.
 
 `Autotuner` (in `autotune.py`) caches what these return.
 """
@@ -32,7 +36,7 @@ from . import cusparselt
 logger = logging.getLogger(__name__)
 
 MAX_RESTARTS = 4
-"""Children started after the first one died, per `measure_in_child` call, before it gives up."""
+"""Extra children allowed per `measure_in_child` call beyond one per request (each death settles one request)."""
 
 FAULT_ENV = "_HF_SPARSE_TUNE_FAULT"
 """Testing hook: an algorithm id at which the child process makes a real, sticky CUDA fault (a device-side
@@ -66,14 +70,17 @@ def sweep(
     tolerance: float | None = None,
     skip: tuple[int, ...] = (),
     progress=None,
+    on_timed=None,
 ) -> dict:
     """Times dense against the sparse kernel's algorithms for one GEMM shape, in this process, under CUDA graphs.
 
     Algorithm ids run from 0 up to the largest one cuSPARSELt offers for this shape (read from cuSPARSELt itself
     when the plan-keeping binding is available, so no id past it is ever set; otherwise the sweep stops at the first
     id refused). Every algorithm kept is checked against the masked dense result (`F.linear` in fp32): one whose
-    relative error exceeds `tolerance` is dropped. `skip` lists ids never to run; `progress(alg_id)` is called
-    before each one runs (the child process reports it, so a fault can be pinned on its algorithm).
+    relative error exceeds `tolerance` is dropped. `skip` lists ids never to run; `progress(alg_id, split_k)` is
+    called before each one runs (the child process reports it, so a fault can be pinned on its algorithm), and
+    `on_timed(config, ms)` after each is verified and timed (`on_timed("dense", ms)` first), so a sweep that a fault
+    ends can still be settled from what it measured.
 
     Returns the measurement as a dict: `backend` ("sparse" or "dense"), `alg_id`, `split_k`, `split_k_mode`,
     `dense_ms`, `sparse_ms`, `tokens`, `candidates` (algorithms verified and timed).
@@ -98,6 +105,8 @@ def sweep(
     dense_ms = time_graphed(lambda: F.linear(x, w, b), inner, reps)
     if dense_ms is None:  # pragma: no cover - dense GEMMs do not fail
         raise RuntimeError(f"could not time a dense {out_features}x{in_features} GEMM on {device}.")
+    if on_timed is not None:
+        on_timed("dense", dense_ms)
 
     planned = cusparselt.available()
     plans = cusparselt.PlanCache()
@@ -141,28 +150,46 @@ def sweep(
             if alg_id in skip:
                 continue
             if progress is not None:
-                progress(alg_id)
+                progress(alg_id, 1)
             ms = run((alg_id, 1, -1))
             if ms is None:  # refused: ids run from 0 to a maximum that depends on the shape; stop past it
                 break
             if ms == ms:  # not NaN: verified
                 timings[(alg_id, 1, -1)] = ms
+                if on_timed is not None:
+                    on_timed((alg_id, 1, -1), ms)
         if split_k and (planned or cusparselt.split_k_supported()):
             best_algs = sorted({cfg[0] for cfg in timings}, key=lambda a: timings[(a, 1, -1)])[:2]
             for cfg in [(a, k, mode) for a in best_algs for k in split_k for mode in split_k_modes]:
                 if progress is not None:
-                    progress(cfg[0])
+                    progress(cfg[0], cfg[1])
                 ms = run(cfg)
                 if ms is not None and ms == ms:
                     timings[cfg] = ms
+                    if on_timed is not None:
+                        on_timed(cfg, ms)
     finally:
         plans.clear()
-    if not timings:
-        return {"backend": "dense", "dense_ms": dense_ms, "tokens": tokens}
+    chosen = choose(dense_ms, timings, tokens, min_speedup)
+    if timings:
+        logger.info(
+            "hf-sparse: tuned %s at %d tokens: dense %.4f ms, sparse %.4f ms (alg %d, split-k %d/%d, %d verified) "
+            "-> %s",
+            f"{out_features}x{in_features} {_dtype_name(dtype)}", tokens, dense_ms, chosen["sparse_ms"],
+            chosen["alg_id"], chosen["split_k"], chosen["split_k_mode"], len(timings), chosen["backend"],
+        )  # fmt: skip
+    return chosen
+
+
+def choose(
+    dense_ms: float | None, timings: dict[tuple[int, int, int], float], tokens: int, min_speedup: float
+) -> dict:
+    """The measurement dict of a sweep (see `sweep`) from its dense time and its verified sparse timings."""
+    if not timings or not dense_ms:
+        return {"backend": "dense", "dense_ms": dense_ms, "tokens": tokens, "candidates": len(timings)}
     (alg_id, k, mode), sparse_ms = min(timings.items(), key=lambda item: item[1])
-    backend = "sparse" if dense_ms / sparse_ms >= min_speedup else "dense"
-    chosen = {
-        "backend": backend,
+    return {
+        "backend": "sparse" if dense_ms / sparse_ms >= min_speedup else "dense",
         "alg_id": alg_id,
         "split_k": k,
         "split_k_mode": mode,
@@ -171,12 +198,6 @@ def sweep(
         "tokens": tokens,
         "candidates": len(timings),
     }
-    logger.info(
-        "hf-sparse: tuned %s at %d tokens: dense %.4f ms, sparse %.4f ms (alg %d, split-k %d/%d, %d verified) -> %s",
-        f"{out_features}x{in_features} {_dtype_name(dtype)}", tokens, dense_ms, sparse_ms, alg_id, k, mode,
-        len(timings), backend,
-    )  # fmt: skip
-    return chosen
 
 
 def cuda_event_times(fn, reps: int) -> list[float]:
@@ -237,30 +258,40 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+FAULT_FLOOR: dict[int, int] = {}
+"""GPU index -> the lowest cuSPARSELt algorithm id that killed a tuning child on it in this process. Later sweeps
+on that GPU try only the ids below it: the ids past one that faults tend to fault too (on the H100 above, every
+GEMM shape that reached id 36 faulted there), and each fault costs a child process."""
+
+
 def measure_in_child(requests: list[tuple], device, settings: dict, command: list[str] | None = None) -> list[dict]:
     """Runs `sweep` for each `(out_features, in_features, dtype, bias, tokens)` in child processes.
 
-    Returns one measurement dict (see `sweep`) per request. An algorithm that kills its child is skipped in the next child; after
-    `MAX_RESTARTS` deaths the remaining requests get a dense choice (logged as such). `command` replaces the child's
-    command line (tests).
+    Returns one measurement dict (see `sweep`) per request. When an algorithm kills the child, the request it was
+    measuring is settled from the algorithms already verified and timed, the ids from the faulting one up are not
+    tried again on this GPU (`FAULT_FLOOR`), and a new child measures the requests left. `command` replaces the
+    child's command line (tests).
     """
     device = torch.device(device)
     index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
     results: dict[int, dict] = {}
-    skip: dict[int, list[int]] = {}
-    for attempt in range(MAX_RESTARTS + 1):
+    for _ in range(len(requests) + MAX_RESTARTS):
         pending = [i for i in range(len(requests)) if i not in results]
         if not pending:
             break
+        capped = dict(settings)
+        if index in FAULT_FLOOR:
+            capped["max_algorithms"] = min(int(settings.get("max_algorithms", 64)), FAULT_FLOOR[index])
         payload = {
             "device": index,
-            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in capped.items()},
             "requests": {str(i): _encode(requests[i]) for i in pending},
-            "skip": {str(i): skip.get(i, []) for i in pending},
         }
         proc = subprocess.run(
             command or _command(), input=json.dumps(payload), capture_output=True, text=True, env=_child_env()
         )
+        partial: dict[int, dict] = {}
+        current: int | None = None
         trying: tuple[int, int] | None = None
         for line in proc.stdout.splitlines():
             try:
@@ -270,31 +301,46 @@ def measure_in_child(requests: list[tuple], device, settings: dict, command: lis
             if not isinstance(event, dict) or "request" not in event:
                 continue
             i = int(event["request"])
-            if "trying" in event:
-                trying = (i, int(event["trying"]))
+            seen = partial.setdefault(i, {"dense_ms": None, "timings": {}})
+            current = i
+            if "dense_ms" in event:
+                seen["dense_ms"] = event["dense_ms"]
+            elif "trying" in event:
+                trying = (int(event["trying"]), int(event.get("split_k", 1)))
+            elif "timed" in event:
+                seen["timings"][tuple(event["timed"])] = float(event["ms"])
+                trying = None
             elif "result" in event:
                 results[i] = event["result"]
-                trying = None
+                current = trying = None
         if proc.returncode == 0 and all(i in results for i in pending):
             break
-        tail = (proc.stderr or "").strip().splitlines()[-3:]
-        if trying is None:
+        tail = " | ".join((proc.stderr or "").strip().splitlines()[-3:])
+        if current is None:
             raise RuntimeError(
-                f"hf-sparse: the autotuning child process failed before trying any algorithm (exit code "
-                f"{proc.returncode}): {' | '.join(tail)}. Pass Autotuner(isolate=False) to tune in this process."
+                f"hf-sparse: the autotuning child process failed outside any measurement (exit code "
+                f"{proc.returncode}): {tail}. Pass Autotuner(isolate=False) to tune in this process."
             )
-        request, alg_id = trying
-        skip.setdefault(request, []).append(alg_id)
-        out_f, in_f, dtype, _, tokens = requests[request]
+        out_f, in_f, dtype, _, tokens = requests[current]
+        what = f"{out_f}x{in_f} {_dtype_name(dtype)} at {tokens} tokens"
+        seen = partial[current]
+        results[current] = dict(
+            choose(seen["dense_ms"], seen["timings"], tokens, float(settings.get("min_speedup", 1.03))),
+            note=f"sweep ended by a fault at algorithm {trying[0]}" if trying else "tuning process died",
+        )
+        if trying is not None and trying[1] == 1:
+            FAULT_FLOOR[index] = min(FAULT_FLOOR.get(index, trying[0]), trying[0])
         logger.warning(
-            "hf-sparse: cuSPARSELt algorithm %d of %dx%d %s at %d tokens killed the tuning process (exit code %d: "
-            "%s); skipping it%s.",
-            alg_id, out_f, in_f, _dtype_name(dtype), tokens, proc.returncode, " | ".join(tail),
-            " and tuning the rest in a new process" if attempt < MAX_RESTARTS else "",
+            "hf-sparse: %s of %s killed the tuning process (exit code %d: %s); %s from the %d algorithm(s) verified "
+            "before it%s.",
+            f"cuSPARSELt algorithm {trying[0]}" if trying else "measuring", what, proc.returncode, tail,
+            "settled it", len(seen["timings"]),
+            f", and algorithms from {FAULT_FLOOR[index]} up are not tried again on this GPU" if index in FAULT_FLOOR
+            else "",
         )  # fmt: skip
     for i in range(len(requests)):
-        if i not in results:
-            results[i] = {"backend": "dense", "tokens": requests[i][4]}
+        if i not in results:  # pragma: no cover - every pass settles at least one request
+            results[i] = {"backend": "dense", "tokens": requests[i][4], "note": "not measured"}
     return [results[i] for i in range(len(requests))]
 
 
@@ -318,15 +364,19 @@ def main() -> None:
     fault = os.environ.get(FAULT_ENV)
     for key, (out_f, in_f, dtype, bias, tokens) in payload["requests"].items():
 
-        def progress(alg_id, key=key):
-            _emit({"request": key, "trying": alg_id})
+        def progress(alg_id, split_k, key=key):
+            _emit({"request": key, "trying": alg_id, "split_k": split_k})
             if fault is not None and alg_id == int(fault):
                 _cuda_fault(device)
 
+        def on_timed(config, ms, key=key):
+            _emit(
+                {"request": key, "dense_ms": ms} if config == "dense" else {"request": key, "timed": config, "ms": ms}
+            )
+
         chosen = sweep(
-            out_f, in_f, _DTYPES[dtype], bias, tokens, device,
-            skip=tuple(payload["skip"].get(key, ())), progress=progress, **settings,
-        )  # fmt: skip
+            out_f, in_f, _DTYPES[dtype], bias, tokens, device, progress=progress, on_timed=on_timed, **settings
+        )
         _emit({"request": key, "result": chosen})
 
 
