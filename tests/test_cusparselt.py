@@ -129,13 +129,17 @@ def test_swapped_model_eager_graphs_and_compile_agree(tmp_path):
     tuner = Autotuner(cache_path=tmp_path / "tune.json", reps=3, max_algorithms=8, time_budget_s=2.0)
     report = swap_to_semi_structured_(model, token_counts=[256, 4096], autotune=tuner)
     assert report.memory_ratio <= 1.0  # the default keeps within the dense bytes
+    model.forward.enabled = False  # the layers' own eager path first
     with torch.no_grad():
         eager = model(**inputs).start_logits
         eager_again = model(**inputs).start_logits
+    model.forward.enabled = True
+    with torch.no_grad():
+        auto = model(**inputs).start_logits  # a plain call: the swapped model's own CUDA graph
     graphed = cuda_graphs(model)(**inputs).start_logits
     torch._dynamo.reset()
     compiled = cuda_graphs(torch.compile(model, dynamic=False))(**inputs).start_logits
-    assert torch.equal(eager, eager_again)
+    assert torch.equal(eager, eager_again) and torch.equal(auto, graphed)
     assert rel_error(eager, masked_dense) < 1e-2
     assert rel_error(graphed, eager) < 2e-3  # the same GEMMs replayed (attention may take another kernel)
     assert rel_error(compiled, eager) < 1e-2  # inductor fuses the element-wise work differently
