@@ -164,9 +164,9 @@ def test_auto_fallback_keeps_dense_copies_within_the_dense_bytes():
     assert all(d.mixed for d in decisions)
     decided = _budget_dense_copies(units, decisions)
     kept = [u.name.split("layer.")[1] for u, d in zip(units, decided) if d.status == "sparse+dense"]
-    # The same loss per call for every unit: the smallest units lose most per byte and get the copies first, until
-    # the next copy would take the swapped layers over their dense bytes.
-    assert kept == ["0.attention.output.dense", "0.intermediate.dense", "0.output.dense", "1.attention.output.dense"]
+    # The same loss per call for every unit: the largest units give up least per byte, so they drop their copies
+    # first, until the swapped layers fit in their dense bytes; the smallest keep theirs.
+    assert kept == ["0.attention.output.dense", "1.attention.output.dense", "1.intermediate.dense", "1.output.dense"]
     dense = sum(u.dense_bytes for u in units)
     after = sum(
         u.dense_bytes * 9 // 16 + (u.dense_bytes if d.status == "sparse+dense" else 0) for u, d in zip(units, decided)

@@ -353,37 +353,73 @@ def _mixed(choices: dict[int, GemmChoice], keep_dense: bool, fallback: str, spee
 
 
 def _budget_dense_copies(units: list[_Unit], decisions: list[_Decision]) -> list[_Decision]:
-    """dense_fallback="auto": dense copies for the mixed units that lose most where dense wins, as long as the
-    swapped layers' weights stay within their dense bytes.
+    """dense_fallback="auto": what each mixed unit holds, with the swapped layers within their dense bytes.
 
-    Every compressed-only unit saves 7/16 of its dense bytes; a dense copy costs its dense bytes again. The copies
-    go first to the units whose sparse kernel loses most, per byte, where dense is faster: each loss in ms is taken
-    relative to the dense GEMM time of all units at that token count, so every named token count weighs the same.
+    A mixed unit (sparse faster at some tuned token counts, dense at others) can keep a dense copy (the faster kernel
+    everywhere, for 25/16 of its dense bytes), its compressed weight only (9/16: the sparse kernel runs where dense
+    would be faster), or stay dense (its dense bytes, and no gain). Each starts with a copy; while the units are over
+    their dense bytes (units faster sparse everywhere save 7/16 of theirs), the unit that gives up the least speed per
+    byte saved moves to compressed-only or to dense. Speed is the GEMM time saved against dense at each tuned token
+    count, relative to the dense GEMM time of all units there, so every named token count weighs the same.
     """
-    slack = 0  # bytes saved by compressed-only units (mixed ones start compressed-only)
-    for unit, decision in zip(units, decisions):
-        if decision.status != "dense":
-            slack += unit.dense_bytes - _compressed_bytes(unit)
     totals: dict[int, float] = {}
     for decision in decisions:
         for bucket, choice in decision.choices.items():
             totals[bucket] = totals.get(bucket, 0.0) + (choice.dense_ms or 0.0)
 
-    def loss_per_byte(index: int) -> float:
-        loss = 0.0
+    def gain(index: int, holds: str) -> float:
+        total = 0.0
         for bucket, c in decisions[index].choices.items():
-            if c.backend == "dense" and c.sparse_ms and c.dense_ms and totals.get(bucket):
-                loss += (c.sparse_ms - c.dense_ms) / totals[bucket]
-        return loss / units[index].dense_bytes
+            if not (c.dense_ms and c.sparse_ms and totals.get(bucket)):
+                continue
+            ran = {"copy": min(c.dense_ms, c.sparse_ms), "compressed": c.sparse_ms, "dense": c.dense_ms}[holds]
+            total += (c.dense_ms - ran) / totals[bucket]
+        return total
+
+    def extra_bytes(index: int, holds: str) -> int:
+        dense = units[index].dense_bytes
+        return {"copy": dense, "compressed": 0, "dense": dense}[holds] + _compressed_bytes(units[index]) * (
+            holds != "dense"
+        ) - dense  # fmt: skip
+
+    holds = {i: "copy" for i, d in enumerate(decisions) if d.mixed}
+    over = sum(extra_bytes(i, h) for i, h in holds.items())
+    over -= sum(units[i].dense_bytes - _compressed_bytes(units[i]) for i, d in enumerate(decisions)
+                if d.status == "sparse" and not d.mixed)  # fmt: skip
+    moved: list[int] = []
+    while over > 0:
+        moves = [
+            ((gain(i, "copy") - gain(i, to)) / saved, i, to, saved)
+            for i, h in holds.items()
+            if h == "copy"
+            for to in ("compressed", "dense")
+            if (saved := extra_bytes(i, "copy") - extra_bytes(i, to)) > 0
+        ]
+        if not moves:
+            break
+        _, index, to, saved = min(moves)
+        holds[index] = to
+        over -= saved
+        moved.append(index)
+    for index in reversed(moved):  # the last moves may have saved more than needed: take back what still fits
+        cost = extra_bytes(index, "copy") - extra_bytes(index, holds[index])
+        if over + cost <= 0:
+            holds[index] = "copy"
+            over += cost
 
     decided = list(decisions)
-    for index in sorted((i for i, d in enumerate(decisions) if d.mixed), key=loss_per_byte, reverse=True):
-        unit, decision = units[index], decisions[index]
+    for index, held in holds.items():
+        decision = decisions[index]
         speed = decision.reason[decision.reason.rfind("(") + 1 : -1]
-        keep = unit.dense_bytes <= slack
-        if keep:
-            slack -= unit.dense_bytes
-        decided[index] = _mixed(decision.choices, keep, "auto", speed)
+        if held == "dense":
+            plans = {b: Plan("dense") for b in decision.choices}
+            reason = (
+                "kept dense: its sparse gains were worth less per byte than other layers' within the dense "
+                f"weights' bytes, and sparse alone would be slower at some token counts ({speed})"
+            )
+            decided[index] = _Decision("dense", reason, plans, decision.choices)
+        else:
+            decided[index] = _mixed(decision.choices, held == "copy", "auto", speed)
     return decided
 
 
