@@ -419,8 +419,9 @@ def test_cuda_graphs_match_eager(tmp_path):
     from hf_sparse import cuda_graphs
 
     model = gpu_model()
-    swap_to_semi_structured_(model, token_counts=[128, 512], autotune=quick_tuner(tmp_path))
-    model.forward.enabled = False  # "eager" below is the plain forward, not the swapped model's own graphs
+    # eager_graphs=False: "eager" below is the plain forward, not the swapped model's own graphs
+    swap_to_semi_structured_(model, token_counts=[128, 512], autotune=quick_tuner(tmp_path), eager_graphs=False)
+    assert "forward" not in model.__dict__
     fast = cuda_graphs(model)
     for seed, batch in ((0, 2), (1, 2), (2, 8)):
         inputs = gpu_inputs(batch=batch, seed=seed)
