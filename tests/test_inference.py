@@ -16,7 +16,6 @@ from hf_sparse.inference.swap import (
     SwapReport,
     _budget_dense_copies,
     _decide,
-    _install,
     _times,
     _units,
 )
@@ -550,43 +549,3 @@ def test_a_forward_that_cannot_be_captured_runs_plainly_with_a_warning(caplog):
     assert torch.equal(first, x) and torch.equal(second, x + 1)
     assert "could not capture Syncs as a CUDA graph" in caplog.text and module.forward.num_graphs == 0
     assert caplog.text.count("could not capture") == 1  # that shape is not tried again
-
-
-def test_gelu_modules_are_told_apart():
-    from transformers.activations import ACT2FN
-
-    from hf_sparse.inference.swap import _gelu_approximation
-
-    assert _gelu_approximation(ACT2FN["gelu"]) == "none"
-    assert _gelu_approximation(ACT2FN["gelu_new"]) == "tanh"
-    assert _gelu_approximation(ACT2FN["gelu_pytorch_tanh"]) == "tanh"
-    assert _gelu_approximation(nn.GELU(approximate="tanh")) == "tanh" and _gelu_approximation(nn.GELU()) == "none"
-    for other in ("relu", "silu", "quick_gelu", "gelu_fast"):  # not what the epilogue computes: never fused
-        assert _gelu_approximation(ACT2FN[other]) is None, other
-
-
-def test_a_fused_gelu_moves_into_the_layer_and_back():
-    # On the CPU the layer runs its dense path, which calls the model's own GELU: outputs are unchanged, and
-    # restore_dense_ puts the GELU back where it was.
-    from hf_sparse import restore_dense_
-    from hf_sparse.inference.swap import FusedActivation, _fuse_gelu_
-
-    model = pruned_tiny_model(hidden_size=64, intermediate_size=128).eval()
-    inputs = {"input_ids": torch.randint(0, 100, (2, 16))}
-    with torch.no_grad():
-        expected = model(**inputs).start_logits
-    linears = {n: m for n, m in model.named_modules() if n.endswith("intermediate.dense")}
-    units, _ = _units(model, linears, [])
-    for unit in units:
-        new = SemiStructuredLinear(unit.weight, unit.bias, sparse=False, name=unit.name)
-        _install(unit, new)
-        assert "GELU computed in the sparse GEMM's epilogue (tanh approximation" in _fuse_gelu_(unit, new)
-    block = model.bert.encoder.layer[0].intermediate
-    assert isinstance(block.intermediate_act_fn, FusedActivation) and block.dense.activation is not None
-    assert "GELU fused" in repr(block.dense)
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).start_logits, expected)
-    restore_dense_(model)
-    assert type(block.intermediate_act_fn).__name__ == "GELUActivation" and isinstance(block.dense, nn.Linear)
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).start_logits, expected)

@@ -44,7 +44,6 @@ _ORDER_COL, _ORDER_ROW = 1, 2
 _OP_N, _OP_T = 0, 1
 _COMPUTE_32F = 2
 _SPARSITY_50 = 0
-_MATMUL_ACTIVATION_GELU = 3
 _MATMUL_BIAS_POINTER = 8
 _ALG_DEFAULT = 0
 _ALG_CONFIG_ID, _ALG_CONFIG_MAX_ID, _ALG_SPLIT_K, _ALG_SPLIT_K_MODE = 0, 1, 3, 4
@@ -202,12 +201,6 @@ class PlanKey(NamedTuple):
     alg_id: int
     split_k: int
     split_k_mode: int
-    gelu: bool = False  # GELU applied in the GEMM's epilogue, after the bias
-
-
-GELU_APPROXIMATE = "tanh"
-"""The GELU that cuSPARSELt's epilogue computes, as `F.gelu(..., approximate=GELU_APPROXIMATE)` names it (checked
-against both on a GPU by `tests/test_cusparselt.py`)."""
 
 
 class MatmulPlan:
@@ -259,12 +252,6 @@ class MatmulPlan:
                 lib.call(
                     "cusparseLtMatmulDescSetAttribute",
                     handle, self._matmul_desc, _MATMUL_BIAS_POINTER, ctypes.byref(pointer), ctypes.sizeof(pointer),
-                )  # fmt: skip
-            if key.gelu:
-                on = ctypes.c_int(1)
-                lib.call(
-                    "cusparseLtMatmulDescSetAttribute",
-                    handle, self._matmul_desc, _MATMUL_ACTIVATION_GELU, ctypes.byref(on), ctypes.sizeof(on),
                 )  # fmt: skip
             lib.call("cusparseLtMatmulAlgSelectionInit", handle, self._alg, self._matmul_desc, _ALG_DEFAULT)
             self._alive.append("alg")
@@ -394,7 +381,6 @@ def plan_for(
     alg_id: int = 0,
     split_k: int = 1,
     split_k_mode: int = -1,
-    gelu: bool = False,
 ) -> MatmulPlan:
     """The cached plan for this call (built on first use)."""
     key = PlanKey(
@@ -407,7 +393,6 @@ def plan_for(
         alg_id,
         split_k,
         split_k_mode,
-        gelu,
     )
     return PLANS.get(key, bias)
 
@@ -420,10 +405,8 @@ def sparse_linear(
     alg_id: int = 0,
     split_k: int = 1,
     split_k_mode: int = -1,
-    gelu: bool = False,
 ) -> torch.Tensor:
-    """`x @ W.T + bias` with W compressed by `torch._cslt_compress` in `packed`, through a cached plan (with
-    `gelu`, GELU of that, computed in the GEMM's epilogue).
+    """`x @ W.T + bias` with W compressed by `torch._cslt_compress` in `packed`, through a cached plan.
 
     Args:
         x: `(rows, in_features)`, contiguous, fp16/bf16, on the GPU; rows a multiple of 8.
@@ -431,12 +414,11 @@ def sparse_linear(
         bias: `(out_features,)` or None (fused into the GEMM).
         out_features: rows of the weight.
         alg_id, split_k, split_k_mode: the cuSPARSELt algorithm settings (see `Autotuner`).
-        gelu: apply GELU (`GELU_APPROXIMATE`) in the epilogue.
 
     Returns:
         `(rows, out_features)`, row-major, in x's dtype.
     """
-    return plan_for(x, packed, bias, out_features, alg_id, split_k, split_k_mode, gelu)(x, packed)
+    return plan_for(x, packed, bias, out_features, alg_id, split_k, split_k_mode)(x, packed)
 
 
 def max_alg_id(

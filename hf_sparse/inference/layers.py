@@ -105,8 +105,8 @@ def _sparse_linear_op():
     if _OP is not None:
         return _OP
 
-    def sparse_linear(x, packed, bias, out_features, alg_id, split_k, split_k_mode, gelu):
-        out = _sparse_matmul(x, packed, bias, out_features, alg_id, split_k, split_k_mode, gelu=gelu)
+    def sparse_linear(x, packed, bias, out_features, alg_id, split_k, split_k_mode):
+        out = _sparse_matmul(x, packed, bias, out_features, alg_id, split_k, split_k_mode)
         return out.clone() if out._base is not None else out  # a custom op returns no views of its temporaries
 
     try:
@@ -115,11 +115,11 @@ def _sparse_linear_op():
             sparse_linear,
             mutates_args=(),
             schema="(Tensor x, Tensor packed, Tensor? bias, int out_features, int alg_id, int split_k, "
-            "int split_k_mode, bool gelu) -> Tensor",
+            "int split_k_mode) -> Tensor",
         )
 
         @op.register_fake
-        def _(x, packed, bias, out_features, alg_id, split_k, split_k_mode, gelu):
+        def _(x, packed, bias, out_features, alg_id, split_k, split_k_mode):
             return x.new_empty((x.shape[0], out_features))
 
         _OP = op
@@ -129,39 +129,24 @@ def _sparse_linear_op():
     return _OP
 
 
-def _gelu_after(out: torch.Tensor) -> torch.Tensor:
-    return F.gelu(out, approximate=cusparselt.GELU_APPROXIMATE)
-
-
-def _sparse_matmul(x, packed, bias, out_features, alg_id, split_k, split_k_mode, plans=None, gelu=False):
-    """`x @ W.T + bias` (then GELU with `gelu`) through a kept cuSPARSELt plan (see `cusparselt`), else through
-    `torch._cslt_sparse_mm` (which sets a plan up on every call). `plans`: a layer's own dict of kept plans, to skip
-    the global lookup. A GELU that an algorithm cannot fuse is applied after it, with the same approximation."""
+def _sparse_matmul(x, packed, bias, out_features, alg_id, split_k, split_k_mode, plans=None):
+    """`x @ W.T + bias` through a kept cuSPARSELt plan (see `cusparselt`), else through `torch._cslt_sparse_mm`
+    (which sets a plan up on every call). `plans`: a layer's own (rows, settings) -> plan dict, to skip the global
+    lookup."""
     rows = x.shape[0]
     pad = (-rows) % 8  # cuSPARSELt needs the dense operand's dimensions to be multiples of 8
     if pad:
         x = F.pad(x, (0, 0, 0, pad))
     if cusparselt.available():
-        key = (x.shape[0], alg_id, split_k, split_k_mode, gelu)
-        found = None if plans is None else plans.get(key)
-        if found is None or (bias is not None and found[0].key.bias_ptr != bias.data_ptr()):
-            settings = (out_features, alg_id, split_k, split_k_mode)
-            try:
-                found = (cusparselt.plan_for(x, packed, bias, *settings, gelu), False)
-            except cusparselt.CusparseLtError:
-                if not gelu:
-                    raise
-                found = (cusparselt.plan_for(x, packed, bias, *settings, False), True)  # GELU not fusable here
+        key = (x.shape[0], alg_id, split_k, split_k_mode)
+        plan = None if plans is None else plans.get(key)
+        if plan is None or (bias is not None and plan.key.bias_ptr != bias.data_ptr()):
+            plan = cusparselt.plan_for(x, packed, bias, out_features, alg_id, split_k, split_k_mode)
             if plans is not None:
-                plans[key] = found
-        plan, gelu_after = found
+                plans[key] = plan
         out = plan(x, packed)
-        if gelu_after:
-            out = _gelu_after(out)
     else:
         out = cusparselt.cslt_linear(x, packed, bias, alg_id, split_k, split_k_mode)
-        if gelu:
-            out = _gelu_after(out)
     return out[:rows] if pad else out
 
 
@@ -193,9 +178,6 @@ class SemiStructuredLinear(nn.Module):
         name: the layer's name, for messages.
         emits_state: whether `state_dict()` holds this layer's `weight`/`bias` (False for a fused group, whose
             member layers emit their own slices).
-        activation: a GELU module that followed this layer in the model and now runs here (see
-            `swap_to_semi_structured_(fuse_gelu=...)`): the sparse kernel computes it in its epilogue
-            (`cusparselt.GELU_APPROXIMATE`), the dense path calls the module itself.
     """
 
     def __init__(
@@ -209,7 +191,6 @@ class SemiStructuredLinear(nn.Module):
         tuner: Autotuner | None = None,
         name: str = "",
         emits_state: bool = True,
-        activation: nn.Module | None = None,
     ):
         super().__init__()
         weight = weight.detach()
@@ -218,8 +199,7 @@ class SemiStructuredLinear(nn.Module):
         self.tuner = tuner
         self.plans: dict[int, Plan] = dict(plans or {})
         self.emits_state = emits_state
-        self.activation = activation
-        self._matmul_plans: dict = {}  # (rows, alg_id, split_k, split_k_mode, gelu) -> (MatmulPlan, gelu after)
+        self._matmul_plans: dict = {}  # (rows, alg_id, split_k, split_k_mode) -> cusparselt.MatmulPlan
         self._eager: dict = {}  # (rows, dtype) -> the kernel that runs them, see forward
         if sparse:
             _sparse_linear_op()  # registering the op later, while torch.compile traces, would break the graph
@@ -273,10 +253,9 @@ class SemiStructuredLinear(nn.Module):
 
     def extra_repr(self) -> str:
         kinds = [k for k, t in (("compressed 2:4", self.packed), ("dense", self.dense_weight)) if t is not None]
-        fused = ", GELU fused" if self.activation is not None else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"weights={'+'.join(kinds)}{fused}"
+            f"weights={'+'.join(kinds)}"
         )
 
     def plan(self, tokens: int) -> Plan:
@@ -328,14 +307,11 @@ class SemiStructuredLinear(nn.Module):
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         plan = self.plan(x2.shape[0])
-        gelu = self.activation is not None
         if plan.backend == "dense" or x2.shape[0] == 0:
             out = F.linear(x2, self.weight, self.bias)
-            if gelu:
-                out = self.activation(out)
         elif torch.compiler.is_compiling():
             out = _sparse_linear_op()(
-                x2, self.packed, self.bias, self.out_features, plan.alg_id, plan.split_k, plan.split_k_mode, gelu
+                x2, self.packed, self.bias, self.out_features, plan.alg_id, plan.split_k, plan.split_k_mode
             )
         else:  # eager (or a CUDA graph capture): the layer's kept plans, no dispatcher round trip
             out = _sparse_matmul(
@@ -347,7 +323,6 @@ class SemiStructuredLinear(nn.Module):
                 plan.split_k,
                 plan.split_k_mode,
                 self._matmul_plans,
-                gelu,
             )
             self._remember(x2.shape[0], x.dtype, plan)
         if plan.backend == "dense":
@@ -360,20 +335,15 @@ class SemiStructuredLinear(nn.Module):
             return
         if self.packed is not None and token_bucket(rows) not in self.plans:
             return
-        weight, bias, activation = self.dense_weight, self.bias, self.activation
+        weight, bias = self.dense_weight, self.bias
         if plan.backend == "dense":
-            if weight is not None and activation is None:
+            if weight is not None:
                 self._eager[(rows, dtype)] = lambda x: F.linear(x, weight, bias)
-            elif weight is not None:
-                self._eager[(rows, dtype)] = lambda x: activation(F.linear(x, weight, bias))
             return
-        found = self._matmul_plans.get((rows, plan.alg_id, plan.split_k, plan.split_k_mode, activation is not None))
-        if found is not None and rows % 8 == 0:
-            (matmul, gelu_after), packed = found, self.packed
-            if gelu_after:
-                self._eager[(rows, dtype)] = lambda x: _gelu_after(matmul(x, packed))
-            else:
-                self._eager[(rows, dtype)] = lambda x: matmul(x, packed)
+        matmul = self._matmul_plans.get((rows, plan.alg_id, plan.split_k, plan.split_k_mode))
+        if matmul is not None and rows % 8 == 0:
+            packed = self.packed
+            self._eager[(rows, dtype)] = lambda x: matmul(x, packed)
 
     # -- dense weights in and out ----------------------------------------------------------------------------------
 

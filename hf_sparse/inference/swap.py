@@ -31,7 +31,6 @@ from torch import nn
 from ..config import SparsityConfig
 from ..masks import is_nm
 from ..selection import select_layers
-from . import cusparselt
 from .autotune import Autotuner, GemmChoice, Plan, default_tuner, token_bucket
 from .cuda_graphs import CudaGraphModel, EagerGraphs, remove_cuda_graphs
 from .cusparselt import split_k_supported
@@ -450,7 +449,6 @@ def swap_to_semi_structured_(
     dense_fallback: str = "auto",
     autotune: bool | Autotuner = True,
     eager_graphs: bool = True,
-    fuse_gelu: bool = True,
 ) -> SwapReport:
     """Swaps a model's 2:4 `nn.Linear` layers for cuSPARSELt 2:4 kernels, in place, and reports what it did.
 
@@ -491,11 +489,6 @@ def swap_to_semi_structured_(
             uses that one, False uses cuSPARSELt's default algorithm everywhere (no timing, no dense fallback).
         eager_graphs: route `model(...)` at inference through CUDA graphs per input shape (each keeps its
             activation memory; at most 8 shapes). False leaves `model.forward` alone.
-        fuse_gelu: where a swapped layer feeds a GELU (`intermediate_act_fn` after `intermediate.dense` in BERT-like
-            encoders), compute the GELU in the sparse GEMM's epilogue instead of a separate pass over the
-            activation (cuSPARSELt computes the tanh approximation: for an exact-GELU model such as BERT the
-            outputs move by about as much as fp16 rounding; the report says so per layer). Dense paths call the
-            model's own GELU.
 
     Returns:
         `SwapReport`: one `LayerSwap` per layer or fused group (status, reason, memory, measured time against dense
@@ -579,8 +572,6 @@ def swap_to_semi_structured_(
             emits_state=len(unit.layers) == 1,
         )
         _install(unit, new)
-        if fuse_gelu and sparse:
-            reason += _fuse_gelu_(unit, new)
         described = {b: p.describe() for b, p in sorted(plans.items())}
         report.append(
             LayerSwap(unit.name, unit.shape, status, reason, unit.dense_bytes, new.weight_bytes, described, times)
@@ -607,56 +598,6 @@ def swap_to_semi_structured_(
         report.eager_graphs = True
     logger.info("hf-sparse: semi-structured swap\n%s", report.format())
     return report
-
-
-class FusedActivation(nn.Module):
-    """Stands where an activation was once the swapped layer before it computes it (`SemiStructuredLinear
-    .activation`); `restore_dense_` puts the original back."""
-
-    def __init__(self, original: nn.Module):
-        super().__init__()
-        object.__setattr__(self, "original", original)  # not a submodule: it runs inside the layer now
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def extra_repr(self) -> str:
-        return f"{type(self.original).__name__}, computed by the layer before"
-
-
-_ACTIVATION_ATTRS = {"dense": "intermediate_act_fn"}  # layer attribute -> the activation attribute beside it
-
-
-def _gelu_approximation(module) -> str | None:
-    """'none' (exact erf GELU) or 'tanh' for the GELU modules of torch and transformers; None for anything else."""
-    if isinstance(module, nn.GELU):
-        return module.approximate
-    kind = type(module).__name__
-    if kind == "GELUActivation" and getattr(module, "act", None) is torch.nn.functional.gelu:
-        return "none"
-    if kind in ("GELUTanh", "NewGELUActivation"):
-        return "tanh"
-    return None
-
-
-def _fuse_gelu_(unit: _Unit, new: SemiStructuredLinear) -> str:
-    """Moves the GELU that follows `new` in its parent (BERT-like `intermediate`) into it; returns the words for the
-    report ("" when there is none)."""
-    if len(unit.attrs) != 1 or unit.attrs[0] not in _ACTIVATION_ATTRS:
-        return ""
-    attr = _ACTIVATION_ATTRS[unit.attrs[0]]
-    activation = getattr(unit.parent, attr, None)
-    approximation = _gelu_approximation(activation)
-    if approximation is None:
-        return ""
-    new.activation = activation
-    setattr(unit.parent, attr, FusedActivation(activation))
-    if approximation == cusparselt.GELU_APPROXIMATE:
-        return "; GELU computed in the sparse GEMM's epilogue"
-    return (
-        f"; GELU computed in the sparse GEMM's epilogue ({cusparselt.GELU_APPROXIMATE} approximation; the model's "
-        "is exact: fuse_gelu=False keeps it apart)"
-    )
 
 
 def _install(unit: _Unit, new: SemiStructuredLinear) -> None:
@@ -700,10 +641,6 @@ def restore_dense_(model: nn.Module) -> list[str]:
     """
     if isinstance(model.__dict__.get("forward"), EagerGraphs):
         remove_cuda_graphs(model)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, FusedActivation):
-            parent_name, attr = _split(name)
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, module.original)
     restored = []
     for name, module in list(model.named_modules()):
         if isinstance(module, (FusedLinearSlice, SemiStructuredLinear)) and not (
