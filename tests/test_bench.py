@@ -61,6 +61,17 @@ def test_table_shows_every_mode_memory_and_logit_differences():
     assert table[6] == "max |logits - masked dense eager logits| at batch 4, eager: 2:4 3.90e-03"
     assert table[7] == "max |logits - masked dense eager logits| at batch 4, graphs: 2:4 4.10e-03"
 
+    # --swap-per-batch: each batch size ran its own swap, so each has its own memory line
+    result["memory_by_batch"] = {"4": {"dense": {"ratio": 1.0}, "2:4": {"ratio": 0.75}}, "16": result["memory"]}
+    table = format_table(result).splitlines()
+    assert table[5] == "weight memory of the 2:4 layers vs dense (swapped for batch 4): 2:4 0.750x"
+    assert table[6] == "weight memory of the 2:4 layers vs dense (swapped for batch 16): 2:4 0.990x"
+
+
+def test_swap_per_batch_is_an_option():
+    assert parse_args([]).swap_per_batch is False
+    assert options(swap_per_batch=True, batch_sizes=[16, 64]).swap_per_batch is True
+
 
 def test_options_for_python_callers_take_modes():
     args = options(modes=["graphs"], variants=["dense", "2:4"], batch_sizes=[16, 4])

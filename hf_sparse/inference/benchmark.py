@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Force one scaled-dot-product-attention backend for every variant (captures included), to compare "
         "attention kernels.",
     )
+    parser.add_argument(
+        "--swap-per-batch",
+        action="store_true",
+        help="Swap a fresh copy of the model for each batch size, naming only that batch size's token count (a "
+        "deployment that serves one batch size). Default: one swap that names the token counts of every batch size.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights and inputs.")
     return parser
 
@@ -248,15 +254,27 @@ def run(args: argparse.Namespace) -> dict:
           f"{args.dtype}, seq {args.seq_len}, modes {' '.join(args.modes)}", flush=True)  # fmt: skip
     base = build_model(args)
     names = prune_to_2_4(base)
-    models, memory, reports = build_variants(args, base, names)
+    if args.swap_per_batch:
+        built = {b: build_variants(argparse.Namespace(**dict(vars(args), batch_sizes=[b])), base, names)
+                 for b in args.batch_sizes}  # fmt: skip
+    else:
+        shared = build_variants(args, base, names)
+        built = {b: shared for b in args.batch_sizes}
+    first = built[args.batch_sizes[0]]
+    models = first[0]
     rows = []
     errors: dict[str, dict[str, float]] = {}
     notes: dict[str, str] = {}
     for mode in args.modes:
         start = time.perf_counter()
-        runnable = _compiled(models, len(args.batch_sizes)) if mode == "compile" else models
+        compiled: dict[int, dict] = {}
         with _sdpa_backend(args.sdpa_backend):
             for batch in args.batch_sizes:
+                runnable = built[batch][0]
+                if mode == "compile":  # once per set of models (each batch size's own with --swap-per-batch)
+                    if id(runnable) not in compiled:
+                        compiled = {id(runnable): _compiled(runnable, len(args.batch_sizes))}
+                    runnable = compiled[id(runnable)]
                 rows.append(_time_batch(args, base, runnable, batch, errors.setdefault(mode, {}), mode))
         notes[mode] = f"{time.perf_counter() - start:.0f} s"
         if mode == "compile":
@@ -275,10 +293,12 @@ def run(args: argparse.Namespace) -> dict:
         "variants": [v for v in args.variants if v in models],
         "modes": list(args.modes),
         "rows": rows,
-        "memory": memory,
+        "memory": first[1],
+        "memory_by_batch": {b: built[b][1] for b in args.batch_sizes} if args.swap_per_batch else None,
+        "swap_reports_by_batch": {b: built[b][2] for b in args.batch_sizes} if args.swap_per_batch else None,
         "max_abs_diff_vs_masked_dense": errors,
         "mode_notes": notes,
-        "swap_reports": reports,
+        "swap_reports": first[2],
         "command": "python -m hf_sparse.inference.benchmark " + " ".join(sys.argv[1:]),
     }
 
@@ -443,12 +463,13 @@ def format_table(result: dict) -> str:
                 cell = row.get(v)
                 cells += ["failed", "-"] if cell is None else [f"{cell['ms']:.3f}", f"{cell['speedup']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
-    mem = result["memory"]
     lines.append("")
-    lines.append(
-        "weight memory of the 2:4 layers vs dense: "
-        + ", ".join(f"{v} {mem[v]['ratio']:.3f}x" for v in variants if v in mem and v != "dense")
-    )
+    by_batch = result.get("memory_by_batch") or {"": result["memory"]}
+    for batch, mem in by_batch.items():
+        lines.append(
+            f"weight memory of the 2:4 layers vs dense{f' (swapped for batch {batch})' if batch != '' else ''}: "
+            + ", ".join(f"{v} {mem[v]['ratio']:.3f}x" for v in variants if v in mem and v != "dense")
+        )
     errors = result.get("max_abs_diff_vs_masked_dense") or {}
     first = min(r["batch"] for r in result["rows"]) if result["rows"] else "-"
     for mode in modes:
