@@ -262,7 +262,8 @@ class EagerGraphs(CudaGraphModel):
             return None
         tensors: list[torch.Tensor] = []
         try:
-            key = (_signature(list(args), tensors), _signature(kwargs, tensors), torch.is_inference_mode_enabled())
+            modes = (torch.is_inference_mode_enabled(), torch.is_autocast_enabled())  # a replay keeps its capture's
+            key = (_signature(list(args), tensors), _signature(kwargs, tensors), modes)
         except TypeError:
             return None
         if not tensors or any(t.device.type != "cuda" or t.requires_grad for t in tensors) or key in self._failed:
