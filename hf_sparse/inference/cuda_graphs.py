@@ -2,8 +2,8 @@
 
 A BERT-base forward launches hundreds of kernels, and eager PyTorch spends host time on each; a swapped layer's
 cuSPARSELt call costs more host time than a dense one even with its plan kept (`cusparselt.py`). Captured once
-per input shape and replayed, the whole forward costs one launch. Give the dense model you compare against the
-same treatment.
+per input shape and replayed, the whole forward costs one launch. `cuda_graphs(model)` does it for any model;
+`EagerGraphs` is what a swapped model installs as its own forward, so its plain inference calls are graphed.
 """
 
 from __future__ import annotations
@@ -314,10 +314,10 @@ class EagerGraphs(CudaGraphModel):
 def cuda_graphs(model: nn.Module, *, warmup: int = 2, clone_outputs: bool = True, inplace: bool = False):
     """Runs `model` through CUDA graphs, one per input signature (e.g. per (batch size, sequence length)).
 
-    Use it for a swapped 2:4 model where the forward is bound by host time (small batches: on an H100, BERT-base
-    at batch 4 and 16 ran eagerly at 0.83x and 0.70x of eager dense, graphed at 1.00x and 0.97x of graphed dense),
-    and for the dense model you compare it with. Inputs of a new shape trigger a new capture (a few eager passes): pad batches to a few
-    fixed shapes to keep the number of graphs small.
+    A swapped 2:4 model already graphs its own inference calls (`EagerGraphs`); use this for the dense model you
+    compare it with, for any other model bound by host time (small batches), or over `torch.compile(model)`. Inputs
+    of a new shape trigger a new capture (a few eager passes): pad batches to a few fixed shapes to keep the number of
+    graphs small.
 
     Args:
         model: the module, on a CUDA device, in eval mode.
