@@ -97,3 +97,17 @@ def test_eager_graphs_key_only_what_a_graph_can_replay(monkeypatch):
     with torch.no_grad():
         assert runner._key((x,), {}) is None
         assert runner._key((), {"cache": object()}) is None  # a type a graph cannot be keyed on
+
+
+def test_only_plain_values_go_in_and_out_of_a_graph():
+    # A KV cache (hashable, mutable) must not become part of a graph's key or output: the capture would change the
+    # caller's cache and replays would share one object.
+    from transformers import DynamicCache
+    from transformers.modeling_outputs import QuestionAnsweringModelOutput
+
+    from hf_sparse.inference.cuda_graphs import _plain
+
+    assert _plain({"input_ids": torch.ones(2, 3), "return_dict": True, "dtype": torch.float16, "mask": None})
+    assert _plain(QuestionAnsweringModelOutput(start_logits=torch.ones(2), end_logits=torch.ones(2)))
+    assert not _plain({"past_key_values": DynamicCache()})
+    assert not _plain([torch.ones(1), object()])

@@ -54,6 +54,22 @@ def _signature(value, tensors: list | None = None):
     return ("value", value)
 
 
+_PLAIN_VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _plain(value) -> bool:
+    """Whether a graph can take `value` as input or give it back as output: tensors, and numbers, strings, dtypes and
+    None, in lists, tuples and dicts (transformers' ModelOutput included). Objects such as a KV cache are not: a
+    graph would change them at capture and share them between calls."""
+    if isinstance(value, (torch.Tensor, *_PLAIN_VALUES)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
 def _static_copy(value):
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
@@ -165,6 +181,11 @@ class CudaGraphModel:
         """Drops every captured graph (and the memory they hold)."""
         self._graphs.clear()
 
+    def _check_generation(self) -> None:
+        if self.__dict__.get("_generation") != GENERATION[0]:  # swapped layers moved or were replaced
+            self.reset()
+            self._generation = GENERATION[0]
+
     def __getattr__(self, name):
         if name == "model":  # not set yet (unpickling)
             raise AttributeError(name)
@@ -186,6 +207,7 @@ class CudaGraphModel:
     def __call__(self, *args, **kwargs):
         if self.model.training or not torch.cuda.is_available():
             return self._forward(*args, **kwargs)
+        self._check_generation()
         key = (_signature(list(args)), _signature(kwargs))
         entry = self._graphs.get(key)
         with torch.no_grad():
@@ -247,12 +269,13 @@ class EagerGraphs(CudaGraphModel):
 
     def __getstate__(self):
         state = super().__getstate__()
-        state["_failed"] = set()
+        state.update(_failed=set(), captures=0, _warned_captures=False, _warned_failure=False)
         return state
 
     def reset(self) -> None:
         super().reset()
         self._failed.clear()
+        self.captures = 0
 
     def _key(self, args, kwargs):
         """The graph key of a call, or None when it must run plainly."""
@@ -260,13 +283,16 @@ class EagerGraphs(CudaGraphModel):
             return None
         if torch.cuda.is_current_stream_capturing():
             return None
-        tensors: list[torch.Tensor] = []
-        try:
-            modes = (torch.is_inference_mode_enabled(), torch.is_autocast_enabled())  # a replay keeps its capture's
-            key = (_signature(list(args), tensors), _signature(kwargs, tensors), modes)
-        except TypeError:
+        if not (_plain(args) and _plain(kwargs)):
             return None
+        tensors: list[torch.Tensor] = []
+        autocast = torch.is_autocast_enabled()
+        # a replay keeps the numerics of its capture: inference mode, autocast and its dtype are part of the key
+        modes = (torch.is_inference_mode_enabled(), autocast, torch.get_autocast_dtype("cuda") if autocast else None)
+        key = (_signature(list(args), tensors), _signature(kwargs, tensors), modes)
         if not tensors or any(t.device.type != "cuda" or t.requires_grad for t in tensors) or key in self._failed:
+            return None
+        if len({t.device for t in tensors}) > 1:
             return None
         return key
 
@@ -276,9 +302,24 @@ class EagerGraphs(CudaGraphModel):
         key = self._key(args, kwargs)
         if key is None:
             return self._forward(*args, **kwargs)
-        if self._generation != GENERATION[0]:
-            self.reset()
-            self._generation = GENERATION[0]
+        self._check_generation()
+        device = next(t for t in _tensors(args, kwargs)).device
+        if not self._on_one_device(device):  # a model spread over GPUs (device_map) runs plainly
+            return self._forward(*args, **kwargs)
+        with torch.cuda.device(device):
+            return self._graphed(key, args, kwargs)
+
+    def _on_one_device(self, device: torch.device) -> bool:
+        found = self.__dict__.get("_devices")
+        if found is None or found[0] != GENERATION[0]:
+            found = (
+                GENERATION[0],
+                {t.device for t in self.model.parameters()} | {t.device for t in self.model.buffers()},
+            )
+            self._devices = found
+        return found[1] <= {device}
+
+    def _graphed(self, key, args, kwargs):
         entry = self._graphs.get(key)
         if entry is None:
             if self.captures >= self.max_captures:
@@ -290,16 +331,20 @@ class EagerGraphs(CudaGraphModel):
                         self.captures, type(self.model).__name__,
                     )  # fmt: skip
                 return self._forward(*args, **kwargs)
+            self.captures += 1  # failed captures count too: they cost forwards
             try:
                 entry = self._capture(args, kwargs)
+                if not _plain(entry.output):
+                    raise TypeError(f"its output holds a {_first_object(entry.output)}, which replays would share")
             except Exception as err:  # a forward that syncs with the host, or other uncapturable work
                 self._failed.add(key)
-                logger.warning(
+                log = logger.debug if self.__dict__.get("_warned_failure") else logger.warning
+                self._warned_failure = True
+                log(
                     "hf-sparse: could not capture %s as a CUDA graph (%s: %s); calls of this shape run without one.",
                     type(self.model).__name__, type(err).__name__, str(err).splitlines()[0] if str(err) else "",
                 )  # fmt: skip
                 return self._forward(*args, **kwargs)
-            self.captures += 1
             self._graphs[key] = entry
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
@@ -309,6 +354,24 @@ class EagerGraphs(CudaGraphModel):
             _fill(entry.static_kwargs, kwargs)
         entry.graph.replay()
         return _clone_output(entry.output)
+
+
+def _tensors(*values):
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from _tensors(*value)
+        elif isinstance(value, Mapping):
+            yield from _tensors(*value.values())
+
+
+def _first_object(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return next((_first_object(v) for v in value if not _plain(v)), "")
+    if isinstance(value, Mapping):
+        return next((_first_object(v) for v in value.values() if not _plain(v)), "")
+    return type(value).__name__
 
 
 def cuda_graphs(model: nn.Module, *, warmup: int = 2, clone_outputs: bool = True, inplace: bool = False):

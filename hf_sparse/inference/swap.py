@@ -32,7 +32,7 @@ from ..config import SparsityConfig
 from ..masks import is_nm
 from ..selection import select_layers
 from .autotune import Autotuner, GemmChoice, Plan, default_tuner, token_bucket
-from .cuda_graphs import CudaGraphModel, EagerGraphs, remove_cuda_graphs
+from .cuda_graphs import GENERATION, CudaGraphModel, EagerGraphs, remove_cuda_graphs
 from .cusparselt import split_k_supported
 from .layers import (
     ALIGN,
@@ -601,6 +601,7 @@ def swap_to_semi_structured_(
 
 
 def _install(unit: _Unit, new: SemiStructuredLinear) -> None:
+    GENERATION[0] += 1  # graphs captured over the layers replaced here are stale
     if len(unit.attrs) == 1:
         setattr(unit.parent, unit.attrs[0], new)
         return
@@ -639,6 +640,7 @@ def restore_dense_(model: nn.Module) -> list[str]:
 
     Returns the names of the restored layers.
     """
+    GENERATION[0] += 1  # graphs captured over the swapped layers are stale
     if isinstance(model.__dict__.get("forward"), EagerGraphs):
         remove_cuda_graphs(model)
     restored = []
