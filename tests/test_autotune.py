@@ -146,13 +146,41 @@ def test_an_algorithm_that_kills_the_child_ends_its_sweep_and_caps_later_ones(ca
     assert [c["tokens"] for c in chosen] == [1536, 64, 4096]
     assert chosen[1]["backend"] == "sparse" and chosen[1]["candidates"] == 2 and chosen[1]["sparse_ms"] == 0.8
     assert chosen[1]["note"] == "sweep ended by a fault at algorithm 2"
-    assert tuning.FAULT_FLOOR == {0: 2}
+    assert chosen[2]["note"] == "algorithms from 2 up not tried (one faulted on this GPU)"
+    assert tuning.FAULT_FLOOR == {(0, "float16"): 2}
     assert "cuSPARSELt algorithm 2 of 768x768 float16 at 64 tokens killed the tuning process" in caplog.text
-    assert "from 2 up are not tried again" in caplog.text
+    assert "from 2 up are not tried again for float16" in caplog.text
+
+
+LATE_DEATHS = r"""
+import json, os, sys
+payload = json.loads(sys.stdin.read())
+for key, (out_f, in_f, dtype, bias, tokens) in payload["requests"].items():
+    if tokens == 64:
+        os.abort()  # dies between two requests: after the previous result, before this one's first event
+    print(json.dumps({"request": key, "dense_ms": 1.0}), flush=True)
+    print(json.dumps({"request": key, "trying": 0, "split_k": 1}), flush=True)
+    print(json.dumps({"request": key, "untimed": [0, 1, -1]}), flush=True)  # refused: not blamed later
+    result = {"backend": "dense", "dense_ms": 1.0, "tokens": tokens, "candidates": 0}
+    print(json.dumps({"request": key, "result": result}), flush=True)
+sys.exit(3)  # and even a clean run exits badly (a crash at teardown)
+"""
+
+
+def test_results_survive_a_bad_exit_and_a_death_between_requests(monkeypatch):
+    from hf_sparse.inference import tuning
+
+    monkeypatch.setattr(tuning, "FAULT_FLOOR", {})
+    requests = [(768, 768, torch.float16, True, n) for n in (1536, 64, 4096)] + [(64, 64, torch.bfloat16, True, 8)]
+    chosen = tuning.measure_in_child(requests, "cpu", {}, command=[sys.executable, "-c", LATE_DEATHS])
+    assert [c["tokens"] for c in chosen] == [1536, 64, 4096, 8]
+    assert chosen[1]["backend"] == "dense" and chosen[1]["dense_ms"] is None and "died" in chosen[1]["note"]
+    assert all("note" not in c for i, c in enumerate(chosen) if i != 1)
+    assert tuning.FAULT_FLOOR == {}  # no algorithm was blamed
 
 
 def test_a_child_that_cannot_start_says_how_to_tune_in_process():
     from hf_sparse.inference.tuning import measure_in_child
 
-    with pytest.raises(RuntimeError, match=r"outside any measurement.*isolate=False"):
+    with pytest.raises(RuntimeError, match=r"before measuring anything.*isolate=False"):
         measure_in_child([(64, 64, torch.float16, False, 8)], "cpu", {}, command=[sys.executable, "-c", "exit(3)"])

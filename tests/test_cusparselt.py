@@ -162,6 +162,6 @@ def test_an_algorithm_that_faults_costs_the_child_not_this_process(tmp_path, mon
     assert "cuSPARSELt algorithm 1 of 768x768 float16 at 1536 tokens killed the tuning process" in caplog.text
     # settled from algorithm 0, verified and timed before the fault; later sweeps on this GPU stop below 1
     assert choice.sparse.alg_id == 0 and choice.candidates == 1 and choice.sparse_ms and choice.dense_ms
-    assert choice.note == "sweep ended by a fault at algorithm 1" and tuning.FAULT_FLOOR == {0: 1}
+    assert choice.note == "sweep ended by a fault at algorithm 1" and tuning.FAULT_FLOOR == {(0, "float16"): 1}
     w, x, b, packed = problem(768, 768, 64)  # this process's CUDA context is untouched
     assert rel_error(cusparselt.sparse_linear(x, packed, b, 768, choice.sparse.alg_id), F.linear(x, w, b)) < 5e-3

@@ -79,8 +79,8 @@ def sweep(
     id refused). Every algorithm kept is checked against the masked dense result (`F.linear` in fp32): one whose
     relative error exceeds `tolerance` is dropped. `skip` lists ids never to run; `progress(alg_id, split_k)` is
     called before each one runs (the child process reports it, so a fault can be pinned on its algorithm), and
-    `on_timed(config, ms)` after each is verified and timed (`on_timed("dense", ms)` first), so a sweep that a fault
-    ends can still be settled from what it measured.
+    `on_timed(config, ms)` after each (ms None when it was refused or not verified; `on_timed("dense", ms)` first), so
+    a sweep that a fault ends can still be settled from what it measured.
 
     Returns the measurement as a dict: `backend` ("sparse" or "dense"), `alg_id`, `split_k`, `split_k_mode`,
     `dense_ms`, `sparse_ms`, `tokens`, `candidates` (algorithms verified and timed).
@@ -154,22 +154,22 @@ def sweep(
             if progress is not None:
                 progress(alg_id, 1)
             ms = run((alg_id, 1, -1))
+            if on_timed is not None:  # None: refused or not verified (so a later fault is not blamed on it)
+                on_timed((alg_id, 1, -1), ms if ms is not None and ms == ms else None)
             if ms is None:  # refused: ids run from 0 to a maximum that depends on the shape; stop past it
                 break
             if ms == ms:  # not NaN: verified
                 timings[(alg_id, 1, -1)] = ms
-                if on_timed is not None:
-                    on_timed((alg_id, 1, -1), ms)
         if split_k and (planned or cusparselt.split_k_supported()):
             best_algs = sorted({cfg[0] for cfg in timings}, key=lambda a: timings[(a, 1, -1)])[:2]
             for cfg in [(a, k, mode) for a in best_algs for k in split_k for mode in split_k_modes]:
                 if progress is not None:
                     progress(cfg[0], cfg[1])
                 ms = run(cfg)
+                if on_timed is not None:
+                    on_timed(cfg, ms if ms is not None and ms == ms else None)
                 if ms is not None and ms == ms:
                     timings[cfg] = ms
-                    if on_timed is not None:
-                        on_timed(cfg, ms)
     finally:
         plans.clear()
     chosen = choose(dense_ms, timings, tokens, min_speedup)
@@ -260,10 +260,11 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-FAULT_FLOOR: dict[int, int] = {}
-"""GPU index -> the lowest cuSPARSELt algorithm id that killed a tuning child on it in this process. Later sweeps
-on that GPU try only the ids below it: the ids past one that faults tend to fault too (on the H100 above, every
-GEMM shape that reached id 36 faulted there), and each fault costs a child process."""
+FAULT_FLOOR: dict[tuple[int, str], int] = {}
+"""(GPU index, dtype name) -> the lowest cuSPARSELt algorithm id above 0 that killed a tuning child in this process.
+Later sweeps of that dtype on that GPU try only the ids below it: the ids past one that faults tend to fault too (on
+the H100 above, every GEMM shape that reached id 36 faulted there), and each fault costs a child process. Their
+results say so (`note`)."""
 
 
 def measure_in_child(requests: list[tuple], device, settings: dict, command: list[str] | None = None) -> list[dict]:
@@ -277,13 +278,16 @@ def measure_in_child(requests: list[tuple], device, settings: dict, command: lis
     device = torch.device(device)
     index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
     results: dict[int, dict] = {}
-    for _ in range(len(requests) + MAX_RESTARTS):
+    limit = int(settings.get("max_algorithms", 64))
+    for _ in range(2 * len(requests) + MAX_RESTARTS):  # a pass ends a dtype group or settles a request
         pending = [i for i in range(len(requests)) if i not in results]
         if not pending:
             break
-        capped = dict(settings)
-        if index in FAULT_FLOOR:
-            capped["max_algorithms"] = min(int(settings.get("max_algorithms", 64)), FAULT_FLOOR[index])
+        # one child per dtype: the cap learnt from a fault applies to the sweeps of that dtype only
+        dtype = requests[pending[0]][2]
+        floor = FAULT_FLOOR.get((index, _dtype_name(dtype)))
+        pending = [i for i in pending if requests[i][2] == dtype]
+        capped = dict(settings, max_algorithms=min(limit, floor) if floor else limit)
         payload = {
             "device": index,
             "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in capped.items()},
@@ -312,17 +316,24 @@ def measure_in_child(requests: list[tuple], device, settings: dict, command: lis
             elif "timed" in event:
                 seen["timings"][tuple(event["timed"])] = float(event["ms"])
                 trying = None
+            elif "untimed" in event:
+                trying = None
             elif "result" in event:
-                results[i] = event["result"]
+                results[i] = dict(event["result"])
+                if floor and floor < limit:
+                    results[i].setdefault("note", f"algorithms from {floor} up not tried (one faulted on this GPU)")
                 current = trying = None
-        if proc.returncode == 0 and all(i in results for i in pending):
-            break
+        if all(i in results for i in pending):
+            continue  # whatever the exit code (a crash at teardown costs nothing measured)
         tail = " | ".join((proc.stderr or "").strip().splitlines()[-3:])
         if current is None:
-            raise RuntimeError(
-                f"hf-sparse: the autotuning child process failed outside any measurement (exit code "
-                f"{proc.returncode}): {tail}. Pass Autotuner(isolate=False) to tune in this process."
-            )
+            if not partial and not results:  # nothing ever came out: the child cannot run here
+                raise RuntimeError(
+                    f"hf-sparse: the autotuning child process failed before measuring anything (exit code "
+                    f"{proc.returncode}): {tail}. Pass Autotuner(isolate=False) to tune in this process."
+                )
+            current = next(i for i in pending if i not in results)  # it died between two requests
+            partial[current] = {"dense_ms": None, "timings": {}}
         out_f, in_f, dtype, _, tokens = requests[current]
         what = f"{out_f}x{in_f} {_dtype_name(dtype)} at {tokens} tokens"
         seen = partial[current]
@@ -330,15 +341,16 @@ def measure_in_child(requests: list[tuple], device, settings: dict, command: lis
             choose(seen["dense_ms"], seen["timings"], tokens, float(settings.get("min_speedup", 1.03))),
             note=f"sweep ended by a fault at algorithm {trying[0]}" if trying else "tuning process died",
         )
-        if trying is not None and trying[1] == 1:
-            FAULT_FLOOR[index] = min(FAULT_FLOOR.get(index, trying[0]), trying[0])
+        key = (index, _dtype_name(dtype))
+        if trying is not None and trying[1] == 1 and trying[0] > 0:
+            FAULT_FLOOR[key] = min(FAULT_FLOOR.get(key, trying[0]), trying[0])
         logger.warning(
             "hf-sparse: %s of %s killed the tuning process (exit code %d: %s); %s from the %d algorithm(s) verified "
             "before it%s.",
             f"cuSPARSELt algorithm {trying[0]}" if trying else "measuring", what, proc.returncode, tail,
             "settled it", len(seen["timings"]),
-            f", and algorithms from {FAULT_FLOOR[index]} up are not tried again on this GPU" if index in FAULT_FLOOR
-            else "",
+            f", and algorithms from {FAULT_FLOOR[key]} up are not tried again for {_dtype_name(dtype)} on this GPU"
+            if key in FAULT_FLOOR else "",
         )  # fmt: skip
     for i in range(len(requests)):
         if i not in results:  # pragma: no cover - every pass settles at least one request
@@ -372,9 +384,14 @@ def main() -> None:
                 _cuda_fault(device)
 
         def on_timed(config, ms, key=key):
-            _emit(
-                {"request": key, "dense_ms": ms} if config == "dense" else {"request": key, "timed": config, "ms": ms}
-            )
+            if config == "dense":
+                _emit({"request": key, "dense_ms": ms})
+            else:
+                _emit(
+                    {"request": key, "timed": config, "ms": ms}
+                    if ms is not None
+                    else {"request": key, "untimed": config}
+                )
 
         chosen = sweep(
             out_f, in_f, _DTYPES[dtype], bias, tokens, device, progress=progress, on_timed=on_timed, **settings
