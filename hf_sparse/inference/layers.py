@@ -229,6 +229,7 @@ class SemiStructuredLinear(nn.Module):
                     "first for a dense model you can cast anywhere."
                 )
             self.packed = _compress(_decompress(packed, self.out_features, self.in_features).to(device, dtype))
+            self.plans = {}  # tuned for the old dtype: tuned again, lazily, for the new one
         return result
 
     def __getstate__(self):
