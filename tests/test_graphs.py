@@ -111,3 +111,19 @@ def test_only_plain_values_go_in_and_out_of_a_graph():
     assert _plain(QuestionAnsweringModelOutput(start_logits=torch.ones(2), end_logits=torch.ones(2)))
     assert not _plain({"past_key_values": DynamicCache()})
     assert not _plain([torch.ones(1), object()])
+
+
+def test_forward_hooks_keep_calls_out_of_graphs():
+    from hf_sparse.inference.cuda_graphs import _hooked
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    assert not _hooked(model)
+    handle = model[1].register_forward_hook(lambda module, args, output: None)  # a replay would never call it
+    assert _hooked(model)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: None)
+    try:
+        assert _hooked(model)
+    finally:
+        handle.remove()
+    assert not _hooked(model)

@@ -248,7 +248,8 @@ class EagerGraphs(CudaGraphModel):
 
     A call runs the plain forward instead whenever a graph would not be safe or not pay: in training mode, with
     gradients enabled, inside `torch.compile` or another capture, with inputs off the GPU or of a type a graph
-    cannot be keyed on (a cache object, say), or when its capture failed. Outputs are copies (the next replay does
+    cannot be keyed on (a cache object, say), with forward hooks registered (a replay would skip them), for a model
+    spread over several devices, or when its capture failed. Outputs are copies (the next replay does
     not overwrite them). At most `max_graphs` signatures keep a graph (least recently used dropped), and after
     `max_captures` captures new signatures run plainly (inputs whose shapes change every call are better padded to
     a few lengths). Graphs are dropped when the model's swapped layers move (`.to()`, `.half()`).
@@ -283,7 +284,7 @@ class EagerGraphs(CudaGraphModel):
             return None
         if torch.cuda.is_current_stream_capturing():
             return None
-        if not (_plain(args) and _plain(kwargs)):
+        if not (_plain(args) and _plain(kwargs)) or _hooked(self.model):
             return None
         tensors: list[torch.Tensor] = []
         autocast = torch.is_autocast_enabled()
@@ -354,6 +355,15 @@ class EagerGraphs(CudaGraphModel):
             _fill(entry.static_kwargs, kwargs)
         entry.graph.replay()
         return _clone_output(entry.output)
+
+
+def _hooked(model: nn.Module) -> bool:
+    """Whether forward hooks would see this call (a replay runs none of them): on any submodule, or global ones."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def _tensors(*values):
