@@ -114,16 +114,17 @@ def test_only_plain_values_go_in_and_out_of_a_graph():
 
 
 def test_forward_hooks_keep_calls_out_of_graphs():
-    from hf_sparse.inference.cuda_graphs import _hooked
+    from hf_sparse.inference.cuda_graphs import EagerGraphs, _hooked
 
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
-    assert not _hooked(model)
+    runner = EagerGraphs(model)
+    assert not _hooked(runner._hook_dicts())
     handle = model[1].register_forward_hook(lambda module, args, output: None)  # a replay would never call it
-    assert _hooked(model)
+    assert _hooked(runner._hook_dicts())  # the listed dicts see hooks registered after they were listed
     handle.remove()
     handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: None)
     try:
-        assert _hooked(model)
+        assert _hooked(runner._hook_dicts())
     finally:
         handle.remove()
-    assert not _hooked(model)
+    assert not _hooked(runner._hook_dicts())
