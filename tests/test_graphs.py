@@ -118,13 +118,13 @@ def test_forward_hooks_keep_calls_out_of_graphs():
 
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     runner = EagerGraphs(model)
-    assert not _hooked(runner._hook_dicts())
+    assert not _hooked(runner._facts_now()[0])
     handle = model[1].register_forward_hook(lambda module, args, output: None)  # a replay would never call it
-    assert _hooked(runner._hook_dicts())  # the listed dicts see hooks registered after they were listed
+    assert _hooked(runner._facts_now()[0])  # the listed dicts see hooks registered after they were listed
     handle.remove()
     handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: None)
     try:
-        assert _hooked(runner._hook_dicts())
+        assert _hooked(runner._facts_now()[0])
     finally:
         handle.remove()
-    assert not _hooked(runner._hook_dicts())
+    assert not _hooked(runner._facts_now()[0])

@@ -166,6 +166,7 @@ class CudaGraphModel:
         self.warmup = warmup
         self.clone_outputs = clone_outputs
         self._graphs: OrderedDict = OrderedDict()
+        self._generation = GENERATION[0]
         installed = model.__dict__.get("forward")  # a runner already routes model(...): graph the model's own forward
         self._forward = installed._forward if isinstance(installed, CudaGraphModel) else model.forward
         try:  # code that inspects model.forward (e.g. the Trainer's column filtering) sees the real signature
@@ -182,7 +183,7 @@ class CudaGraphModel:
         self._graphs.clear()
 
     def _check_generation(self) -> None:
-        if self.__dict__.get("_generation") != GENERATION[0]:  # swapped layers moved or were replaced
+        if self._generation != GENERATION[0]:  # swapped layers moved or were replaced
             self.reset()
             self._generation = GENERATION[0]
 
@@ -265,12 +266,11 @@ class EagerGraphs(CudaGraphModel):
         self.max_captures = max_captures
         self.captures = 0
         self._failed: set = set()
-        self._generation = GENERATION[0]
         self._warned_captures = False
 
     def __getstate__(self):
         state = super().__getstate__()
-        state.update(_failed=set(), captures=0, _warned_captures=False, _warned_failure=False, _module_hooks=None)
+        state.update(_failed=set(), captures=0, _warned_captures=False, _warned_failure=False, _facts=None)
         return state
 
     def reset(self) -> None:
@@ -278,13 +278,14 @@ class EagerGraphs(CudaGraphModel):
         self._failed.clear()
         self.captures = 0
 
-    def _key(self, args, kwargs):
-        """The graph key of a call, or None when it must run plainly."""
+    def _key(self, args, kwargs) -> tuple | None:
+        """The graph key of a call and the device its inputs are on, or None when it must run plainly."""
         if not self.enabled or self.model.training or torch.is_grad_enabled() or not torch.cuda.is_available():
             return None
         if torch.cuda.is_current_stream_capturing():
             return None
-        if not (_plain(args) and _plain(kwargs)) or _hooked(self._hook_dicts()):
+        hook_dicts, devices = self._facts_now()
+        if not (_plain(args) and _plain(kwargs)) or _hooked(hook_dicts):
             return None
         tensors: list[torch.Tensor] = []
         autocast = torch.is_autocast_enabled()
@@ -293,42 +294,31 @@ class EagerGraphs(CudaGraphModel):
         key = (_signature(list(args), tensors), _signature(kwargs, tensors), modes)
         if not tensors or any(t.device.type != "cuda" or t.requires_grad for t in tensors) or key in self._failed:
             return None
-        if len({t.device for t in tensors}) > 1:
-            return None
-        return key
+        if not devices <= {tensors[0].device} or len({t.device for t in tensors}) > 1:
+            return None  # inputs on several devices, or a model spread over GPUs (device_map)
+        return key, tensors[0].device
 
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():  # torch.compile traces the model's own forward
             return self._forward(*args, **kwargs)
-        key = self._key(args, kwargs)
-        if key is None:
-            return self._forward(*args, **kwargs)
         self._check_generation()
-        device = next(t for t in _tensors(args, kwargs)).device
-        if not self._on_one_device(device):  # a model spread over GPUs (device_map) runs plainly
+        found = self._key(args, kwargs)
+        if found is None:
             return self._forward(*args, **kwargs)
+        key, device = found
         with torch.cuda.device(device):
             return self._graphed(key, args, kwargs)
 
-    def _hook_dicts(self) -> list[dict]:
-        """Every submodule's forward-hook dicts (registering a hook adds to them), listed again whenever swapped layers
-        change: walking BERT-base's 227 modules took 0.34 ms, checking their 454 dicts 15 us (a loaded 2-core CPU)."""
-        found = self.__dict__.get("_module_hooks")
+    def _facts_now(self) -> tuple[list[dict], set]:
+        """Every submodule's forward-hook dicts (registering a hook adds to them) and the devices of the model's
+        tensors, gathered again whenever swapped layers change: walking BERT-base's 227 modules took 0.34 ms,
+        checking their 454 hook dicts 15 us (a loaded 2-core CPU)."""
+        found = self.__dict__.get("_facts")
         if found is None or found[0] != GENERATION[0]:
-            dicts = [d for m in self.model.modules() for d in (m._forward_hooks, m._forward_pre_hooks)]
-            found = (GENERATION[0], dicts)
-            self._module_hooks = found
-        return found[1]
-
-    def _on_one_device(self, device: torch.device) -> bool:
-        found = self.__dict__.get("_devices")
-        if found is None or found[0] != GENERATION[0]:
-            found = (
-                GENERATION[0],
-                {t.device for t in self.model.parameters()} | {t.device for t in self.model.buffers()},
-            )
-            self._devices = found
-        return found[1] <= {device}
+            hooks = [d for m in self.model.modules() for d in (m._forward_hooks, m._forward_pre_hooks)]
+            devices = {t.device for t in self.model.parameters()} | {t.device for t in self.model.buffers()}
+            found = self._facts = (GENERATION[0], hooks, devices)
+        return found[1], found[2]
 
     def _graphed(self, key, args, kwargs):
         entry = self._graphs.get(key)
@@ -374,16 +364,6 @@ def _hooked(hook_dicts: list[dict]) -> bool:
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
     return any(map(len, hook_dicts))
-
-
-def _tensors(*values):
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, (list, tuple)):
-            yield from _tensors(*value)
-        elif isinstance(value, Mapping):
-            yield from _tensors(*value.values())
 
 
 def _first_object(value) -> str:
