@@ -327,7 +327,7 @@ def _decide(unit: _Unit, tuner: Autotuner | None, token_counts: Sequence[int], f
     buckets = sorted(choices)
     sparse_wins = [b for b in buckets if choices[b].backend == "sparse"]
     dense_wins = [b for b in buckets if choices[b].backend == "dense"]
-    speed = f"sparse/dense speed-up by tokens: {_fmt_speedups(choices, buckets)}"
+    speed = _speed_text(choices)
     if not sparse_wins:
         plans = {b: Plan("dense") for b in buckets}
         return _Decision("dense", f"dense is faster at every tuned token count ({speed})", plans, choices)
@@ -350,6 +350,10 @@ def _mixed(choices: dict[int, GemmChoice], keep_dense: bool, fallback: str, spee
     )
     reason = f"compressed weight only ({why}): sparse runs where dense would be faster ({speed})"
     return _Decision("sparse", reason, plans, choices)
+
+
+def _speed_text(choices: dict[int, GemmChoice]) -> str:
+    return f"sparse/dense speed-up by tokens: {_fmt_speedups(choices, sorted(choices))}"
 
 
 def _budget_dense_copies(units: list[_Unit], decisions: list[_Decision]) -> list[_Decision]:
@@ -377,15 +381,13 @@ def _budget_dense_copies(units: list[_Unit], decisions: list[_Decision]) -> list
         return total
 
     def extra_bytes(index: int, holds: str) -> int:
-        dense = units[index].dense_bytes
-        return {"copy": dense, "compressed": 0, "dense": dense}[holds] + _compressed_bytes(units[index]) * (
-            holds != "dense"
-        ) - dense  # fmt: skip
+        """Bytes over the unit's dense bytes."""
+        compressed = _compressed_bytes(units[index])
+        return {"copy": compressed, "compressed": compressed - units[index].dense_bytes, "dense": 0}[holds]
 
     holds = {i: "copy" for i, d in enumerate(decisions) if d.mixed}
     over = sum(extra_bytes(i, h) for i, h in holds.items())
-    over -= sum(units[i].dense_bytes - _compressed_bytes(units[i]) for i, d in enumerate(decisions)
-                if d.status == "sparse" and not d.mixed)  # fmt: skip
+    over += sum(extra_bytes(i, "compressed") for i, d in enumerate(decisions) if d.status == "sparse" and not d.mixed)
     moved: list[int] = []
     while over > 0:
         moves = [
@@ -410,7 +412,7 @@ def _budget_dense_copies(units: list[_Unit], decisions: list[_Decision]) -> list
     decided = list(decisions)
     for index, held in holds.items():
         decision = decisions[index]
-        speed = decision.reason[decision.reason.rfind("(") + 1 : -1]
+        speed = _speed_text(decision.choices)
         if held == "dense":
             plans = {b: Plan("dense") for b in decision.choices}
             reason = (
