@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from .tuning import measure_in_child, sweep
+from .tuning import MIN_SPEEDUP, measure_in_child, sweep
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class Autotuner:
     """
 
     cache_path: str | os.PathLike | bool | None = None
-    min_speedup: float = 1.03
+    min_speedup: float = MIN_SPEEDUP
     reps: int = 10
     max_algorithms: int = 64
     time_budget_s: float = 4.0

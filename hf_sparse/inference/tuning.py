@@ -35,6 +35,10 @@ from . import cusparselt
 
 logger = logging.getLogger(__name__)
 
+MIN_SPEEDUP = 1.03
+"""Sparse must be at least this much faster than dense for a GEMM to run sparse (timings differ by a few percent
+from run to run)."""
+
 MAX_RESTARTS = 4
 """Extra children allowed per `measure_in_child` call beyond one per request (each death settles one request)."""
 
@@ -66,7 +70,7 @@ def sweep(
     time_budget_s: float = 4.0,
     split_k: tuple[int, ...] = (),
     split_k_modes: tuple[int, ...] = (-1,),
-    min_speedup: float = 1.03,
+    min_speedup: float = MIN_SPEEDUP,
     tolerance: float | None = None,
     skip: tuple[int, ...] = (),
     progress=None,
@@ -338,17 +342,17 @@ def measure_in_child(requests: list[tuple], device, settings: dict, command: lis
         what = f"{out_f}x{in_f} {_dtype_name(dtype)} at {tokens} tokens"
         seen = partial[current]
         results[current] = dict(
-            choose(seen["dense_ms"], seen["timings"], tokens, float(settings.get("min_speedup", 1.03))),
+            choose(seen["dense_ms"], seen["timings"], tokens, float(settings.get("min_speedup", MIN_SPEEDUP))),
             note=f"sweep ended by a fault at algorithm {trying[0]}" if trying else "tuning process died",
         )
         key = (index, _dtype_name(dtype))
         if trying is not None and trying[1] == 1 and trying[0] > 0:
             FAULT_FLOOR[key] = min(FAULT_FLOOR.get(key, trying[0]), trying[0])
         logger.warning(
-            "hf-sparse: %s of %s killed the tuning process (exit code %d: %s); %s from the %d algorithm(s) verified "
-            "before it%s.",
+            "hf-sparse: %s of %s killed the tuning process (exit code %d: %s); settled it from the %d algorithm(s) "
+            "verified before it%s.",
             f"cuSPARSELt algorithm {trying[0]}" if trying else "measuring", what, proc.returncode, tail,
-            "settled it", len(seen["timings"]),
+            len(seen["timings"]),
             f", and algorithms from {FAULT_FLOOR[key]} up are not tried again for {_dtype_name(dtype)} on this GPU"
             if key in FAULT_FLOOR else "",
         )  # fmt: skip
