@@ -267,14 +267,14 @@ def run(args: argparse.Namespace) -> dict:
     notes: dict[str, str] = {}
     for mode in args.modes:
         start = time.perf_counter()
-        compiled: dict[int, dict] = {}
+        compiled_from, compiled = None, None
         with _sdpa_backend(args.sdpa_backend):
             for batch in args.batch_sizes:
                 runnable = built[batch][0]
                 if mode == "compile":  # once per set of models (each batch size's own with --swap-per-batch)
-                    if id(runnable) not in compiled:
-                        compiled = {id(runnable): _compiled(runnable, len(args.batch_sizes))}
-                    runnable = compiled[id(runnable)]
+                    if compiled_from is not runnable:
+                        compiled_from, compiled = runnable, _compiled(runnable, len(args.batch_sizes))
+                    runnable = compiled
                 rows.append(_time_batch(args, base, runnable, batch, errors.setdefault(mode, {}), mode))
         notes[mode] = f"{time.perf_counter() - start:.0f} s"
         if mode == "compile":
