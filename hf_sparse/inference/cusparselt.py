@@ -44,10 +44,14 @@ _ORDER_COL, _ORDER_ROW = 1, 2
 _OP_N, _OP_T = 0, 1
 _COMPUTE_32F = 2
 _SPARSITY_50 = 0
-_MATMUL_BIAS_POINTER = 8
+_MATMUL_ALPHA_VECTOR_SCALING, _MATMUL_BIAS_POINTER = 5, 8
 _ALG_DEFAULT = 0
 _ALG_CONFIG_ID, _ALG_CONFIG_MAX_ID, _ALG_SPLIT_K, _ALG_SPLIT_K_MODE = 0, 1, 3, 4
-_CUDA_TYPES = {torch.float16: 2, torch.bfloat16: 14}
+_CUDA_TYPES = {
+    torch.float16: 2,
+    torch.bfloat16: 14,
+    torch.float8_e4m3fn: 28,
+}  # CUDA_R_16F, CUDA_R_16BF, CUDA_R_8F_E4M3
 _OPAQUE = 1024  # bytes of each opaque cuSPARSELt struct (512 in 0.8; more is harmless)
 _ALIGN = 16
 
@@ -201,6 +205,8 @@ class PlanKey(NamedTuple):
     alg_id: int
     split_k: int
     split_k_mode: int
+    out_dtype: torch.dtype | None = None  # None: the input dtype (fp8 inputs write fp16 or bf16)
+    alpha_vector: bool = False  # a per-output-feature scale vector (on the GPU) multiplies the product
 
 
 class MatmulPlan:
@@ -218,9 +224,13 @@ class MatmulPlan:
         handle = lib.handle(key.device)
         self._handle = handle
         out_f, in_f, rows = key.out_features, key.in_features, key.rows
-        if key.dtype not in _CUDA_TYPES:
-            raise ValueError(f"cuSPARSELt plans take float16 or bfloat16; got {key.dtype}.")
-        value_type = _CUDA_TYPES[key.dtype]
+        out_dtype = key.out_dtype or key.dtype
+        if key.dtype not in _CUDA_TYPES or out_dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"cuSPARSELt plans take float16, bfloat16 or float8_e4m3fn inputs and write float16 or bfloat16; "
+                f"got {key.dtype} -> {out_dtype}."
+            )
+        value_type, out_type = _CUDA_TYPES[key.dtype], _CUDA_TYPES[out_dtype]
         self._a, self._b, self._d = (ctypes.create_string_buffer(_OPAQUE) for _ in range(3))
         self._matmul_desc = ctypes.create_string_buffer(_OPAQUE)
         self._alg = ctypes.create_string_buffer(_OPAQUE)
@@ -239,7 +249,7 @@ class MatmulPlan:
             self._alive.append("b")
             # y as (out, rows) column-major = (rows, out) row-major: torch's transpose_result=True
             lib.call(
-                "cusparseLtDenseDescriptorInit", handle, self._d, out_f, rows, out_f, _ALIGN, value_type, _ORDER_COL
+                "cusparseLtDenseDescriptorInit", handle, self._d, out_f, rows, out_f, _ALIGN, out_type, _ORDER_COL
             )
             self._alive.append("d")
             lib.call(
@@ -252,6 +262,12 @@ class MatmulPlan:
                 lib.call(
                     "cusparseLtMatmulDescSetAttribute",
                     handle, self._matmul_desc, _MATMUL_BIAS_POINTER, ctypes.byref(pointer), ctypes.sizeof(pointer),
+                )  # fmt: skip
+            if key.alpha_vector:
+                on = ctypes.c_int(1)
+                lib.call(
+                    "cusparseLtMatmulDescSetAttribute",
+                    handle, self._matmul_desc, _MATMUL_ALPHA_VECTOR_SCALING, ctypes.byref(on), ctypes.sizeof(on),
                 )  # fmt: skip
             lib.call("cusparseLtMatmulAlgSelectionInit", handle, self._alg, self._matmul_desc, _ALG_DEFAULT)
             self._alive.append("alg")
@@ -282,6 +298,7 @@ class MatmulPlan:
         self._streams = (ctypes.c_void_p * 1)()
         self._device = torch.device("cuda", key.device)
         self._shape = (rows, out_f)
+        self._out_dtype = out_dtype
 
     def _get_alg_attribute(self, attribute: int) -> int:
         value = ctypes.c_int()
@@ -298,10 +315,27 @@ class MatmulPlan:
             self._handle, self._alg, attribute, ctypes.byref(value), ctypes.sizeof(value),
         )  # fmt: skip
 
-    def __call__(self, x: torch.Tensor, packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """`x @ W.T + bias` into a new (or the given) `(rows, out_features)` tensor, on the current stream."""
+    def __call__(
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        out: torch.Tensor | None = None,
+        alpha: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """`alpha * (x @ W.T) + bias` into a new (or the given) `(rows, out_features)` tensor, on the current stream.
+        `alpha`: a float (default 1; a CUDA graph keeps the value it was captured with), or for a plan built with
+        `alpha_vector`, float32 `(out_features,)` on the GPU, one factor per output feature."""
         if out is None:
-            out = torch.empty(self._shape, dtype=x.dtype, device=self._device)
+            out = torch.empty(self._shape, dtype=self._out_dtype, device=self._device)
+        if self.key.alpha_vector:
+            if not isinstance(alpha, torch.Tensor):
+                raise ValueError("this cuSPARSELt plan scales by a vector: pass alpha, float32 (out_features,)")
+            alpha_pointer = alpha.data_ptr()
+        elif alpha is None or alpha == 1.0:
+            alpha_pointer = ctypes.addressof(self._alpha)
+        else:
+            scalar = ctypes.c_float(alpha)  # read by cuSPARSELt during the call
+            alpha_pointer = ctypes.addressof(scalar)
         workspace = None
         if self.workspace_bytes:
             workspace = torch.empty(self.workspace_bytes, dtype=torch.uint8, device=self._device).data_ptr()
@@ -309,7 +343,7 @@ class MatmulPlan:
         status = self.lib.matmul(
             self._handle,
             self._plan,
-            ctypes.byref(self._alpha),
+            alpha_pointer,
             packed.data_ptr(),
             x.data_ptr(),
             ctypes.byref(self._beta),
@@ -381,6 +415,8 @@ def plan_for(
     alg_id: int = 0,
     split_k: int = 1,
     split_k_mode: int = -1,
+    out_dtype: torch.dtype | None = None,
+    alpha_vector: bool = False,
 ) -> MatmulPlan:
     """The cached plan for this call (built on first use)."""
     key = PlanKey(
@@ -393,6 +429,8 @@ def plan_for(
         alg_id,
         split_k,
         split_k_mode,
+        None if out_dtype == x.dtype else out_dtype,
+        alpha_vector,
     )
     return PLANS.get(key, bias)
 
@@ -428,6 +466,8 @@ def max_alg_id(
     dtype: torch.dtype,
     device=None,
     bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    alpha_vector: bool = False,
 ) -> int:
     """The largest algorithm id cuSPARSELt offers for this GEMM (ids 0..max are valid; larger ones are refused).
 
@@ -435,12 +475,56 @@ def max_alg_id(
     CONFIG_MAX_ID read 52 without a bias and 50 with one; the largest valid id is one less)."""
     device = torch.device(device if device is not None else "cuda")
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = PlanKey(index, out_features, in_features, rows, dtype, 0 if bias is None else bias.data_ptr(), 0, 1, -1)
+    key = PlanKey(
+        index, out_features, in_features, rows, dtype, 0 if bias is None else bias.data_ptr(), 0, 1, -1,
+        None if out_dtype == dtype else out_dtype, alpha_vector,
+    )  # fmt: skip
     plan = MatmulPlan(key, bias)
     try:
         return plan.max_alg_id
     finally:
         plan.destroy()
+
+
+_REFUSED: set = set()
+ROW_ALIGN = 32  # token rows of e4m3 GEMMs are padded to a multiple of this
+
+
+def fp8_sparse_linear(
+    xq: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    alg_id: int,
+    alpha: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """`alpha * (xq @ Wq.T) + bias` in `out_dtype` for e4m3 `xq (rows, in)` and the compressed e4m3 2:4 weight
+    `packed`, through a kept plan (rows padded to a multiple of 32). An algorithm id refused for this epilogue (it
+    was tuned with another bias or output type) falls back to cuSPARSELt's default, 0."""
+    rows = xq.shape[0]
+    pad = (-rows) % ROW_ALIGN
+    if pad:
+        xq = torch.nn.functional.pad(xq.view(torch.uint8), (0, 0, 0, pad)).view(xq.dtype)  # no e4m3 pad kernel
+    if available():
+        key = (out_features, xq.shape[1], xq.shape[0], bias is not None, out_dtype, alg_id)
+        if key in _REFUSED:
+            alg_id = 0
+        try:
+            plan = plan_for(xq, packed, bias, out_features, alg_id, out_dtype=out_dtype)
+        except CusparseLtError:
+            if alg_id == 0:
+                raise
+            # tuned with another epilogue (bias, output type), this id is refused here: cuSPARSELt's default then
+            logger.info("hf-sparse: cuSPARSELt algorithm %d refused for e4m3 %s; using 0.", alg_id, key[:3])
+            _REFUSED.add(key)
+            plan = plan_for(xq, packed, bias, out_features, 0, out_dtype=out_dtype)
+        out = plan(xq, packed, alpha=alpha)
+    else:
+        out = torch._cslt_sparse_mm(packed, xq.t(), None, out_dtype=out_dtype, transpose_result=True, alg_id=alg_id)
+        out = out.float() * alpha
+        out = (out if bias is None else out + bias).to(out_dtype)
+    return out[:rows] if pad else out
 
 
 def split_k_supported() -> bool:
