@@ -95,38 +95,40 @@ def semi_structured_support(device: torch.device | str, dtype: torch.dtype, laye
 
 
 _DENSE_PLAN = DENSE
-_OP = None
+_OPS: dict = {}
 
 
-def _sparse_linear_op():
-    """`hf_sparse::sparse_linear` as a custom op, so `torch.compile` treats the cuSPARSELt call as one opaque
-    kernel with a known output shape (the meta function of `aten::_cslt_sparse_mm` cannot infer it)."""
-    global _OP
-    if _OP is not None:
-        return _OP
+def custom_op(name: str, fn, schema: str, fake):
+    """`fn` registered once as the custom op `hf_sparse::<name>`, so `torch.compile` treats the kernel call as one
+    opaque op whose output `fake` describes; `fn` itself where registration fails (other torch versions)."""
+    found = _OPS.get(name)
+    if found is not None:
+        return found
 
-    def sparse_linear(x, packed, bias, out_features, alg_id, split_k, split_k_mode):
-        out = _sparse_matmul(x, packed, bias, out_features, alg_id, split_k, split_k_mode)
+    def run(*args):
+        out = fn(*args)
         return out.clone() if out._base is not None else out  # a custom op returns no views of its temporaries
 
     try:
-        op = torch.library.custom_op(
-            "hf_sparse::sparse_linear",
-            sparse_linear,
-            mutates_args=(),
-            schema="(Tensor x, Tensor packed, Tensor? bias, int out_features, int alg_id, int split_k, "
-            "int split_k_mode) -> Tensor",
-        )
-
-        @op.register_fake
-        def _(x, packed, bias, out_features, alg_id, split_k, split_k_mode):
-            return x.new_empty((x.shape[0], out_features))
-
-        _OP = op
+        op = torch.library.custom_op(f"hf_sparse::{name}", run, mutates_args=(), schema=schema)
+        op.register_fake(fake)
     except Exception as err:  # pragma: no cover - registration differs across torch versions
-        logger.debug("hf-sparse: custom op registration failed (%s); calling cuSPARSELt directly.", err)
-        _OP = sparse_linear
-    return _OP
+        logger.debug("hf-sparse: custom op %s not registered (%s); calling the kernel directly.", name, err)
+        op = run
+    _OPS[name] = op
+    return op
+
+
+def _sparse_linear_op():
+    """`hf_sparse::sparse_linear`: the cuSPARSELt call as one op of known output shape for `torch.compile` (the
+    meta function of `aten::_cslt_sparse_mm` cannot infer it)."""
+    return custom_op(
+        "sparse_linear",
+        _sparse_matmul,
+        "(Tensor x, Tensor packed, Tensor? bias, int out_features, int alg_id, int split_k, int split_k_mode) "
+        "-> Tensor",
+        lambda x, packed, bias, out_features, *settings: x.new_empty((x.shape[0], out_features)),
+    )
 
 
 def _sparse_matmul(x, packed, bias, out_features, alg_id, split_k, split_k_mode, plans=None):
@@ -352,45 +354,57 @@ class SemiStructuredLinear(nn.Module):
         """Replaces the weight (or the rows `rows` of it) with a dense 2:4 tensor, recompressing it."""
         with torch.no_grad():
             device = (self.packed if self.packed is not None else self.dense_weight).device
-            weight = weight.to(device=device, dtype=self.dtype)
-            if rows is not None:
-                full = self.weight.clone()
-                full[rows] = weight
-                weight = full
-            if tuple(weight.shape) != (self.out_features, self.in_features):
-                raise ValueError(
-                    f"{self.name}: weight of shape {tuple(weight.shape)} does not fit a layer of shape "
-                    f"({self.out_features}, {self.in_features})."
-                )
+            weight = new_weight(self, weight, rows, device, self.dtype, self.packed is not None)
             if self.packed is not None:
-                if not is_nm(weight, 2, 4):
-                    raise ValueError(f"{self.name}: the new weight is not 2:4; prune it first (hf_sparse.prune_).")
                 self.packed.copy_(_compress(weight))
             if self.dense_weight is not None:
                 self.dense_weight.copy_(weight)
-            if bias is not None and self.bias is not None:
-                target = self.bias if rows is None else self.bias[rows]
-                target.copy_(bias.to(target))
+            copy_bias(self, bias, rows)
+
+
+def new_weight(layer, weight: torch.Tensor, rows: slice | None, device, dtype, sparse: bool) -> torch.Tensor:
+    """The full dense weight a layer's `set_weight_` installs: `weight` (or the rows `rows` of it) on the layer's
+    device and dtype, checked against the layer's shape (and 2:4 when the layer runs sparse)."""
+    weight = weight.to(device=device, dtype=dtype)
+    if rows is not None:
+        full = layer.weight.clone()
+        full[rows] = weight
+        weight = full
+    if tuple(weight.shape) != (layer.out_features, layer.in_features):
+        raise ValueError(
+            f"{layer.name}: weight of shape {tuple(weight.shape)} does not fit a layer of shape "
+            f"({layer.out_features}, {layer.in_features})."
+        )
+    if sparse and not is_nm(weight, 2, 4):
+        raise ValueError(f"{layer.name}: the new weight is not 2:4; prune it first (hf_sparse.prune_).")
+    return weight
+
+
+def copy_bias(layer, bias: torch.Tensor | None, rows: slice | None) -> None:
+    if bias is not None and layer.bias is not None:
+        target = layer.bias if rows is None else layer.bias[rows]
+        target.copy_(bias.to(target))
 
 
 def _emit_state(module, state_dict, prefix, local_metadata) -> None:
-    if isinstance(module, SemiStructuredLinear):
-        if not module.emits_state:
-            return
-        state_dict[prefix + "weight"] = module.weight.detach().clone()
-        if module.bias is not None:
-            state_dict[prefix + "bias"] = module.bias.detach().clone()
-    else:  # FusedLinearSlice
+    if isinstance(module, FusedLinearSlice):
         fused, rows = module.fused, module.rows
         state_dict[prefix + "weight"] = fused.weight[rows].detach().clone()
         if fused.bias is not None:
             state_dict[prefix + "bias"] = fused.bias[rows].detach().clone()
+        return
+    if not module.emits_state:  # a fused group: its member layers emit their slices
+        return
+    state_dict[prefix + "weight"] = module.weight.detach().clone()
+    if module.bias is not None:
+        state_dict[prefix + "bias"] = module.bias.detach().clone()
 
 
 def _load_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    if isinstance(module, SemiStructuredLinear) and not module.emits_state:
+    fused = isinstance(module, FusedLinearSlice)
+    if not fused and not module.emits_state:
         return
-    has_bias = (module.bias if isinstance(module, SemiStructuredLinear) else module.fused.bias) is not None
+    has_bias = (module.fused.bias if fused else module.bias) is not None
     weight = state_dict.pop(prefix + "weight", None)
     bias = state_dict.pop(prefix + "bias", None) if has_bias else None
     if weight is None:
@@ -399,10 +413,10 @@ def _load_state(module, state_dict, prefix, local_metadata, strict, missing_keys
     if has_bias and bias is None:
         missing_keys.append(prefix + "bias")
     try:
-        if isinstance(module, SemiStructuredLinear):
-            module.set_weight_(weight, bias)
-        else:
+        if fused:
             module.fused.set_weight_(weight, bias, rows=module.rows)
+        else:
+            module.set_weight_(weight, bias)
     except ValueError as err:
         error_msgs.append(f"{prefix}weight: {err}")
 
