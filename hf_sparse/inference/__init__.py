@@ -2,6 +2,7 @@
 
 - `swap.py`: `swap_to_semi_structured_` decides, layer by layer, what runs sparse, and reports it (`SwapReport`).
 - `layers.py`: the layers it installs (`SemiStructuredLinear`, fused q/k/v) and `semi_structured_support`.
+- `fp8.py`: FP8 (e4m3) layers, 2:4 or dense (`swap_to_semi_structured_(fp8=...)`); `quantization.py`: their e4m3 scaling.
 - `cusparselt.py`: cuSPARSELt plans kept per shape and token count (a ctypes binding to PyTorch's own library).
 - `autotune.py`: dense against sparse per GEMM shape and token count, cached on disk.
 - `tuning.py`: the measuring behind it: verified algorithm sweeps, in a child process that a GPU fault cannot spread from.
@@ -14,12 +15,15 @@ Everything here imports on a CPU machine; the kernels need an NVIDIA GPU of comp
 
 from .autotune import Autotuner
 from .cuda_graphs import EagerGraphs, cuda_graphs, remove_cuda_graphs
+from .fp8 import Fp8Config, Fp8Linear
 from .layers import FusedLinearSlice, SemiStructuredLinear, semi_structured_support
 from .swap import LayerSwap, SwapReport, fuse_qkv_, restore_dense_, swap_to_semi_structured_
 
 __all__ = [
     "Autotuner",
     "EagerGraphs",
+    "Fp8Config",
+    "Fp8Linear",
     "FusedLinearSlice",
     "LayerSwap",
     "SemiStructuredLinear",
