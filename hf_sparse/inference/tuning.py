@@ -46,7 +46,7 @@ FAULT_ENV = "_HF_SPARSE_TUNE_FAULT"
 """Testing hook: an algorithm id at which the child process makes a real, sticky CUDA fault (a device-side
 assert), as a faulty cuSPARSELt kernel would. Never set it outside tests."""
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -54,7 +54,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _reference_tolerance(dtype: torch.dtype) -> float:
-    return 1e-2 if dtype == torch.bfloat16 else 5e-3
+    # e4m3: the sparse kernel's bfloat16 product against the exact product of the same e4m3 values
+    return 1e-2 if dtype in (torch.bfloat16, torch.float8_e4m3fn) else 5e-3
 
 
 def sweep(
@@ -88,6 +89,11 @@ def sweep(
 
     Returns the measurement as a dict: `backend` ("sparse" or "dense"), `alg_id`, `split_k`, `split_k_mode`,
     `dense_ms`, `sparse_ms`, `tokens`, `candidates` (algorithms verified and timed).
+
+    `dtype` float8_e4m3fn measures the FP8 layers (`fp8.py`) as they run with static scales: "dense" is then the
+    dense FP8 GEMM (`torch._scaled_mm`), the sparse kernel takes e4m3 inputs and writes float16 with the scales and
+    the bias in its epilogue, and the fp16 dense GEMM of the same shape is timed too (`fp16_ms`, reported first as
+    `on_timed("fp16", ms)`).
     """
     import torch.nn.functional as F
 
@@ -95,20 +101,49 @@ def sweep(
 
     device = torch.device(device)
     tolerance = _reference_tolerance(dtype) if tolerance is None else tolerance
-    rows = tokens + (-tokens) % 8
+    fp8 = dtype == torch.float8_e4m3fn
+    rows = tokens + (-tokens) % (32 if fp8 else 8)
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(rows, in_features, device=device, dtype=dtype, generator=gen)
-    w = torch.randn(out_features, in_features, device=device, dtype=dtype, generator=gen)
+    weights_dtype = torch.float16 if fp8 else dtype
+    x = torch.randn(rows, in_features, device=device, dtype=weights_dtype, generator=gen)
+    w = torch.randn(out_features, in_features, device=device, dtype=weights_dtype, generator=gen)
     w = w * nm_mask(w)
-    b = torch.randn(out_features, device=device, dtype=dtype, generator=gen) if bias else None
-    packed = torch._cslt_compress(w)
-    reference = F.linear(x.float(), w.float(), None if b is None else b.float())
+    b = torch.randn(out_features, device=device, dtype=weights_dtype, generator=gen) if bias else None
     flops = 2.0 * rows * in_features * out_features
     # replays per timing: about half a millisecond of GEMMs (at ~400 TFLOP/s), so the timings of small GEMMs (~10
     # us) are not lost in the resolution of CUDA events (with 3 replays, two runs of one sweep disagreed by 30%)
     inner = int(min(200, max(1, 2e11 // flops)))
+    fp16_ms = None
+    if fp8:
+        # e4m3, as the layers run with static scales (fp8.py): "dense" is the dense FP8 GEMM (torch._scaled_mm,
+        # scales and bias in its epilogue), the sparse kernel takes the product of the scales as alpha and fuses
+        # the bias; the fp16 GEMM of the same shape is timed too.
+        from .quantization import quantize_static, quantize_weight
 
-    dense_ms = time_graphed(lambda: F.linear(x, w, b), inner, reps)
+        fp16_ms = time_graphed(lambda: F.linear(x, w, b), inner, reps)
+        if on_timed is not None:
+            on_timed("fp16", fp16_ms)
+        x_scale = (x.abs().max().float() / 448.0).reshape(())
+        xq = quantize_static(x, x_scale)
+        wq, w_scales = quantize_weight(w, per_tensor=True)
+        w_scale = w_scales[:1].reshape(())
+        alpha = float(x_scale) * float(w_scale)
+        packed = torch._cslt_compress(wq)
+        reference = alpha * (xq.float() @ wq.float().t()) + (0.0 if b is None else b.float())
+        kernel_in, kernel_bias, kernel_out = xq, b, torch.float16
+
+        def dense():
+            return torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale, bias=b, out_dtype=torch.float16)
+    else:
+        packed = torch._cslt_compress(w)
+        reference = F.linear(x.float(), w.float(), None if b is None else b.float())
+        kernel_in, kernel_bias, kernel_out = x, b, dtype
+        alpha = 1.0
+
+        def dense():
+            return F.linear(x, w, b)
+
+    dense_ms = time_graphed(dense, inner, reps)
     if dense_ms is None:  # pragma: no cover - dense GEMMs do not fail
         raise RuntimeError(f"could not time a dense {out_features}x{in_features} GEMM on {device}.")
     if on_timed is not None:
@@ -117,15 +152,22 @@ def sweep(
     planned = cusparselt.available()
     plans = cusparselt.PlanCache()
     if planned:
-        last_id = min(max_algorithms - 1, cusparselt.max_alg_id(out_features, in_features, rows, dtype, device, b))
+        last_id = cusparselt.max_alg_id(out_features, in_features, rows, dtype, device, kernel_bias, kernel_out)
+        last_id = min(max_algorithms - 1, last_id)
     else:
         last_id = max_algorithms - 1
 
     def sparse(alg_id, k=1, mode=-1):
         if planned:
-            plan = plans.get(cusparselt.PlanKey(device.index or 0, out_features, in_features, rows, dtype,
-                                                0 if b is None else b.data_ptr(), alg_id, k, mode), b)  # fmt: skip
-            return lambda: plan(x, packed)
+            bias_ptr = 0 if kernel_bias is None else kernel_bias.data_ptr()
+            out = None if kernel_out == dtype else kernel_out
+            key = cusparselt.PlanKey(
+                device.index or 0, out_features, in_features, rows, dtype, bias_ptr, alg_id, k, mode, out
+            )
+            plan = plans.get(key, kernel_bias)
+            return lambda: plan(kernel_in, packed, alpha=alpha)
+        if fp8:
+            return lambda: cusparselt.fp8_sparse_linear(xq, packed, b, out_features, alg_id, alpha, torch.float16)
         return lambda: cusparselt.cslt_linear(x, packed, b, alg_id, k, mode)
 
     def run(config) -> float | None:
@@ -177,6 +219,8 @@ def sweep(
     finally:
         plans.clear()
     chosen = choose(dense_ms, timings, tokens, min_speedup)
+    if fp16_ms is not None:
+        chosen["fp16_ms"] = fp16_ms
     if timings:
         logger.info(
             "hf-sparse: tuned %s at %d tokens: dense %.4f ms, sparse %.4f ms (alg %d, split-k %d/%d, %d verified) "
@@ -313,7 +357,9 @@ def measure_in_child(requests: list[tuple], device, settings: dict, command: lis
             i = int(event["request"])
             seen = partial.setdefault(i, {"dense_ms": None, "timings": {}})
             current = i
-            if "dense_ms" in event:
+            if "fp16_ms" in event:
+                seen["fp16_ms"] = event["fp16_ms"]
+            elif "dense_ms" in event:
                 seen["dense_ms"] = event["dense_ms"]
             elif "trying" in event:
                 trying = (int(event["trying"]), int(event.get("split_k", 1)))
@@ -345,6 +391,8 @@ def measure_in_child(requests: list[tuple], device, settings: dict, command: lis
             choose(seen["dense_ms"], seen["timings"], tokens, float(settings.get("min_speedup", MIN_SPEEDUP))),
             note=f"sweep ended by a fault at algorithm {trying[0]}" if trying else "tuning process died",
         )
+        if seen.get("fp16_ms") is not None:
+            results[current]["fp16_ms"] = seen["fp16_ms"]
         key = (index, _dtype_name(dtype))
         if trying is not None and trying[1] == 1 and trying[0] > 0:
             FAULT_FLOOR[key] = min(FAULT_FLOOR.get(key, trying[0]), trying[0])
@@ -388,8 +436,8 @@ def main() -> None:
                 _cuda_fault(device)
 
         def on_timed(config, ms, key=key):
-            if config == "dense":
-                _emit({"request": key, "dense_ms": ms})
+            if config in ("dense", "fp16"):
+                _emit({"request": key, f"{config}_ms": ms})
             else:
                 _emit(
                     {"request": key, "timed": config, "ms": ms}
