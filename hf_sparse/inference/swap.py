@@ -34,6 +34,7 @@ from ..selection import select_layers
 from .autotune import Autotuner, GemmChoice, Plan, default_tuner, token_bucket
 from .cuda_graphs import GENERATION, CudaGraphModel, EagerGraphs, remove_cuda_graphs
 from .cusparselt import split_k_supported
+from .fp8 import E4M3, Fp8Config, Fp8Linear, calibrate_input_scales, fp8_support_problem
 from .layers import (
     ALIGN,
     FusedLinearSlice,
@@ -49,6 +50,7 @@ DEFAULT_FUSE_GROUPS: tuple[tuple[str, ...], ...] = (("query", "key", "value"), (
 DEFAULT_TOKEN_COUNTS: tuple[int, ...] = (512, 2048, 8192, 32768, 131072)
 """Token counts (batch x sequence length) tuned at swap time when none are given."""
 FALLBACKS = ("auto", "copy", "none")
+SWAPPED = ("sparse", "sparse+dense", "fp8 2:4", "fp8 dense")
 
 
 # -- the report ------------------------------------------------------------------------------------------------------
@@ -59,7 +61,8 @@ class LayerSwap:
     """What `swap_to_semi_structured_` did with one layer (or one group of fused layers).
 
     `status` is "sparse" (compressed weight only), "sparse+dense" (compressed weight plus a dense copy for the
-    token counts where dense is faster), "dense" (a 2:4 layer kept dense, see `reason`), or "not 2:4".
+    token counts where dense is faster), "dense" (a 2:4 layer kept dense, see `reason`), or "not 2:4"; with
+    `fp8`, "fp8 2:4" (e4m3 2:4 kernel) or "fp8 dense" (dense FP8 GEMM), and "dense" for a layer left in fp16.
     """
 
     name: str
@@ -93,7 +96,7 @@ class SwapReport(list):
 
     @property
     def swapped(self) -> list[LayerSwap]:
-        return self.rows("sparse", "sparse+dense")
+        return self.rows(*SWAPPED)
 
     @property
     def memory_ratio(self) -> float:
@@ -105,7 +108,7 @@ class SwapReport(list):
     @property
     def memory_ratio_2_4(self) -> float:
         """The same over every 2:4 layer, the ones kept dense included (they count 1.0)."""
-        rows = self.rows("sparse", "sparse+dense", "dense")
+        rows = self.rows(*SWAPPED, "dense")
         dense = sum(r.dense_bytes for r in rows)
         return sum(r.bytes for r in rows) / dense if dense else 1.0
 
@@ -116,7 +119,7 @@ class SwapReport(list):
     def gemm_speedup(self, tokens: int) -> float | None:
         """Dense GEMM time over the swapped model's GEMM time at `tokens`, summed over the 2:4 layers (one call
         each), from the autotuner's measurements; None if some layer was not measured there."""
-        pairs = [r.times.get(tokens, (None, None)) for r in self.rows("sparse", "sparse+dense", "dense")]
+        pairs = [r.times.get(tokens, (None, None)) for r in self.rows(*SWAPPED, "dense")]
         if not pairs or any(not d or not t for d, t in pairs):
             return None
         return sum(d for d, _ in pairs) / sum(t for _, t in pairs)
@@ -135,7 +138,7 @@ class SwapReport(list):
             speeds = "".join(f"  {r.time_ratio(t):9.2f}" if r.time_ratio(t) else f"  {'-':>9}" for t in counts)
             lines.append(f"{r.name:<{width}}  {shape:>11}  {r.status:<12}  {r.memory_ratio:6.3f}{speeds}  {r.reason}")
         lines.append(
-            f"{len(self.swapped)} of {len(self.rows('sparse', 'sparse+dense', 'dense'))} 2:4 layer(s) swapped; "
+            f"{len(self.swapped)} of {len(self.rows(*SWAPPED, 'dense'))} 2:4 layer(s) swapped; "
             f"weight memory of the swapped layers: {self.memory_ratio:.3f}x dense "
             f"(all 2:4 layers: {self.memory_ratio_2_4:.3f}x)"
         )
@@ -439,6 +442,62 @@ def _times(decision: _Decision) -> dict[int, tuple[float | None, float | None]]:
     return times
 
 
+def _decide_fp8(unit: _Unit, tuner: Autotuner | None, token_counts: Sequence[int], config: Fp8Config) -> _Decision:
+    """What one unit becomes in FP8: the e4m3 2:4 kernel, the dense FP8 GEMM, or the fp16 layer it was, whichever
+    the autotuner measured fastest over the named token counts (each weighed relative to its fp16 time). One weight
+    format per layer, so the weights never take more bytes than the fastest choice needs."""
+    out_f, in_f = unit.shape
+    if out_f % 32 or in_f % 32:
+        return _Decision("dense", f"the e4m3 kernels need both dimensions to be multiples of 32; this GEMM is "
+                         f"{out_f}x{in_f}", {})  # fmt: skip
+    if not config.sparse:
+        return _Decision("fp8 dense", "dense FP8 for every layer (Fp8Config(sparse=False))", {})
+    if tuner is None or not token_counts:
+        return _Decision("fp8 2:4", "not tuned (autotune off): e4m3 2:4 kernel, cuSPARSELt's default algorithm", {})
+    device = unit.layers[0].weight.device
+    choices: dict[int, GemmChoice] = {}
+    for tokens in token_counts:
+        choices.setdefault(token_bucket(tokens), tuner.choice(out_f, in_f, E4M3, unit.has_bias, tokens, device))
+    relative = {"fp8 2:4": 0.0, "fp8 dense": 0.0, "dense": 0.0}
+    for c in choices.values():
+        reference = c.fp16_ms or c.dense_ms
+        relative["dense"] += 1.0
+        relative["fp8 dense"] += (c.dense_ms or float("inf")) / reference
+        relative["fp8 2:4"] += (c.sparse_ms or float("inf")) / reference
+    margin = tuner.min_speedup
+    best = "dense"
+    if min(relative["fp8 2:4"], relative["fp8 dense"]) * margin <= relative["dense"]:
+        best = "fp8 2:4" if relative["fp8 2:4"] * margin <= relative["fp8 dense"] else "fp8 dense"
+    speed = ", ".join(
+        f"{c.tokens}: 2:4 {c.fp16_ms / c.sparse_ms:.2f}x, dense fp8 {c.fp16_ms / c.dense_ms:.2f}x"
+        if c.fp16_ms and c.sparse_ms and c.dense_ms
+        else f"{c.tokens}: n/a"
+        for _, c in sorted(choices.items())
+    )
+    plans = {b: (c.sparse if best == "fp8 2:4" else Plan("dense")) for b, c in choices.items()}
+    what = {"fp8 2:4": "e4m3 2:4 is fastest", "fp8 dense": "dense FP8 is fastest", "dense": "fp16 is fastest"}[best]
+    return _Decision(best, f"{what} over the tuned token counts (GEMM speed over fp16 by tokens: {speed})", plans,
+                     choices)  # fmt: skip
+
+
+def _fp8_times(decision: _Decision) -> dict[int, tuple[float | None, float | None]]:
+    """tokens -> (fp16 dense ms, ms of what the layer runs) per GEMM call, as the autotuner measured them."""
+    times = {}
+    for _, choice in sorted(decision.choices.items()):
+        ran = {"fp8 2:4": choice.sparse_ms, "fp8 dense": choice.dense_ms}.get(decision.status, choice.fp16_ms)
+        times[choice.tokens] = (choice.fp16_ms, ran)
+    return times
+
+
+def _input_scales(model: nn.Module, units: list[_Unit], config: Fp8Config) -> dict[str, float]:
+    """Static e4m3 input scales per unit (a fused unit's members read one input: the largest of theirs)."""
+    if config.activation_scales != "static":
+        return {}
+    members = {u.name: [f"{u.parent_name}.{a}" if u.parent_name else a for a in u.attrs] for u in units}
+    scales = calibrate_input_scales(model, [n for names in members.values() for n in names], config.calibration)
+    return {unit: max(scales[n] for n in names) for unit, names in members.items()}
+
+
 # -- the public API --------------------------------------------------------------------------------------------------
 
 
@@ -451,6 +510,7 @@ def swap_to_semi_structured_(
     dense_fallback: str = "auto",
     autotune: bool | Autotuner = True,
     eager_graphs: bool = True,
+    fp8: bool | Fp8Config = False,
 ) -> SwapReport:
     """Swaps a model's 2:4 `nn.Linear` layers for cuSPARSELt 2:4 kernels, in place, and reports what it did.
 
@@ -491,6 +551,9 @@ def swap_to_semi_structured_(
             uses that one, False uses cuSPARSELt's default algorithm everywhere (no timing, no dense fallback).
         eager_graphs: route `model(...)` at inference through CUDA graphs per input shape (each keeps its
             activation memory; at most 8 shapes). False leaves `model.forward` alone.
+        fp8: run the layers in FP8 (e4m3, compute capability >= 8.9): True or an `Fp8Config`. Each layer becomes
+            whichever of the e4m3 2:4 kernel, the dense FP8 GEMM and its fp16 self the autotuner measures fastest
+            at `token_counts` (one weight format per layer; `dense_fallback` does not apply). See `fp8.py`.
 
     Returns:
         `SwapReport`: one `LayerSwap` per layer or fused group (status, reason, memory, measured time against dense
@@ -508,6 +571,9 @@ def swap_to_semi_structured_(
     """
     if dense_fallback not in FALLBACKS:
         raise ValueError(f"dense_fallback must be one of {list(FALLBACKS)}; got {dense_fallback!r}.")
+    fp8_config = Fp8Config() if fp8 is True else (fp8 or None)
+    if fp8_config is not None and not isinstance(fp8_config, Fp8Config):
+        raise TypeError(f"fp8 must be True, False or an Fp8Config; got {type(fp8).__name__}.")
     if fuse_qkv is True:
         fuse_groups: Sequence[Sequence[str]] = DEFAULT_FUSE_GROUPS
     elif fuse_qkv is False or fuse_qkv is None:
@@ -535,6 +601,8 @@ def swap_to_semi_structured_(
     for unit in units:
         weight = unit.layers[0].weight
         problem = semi_structured_support(weight.device, weight.dtype, unit.name)
+        if problem is None and fp8_config is not None:
+            problem = fp8_support_problem(weight.device, unit.name)
         if problem:
             raise RuntimeError(f"hf-sparse cannot swap {unit.name}: {problem} The model was not changed.")
 
@@ -548,20 +616,42 @@ def swap_to_semi_structured_(
         logger.info("hf-sparse: this PyTorch's _cslt_sparse_mm has no split-k arguments; tuning algorithms only.")
 
     # Decide everything before changing anything, so a failure leaves the model as it was.
-    if tuner is not None and counts:
+    if tuner is not None and counts and not (fp8_config is not None and not fp8_config.sparse):
         device = units[0].layers[0].weight.device
-        tuner.prefetch([(*u.shape, u.layers[0].weight.dtype, u.has_bias, t) for u in units for t in counts], device)
-    decisions = [_decide(unit, tuner, counts, dense_fallback) for unit in units]
-    if dense_fallback == "auto":
-        decisions = _budget_dense_copies(units, decisions)
+        kernel = (lambda u: E4M3) if fp8_config is not None else (lambda u: u.layers[0].weight.dtype)
+        tuner.prefetch([(*u.shape, kernel(u), u.has_bias, t) for u in units for t in counts], device)
+    if fp8_config is not None:
+        decisions = [_decide_fp8(unit, tuner, counts, fp8_config) for unit in units]
+        scales = _input_scales(model, units, fp8_config)
+    else:
+        decisions = [_decide(unit, tuner, counts, dense_fallback) for unit in units]
+        if dense_fallback == "auto":
+            decisions = _budget_dense_copies(units, decisions)
 
     report = SwapReport()
     for unit, decision in zip(units, decisions):
-        status, reason, plans, times = decision.status, decision.reason, decision.plans, _times(decision)
+        status, reason, plans = decision.status, decision.reason, decision.plans
+        times = _fp8_times(decision) if fp8_config is not None else _times(decision)
         sparse = status != "dense"
         if not sparse and len(unit.layers) == 1:
             dense = unit.dense_bytes
             report.append(LayerSwap(unit.name, unit.shape, status, reason, dense, dense, {}, times))
+            continue
+        if status.startswith("fp8"):
+            new = Fp8Linear(
+                unit.weight,
+                unit.bias,
+                sparse=status == "fp8 2:4",
+                input_scale=scales.get(unit.name),
+                algorithms={b: p.alg_id for b, p in plans.items() if p.backend == "sparse"},
+                name=unit.name,
+                emits_state=len(unit.layers) == 1,
+            )
+            _install(unit, new)
+            described = {b: ("e4m3 2:4" if p.backend == "sparse" else "dense FP8") for b, p in sorted(plans.items())}
+            report.append(
+                LayerSwap(unit.name, unit.shape, status, reason, unit.dense_bytes, new.weight_bytes, described, times)
+            )
             continue
         new = SemiStructuredLinear(
             unit.weight,
@@ -602,7 +692,7 @@ def swap_to_semi_structured_(
     return report
 
 
-def _install(unit: _Unit, new: SemiStructuredLinear) -> None:
+def _install(unit: _Unit, new: SemiStructuredLinear | Fp8Linear) -> None:
     GENERATION[0] += 1  # graphs captured over the layers replaced here are stale
     if len(unit.attrs) == 1:
         setattr(unit.parent, unit.attrs[0], new)
@@ -647,8 +737,8 @@ def restore_dense_(model: nn.Module) -> list[str]:
         remove_cuda_graphs(model)
     restored = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, (FusedLinearSlice, SemiStructuredLinear)) and not (
-            isinstance(module, SemiStructuredLinear) and not module.emits_state
+        if isinstance(module, (FusedLinearSlice, SemiStructuredLinear, Fp8Linear)) and not (
+            isinstance(module, (SemiStructuredLinear, Fp8Linear)) and not module.emits_state
         ):
             weight, bias = module.weight.detach().clone(), module.bias
             linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None)
@@ -662,7 +752,7 @@ def restore_dense_(model: nn.Module) -> list[str]:
             setattr(parent, attr, linear)
             restored.append(name)
     for name, module in list(model.named_modules()):
-        if isinstance(module, SemiStructuredLinear) and not module.emits_state:
+        if isinstance(module, (SemiStructuredLinear, Fp8Linear)) and not module.emits_state:
             parent_name, attr = _split(name)
             parent = model.get_submodule(parent_name) if parent_name else model
             delattr(parent, attr)
