@@ -12,7 +12,10 @@ then CUDA graphs):
 - `2:4-lean`: `dense_fallback="none"` (compressed weights only: the least memory);
 - `stock`: PyTorch's own path, `torch.sparse.to_sparse_semi_structured` on every pruned layer (as in PyTorch's
   2:4 BERT tutorial), for the record;
-- `dense-unfused`: the dense model without the q/k/v fusion, for the record.
+- `dense-unfused`: the dense model without the q/k/v fusion, for the record;
+- `fp8`: `swap_to_semi_structured_(fp8=...)`: e4m3 2:4 kernels (each layer the fastest of FP8 2:4, dense FP8 and
+  fp16, autotuned), activations scaled as `--fp8-scales` says;
+- `fp8-dense`: dense FP8 for every layer (`Fp8Config(sparse=False)`), the same activation scaling: the FP8 baseline.
 Each latency is the median of repeated CUDA-event timings, taken in interleaved rounds; each speed-up is against
 `dense` in the same mode. Also reported: the weight memory of the 2:4 layers and the largest logit difference
 from the masked dense model run eagerly. Prints a table and writes `bench.json` and `bench.png` to `--output-dir`.
@@ -37,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-VARIANTS = ("dense", "2:4", "2:4-plain", "2:4-copy", "2:4-lean", "stock", "dense-unfused")
+VARIANTS = ("dense", "2:4", "2:4-plain", "2:4-copy", "2:4-lean", "fp8", "fp8-dense", "stock", "dense-unfused")
 DEFAULT_VARIANTS = ("dense", "2:4")
 MODES = ("eager", "graphs", "compile")
 FALLBACK_OF = {"2:4": "auto", "2:4-plain": "auto", "2:4-copy": "copy", "2:4-lean": "none"}
@@ -110,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Swap a fresh copy of the model for each batch size, naming only that batch size's token count (a "
         "deployment that serves one batch size). Default: one swap that names the token counts of every batch size.",
+    )
+    parser.add_argument(
+        "--fp8-scales",
+        choices=["dynamic", "static"],
+        default="dynamic",
+        help="Activation scales of the fp8 variants: per token at run time, or one per layer calibrated on 4 random "
+        "batches (hf_sparse.inference.fp8.Fp8Config).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights and inputs.")
     return parser
@@ -247,6 +257,10 @@ def run(args: argparse.Namespace) -> dict:
     from .layers import semi_structured_support
 
     problem = semi_structured_support("cuda", DTYPES[args.dtype])
+    if problem is None and any(v.startswith("fp8") for v in args.variants):
+        from .fp8 import fp8_support_problem
+
+        problem = fp8_support_problem("cuda")
     if problem:
         raise SystemExit(f"hf-sparse-bench: {problem}")
     env = environment()
@@ -306,6 +320,7 @@ def run(args: argparse.Namespace) -> dict:
 def build_variants(args: argparse.Namespace, base: nn.Module, names: list[str]) -> tuple[dict, dict, dict]:
     """(models, weight memory, swap reports) of every variant in `args.variants`, each a copy of `base`."""
     from .autotune import Autotuner
+    from .fp8 import Fp8Config
     from .swap import fuse_qkv_, swap_to_semi_structured_
 
     dense_2_4_bytes = weight_bytes([base.get_submodule(n) for n in names])
@@ -317,19 +332,20 @@ def build_variants(args: argparse.Namespace, base: nn.Module, names: list[str]) 
     reports: dict[str, list] = {}
     if fuse:
         fuse_qkv_(models["dense"])
-    for variant, fallback in FALLBACK_OF.items():
-        if variant not in args.variants:
+    for variant in VARIANTS:
+        if variant not in FALLBACK_OF and not variant.startswith("fp8") or variant not in args.variants:
             continue
+        swap_args: dict = {"dense_fallback": FALLBACK_OF.get(variant, "auto"), "eager_graphs": variant != "2:4-plain"}
+        if variant.startswith("fp8"):
+            calibration = None
+            if args.fp8_scales == "static":
+                calibration = [
+                    make_inputs(base, 2, args.seq_len, args.seed + s, args.attention_mask) for s in range(4)
+                ]
+            swap_args["fp8"] = Fp8Config(args.fp8_scales, calibration, sparse=variant == "fp8")
         model = copy.deepcopy(base)
         start = time.perf_counter()
-        report = swap_to_semi_structured_(
-            model,
-            fuse_qkv=fuse,
-            token_counts=token_counts,
-            dense_fallback=fallback,
-            autotune=tuner,
-            eager_graphs=variant != "2:4-plain",
-        )
+        report = swap_to_semi_structured_(model, fuse_qkv=fuse, token_counts=token_counts, autotune=tuner, **swap_args)
         seconds = time.perf_counter() - start
         print(f"\n{variant}: swapped in {seconds:.1f} s ({tuner.measurements} GEMM shapes tuned so far)")
         print(report.format(), flush=True)
