@@ -8,12 +8,16 @@ Training data: the answerable questions of `squad-v2-dev-sample.json` whose para
 (607 questions on 149 paragraphs). Evaluation: `xquad-en.json` (1190 questions) with `hf_sparse`'s SQuAD v1.1
 metric (the official script's numbers to the last digit).
 
+With `--swap` (a GPU), every recovered model is also evaluated in fp16 as it is, swapped to fp16 2:4 kernels, and
+swapped to FP8 2:4 kernels with static and with dynamic activation scales (`swap_to_semi_structured_(fp8=...)`).
+
 Stages: the dense fine-tuning; for every variant, one-shot 2:4 pruning of every encoder `nn.Linear` (zero-shot)
 and a recovery fine-tuning with the masks held (`SparsityCallback`), with or without distillation from the dense
 model (`hf_sparse.DistillationLoss`). Each row says what it cost in seconds.
 
     python -m benchmarks.real_qa --output-dir runs/real_qa                  # the main rows (GPU: a minute)
     python -m benchmarks.real_qa --grid explore --output-dir runs/explore   # the README's table: every variant tried
+    python -m benchmarks.real_qa --grid fp8 --swap --output-dir runs/fp8  # + the recovered model on 2:4 kernels
     python -m benchmarks.real_qa --max-train-samples 32 --max-eval-samples 32 --max-seq-length 128 \\
         --doc-stride 32 --epochs 1 --grid smoke                             # a CPU smoke run in a minute
 """
@@ -101,6 +105,7 @@ def _explore_grid() -> list[Variant]:
 GRIDS = {
     "table": _table_grid,
     "explore": lambda: _table_grid() + _explore_grid(),
+    "fp8": lambda: [Variant("sparsegpt + distill hidden", "sparsegpt", distill="hidden")],
     "smoke": lambda: [
         Variant("magnitude", "magnitude"),
         Variant("sparsegpt + distill hidden", "sparsegpt", 16, distill="hidden"),
@@ -129,6 +134,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-train-samples", type=int, default=None)
     p.add_argument("--max-eval-samples", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--swap",
+        action="store_true",
+        help="Also evaluate each recovered model in fp16, on fp16 2:4 kernels and on FP8 2:4 kernels (GPU).",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--write-train-file",
@@ -349,7 +359,38 @@ def run(args) -> dict:
         stats = train(model, train_features, args, epochs, lr, [callback], loss)
         _check_24(model, config)
         row(variant.name, "recovered", prune_s=prune_s, **stats, **evaluate(model))
+        if args.swap:
+            for stage, swapped in _swapped(model, train_features, args):
+                row(variant.name, stage, **evaluate(swapped))
+                del swapped
     return result
+
+
+def _swapped(model, features, args):
+    """The recovered model in fp16: as it is, on fp16 2:4 kernels, and on FP8 2:4 kernels with static scales
+    (calibrated on 4 batches of training features) and with dynamic ones. Every encoder layer is swapped to the
+    kernel named (autotune off), so the rows measure the kernels' numerics."""
+    from accelerate.utils import extract_model_from_parallel
+
+    from hf_sparse import swap_to_semi_structured_
+    from hf_sparse.inference import Fp8Config
+
+    # the Trainer's bf16 run left accelerate's autocast wrapper on model.forward: evaluate the fp16 model as it is
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    columns = {k: torch.tensor(features[k][:128]) for k in keys if k in features.column_names}
+    calibration = [{k: v[i : i + 32].to(args.device) for k, v in columns.items()} for i in range(0, 128, 32)]
+    for stage, fp8 in (
+        ("recovered, fp16", None),
+        ("recovered, fp16 2:4 kernels", False),
+        ("recovered, FP8 2:4, static scales", Fp8Config("static", calibration)),
+        ("recovered, FP8 2:4, dynamic scales", Fp8Config("dynamic")),
+    ):
+        swapped = copy.deepcopy(model).half().eval()
+        if fp8 is not None:
+            report = swap_to_semi_structured_(swapped, autotune=False, fp8=fp8 or False)
+            logger.info("%s: %d layers swapped, weight memory %.3fx", stage, len(report.swapped), report.memory_ratio)
+        yield stage, swapped
 
 
 def _check_24(model, config: SparsityConfig) -> None:
