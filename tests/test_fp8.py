@@ -1,0 +1,237 @@
+"""FP8 (e4m3) x 2:4 layers: quantization, calibration and the per-layer choice on the CPU; the kernels on a GPU."""
+
+import pytest
+import torch
+from torch import nn
+
+from hf_sparse import swap_to_semi_structured_
+from hf_sparse.inference.autotune import GemmChoice, Plan
+from hf_sparse.inference.fp8 import Fp8Config, calibrate_input_scales, fp8_support_problem
+from hf_sparse.inference.quantization import E4M3, quantize_rows, quantize_static, quantize_weight
+from hf_sparse.inference.swap import _decide_fp8, _units
+from hf_sparse.masks import is_nm
+from tests.test_inference import assert_untouched, pruned_tiny_model, rel_error, snapshot
+
+needs_fp8_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs an NVIDIA GPU of compute capability 8.9 or newer (FP8 tensor cores); none here",
+)
+
+# -- CPU: numerics, configuration, choices ----------------------------------------------------------------------------
+
+
+def test_weight_quantization_keeps_2_4_and_is_within_e4m3_precision():
+    model = pruned_tiny_model()
+    weight = model.bert.encoder.layer[0].intermediate.dense.weight.detach()
+    values, scales = quantize_weight(weight)
+    assert values.dtype == E4M3 and scales.shape == (weight.shape[0],) and scales.dtype == torch.float32
+    assert is_nm(values.float(), 2, 4) and torch.equal(values.float() == 0, weight == 0)
+    assert float(values.float().abs().amax(dim=1).min()) == 448.0  # each row's largest value maps to e4m3's max
+    restored = values.float() * scales[:, None]
+    assert rel_error(restored, weight) < 0.04  # 3 mantissa bits: ~2-3% relative error
+
+
+def test_activation_quantization_per_token_and_static():
+    x = torch.randn(6, 64) * torch.tensor([1.0, 10.0, 100.0, 0.1, 1.0, 1.0])[:, None]
+    xq, scales = quantize_rows(x)
+    assert xq.dtype == E4M3 and scales.shape == (6, 1)
+    assert rel_error(xq.float() * scales, x) < 0.04
+    assert torch.allclose(xq.float().abs().amax(dim=1), torch.full((6,), 448.0))
+    static = quantize_static(x, torch.tensor(0.05))
+    assert float(static.float().abs().max()) == 448.0  # saturates (100 * 3 / 0.05 is far past 448), never inf/NaN
+    assert not torch.isnan(static.float()).any()
+
+
+def test_config_checks_its_fields():
+    assert Fp8Config().activation_scales == "dynamic"
+    with pytest.raises(ValueError, match=r"activation_scales must be one of \['dynamic', 'static'\]"):
+        Fp8Config(activation_scales="per-token")
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        Fp8Config(activation_scales="static")
+
+
+def test_calibration_records_each_layers_largest_input():
+    model = pruned_tiny_model()
+    names = ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.output.dense"]
+    batches = [{"input_ids": torch.randint(0, 128, (2, 16))} for _ in range(3)]
+    seen = {n: 0.0 for n in names}
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda m, a, n=n: seen.__setitem__(n, max(seen[n], float(a[0].abs().max())))
+        )
+        for n in names
+    ]
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    for h in hooks:
+        h.remove()
+    scales = calibrate_input_scales(model, names, batches)
+    assert scales == pytest.approx({n: seen[n] / 448.0 for n in names})
+    model.train()
+    with pytest.raises(ValueError, match=r"saw 0 batch\(es\).*bert.encoder.layer.0.attention.self.query"):
+        calibrate_input_scales(model, names, [])
+    assert model.training  # the mode it was in is restored
+
+
+def test_cpu_and_old_gpus_are_refused_for_fp8_and_nothing_changes():
+    assert "compute capability 8.9" in fp8_support_problem("cpu", layer="x.dense")
+    model = pruned_tiny_model().half()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="not changed"):
+        swap_to_semi_structured_(model, fp8=True, autotune=False)
+    assert_untouched(model, before)
+    with pytest.raises(TypeError, match="fp8 must be True, False or an Fp8Config"):
+        swap_to_semi_structured_(model, fp8="e4m3")
+
+
+class _Measured:
+    """What an autotuner would have measured for e4m3 GEMMs: fp16, dense FP8 and 2:4 FP8 times per token count."""
+
+    min_speedup = 1.03
+
+    def __init__(self, times):
+        self.times = times  # tokens -> (fp16 ms, fp8 dense ms, fp8 2:4 ms)
+
+    def choice(self, out_features, in_features, dtype, bias, tokens, device):
+        assert dtype == E4M3
+        fp16, dense, sparse = self.times[tokens]
+        return GemmChoice("sparse" if sparse < dense else "dense", Plan("sparse", 5), dense, sparse, tokens, 3,
+                          fp16_ms=fp16)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "times, status",
+    [
+        ({1536: (1.0, 0.9, 0.8), 98304: (10.0, 7.0, 5.0)}, "fp8 2:4"),
+        ({1536: (1.0, 0.8, 0.9), 98304: (10.0, 7.0, 7.0)}, "fp8 dense"),
+        ({1536: (1.0, 1.5, 1.4), 98304: (10.0, 10.1, 9.9)}, "dense"),  # FP8 not worth it: the layer stays fp16
+    ],
+)
+def test_each_layer_takes_the_fastest_of_fp8_2_4_fp8_dense_and_fp16(times, status):
+    model = pruned_tiny_model(hidden_size=64, intermediate_size=128)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith("intermediate.dense")}
+    units, _ = _units(model, linears, ())
+    decision = _decide_fp8(units[0], _Measured(times), list(times), Fp8Config())
+    assert decision.status == status
+    assert "GEMM speed over fp16 by tokens" in decision.reason and "1536: 2:4" in decision.reason
+    if status == "fp8 2:4":
+        assert {p.alg_id for p in decision.plans.values()} == {5}
+    baseline = _decide_fp8(units[0], _Measured(times), list(times), Fp8Config(sparse=False))
+    assert baseline.status == "fp8 dense"
+
+
+# -- GPU ---------------------------------------------------------------------------------------------------------------
+
+
+def _fp8_model():
+    from tests.test_inference import GPU_CONFIG
+
+    return pruned_tiny_model(**GPU_CONFIG).to("cuda", torch.float16)
+
+
+def _inputs(batch=2, seq=64, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return {"input_ids": torch.randint(0, 512, (batch, seq), device="cuda", generator=g)}
+
+
+@needs_fp8_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("static", [False, True])
+def test_fp8_layer_matches_the_masked_dense_layer(sparse, static):
+    from hf_sparse.inference.fp8 import Fp8Linear
+    from hf_sparse.masks import nm_mask
+
+    torch.manual_seed(0)
+    weight = torch.randn(768, 3072, device="cuda", dtype=torch.float16) * 0.02
+    weight = weight * nm_mask(weight)
+    bias = torch.randn(768, device="cuda", dtype=torch.float16)
+    x = torch.randn(4, 384, 3072, device="cuda", dtype=torch.float16)
+    scale = float(x.abs().max()) / 448 if static else None
+    layer = Fp8Linear(weight, bias, sparse=sparse, input_scale=scale, name="ffn.out")
+    reference = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+    with torch.no_grad():
+        out = layer(x)
+    assert out.dtype == torch.float16 and out.shape == (4, 384, 768)
+    assert rel_error(out, reference) < 0.05, rel_error(out, reference)
+    assert layer.weight_bytes / (weight.numel() * 2) < (0.32 if sparse else 0.51)
+    # the sparse kernel and the dense FP8 GEMM compute the same quantized product
+    other = Fp8Linear(weight, bias, sparse=not sparse, input_scale=scale)
+    with torch.no_grad():
+        assert rel_error(other(x), out) < 1e-2
+    # the dequantized weight is the 2:4 weight within e4m3 precision, zeros exact
+    assert torch.equal(layer.weight == 0, weight == 0) and rel_error(layer.weight, weight) < 0.04
+
+
+@needs_fp8_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation_scales", ["dynamic", "static"])
+def test_fp8_swap_graphs_compile_and_checkpoint(tmp_path, activation_scales):
+    from tests.test_inference import quick_tuner
+
+    model = _fp8_model()
+    inputs = _inputs()
+    with torch.no_grad():
+        dense = model(**inputs).start_logits
+    calibration = [_inputs(seed=s) for s in range(3)] if activation_scales == "static" else None
+    config = Fp8Config(activation_scales=activation_scales, calibration=calibration)
+    # tuned, every layer of this small model stays fp16 at 128 tokens (FP8 GEMMs lose there): the layers say why
+    tuned = swap_to_semi_structured_(_fp8_model(), fp8=config, token_counts=[128], autotune=quick_tuner(tmp_path))
+    assert {r.status for r in tuned if r.status != "not 2:4"} <= {"fp8 2:4", "fp8 dense", "dense"}
+    assert all("GEMM speed over fp16 by tokens: 128:" in r.reason for r in tuned if r.status != "not 2:4")
+    report = swap_to_semi_structured_(model, fp8=config, autotune=False)
+    assert {r.status for r in report} == {"fp8 2:4", "not 2:4"}, report.format()
+    runner = model.__dict__["forward"]
+    with torch.no_grad():
+        runner.enabled = False
+        plain = model(**inputs).start_logits
+        runner.enabled = True
+        graphed = model(**inputs).start_logits
+    assert runner.captures == 1 and torch.equal(graphed, plain)
+    assert rel_error(plain, dense) < 0.08, rel_error(plain, dense)
+    compiled = torch.compile(model, dynamic=False)
+    with torch.no_grad():
+        assert rel_error(compiled(**inputs).start_logits, plain) < 2e-2
+    # an ordinary checkpoint of the dequantized weights: loading it re-quantizes to the same model
+    state = model.state_dict()
+    assert state["bert.encoder.layer.0.attention.self.query.weight"].dtype == torch.float16
+    fresh = _fp8_model()
+    swap_to_semi_structured_(fresh, fp8=config, autotune=False)
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        assert rel_error(fresh(**inputs).start_logits, plain) < 2e-3
+    # casts that would destroy the e4m3 weights are refused, naming the layer
+    with pytest.raises(TypeError, match="FP8 layer keeps e4m3 weights"):
+        model.float()
+
+
+@needs_fp8_gpu
+@pytest.mark.gpu
+def test_the_autotuner_times_fp8_2_4_dense_fp8_and_fp16_in_a_child_process(tmp_path):
+    from hf_sparse.inference import Autotuner
+
+    tuner = Autotuner(cache_path=tmp_path / "tune.json", reps=3, max_algorithms=4)
+    choice = tuner.choice(3072, 768, E4M3, True, 24576, "cuda")
+    assert choice.fp16_ms and choice.dense_ms and choice.sparse_ms and choice.candidates >= 1, choice
+    assert choice.backend in ("sparse", "dense")
+    print(f"3072x768 at 24576 tokens: fp16 {choice.fp16_ms:.4f} ms, dense FP8 {choice.dense_ms:.4f} ms, "
+          f"FP8 2:4 {choice.sparse_ms:.4f} ms (alg {choice.sparse.alg_id})")  # fmt: skip
+    again = Autotuner(cache_path=tmp_path / "tune.json").cached(3072, 768, E4M3, True, 24576, "cuda")
+    assert again is not None and again.fp16_ms == choice.fp16_ms  # cached with its fp16 time
+
+
+def test_the_kernels_are_custom_ops_that_torch_compile_traces_by_their_output_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hf_sparse.inference.fp8 import fp8_sparse_mm_op
+    from hf_sparse.inference.layers import _sparse_linear_op
+
+    assert "CustomOpDef" in type(fp8_sparse_mm_op()).__name__ and "CustomOpDef" in type(_sparse_linear_op()).__name__
+    with FakeTensorMode():
+        xq = torch.empty(96, 256, dtype=E4M3)
+        out = torch.ops.hf_sparse.fp8_sparse_mm(xq, torch.empty(10, dtype=E4M3), None, 768, 0, 0.5, torch.float16)
+        assert out.shape == (96, 768) and out.dtype == torch.float16
+        x = torch.empty(96, 256, dtype=torch.float16)
+        out = torch.ops.hf_sparse.sparse_linear(x, torch.empty(10, dtype=torch.float16), None, 512, 0, 1, -1)
+        assert out.shape == (96, 512) and out.dtype == torch.float16
