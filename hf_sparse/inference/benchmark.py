@@ -116,10 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--fp8-scales",
-        choices=["dynamic", "static"],
-        default="dynamic",
-        help="Activation scales of the fp8 variants: per token at run time, or one per layer calibrated on 4 random "
-        "batches (hf_sparse.inference.fp8.Fp8Config).",
+        choices=["static", "dynamic"],
+        default="static",
+        help="Activation scales of the fp8 variants: one per layer calibrated on 4 random batches, or per token at "
+        "run time (hf_sparse.inference.fp8.Fp8Config).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights and inputs.")
     return parser

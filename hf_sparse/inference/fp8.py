@@ -3,7 +3,8 @@
 `Fp8Linear` holds a 2:4 weight as e4m3 values with one scale per output feature, compressed for cuSPARSELt (values
 plus 2:4 metadata: 0.3125x the bytes of the fp16 weight), or, for layers where the dense FP8 GEMM is faster, as a
 dense e4m3 weight run by `torch._scaled_mm` (0.5x). Activations are quantized to e4m3 before each GEMM, with one scale
-per token computed on the fly ("dynamic", the default) or one scale per layer calibrated on data ("static").
+per layer calibrated on data ("static", the default: measured faster at the same accuracy) or one scale per token
+computed on the fly ("dynamic").
 
 How the scales are applied is set by what the kernels accept on an H100 (cuSPARSELt 0.8.0, PyTorch 2.11): cuSPARSELt
 refuses a per-output-feature alpha vector for e4m3 inputs ("operation not supported"), so the sparse GEMM writes the
@@ -46,22 +47,27 @@ class Fp8Config:
     Example:
 
     ```python
-    >>> hf_sparse.swap_to_semi_structured_(model, fp8=Fp8Config(activation_scales="static", calibration=batches))
+    >>> batches = [next(iter(eval_loader)) for _ in range(4)]   # dicts of model inputs on the model's device
+    >>> hf_sparse.swap_to_semi_structured_(model, fp8=Fp8Config(calibration=batches), token_counts=[64 * 384])
     ```
     """
 
     activation_scales: str = field(
-        default="dynamic",
+        default="static",
         metadata={
-            "help": "How activations are scaled to e4m3 before each GEMM: 'dynamic' (one scale per token, computed "
-            "on every call; no data needed) or 'static' (one scale per layer, the largest |input| seen on the "
-            "`calibration` batches; no reduction at run time)."
+            "help": "How activations are scaled to e4m3 before each GEMM: 'static' (default: one scale per layer, "
+            "the largest |input| seen on the `calibration` batches; the scales and the bias then run inside the "
+            "sparse GEMM's epilogue) or 'dynamic' (one scale per token, computed on every call; no data needed, "
+            "but a reduction before and a scaling pass after each GEMM). Measured on an H100 (BERT-base QA, seq "
+            "384, compile mode, batch 256): static 1.36x over fp16 dense, dynamic 0.93x; on a real model "
+            "(all-MiniLM-L6-v2 on XQuAD-en) static and dynamic were within 0.4 F1 of the fp16 2:4 model."
         },
     )
     calibration: Iterable[dict] | None = field(
         default=None,
         metadata={
-            "help": "Batches (dicts of model inputs) to run through the model before the swap, for static scales."
+            "help": "Batches (dicts of model inputs, e.g. a few batches of your evaluation data) to run through the "
+            "model before the swap, for static scales."
         },
     )
     sparse: bool = field(
@@ -80,8 +86,10 @@ class Fp8Config:
             )
         if self.activation_scales == "static" and self.calibration is None:
             raise ValueError(
-                "Fp8Config(activation_scales='static') needs calibration batches (e.g. a few batches of your "
-                "evaluation DataLoader) to set each layer's input scale; or use activation_scales='dynamic'."
+                "FP8 with static activation scales (the default, the fast one) needs calibration batches to set "
+                "each layer's input scale: fp8=Fp8Config(calibration=[batch, ...]) with a few batches of model "
+                "inputs (dicts, e.g. from your evaluation DataLoader); or Fp8Config(activation_scales='dynamic'), "
+                "which needs no data and runs slower."
             )
 
 

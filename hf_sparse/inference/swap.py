@@ -571,7 +571,7 @@ def swap_to_semi_structured_(
     """
     if dense_fallback not in FALLBACKS:
         raise ValueError(f"dense_fallback must be one of {list(FALLBACKS)}; got {dense_fallback!r}.")
-    fp8_config = Fp8Config() if fp8 is True else (fp8 or None)
+    fp8_config = Fp8Config() if fp8 is True else (fp8 or None)  # True: static scales, which need calibration
     if fp8_config is not None and not isinstance(fp8_config, Fp8Config):
         raise TypeError(f"fp8 must be True, False or an Fp8Config; got {type(fp8).__name__}.")
     if fuse_qkv is True:
