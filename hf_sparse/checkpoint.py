@@ -45,6 +45,10 @@ DENSE_INDEX_NAME = "model.safetensors.index.json"
 COMPACT_WEIGHTS_NAME = "hf_sparse_model.safetensors"
 """File of a compact checkpoint: N:M layers as values + packed positions, every other tensor as saved."""
 COMPACT_FORMAT = "compact-nm-v1"
+COMPACT_FP8_FORMAT = "compact-nm-fp8-v1"
+"""Compact checkpoint of a model swapped to FP8 layers: e4m3 kept values, their positions, and float32 scales."""
+FP8_SCALE_SUFFIX = ".fp8_scale"
+FP8_INPUT_SCALE_SUFFIX = ".fp8_input_scale"
 VALUES_SUFFIX = ".nm_values"
 INDICES_SUFFIX = ".nm_indices"
 QUANT_METHOD = "hf-sparse"
@@ -315,6 +319,7 @@ def save_pretrained(
         raise ValueError("save_pretrained(push_to_hub=True) is not supported here; use hf_sparse.push_to_hub.")
     model = unwrap_model(model)
     meta = attach_sparsity_metadata(model, config)
+    fp8 = _fp8_tensors(model) if compact else {}
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
     # Everything is written into a folder beside the checkpoint first and moved in only when complete, as one
@@ -323,7 +328,7 @@ def save_pretrained(
         tmp = Path(tmp)
         model.save_pretrained(tmp, **kwargs)
         if compact:
-            _to_compact(tmp, meta)
+            _to_compact(tmp, meta, fp8)
         # Old weights of the other format or other shard names would shadow or mix with the new ones.
         stale = [p for p in _weight_files(save_directory) + [save_directory / DENSE_INDEX_NAME] if p.exists()]
         stale.append(save_directory / COMPACT_WEIGHTS_NAME)
@@ -331,8 +336,32 @@ def save_pretrained(
     return dict(meta, format="compact") if compact else meta
 
 
-def _to_compact(folder: Path, meta: dict) -> None:
-    """Turns the standard checkpoint in `folder` into the compact one: N:M layers as values + positions."""
+def _fp8_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
+    """Layer name -> (e4m3 weight, float32 row scales, static input scale or None) of every layer the model runs in
+    FP8 (`swap_to_semi_structured_(fp8=...)`); fused layers are split back into their members' rows."""
+    from .inference.fp8 import Fp8Linear
+    from .inference.layers import FusedLinearSlice
+
+    found = {}
+    fused_rows: dict[int, list[tuple[str, slice]]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FusedLinearSlice) and isinstance(module.fused, Fp8Linear):
+            fused_rows.setdefault(id(module.fused), []).append((name, module.rows))
+    for name, module in model.named_modules():
+        if not isinstance(module, Fp8Linear):
+            continue
+        values, scales = module.e4m3_weight().cpu(), module.weight_scale.cpu()
+        scale = None if module.input_scale is None else float(module.input_scale)
+        members = [(name, slice(None))] if module.emits_state else fused_rows.get(id(module), [])
+        for member, rows in members:
+            found[member] = (values[rows], scales[rows], scale)
+    return found
+
+
+def _to_compact(folder: Path, meta: dict, fp8: dict | None = None) -> None:
+    """Turns the standard checkpoint in `folder` into the compact one: N:M layers as values + positions (FP8 layers
+    as their e4m3 values + positions + scales, from `fp8`, see `_fp8_tensors`)."""
+    fp8 = fp8 or {}
     n, m = parse_pattern(meta["sparsity_pattern"])
     dense_files = _weight_files(folder)
     tensors: dict[str, torch.Tensor] = {}
@@ -349,22 +378,38 @@ def _to_compact(folder: Path, meta: dict) -> None:
             "saved under other names (tied or renamed weights) and cannot be stored in the compact format."
         )
     for key, tensor in tensors.items():
-        if key in sparse_keys:
+        if sparse_keys.get(key) in fp8:
+            name = sparse_keys[key]
+            e4m3, scales, input_scale = fp8[name]
+            values, packed = compact_encode(e4m3.float(), n, m, name)  # e4m3 -> float32 -> e4m3 is exact
+            out[key + VALUES_SUFFIX] = values.to(e4m3.dtype)
+            out[key + INDICES_SUFFIX] = packed
+            out[key + FP8_SCALE_SUFFIX] = scales.float().contiguous()
+            if input_scale is not None:
+                out[name + FP8_INPUT_SCALE_SUFFIX] = torch.tensor(input_scale, dtype=torch.float32)
+        elif key in sparse_keys:
             values, packed = compact_encode(tensor, n, m, sparse_keys[key])
             out[key + VALUES_SUFFIX] = values
             out[key + INDICES_SUFFIX] = packed
         else:
             out[key] = tensor.contiguous()
+    fmt = COMPACT_FP8_FORMAT if fp8 else COMPACT_FORMAT
     save_file(
         out,
         str(folder / COMPACT_WEIGHTS_NAME),
-        metadata={"format": "pt", "hf_sparse_format": COMPACT_FORMAT, "sparsity_pattern": f"{n}:{m}"},
+        metadata={"format": "pt", "hf_sparse_format": fmt, "sparsity_pattern": f"{n}:{m}"},
     )
     config_json = json.loads((folder / CONFIG_NAME).read_text())
     config_json[METADATA_KEY]["format"] = "compact"
+    if fp8:
+        static = {s is not None for _, _, s in fp8.values()}
+        config_json[METADATA_KEY]["fp8"] = {
+            "activation_scales": "static" if static == {True} else "dynamic",
+            "layers": sorted(fp8),
+        }
     config_json["quantization_config"] = {
         "quant_method": QUANT_METHOD,
-        "format": COMPACT_FORMAT,
+        "format": fmt,
         "sparsity_pattern": f"{n}:{m}",
         "weights": COMPACT_WEIGHTS_NAME,
     }
@@ -573,12 +618,20 @@ def load_state_dict(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         raise SparseCheckpointError(f"{config_file} has no '{METADATA_KEY}' entry; the checkpoint is not sparse.")
     n, m, layers = _check_meta(meta, config_file)
     if meta.get("format", "dense") == "compact":
-        return _read_compact(folder, config_file, n, m, layers), meta
+        input_scales: dict[str, float] = {}
+        state = _read_compact(folder, config_file, n, m, layers, input_scales)
+        if isinstance(meta.get("fp8"), dict):
+            meta["fp8"]["input_scales"] = input_scales
+        return state, meta
     return _read_dense(folder, n, m, layers), meta
 
 
-def _read_compact(folder: Path, config_file: Path, n: int, m: int, layers: dict) -> dict[str, torch.Tensor]:
-    """The dense state dict of a compact checkpoint, every listed layer decoded and checked."""
+def _read_compact(
+    folder: Path, config_file: Path, n: int, m: int, layers: dict, input_scales: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """The dense state dict of a compact checkpoint, every listed layer decoded and checked (FP8 layers
+    dequantized; their static input scales, if any, go into `input_scales`)."""
+    input_scales = {} if input_scales is None else input_scales
     state: dict[str, torch.Tensor] = {}
     file = folder / COMPACT_WEIGHTS_NAME
     if not file.is_file():
@@ -596,16 +649,38 @@ def _read_compact(folder: Path, config_file: Path, n: int, m: int, layers: dict)
                 values, packed = f.get_tensor(key + VALUES_SUFFIX), f.get_tensor(key + INDICES_SUFFIX)
             except Exception as err:
                 raise SparseCheckpointError(f"layer {name}: {file} cannot be read ({err}); it is damaged.") from err
-            weight = compact_decode(values, packed, n, m, name, str(file))
+            if values.dtype == torch.float8_e4m3fn:  # an FP8 layer: e4m3 values times its row scales
+                weight = compact_decode(values.float(), packed, n, m, name, str(file))
+                weight = weight * _fp8_scales(f, keys, key, name, weight.shape[0], file)[:, None]
+            else:
+                weight = compact_decode(values, packed, n, m, name, str(file))
             _check_layer(name, weight, n, m, info, file)
             state[key] = weight
         for key in keys:
-            if not key.endswith((VALUES_SUFFIX, INDICES_SUFFIX)):
+            if key.endswith(FP8_INPUT_SCALE_SUFFIX):
+                input_scales[key[: -len(FP8_INPUT_SCALE_SUFFIX)]] = float(f.get_tensor(key))
+            elif not key.endswith((VALUES_SUFFIX, INDICES_SUFFIX, FP8_SCALE_SUFFIX)):
                 state[key] = f.get_tensor(key)
     stray = [k for k in keys if k.endswith(VALUES_SUFFIX) and k[: -len(VALUES_SUFFIX)] not in state]
     if stray:
         raise SparseCheckpointError(f"{file} holds compact layers {stray[:5]} that {config_file} does not list.")
     return state
+
+
+def _fp8_scales(f, keys: set, key: str, name: str, rows: int, file: Path) -> torch.Tensor:
+    """The float32 row scales of an FP8 layer in a compact checkpoint, checked (one finite positive value per row)."""
+    if key + FP8_SCALE_SUFFIX not in keys:
+        raise SparseCheckpointError(
+            f"layer {name}: {file} holds its weight as e4m3 values but no scales ({key + FP8_SCALE_SUFFIX}); the "
+            "file is incomplete."
+        )
+    scales = f.get_tensor(key + FP8_SCALE_SUFFIX)
+    if scales.shape != (rows,) or not bool(torch.isfinite(scales).all() and (scales > 0).all()):
+        raise SparseCheckpointError(
+            f"layer {name}: its e4m3 scales in {file} have shape {tuple(scales.shape)} (expected ({rows},)) or "
+            "values that are not finite and positive; the file is damaged."
+        )
+    return scales.float()
 
 
 def _read_dense(folder: Path, n: int, m: int, layers: dict) -> dict[str, torch.Tensor]:
@@ -712,6 +787,7 @@ def from_pretrained(
         if groups_over(weight, n, m):
             raise SparseCheckpointError(f"layer {name} is not {n}:{m} after loading {folder} (dtype conversion?).")
     # The model in memory is dense whatever the file was: a plain save_pretrained of it writes a dense checkpoint.
+    fp8 = meta.pop("fp8", None)
     model.config.sparsity = dict(meta, format="dense")
     model.eval()
     if fast:
@@ -726,5 +802,14 @@ def from_pretrained(
         if next(model.parameters()).dtype == torch.float32:
             # Sparse tensor cores take fp16/bf16; pass dtype=torch.bfloat16 to from_pretrained for bf16.
             model.half()
-        swap_to_semi_structured_(model)
+        if fp8:  # the layers saved in FP8 run in FP8 again, with their saved input scales
+            from .inference.fp8 import Fp8Config
+
+            swap_to_semi_structured_(
+                model,
+                layers=fp8["layers"],
+                fp8=Fp8Config(fp8["activation_scales"], input_scales=fp8.get("input_scales") or None),
+            )
+        else:
+            swap_to_semi_structured_(model)
     return model

@@ -31,6 +31,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .checkpoint import (
     COMPACT_FORMAT,
+    COMPACT_FP8_FORMAT,
     COMPACT_WEIGHTS_NAME,
     METADATA_KEY,
     QUANT_METHOD,
@@ -87,6 +88,12 @@ class HfSparseQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: HfSparseConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
+        if getattr(quantization_config, "format", COMPACT_FORMAT) == COMPACT_FP8_FORMAT:
+            raise SparseCheckpointError(
+                "this compact checkpoint holds FP8 (e4m3) layers with their scales (saved from a model swapped with "
+                "fp8=...); load it with hf_sparse.from_pretrained(folder), which dequantizes them (fast=True runs "
+                "them in FP8 again on a GPU of compute capability 8.9+)."
+            )
         if not self.pre_quantized:
             raise ValueError(
                 "HfSparseConfig describes a compact checkpoint to load; it cannot quantize a model. Prune with "

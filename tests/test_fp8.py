@@ -238,3 +238,99 @@ def test_the_kernels_are_custom_ops_that_torch_compile_traces_by_their_output_sh
         x = torch.empty(96, 256, dtype=torch.float16)
         out = torch.ops.hf_sparse.sparse_linear(x, torch.empty(10, dtype=torch.float16), None, 512, 0, 1, -1)
         assert out.shape == (96, 512) and out.dtype == torch.float16
+
+
+# -- compact FP8 checkpoints (CPU: the file format; GPU: the round trip of a swapped model) ---------------------------
+
+
+def _fp8_checkpoint(folder, static=True):
+    """A compact FP8 checkpoint written as save_pretrained writes one for a model swapped with fp8=..., from e4m3
+    values quantized here (the CPU has no e4m3 kernels, but it quantizes and stores them)."""
+    from hf_sparse import SparsityConfig
+    from hf_sparse.checkpoint import _to_compact, attach_sparsity_metadata
+
+    model = pruned_tiny_model()
+    meta = attach_sparsity_metadata(model, SparsityConfig())
+    model.save_pretrained(folder)
+    fp8, expected = {}, {}
+    for name in meta["layers"]:
+        values, scales = quantize_weight(model.get_submodule(name).weight, per_tensor=static)
+        fp8[name] = (values, scales, 0.05 if static else None)
+        expected[name] = values.float() * scales[:, None]
+    _to_compact(folder, meta, fp8)
+    return model, expected
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_compact_fp8_checkpoint_stores_e4m3_values_positions_and_scales(tmp_path, static):
+    import json
+
+    from safetensors import safe_open
+
+    from hf_sparse.checkpoint import COMPACT_WEIGHTS_NAME, load_state_dict
+
+    model, expected = _fp8_checkpoint(tmp_path, static)
+    name = "bert.encoder.layer.0.intermediate.dense"
+    with safe_open(str(tmp_path / COMPACT_WEIGHTS_NAME), framework="pt") as f:
+        values = f.get_tensor(f"{name}.weight.nm_values")
+        assert values.dtype == E4M3 and values.shape[1] * 2 == model.get_submodule(name).in_features
+        assert f.get_tensor(f"{name}.weight.fp8_scale").dtype == torch.float32
+        assert (f"{name}.fp8_input_scale" in f.keys()) == static
+        parts = (f.get_tensor(f"{name}.weight.nm_values"), f.get_tensor(f"{name}.weight.nm_indices"))
+        stored = sum(t.numel() * t.element_size() for t in parts)
+    dense_bytes = model.get_submodule(name).weight.numel() * 2  # the fp16 layer
+    assert stored / dense_bytes == 0.3125  # e4m3 values (0.25) + 2-bit positions (0.0625), then 4 bytes per row
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "compact-nm-fp8-v1"
+    assert config["sparsity"]["fp8"]["activation_scales"] == ("static" if static else "dynamic")
+    state, meta = load_state_dict(tmp_path)
+    for layer, weight in expected.items():
+        assert torch.equal(state[f"{layer}.weight"], weight), layer  # exact: e4m3 values times their scales
+    assert not any(k.endswith(("fp8_scale", "fp8_input_scale")) for k in state)
+    assert meta["fp8"]["input_scales"] == pytest.approx({n: 0.05 for n in expected} if static else {})
+
+
+def test_compact_fp8_checkpoint_damage_is_named_and_plain_from_pretrained_refuses_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForQuestionAnswering
+
+    from hf_sparse import SparseCheckpointError
+    from hf_sparse.checkpoint import COMPACT_WEIGHTS_NAME, load_state_dict
+
+    _fp8_checkpoint(tmp_path)
+    with pytest.raises(SparseCheckpointError, match=r"holds FP8 \(e4m3\) layers.*hf_sparse.from_pretrained"):
+        AutoModelForQuestionAnswering.from_pretrained(tmp_path)  # would read e4m3 values without their scales
+    file = tmp_path / COMPACT_WEIGHTS_NAME
+    tensors = load_file(file)
+    key = "bert.encoder.layer.1.output.dense.weight.fp8_scale"
+    save_file({**tensors, key: tensors[key][:-1]}, file)
+    with pytest.raises(SparseCheckpointError, match=r"layer bert.encoder.layer.1.output.dense: its e4m3 scales.*"):
+        load_state_dict(tmp_path)
+    save_file({k: v for k, v in tensors.items() if k != key}, file)
+    with pytest.raises(SparseCheckpointError, match=r"bert.encoder.layer.1.output.dense.*no scales"):
+        load_state_dict(tmp_path)
+
+
+@needs_fp8_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation_scales", ["static", "dynamic"])
+def test_an_fp8_model_saves_compact_and_loads_fast_as_the_same_model(tmp_path, activation_scales):
+    import hf_sparse
+    from hf_sparse import SparsityConfig
+
+    model = _fp8_model()
+    hf_sparse.checkpoint.attach_sparsity_metadata(model, SparsityConfig())
+    calibration = [_inputs(seed=s) for s in range(3)] if activation_scales == "static" else None
+    swap_to_semi_structured_(model, fp8=Fp8Config(activation_scales, calibration), autotune=False)
+    inputs = _inputs()
+    with torch.no_grad():
+        before = model(**inputs).start_logits
+    hf_sparse.save_pretrained(model, tmp_path, compact=True)
+    loaded = hf_sparse.from_pretrained(tmp_path, fast=True, dtype=torch.float16)
+    kinds = {type(m).__name__ for m in loaded.modules()}
+    assert "Fp8Linear" in kinds, kinds
+    with torch.no_grad():
+        after = loaded(**inputs).start_logits
+    assert rel_error(after, before) < 2e-3, rel_error(after, before)  # same e4m3 values, same input scales
+    plain = hf_sparse.from_pretrained(tmp_path)  # dequantized, dense, on the CPU
+    assert all(type(m).__name__ != "Fp8Linear" for m in plain.modules())

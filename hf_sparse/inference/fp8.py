@@ -70,6 +70,12 @@ class Fp8Config:
             "model before the swap, for static scales."
         },
     )
+    input_scales: dict[str, float] | None = field(
+        default=None,
+        metadata={
+            "help": "Static input scales by layer name (what a saved FP8 checkpoint holds), instead of calibration."
+        },
+    )
     sparse: bool = field(
         default=True,
         metadata={
@@ -84,7 +90,7 @@ class Fp8Config:
                 f"Fp8Config.activation_scales must be one of {list(ACTIVATION_SCALES)}; got "
                 f"{self.activation_scales!r}."
             )
-        if self.activation_scales == "static" and self.calibration is None:
+        if self.activation_scales == "static" and self.calibration is None and not self.input_scales:
             raise ValueError(
                 "FP8 with static activation scales (the default, the fast one) needs calibration batches to set "
                 "each layer's input scale: fp8=Fp8Config(calibration=[batch, ...]) with a few batches of model "
@@ -250,15 +256,16 @@ class Fp8Linear(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.out_dtype
 
+    def e4m3_weight(self) -> torch.Tensor:
+        """The dense e4m3 weight values, `(out_features, in_features)` (decompressed exactly for a 2:4 layer)."""
+        if self.weight_fp8 is not None:
+            return self.weight_fp8
+        return _decompress_fp8(self.packed, self.out_features, self.in_features)
+
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized dense weight, in the model's dtype (computed on each access: use it sparingly)."""
-        values = (
-            self.weight_fp8
-            if self.weight_fp8 is not None
-            else _decompress_fp8(self.packed, self.out_features, self.in_features)
-        )
-        return (values.float() * self.weight_scale[:, None]).to(self.out_dtype)
+        return (self.e4m3_weight().float() * self.weight_scale[:, None]).to(self.out_dtype)
 
     @property
     def weight_bytes(self) -> int:

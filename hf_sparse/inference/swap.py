@@ -490,11 +490,22 @@ def _fp8_times(decision: _Decision) -> dict[int, tuple[float | None, float | Non
 
 
 def _input_scales(model: nn.Module, units: list[_Unit], config: Fp8Config) -> dict[str, float]:
-    """Static e4m3 input scales per unit (a fused unit's members read one input: the largest of theirs)."""
+    """Static e4m3 input scales per unit (a fused unit's members read one input: the largest of theirs), given
+    (`config.input_scales`) or calibrated."""
     if config.activation_scales != "static":
         return {}
     members = {u.name: [f"{u.parent_name}.{a}" if u.parent_name else a for a in u.attrs] for u in units}
-    scales = calibrate_input_scales(model, [n for names in members.values() for n in names], config.calibration)
+    names = [n for group in members.values() for n in group]
+    if config.input_scales:
+        missing = [n for n in names if n not in config.input_scales]
+        if missing:
+            raise ValueError(
+                f"Fp8Config.input_scales has no scale for the layers {missing[:6]}; give one per swapped layer, or "
+                "calibration batches instead. The model was not changed."
+            )
+        scales = {n: float(config.input_scales[n]) for n in names}
+    else:
+        scales = calibrate_input_scales(model, names, config.calibration)
     return {unit: max(scales[n] for n in names) for unit, names in members.items()}
 
 
