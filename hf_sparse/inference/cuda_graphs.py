@@ -9,6 +9,7 @@ per input shape and replayed, the whole forward costs one launch. `cuda_graphs(m
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import logging
 from collections import OrderedDict
@@ -222,6 +223,10 @@ class CudaGraphModel:
         return _clone_output(entry.output) if self.clone_outputs else entry.output
 
     def _capture(self, args, kwargs) -> _Captured:
+        # A CUDA graph that only the garbage collector still holds, freed while another graph is being captured,
+        # makes that capture fail ("operation not permitted when stream is capturing", seen on an H100 after a cast
+        # dropped a model's graphs); `torch.cuda.graph` no longer collects by default. Captures are rare: collect.
+        gc.collect()
         static_args = _static_copy(list(args))
         static_kwargs = _static_copy(dict(kwargs))
         stream = torch.cuda.Stream()
