@@ -379,7 +379,8 @@ def _swapped(model, features, args):
     model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
     keys = ("input_ids", "attention_mask", "token_type_ids")
     columns = {k: torch.tensor(features[k][:128]) for k in keys if k in features.column_names}
-    calibration = [{k: v[i : i + 32].to(args.device) for k, v in columns.items()} for i in range(0, 128, 32)]
+    count = len(columns["input_ids"])
+    calibration = [{k: v[i : i + 32].to(args.device) for k, v in columns.items()} for i in range(0, count, 32)]
     for stage, fp8 in (
         ("recovered, fp16", None),
         ("recovered, fp16 2:4 kernels", False),

@@ -393,6 +393,7 @@ def _to_compact(folder: Path, meta: dict, fp8: dict | None = None) -> None:
             out[key + INDICES_SUFFIX] = packed
         else:
             out[key] = tensor.contiguous()
+    fp8 = {n: v for n, v in fp8.items() if f"{n}.weight" in sparse_keys}  # FP8 layers outside the metadata: dense
     fmt = COMPACT_FP8_FORMAT if fp8 else COMPACT_FORMAT
     save_file(
         out,
@@ -402,10 +403,11 @@ def _to_compact(folder: Path, meta: dict, fp8: dict | None = None) -> None:
     config_json = json.loads((folder / CONFIG_NAME).read_text())
     config_json[METADATA_KEY]["format"] = "compact"
     if fp8:
-        static = {s is not None for _, _, s in fp8.values()}
+        saved = sorted(fp8)
+        static = {fp8[n][2] is not None for n in saved}
         config_json[METADATA_KEY]["fp8"] = {
             "activation_scales": "static" if static == {True} else "dynamic",
-            "layers": sorted(fp8),
+            "layers": saved,
         }
     config_json["quantization_config"] = {
         "quant_method": QUANT_METHOD,
@@ -658,7 +660,13 @@ def _read_compact(
             state[key] = weight
         for key in keys:
             if key.endswith(FP8_INPUT_SCALE_SUFFIX):
-                input_scales[key[: -len(FP8_INPUT_SCALE_SUFFIX)]] = float(f.get_tensor(key))
+                scale = f.get_tensor(key)
+                if scale.numel() != 1 or not (math.isfinite(float(scale)) and float(scale) > 0):
+                    raise SparseCheckpointError(
+                        f"layer {key[: -len(FP8_INPUT_SCALE_SUFFIX)]}: its input scale in {file} is "
+                        f"{scale.flatten()[:2].tolist()}, not one finite positive value; the file is damaged."
+                    )
+                input_scales[key[: -len(FP8_INPUT_SCALE_SUFFIX)]] = float(scale)
             elif not key.endswith((VALUES_SUFFIX, INDICES_SUFFIX, FP8_SCALE_SUFFIX)):
                 state[key] = f.get_tensor(key)
     stray = [k for k in keys if k.endswith(VALUES_SUFFIX) and k[: -len(VALUES_SUFFIX)] not in state]
@@ -802,9 +810,14 @@ def from_pretrained(
         if next(model.parameters()).dtype == torch.float32:
             # Sparse tensor cores take fp16/bf16; pass dtype=torch.bfloat16 to from_pretrained for bf16.
             model.half()
-        if fp8:  # the layers saved in FP8 run in FP8 again, with their saved input scales
-            from .inference.fp8 import Fp8Config
+        if fp8:
+            from .inference.fp8 import Fp8Config, fp8_support_problem
 
+            problem = fp8_support_problem(next(model.parameters()).device)
+            if problem:
+                logger.warning("hf-sparse: %s Running the checkpoint's FP8 layers on fp16 2:4 kernels.", problem)
+                fp8 = None
+        if fp8:  # the layers saved in FP8 run in FP8 again, with their saved input scales
             swap_to_semi_structured_(
                 model,
                 layers=fp8["layers"],

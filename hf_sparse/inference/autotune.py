@@ -89,10 +89,8 @@ class GemmChoice:
     sparse_ms: float | None = None
     tokens: int = 0
     candidates: int = 0
-    note: str = ""
-    fp16_ms: float | None = (
-        None  # e4m3 GEMMs: the fp16 dense GEMM's time (dense_ms is then the dense FP8 GEMM's)  # e.g. "sweep ended by a fault at algorithm 36"
-    )
+    note: str = ""  # e.g. "sweep ended by a fault at algorithm 36"
+    fp16_ms: float | None = None  # e4m3 GEMMs: the fp16 dense GEMM's time (dense_ms is then the dense FP8 GEMM's)
 
     @property
     def speedup(self) -> float | None:

@@ -99,20 +99,24 @@ class Fp8Config:
             )
 
 
+def fp8_capability_problem(capability: tuple[int, int], gpu_name: str = "") -> str | None:
+    """Why e4m3 kernels cannot run on a GPU of this compute capability, or None when they can (8.9 or newer)."""
+    if tuple(capability) < FP8_CAPABILITY:
+        name = f"{gpu_name} is " if gpu_name else "this GPU is "
+        return (
+            f"FP8 (e4m3) kernels need compute capability 8.9 or newer (L4, L40, H100, H200); {name}"
+            f"{capability[0]}.{capability[1]}. Swap without fp8 (fp16 2:4 kernels run from 8.0)."
+        )
+    return None
+
+
 def fp8_support_problem(device: torch.device | str, layer: str = "") -> str | None:
     """Why e4m3 kernels cannot run on `device`, or None when they can (compute capability 8.9 or newer)."""
     device = torch.device(device)
     where = f" for {layer}" if layer else ""
     if device.type != "cuda" or not torch.cuda.is_available():
         return f"FP8 (e4m3) kernels need an NVIDIA GPU of compute capability 8.9 or newer{where}; found {device.type}."
-    capability = torch.cuda.get_device_capability(device)
-    if tuple(capability) < FP8_CAPABILITY:
-        name = torch.cuda.get_device_name(device)
-        return (
-            f"FP8 (e4m3) kernels need compute capability 8.9 or newer (L4, L40, H100, H200); {name} is "
-            f"{capability[0]}.{capability[1]}. Swap without fp8 (fp16 2:4 kernels run from 8.0)."
-        )
-    return None
+    return fp8_capability_problem(torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device))
 
 
 # -- the sparse e4m3 GEMM --------------------------------------------------------------------------------------------
@@ -328,9 +332,16 @@ class Fp8Linear(nn.Module):
         return out.view(*lead, self.out_features)
 
     def set_weight_(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows: slice | None = None) -> None:
-        """Replaces the weight (or the rows `rows` of it) with a dense tensor, re-quantizing it."""
+        """Replaces the weight (or the rows `rows` of it) with a dense tensor, re-quantizing it.
+
+        Rows not replaced keep their exact values (the e4m3 values times their scales, in float32); with static
+        scales they are re-quantized at the new per-tensor scale when the replaced rows change the largest weight
+        (a fused q/k/v group loading its members one by one does that)."""
         with torch.no_grad():
-            weight = new_weight(self, weight, rows, self.weight_scale.device, self.out_dtype, self.sparse)
+            current = None
+            if rows is not None:
+                current = self.e4m3_weight().float() * self.weight_scale[:, None]
+            weight = new_weight(self, weight, rows, self.weight_scale.device, torch.float32, self.sparse, current)
             values, scales = quantize_weight(weight, per_tensor=self.per_tensor)
             if self.sparse:
                 self.packed.copy_(_compress(values))
@@ -342,6 +353,7 @@ class Fp8Linear(nn.Module):
             if self.input_scale is not None:
                 self.alpha = float(self.input_scale) * float(scales[0])
             copy_bias(self, bias, rows)
+        GENERATION[0] += 1  # a CUDA graph holds the old alpha (a host value baked into the captured launch)
 
 
 def _compress(values: torch.Tensor) -> torch.Tensor:
@@ -395,6 +407,7 @@ def calibrate_input_scales(model: nn.Module, names: Iterable[str], batches: Iter
     if not seen or missing:
         raise ValueError(
             f"FP8 calibration saw {seen} batch(es) and never ran the layers {missing[:6]}"
-            f"{' ...' if len(missing) > 6 else ''}; pass batches of model inputs (dicts) that reach every layer."
+            f"{' ...' if len(missing) > 6 else ''}; pass batches of model inputs (dicts) that reach every layer. "
+            "The model was not changed."
         )
     return {n: max(amax[n], _TINY) / E4M3_MAX for n in names}

@@ -362,12 +362,15 @@ class SemiStructuredLinear(nn.Module):
             copy_bias(self, bias, rows)
 
 
-def new_weight(layer, weight: torch.Tensor, rows: slice | None, device, dtype, sparse: bool) -> torch.Tensor:
-    """The full dense weight a layer's `set_weight_` installs: `weight` (or the rows `rows` of it) on the layer's
-    device and dtype, checked against the layer's shape (and 2:4 when the layer runs sparse)."""
+def new_weight(
+    layer, weight: torch.Tensor, rows: slice | None, device, dtype, sparse: bool, current: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The full dense weight a layer's `set_weight_` installs: `weight` (or the rows `rows` of it, spliced into
+    `current`, default the layer's weight) on the layer's device and dtype, checked against the layer's shape (and
+    2:4 when the layer runs sparse)."""
     weight = weight.to(device=device, dtype=dtype)
     if rows is not None:
-        full = layer.weight.clone()
+        full = (layer.weight if current is None else current).to(dtype).clone()
         full[rows] = weight
         weight = full
     if tuple(weight.shape) != (layer.out_features, layer.in_features):

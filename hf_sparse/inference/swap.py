@@ -459,11 +459,14 @@ def _decide_fp8(unit: _Unit, tuner: Autotuner | None, token_counts: Sequence[int
     for tokens in token_counts:
         choices.setdefault(token_bucket(tokens), tuner.choice(out_f, in_f, E4M3, unit.has_bias, tokens, device))
     relative = {"fp8 2:4": 0.0, "fp8 dense": 0.0, "dense": 0.0}
-    for c in choices.values():
-        reference = c.fp16_ms or c.dense_ms
+    measured = {b: c for b, c in choices.items() if c.fp16_ms}
+    if not measured:  # the tuning process died before timing this shape (see the autotuner's note)
+        notes = "; ".join(sorted({c.note for c in choices.values() if c.note})) or "no timings"
+        return _Decision("dense", f"left fp16: its FP8 GEMMs were not measured ({notes})", {}, choices)
+    for c in measured.values():
         relative["dense"] += 1.0
-        relative["fp8 dense"] += (c.dense_ms or float("inf")) / reference
-        relative["fp8 2:4"] += (c.sparse_ms or float("inf")) / reference
+        relative["fp8 dense"] += (c.dense_ms or float("inf")) / c.fp16_ms
+        relative["fp8 2:4"] += (c.sparse_ms or float("inf")) / c.fp16_ms
     margin = tuner.min_speedup
     best = "dense"
     if min(relative["fp8 2:4"], relative["fp8 dense"]) * margin <= relative["dense"]:
@@ -627,13 +630,17 @@ def swap_to_semi_structured_(
         logger.info("hf-sparse: this PyTorch's _cslt_sparse_mm has no split-k arguments; tuning algorithms only.")
 
     # Decide everything before changing anything, so a failure leaves the model as it was.
+    if fp8_config is not None:  # calibration first: bad batches fail before minutes of tuning
+        scales = _input_scales(model, units, fp8_config)
     if tuner is not None and counts and not (fp8_config is not None and not fp8_config.sparse):
         device = units[0].layers[0].weight.device
-        kernel = (lambda u: E4M3) if fp8_config is not None else (lambda u: u.layers[0].weight.dtype)
-        tuner.prefetch([(*u.shape, kernel(u), u.has_bias, t) for u in units for t in counts], device)
+        if fp8_config is not None:  # the e4m3 kernels take dimensions that are multiples of 32
+            tuned = [(u, E4M3) for u in units if not (u.shape[0] % 32 or u.shape[1] % 32)]
+        else:
+            tuned = [(u, u.layers[0].weight.dtype) for u in units]
+        tuner.prefetch([(*u.shape, dtype, u.has_bias, t) for u, dtype in tuned for t in counts], device)
     if fp8_config is not None:
         decisions = [_decide_fp8(unit, tuner, counts, fp8_config) for unit in units]
-        scales = _input_scales(model, units, fp8_config)
     else:
         decisions = [_decide(unit, tuner, counts, dense_fallback) for unit in units]
         if dense_fallback == "auto":

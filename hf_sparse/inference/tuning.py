@@ -206,7 +206,7 @@ def sweep(
                 break
             if ms == ms:  # not NaN: verified
                 timings[(alg_id, 1, -1)] = ms
-        if split_k and (planned or cusparselt.split_k_supported()):
+        if split_k and not fp8 and (planned or cusparselt.split_k_supported()):  # FP8 layers keep an id only
             best_algs = sorted({cfg[0] for cfg in timings}, key=lambda a: timings[(a, 1, -1)])[:2]
             for cfg in [(a, k, mode) for a in best_algs for k in split_k for mode in split_k_modes]:
                 if progress is not None:
