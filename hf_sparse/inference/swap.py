@@ -15,6 +15,10 @@ the swapped model runs through CUDA graphs per input shape by itself (`EagerGrap
 by host time at small batches and a sparse call costs more host time than a dense one. `torch.compile(model,
 dynamic=False)` traces the layers through a custom op and fuses the element-wise work between the GEMMs.
 
+With `fp8=...` (compute capability 8.9+) each 2:4 layer becomes an `Fp8Linear` instead (`fp8.py`): e4m3 weights,
+2:4-compressed or dense, whichever of those and the fp16 layer the autotuner measures fastest at the named token
+counts.
+
 A swapped model still saves as an ordinary dense checkpoint (`...weight`/`...bias` keys, exact zeros):
 `state_dict()` decompresses the weights exactly, and `load_state_dict` recompresses them.
 """
