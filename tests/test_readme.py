@@ -75,7 +75,7 @@ def test_every_python_block_of_the_readme_runs_in_order(tmp_path, monkeypatch):
         hub.shutdown()
         hub.server_close()
     assert all(used.values()), f"substitutions whose README text is gone: {[k for k, v in used.items() if not v]}"
-    assert ran + len(skipped) == len(blocks) and len(skipped) <= 1, skipped
+    assert ran + len(skipped) == len(blocks) and len(skipped) <= 2, skipped  # the fp16 and the FP8 inference
     # What the blocks promise: a 2:4 model merged from LoRA, a compact folder, an upload.
     from hf_sparse.masks import is_nm
 
