@@ -35,6 +35,12 @@ logger = logging.getLogger(__name__)
 
 ACTIVATION_SCALES = ("dynamic", "static")
 FP8_CAPABILITY = (8, 9)
+FP8_ALIGN = 32  # both dimensions of an e4m3 GEMM's weight are multiples of this
+
+
+def fp8_shape_fits(shape: tuple[int, int]) -> bool:
+    """Whether the e4m3 kernels take a weight of this `(out_features, in_features)` shape."""
+    return not (shape[0] % FP8_ALIGN or shape[1] % FP8_ALIGN)
 
 
 # -- configuration ---------------------------------------------------------------------------------------------------
@@ -217,15 +223,14 @@ class Fp8Linear(nn.Module):
         self.out_dtype = weight.dtype
         # static: one weight scale too, so both scales and the bias fold into the GEMM's epilogue (alpha); dynamic:
         # one scale per output feature, applied with the per-token scales after the GEMM
-        self.per_tensor = input_scale is not None
-        values, scales = quantize_weight(weight, per_tensor=self.per_tensor)
+        values, scales = quantize_weight(weight, per_tensor=input_scale is not None)
         if sparse:
             fp8_sparse_mm_op()  # registered now, not while torch.compile traces
         self.register_buffer("packed", _compress(values) if sparse else None, persistent=False)
         self.register_buffer("weight_fp8", None if sparse else values.contiguous(), persistent=False)
         self.register_buffer("weight_scale", scales, persistent=False)
         # static: the one weight scale as its own 0-dim tensor (inductor's _scaled_mm lowering refuses a view)
-        self.register_buffer("tensor_scale", scales[0].clone() if self.per_tensor else None, persistent=False)
+        self.register_buffer("tensor_scale", scales[0].clone() if input_scale is not None else None, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
         scale = None if input_scale is None else torch.tensor(float(input_scale), device=weight.device)
         self.register_buffer("input_scale", scale, persistent=False)
@@ -342,7 +347,7 @@ class Fp8Linear(nn.Module):
             if rows is not None:
                 current = self.e4m3_weight().float() * self.weight_scale[:, None]
             weight = new_weight(self, weight, rows, self.weight_scale.device, torch.float32, self.sparse, current)
-            values, scales = quantize_weight(weight, per_tensor=self.per_tensor)
+            values, scales = quantize_weight(weight, per_tensor=self.input_scale is not None)
             if self.sparse:
                 self.packed.copy_(_compress(values))
             else:

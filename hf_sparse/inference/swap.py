@@ -38,7 +38,7 @@ from ..selection import select_layers
 from .autotune import Autotuner, GemmChoice, Plan, default_tuner, token_bucket
 from .cuda_graphs import GENERATION, CudaGraphModel, EagerGraphs, remove_cuda_graphs
 from .cusparselt import split_k_supported
-from .fp8 import E4M3, Fp8Config, Fp8Linear, calibrate_input_scales, fp8_support_problem
+from .fp8 import E4M3, FP8_ALIGN, Fp8Config, Fp8Linear, calibrate_input_scales, fp8_shape_fits, fp8_support_problem
 from .layers import (
     ALIGN,
     FusedLinearSlice,
@@ -55,6 +55,7 @@ DEFAULT_TOKEN_COUNTS: tuple[int, ...] = (512, 2048, 8192, 32768, 131072)
 """Token counts (batch x sequence length) tuned at swap time when none are given."""
 FALLBACKS = ("auto", "copy", "none")
 SWAPPED = ("sparse", "sparse+dense", "fp8 2:4", "fp8 dense")
+_SWAPPED_TYPES = (SemiStructuredLinear, Fp8Linear)  # a layer (or fused group) the swap installed
 
 
 # -- the report ------------------------------------------------------------------------------------------------------
@@ -451,9 +452,9 @@ def _decide_fp8(unit: _Unit, tuner: Autotuner | None, token_counts: Sequence[int
     the autotuner measured fastest over the named token counts (each weighed relative to its fp16 time). One weight
     format per layer, so the weights never take more bytes than the fastest choice needs."""
     out_f, in_f = unit.shape
-    if out_f % 32 or in_f % 32:
-        return _Decision("dense", f"the e4m3 kernels need both dimensions to be multiples of 32; this GEMM is "
-                         f"{out_f}x{in_f}", {})  # fmt: skip
+    if not fp8_shape_fits(unit.shape):
+        return _Decision("dense", f"the e4m3 kernels need both dimensions to be multiples of {FP8_ALIGN}; this GEMM "
+                         f"is {out_f}x{in_f}", {})  # fmt: skip
     if not config.sparse:
         return _Decision("fp8 dense", "dense FP8 for every layer (Fp8Config(sparse=False))", {})
     if tuner is None or not token_counts:
@@ -638,8 +639,8 @@ def swap_to_semi_structured_(
         scales = _input_scales(model, units, fp8_config)
     if tuner is not None and counts and not (fp8_config is not None and not fp8_config.sparse):
         device = units[0].layers[0].weight.device
-        if fp8_config is not None:  # the e4m3 kernels take dimensions that are multiples of 32
-            tuned = [(u, E4M3) for u in units if not (u.shape[0] % 32 or u.shape[1] % 32)]
+        if fp8_config is not None:  # only the shapes the e4m3 kernels take
+            tuned = [(u, E4M3) for u in units if fp8_shape_fits(u.shape)]
         else:
             tuned = [(u, u.layers[0].weight.dtype) for u in units]
         tuner.prefetch([(*u.shape, dtype, u.has_bias, t) for u, dtype in tuned for t in counts], device)
@@ -759,9 +760,7 @@ def restore_dense_(model: nn.Module) -> list[str]:
         remove_cuda_graphs(model)
     restored = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, (FusedLinearSlice, SemiStructuredLinear, Fp8Linear)) and not (
-            isinstance(module, (SemiStructuredLinear, Fp8Linear)) and not module.emits_state
-        ):
+        if isinstance(module, FusedLinearSlice) or (isinstance(module, _SWAPPED_TYPES) and module.emits_state):
             weight, bias = module.weight.detach().clone(), module.bias
             linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None)
             linear = linear.to(device=weight.device, dtype=weight.dtype)
@@ -774,7 +773,7 @@ def restore_dense_(model: nn.Module) -> list[str]:
             setattr(parent, attr, linear)
             restored.append(name)
     for name, module in list(model.named_modules()):
-        if isinstance(module, (SemiStructuredLinear, Fp8Linear)) and not module.emits_state:
+        if isinstance(module, _SWAPPED_TYPES) and not module.emits_state:
             parent_name, attr = _split(name)
             parent = model.get_submodule(parent_name) if parent_name else model
             delattr(parent, attr)

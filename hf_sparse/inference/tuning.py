@@ -102,7 +102,7 @@ def sweep(
     device = torch.device(device)
     tolerance = _reference_tolerance(dtype) if tolerance is None else tolerance
     fp8 = dtype == torch.float8_e4m3fn
-    rows = tokens + (-tokens) % (32 if fp8 else 8)
+    rows = tokens + (-tokens) % (cusparselt.ROW_ALIGN if fp8 else 8)
     gen = torch.Generator(device=device).manual_seed(0)
     weights_dtype = torch.float16 if fp8 else dtype
     x = torch.randn(rows, in_features, device=device, dtype=weights_dtype, generator=gen)
@@ -118,12 +118,12 @@ def sweep(
         # e4m3, as the layers run with static scales (fp8.py): "dense" is the dense FP8 GEMM (torch._scaled_mm,
         # scales and bias in its epilogue), the sparse kernel takes the product of the scales as alpha and fuses
         # the bias; the fp16 GEMM of the same shape is timed too.
-        from .quantization import quantize_static, quantize_weight
+        from .quantization import E4M3_MAX, quantize_static, quantize_weight
 
         fp16_ms = time_graphed(lambda: F.linear(x, w, b), inner, reps)
         if on_timed is not None:
             on_timed("fp16", fp16_ms)
-        x_scale = (x.abs().max().float() / 448.0).reshape(())
+        x_scale = (x.abs().max().float() / E4M3_MAX).reshape(())
         xq = quantize_static(x, x_scale)
         wq, w_scales = quantize_weight(w, per_tensor=True)
         w_scale = w_scales[:1].reshape(())
