@@ -29,10 +29,12 @@ class FakeTimings(Autotuner):
         return format_device_key(self.gpu, (9, 0), "2.11.0", "13.0", 800)
 
     def measure_many(self, requests, device):
-        return [self.measure(*request, device) for request in requests]
+        return [self.measure(*request[:5], device, *request[5:]) for request in requests]
 
-    def measure(self, out_features, in_features, dtype, bias, tokens, device):
-        self.calls.append((out_features, in_features, tokens))
+    def measure(self, out_features, in_features, dtype, bias, tokens, device, epilogue=""):
+        self.calls.append(
+            (out_features, in_features, tokens, epilogue) if epilogue else (out_features, in_features, tokens)
+        )
         sparse_ms = 1.0 if tokens >= self.sparse_from else 1.5
         return GemmChoice("sparse" if sparse_ms < 1.2 else "dense", Plan("sparse", 3), 1.2, sparse_ms, tokens, 7)
 
@@ -44,6 +46,9 @@ def test_token_bucket_is_next_power_of_two():
 def test_keys_name_shape_dtype_bias_bucket_and_versions():
     assert gemm_key(3072, 768, torch.float16, True, 2048) == "3072x768|float16|bias|tokens<=2048"
     assert gemm_key(768, 3072, torch.bfloat16, False, 8) == "768x3072|bfloat16|nobias|tokens<=8"
+    assert (
+        gemm_key(3072, 768, torch.float8_e4m3fn, True, 2048, "gelu") == "3072x768|float8_e4m3fn|bias|tokens<=2048|gelu"
+    )
     key = format_device_key("NVIDIA H200", (9, 0), "2.11.0+cu130", "13.0", 800)
     assert key == "NVIDIA H200 (sm90)|torch 2.11.0+cu130|cuda 13.0|cusparselt 800"
 
@@ -184,3 +189,14 @@ def test_a_child_that_cannot_start_says_how_to_tune_in_process():
 
     with pytest.raises(RuntimeError, match=r"before measuring anything.*isolate=False"):
         measure_in_child([(64, 64, torch.float16, False, 8)], "cpu", {}, command=[sys.executable, "-c", "exit(3)"])
+
+
+def test_a_gemm_with_gelu_in_its_epilogue_is_measured_and_cached_apart(tmp_path):
+    e4m3 = torch.float8_e4m3fn
+    tuner = FakeTimings(cache_path=tmp_path / "tune.json")
+    tuner.prefetch([(3072, 768, e4m3, True, 1536), (3072, 768, e4m3, True, 1536, "gelu")], "cuda")
+    assert tuner.calls == [(3072, 768, 1536), (3072, 768, 1536, "gelu")]
+    assert tuner.choice(3072, 768, e4m3, True, 2000, "cuda", epilogue="gelu") is not None
+    fresh = FakeTimings(cache_path=tmp_path / "tune.json")
+    assert fresh.cached(3072, 768, e4m3, True, 1536, "cuda", "gelu") is not None
+    assert fresh.cached(3072, 768, e4m3, True, 1536, "cuda") is not None and fresh.calls == []

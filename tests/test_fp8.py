@@ -6,9 +6,9 @@ from torch import nn
 
 from hf_sparse import swap_to_semi_structured_
 from hf_sparse.inference.autotune import GemmChoice, Plan
-from hf_sparse.inference.fp8 import Fp8Config, calibrate_input_scales, fp8_support_problem
+from hf_sparse.inference.fp8 import Fp8Config, GeluInEpilogue, calibrate_input_scales, fp8_support_problem
 from hf_sparse.inference.quantization import E4M3, quantize_rows, quantize_static, quantize_weight
-from hf_sparse.inference.swap import _decide_fp8, _units
+from hf_sparse.inference.swap import DEFAULT_FUSE_GROUPS, _decide_fp8, _decide_gelu, _gelu_blocks, _units
 from hf_sparse.masks import is_nm
 from tests.test_inference import assert_untouched, pruned_tiny_model, rel_error, snapshot
 
@@ -141,6 +141,109 @@ def test_a_layer_whose_fp8_timings_are_missing_stays_fp16_and_says_why():
     assert decision.status == "dense" and "not measured (tuning process died)" in decision.reason
 
 
+def _blocks(model):
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    units, _ = _units(model, linears, DEFAULT_FUSE_GROUPS)
+    return units, _gelu_blocks(model, units)
+
+
+def test_feed_forward_blocks_whose_gelu_can_run_in_the_epilogue_are_found():
+    units, blocks = _blocks(pruned_tiny_model(hidden_size=64, intermediate_size=128))
+    layer = "bert.encoder.layer.{}."
+    assert [(units[b.producer].name, b.activation, units[b.consumer].name) for b in blocks] == [
+        (layer.format(i) + "intermediate.dense", layer.format(i) + "intermediate.intermediate_act_fn",
+         layer.format(i) + "output.dense")
+        for i in range(2)
+    ]  # fmt: skip
+    assert _blocks(pruned_tiny_model(hidden_size=64, intermediate_size=128, hidden_act="relu"))[1] == []
+    assert _blocks(pruned_tiny_model(hidden_size=64, intermediate_size=112))[1] == []  # 112: no e4m3 kernel takes it
+
+    from transformers import DistilBertConfig, DistilBertForQuestionAnswering
+
+    from hf_sparse import prune_
+
+    torch.manual_seed(0)
+    distil = DistilBertForQuestionAnswering(
+        DistilBertConfig(vocab_size=100, dim=64, hidden_dim=128, n_layers=1, n_heads=2, max_position_embeddings=64)
+    )
+    prune_(distil)
+    units, blocks = _blocks(distil)
+    ffn = "distilbert.transformer.layer.0.ffn."
+    assert [(units[b.producer].name, b.activation, units[b.consumer].name) for b in blocks] == [
+        (ffn + "lin1", ffn + "activation", ffn + "lin2")
+    ]
+
+
+class _MeasuredGelu(_Measured):
+    def __init__(self, times, fused):
+        super().__init__(times)
+        self.fused = fused  # tokens -> ms of the 2:4 kernel with GELU and e4m3 output in its epilogue
+
+    def choice(self, out_features, in_features, dtype, bias, tokens, device, epilogue=""):
+        if not epilogue:
+            return super().choice(out_features, in_features, dtype, bias, tokens, device)
+        fp16, dense, _ = self.times[tokens]
+        gelu = 0.3 * fp16  # the separate GELU step, timed after each dense GEMM
+        return GemmChoice(
+            "sparse", Plan("sparse", 9), dense + gelu, self.fused[tokens], tokens, 2, fp16_ms=fp16 + gelu
+        )
+
+
+@pytest.mark.parametrize(
+    "fused_ms, consumer_times, fuses",
+    [
+        ({1536: 0.7, 98304: 4.0}, {1536: (1.0, 0.9, 0.8), 98304: (10.0, 7.0, 5.0)}, True),
+        # slower than the plain GEMM, faster than it and the separate GELU: fused
+        ({1536: 0.9, 98304: 6.0}, {1536: (1.0, 0.9, 0.8), 98304: (10.0, 7.0, 5.0)}, True),
+        ({1536: 1.2, 98304: 9.0}, {1536: (1.0, 0.9, 0.8), 98304: (10.0, 7.0, 5.0)}, False),  # slower than both
+        ({1536: 0.7, 98304: 4.0}, {1536: (1.0, 1.5, 1.4), 98304: (10.0, 10.1, 9.9)}, False),  # next layer fp16
+    ],
+)
+def test_gelu_runs_in_the_epilogue_only_where_measured_no_slower_and_the_next_layer_is_fp8(
+    fused_ms, consumer_times, fuses
+):
+    producer_times = {1536: (1.0, 0.9, 0.8), 98304: (10.0, 7.0, 5.0)}
+    units, blocks = _blocks(pruned_tiny_model(hidden_size=64, intermediate_size=128))
+    block = blocks[0]
+    decisions = [None] * len(units)
+    decisions[block.producer] = _decide_fp8(units[block.producer], _Measured(producer_times), [1536, 98304],
+                                            Fp8Config("dynamic"))  # fmt: skip
+    decisions[block.consumer] = _decide_fp8(units[block.consumer], _Measured(consumer_times), [1536, 98304],
+                                            Fp8Config("dynamic"))  # fmt: skip
+    _decide_gelu(block, decisions, units, _MeasuredGelu(producer_times, fused_ms), [1536, 98304])
+    assert block.fused == fuses, block.reason
+    if fuses:
+        assert {c.sparse.alg_id for c in block.choices.values()} == {9}
+        assert "fp16 GEMM + GELU over this, by tokens: 1536: " in block.reason
+    else:
+        assert block.reason.startswith("GELU stays a separate step")
+
+
+def test_the_gelu_left_in_place_passes_the_fused_layers_e4m3_output_through_and_restores():
+    from hf_sparse import restore_dense_
+
+    gelu = GeluInEpilogue(nn.GELU())
+    x = torch.randn(4, 8)
+    assert torch.equal(gelu(x), nn.functional.gelu(x))  # a call not from the fused layer is still a GELU
+    q = x.to(E4M3)
+    assert gelu(q) is q
+    model = pruned_tiny_model(hidden_size=64, intermediate_size=128)
+    block = model.bert.encoder.layer[0].intermediate
+    original = block.intermediate_act_fn
+    block.intermediate_act_fn = GeluInEpilogue(original)
+    restore_dense_(model)
+    assert block.intermediate_act_fn is original
+
+
+def test_the_gelu_epilogue_is_for_e4m3_gemms_only():
+    from hf_sparse.inference.tuning import _encode, sweep
+
+    with pytest.raises(ValueError, match="'gelu' for float8_e4m3fn only"):
+        sweep(3072, 768, torch.float16, True, 1536, "cpu", epilogue="gelu")
+    assert _encode((3072, 768, E4M3, True, 1536, "gelu")) == [3072, 768, "float8_e4m3fn", True, 1536, "gelu"]
+    assert _encode((3072, 768, E4M3, True, 1536)) == [3072, 768, "float8_e4m3fn", True, 1536]
+
+
 # -- GPU ---------------------------------------------------------------------------------------------------------------
 
 
@@ -202,6 +305,10 @@ def test_fp8_swap_graphs_compile_and_checkpoint(tmp_path, activation_scales):
     assert all("GEMM speed over fp16 by tokens: 128:" in r.reason for r in tuned if r.status != "not 2:4")
     report = swap_to_semi_structured_(model, fp8=config, autotune=False)
     assert {r.status for r in report} == {"fp8 2:4", "not 2:4"}, report.format()
+    static = activation_scales == "static"
+    gelu = model.bert.encoder.layer[0].intermediate.intermediate_act_fn
+    assert isinstance(gelu, GeluInEpilogue) == static  # static scales: GELU runs in the intermediate GEMM
+    assert sum("run in its epilogue" in r.reason for r in report) == (2 if static else 0), report.format()
     runner = model.__dict__["forward"]
     with torch.no_grad():
         runner.enabled = False
@@ -226,6 +333,61 @@ def test_fp8_swap_graphs_compile_and_checkpoint(tmp_path, activation_scales):
     # casts that would destroy the e4m3 weights are refused, naming the layer
     with pytest.raises(TypeError, match="FP8 layer keeps e4m3 weights"):
         model.float()
+    if static:  # GELU as a separate step computes the same model, within e4m3 rounding of its output
+        unfused = _fp8_model()
+        swap_to_semi_structured_(unfused, fp8=Fp8Config(calibration=calibration, fuse_gelu=False), autotune=False)
+        assert not isinstance(unfused.bert.encoder.layer[0].intermediate.intermediate_act_fn, GeluInEpilogue)
+        with torch.no_grad():
+            assert rel_error(unfused(**inputs).start_logits, plain) < 3e-2
+        from hf_sparse import restore_dense_
+
+        restore_dense_(fresh)  # (not `model`: its refused .float() cast the modules before the first FP8 layer)
+        assert type(fresh.bert.encoder.layer[0].intermediate.intermediate_act_fn).__name__ == "GELUActivation"
+        with torch.no_grad():
+            assert rel_error(fresh(**inputs).start_logits, dense) < 0.08
+
+
+@needs_fp8_gpu
+@pytest.mark.gpu
+def test_gelu_in_the_epilogue_writes_the_next_layers_e4m3_input():
+    from hf_sparse.inference.fp8 import Fp8Linear
+    from hf_sparse.masks import nm_mask
+
+    torch.manual_seed(0)
+    weight = torch.randn(3072, 768, device="cuda", dtype=torch.float16) * 0.05
+    weight = weight * nm_mask(weight)
+    bias = torch.randn(3072, device="cuda", dtype=torch.float16) * 0.5
+    x = torch.randn(4, 100, 768, device="cuda", dtype=torch.float16)  # 400 rows: padded to 416 for the kernel
+    scale = float(x.abs().max()) / 448
+    plain, fused = (Fp8Linear(weight, bias, input_scale=scale, name="intermediate.dense") for _ in range(2))
+    with torch.no_grad():
+        reference = torch.nn.functional.gelu(plain(x).float())
+    out_scale = float(reference.abs().max()) / 448
+    fused.fuse_gelu_(out_scale)
+    with torch.no_grad():
+        out = fused(x)
+    assert out.dtype == E4M3 and out.shape == (4, 100, 3072)
+    assert rel_error(out.float() * out_scale, reference) < 0.06, rel_error(out.float() * out_scale, reference)
+    # the next layer reads it as its quantized input: the same as quantizing the separate GELU's output
+    w2 = torch.randn(768, 3072, device="cuda", dtype=torch.float16) * 0.02
+    w2 = w2 * nm_mask(w2)
+    after = Fp8Linear(w2, None, input_scale=out_scale, name="output.dense")
+    with torch.no_grad():
+        assert rel_error(after(out), after(reference.half())) < 0.03
+    # the e4m3 output's C matrix points at D and is not read (beta 0): a D full of NaN bytes leaves no NaN behind
+    from hf_sparse.inference import cusparselt
+
+    xq = quantize_static(torch.randn(416, 768, device="cuda", dtype=torch.float16), fused.input_scale)
+    plan = cusparselt.plan_for(xq, fused.packed, fused.bias, 3072, 0, out_dtype=E4M3, gelu_scale=fused.gelu_scale)
+    nan_filled = torch.full((416, 3072), 0xFF, dtype=torch.uint8, device="cuda").view(E4M3)
+    plan(xq, fused.packed, out=nan_filled, alpha=fused.alpha)
+    assert not torch.isnan(nan_filled.float()).any()
+    # compiled, the fused layer gives the same bits
+    compiled = torch.compile(fused, dynamic=False)
+    with torch.no_grad():
+        assert torch.equal(compiled(x).view(torch.uint8), out.view(torch.uint8))
+    with pytest.raises(ValueError, match="only a 2:4 FP8 layer with a static input scale"):
+        Fp8Linear(weight, bias, name="dynamic").fuse_gelu_(1.0)
 
 
 @needs_fp8_gpu
@@ -246,14 +408,17 @@ def test_the_autotuner_times_fp8_2_4_dense_fp8_and_fp16_in_a_child_process(tmp_p
 def test_the_kernels_are_custom_ops_that_torch_compile_traces_by_their_output_shape():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from hf_sparse.inference.fp8 import fp8_sparse_mm_op
+    from hf_sparse.inference.fp8 import fp8_sparse_gelu_op, fp8_sparse_mm_op
     from hf_sparse.inference.layers import _sparse_linear_op
 
     assert "CustomOpDef" in type(fp8_sparse_mm_op()).__name__ and "CustomOpDef" in type(_sparse_linear_op()).__name__
+    assert "CustomOpDef" in type(fp8_sparse_gelu_op()).__name__
     with FakeTensorMode():
         xq = torch.empty(96, 256, dtype=E4M3)
         out = torch.ops.hf_sparse.fp8_sparse_mm(xq, torch.empty(10, dtype=E4M3), None, 768, 0, 0.5, torch.float16)
         assert out.shape == (96, 768) and out.dtype == torch.float16
+        out = torch.ops.hf_sparse.fp8_sparse_gelu(xq, torch.empty(10, dtype=E4M3), None, 768, 0, 0.5, 20.0)
+        assert out.shape == (96, 768) and out.dtype == E4M3
         x = torch.empty(96, 256, dtype=torch.float16)
         out = torch.ops.hf_sparse.sparse_linear(x, torch.empty(10, dtype=torch.float16), None, 512, 0, 1, -1)
         assert out.shape == (96, 512) and out.dtype == torch.float16

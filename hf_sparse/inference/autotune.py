@@ -51,9 +51,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def gemm_key(out_features: int, in_features: int, dtype: torch.dtype, bias: bool, bucket: int) -> str:
-    """Cache key of one GEMM shape at one token-count bucket, e.g. `'3072x768|float16|bias|tokens<=2048'`."""
-    return f"{out_features}x{in_features}|{dtype_name(dtype)}|{'bias' if bias else 'nobias'}|tokens<={bucket}"
+def gemm_key(
+    out_features: int, in_features: int, dtype: torch.dtype, bias: bool, bucket: int, epilogue: str = ""
+) -> str:
+    """Cache key of one GEMM shape at one token-count bucket, e.g. `'3072x768|float16|bias|tokens<=2048'` (with
+    `|gelu` at the end for a GEMM measured with GELU in its epilogue, see `tuning.sweep`)."""
+    key = f"{out_features}x{in_features}|{dtype_name(dtype)}|{'bias' if bias else 'nobias'}|tokens<={bucket}"
+    return f"{key}|{epilogue}" if epilogue else key
 
 
 class Plan(NamedTuple):
@@ -198,30 +202,45 @@ class Autotuner:
         return device_key(device)
 
     def cached(
-        self, out_features: int, in_features: int, dtype: torch.dtype, bias: bool, tokens: int, device
+        self,
+        out_features: int,
+        in_features: int,
+        dtype: torch.dtype,
+        bias: bool,
+        tokens: int,
+        device,
+        epilogue: str = "",
     ) -> GemmChoice | None:
         """The cached choice for this GEMM's bucket, or None (never measures)."""
         self._load()
         table = self._memory.get(self.device_key(device), {})
-        return table.get(gemm_key(out_features, in_features, dtype, bias, token_bucket(tokens)))
+        return table.get(gemm_key(out_features, in_features, dtype, bias, token_bucket(tokens), epilogue))
 
     def choice(
-        self, out_features: int, in_features: int, dtype: torch.dtype, bias: bool, tokens: int, device
+        self,
+        out_features: int,
+        in_features: int,
+        dtype: torch.dtype,
+        bias: bool,
+        tokens: int,
+        device,
+        epilogue: str = "",
     ) -> GemmChoice:
-        """The cached choice for this GEMM's bucket; measured (on the GPU) and cached first if there is none."""
-        found = self.cached(out_features, in_features, dtype, bias, tokens, device)
+        """The cached choice for this GEMM's bucket; measured (on the GPU) and cached first if there is none.
+        `epilogue="gelu"`: an e4m3 GEMM with GELU in its epilogue (see `tuning.sweep`)."""
+        request = (out_features, in_features, dtype, bias, tokens, epilogue)
+        found = self.cached(*request[:5], device, epilogue)
         if found is not None:
             return found
-        chosen = self.measure(out_features, in_features, dtype, bias, tokens, device)
+        extra = {"epilogue": epilogue} if epilogue else {}
+        chosen = self.measure(*request[:5], device, **extra)
         self.measurements += 1
-        self.store(out_features, in_features, dtype, bias, tokens, device, chosen)
+        self.store(*request[:5], device, chosen, epilogue)
         return chosen
 
-    def store(self, out_features, in_features, dtype, bias, tokens, device, chosen: GemmChoice) -> None:
-        key = self.device_key(device)
-        self._memory.setdefault(key, {})[gemm_key(out_features, in_features, dtype, bias, token_bucket(tokens))] = (
-            chosen
-        )
+    def store(self, out_features, in_features, dtype, bias, tokens, device, chosen: GemmChoice, epilogue="") -> None:
+        key = gemm_key(out_features, in_features, dtype, bias, token_bucket(tokens), epilogue)
+        self._memory.setdefault(self.device_key(device), {})[key] = chosen
         self._save()
 
     def _load(self) -> None:
@@ -274,29 +293,31 @@ class Autotuner:
     # -- measuring (GPU) -------------------------------------------------------------------------------------------
 
     def prefetch(self, requests: list[tuple], device) -> None:
-        """Measures every `(out_features, in_features, dtype, bias, tokens)` not cached yet, together (one child
-        process when `isolate`), and caches the choices."""
+        """Measures every `(out_features, in_features, dtype, bias, tokens[, epilogue])` not cached yet, together
+        (one child process when `isolate`), and caches the choices."""
         missing, seen = [], set()
         for request in requests:
-            out_features, in_features, dtype, bias, tokens = request
-            key = gemm_key(out_features, in_features, dtype, bias, token_bucket(tokens))
-            if key not in seen and self.cached(*request, device) is None:
+            out_features, in_features, dtype, bias, tokens, *epilogue = request
+            epilogue = epilogue[0] if epilogue else ""
+            key = gemm_key(out_features, in_features, dtype, bias, token_bucket(tokens), epilogue)
+            if key not in seen and self.cached(*request[:5], device, epilogue) is None:
                 seen.add(key)
                 missing.append(request)
         if not missing:
             return
         for request, chosen in zip(missing, self.measure_many(missing, device)):
             self.measurements += 1
-            self.store(*request, device, chosen)
+            self.store(*request[:5], device, chosen, *request[5:6])
 
     def measure(
-        self, out_features: int, in_features: int, dtype: torch.dtype, bias: bool, tokens: int, device
+        self, out_features: int, in_features: int, dtype: torch.dtype, bias: bool, tokens: int, device, epilogue=""
     ) -> GemmChoice:
         """Times dense against every sparse candidate for this shape on `device` (see `measure_many`)."""
-        return self.measure_many([(out_features, in_features, dtype, bias, tokens)], device)[0]
+        return self.measure_many([(out_features, in_features, dtype, bias, tokens, epilogue)], device)[0]
 
     def measure_many(self, requests: list[tuple], device) -> list[GemmChoice]:
-        """Times dense against the sparse candidates of each `(out_features, in_features, dtype, bias, tokens)`.
+        """Times dense against the sparse candidates of each `(out_features, in_features, dtype, bias, tokens[,
+        epilogue])`.
 
         With `isolate` (the default) the sweeps run in a child process: an algorithm that faults on the GPU (an
         illegal instruction poisons the CUDA context of the process that ran it) costs that child, not this
@@ -314,7 +335,7 @@ class Autotuner:
         if self.isolate:
             measured = measure_in_child(requests, device, settings)
         else:
-            measured = [sweep(*request, device, **settings) for request in requests]
+            measured = [sweep(*r[:5], device, epilogue=r[5] if len(r) > 5 else "", **settings) for r in requests]
         return [GemmChoice.from_dict(m) for m in measured]
 
 

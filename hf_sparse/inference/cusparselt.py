@@ -37,6 +37,8 @@ from typing import NamedTuple
 
 import torch
 
+from .quantization import E4M3_MAX
+
 logger = logging.getLogger(__name__)
 
 # Values from cusparse.h / cusparseLt.h / library_types.h (stable across cuSPARSELt 0.5-0.8).
@@ -44,6 +46,7 @@ _ORDER_COL, _ORDER_ROW = 1, 2
 _OP_N, _OP_T = 0, 1
 _COMPUTE_32F = 2
 _SPARSITY_50 = 0
+_MATMUL_ACTIVATION_GELU, _MATMUL_ACTIVATION_GELU_SCALING = 3, 4
 _MATMUL_ALPHA_VECTOR_SCALING, _MATMUL_BIAS_POINTER = 5, 8
 _ALG_DEFAULT = 0
 _ALG_CONFIG_ID, _ALG_CONFIG_MAX_ID, _ALG_SPLIT_K, _ALG_SPLIT_K_MODE = 0, 1, 3, 4
@@ -207,11 +210,19 @@ class PlanKey(NamedTuple):
     split_k_mode: int
     out_dtype: torch.dtype | None = None  # None: the input dtype (fp8 inputs write fp16 or bf16)
     alpha_vector: bool = False  # a per-output-feature scale vector (on the GPU) multiplies the product
+    gelu_scale: float | None = None  # GELU in the epilogue, its result times this (e4m3 output: see MatmulPlan)
 
 
 class MatmulPlan:
     """One cuSPARSELt plan for `y = x @ W.T + bias`: W `(out, in)` 2:4 compressed, x `(rows, in)` row-major,
     y `(rows, out)` row-major. Built once; each call is a single `cusparseLtMatmul`.
+
+    With `key.gelu_scale` set, the epilogue also applies GELU and multiplies by that scale: `y = gelu(alpha * x @ W.T
+    + bias) * gelu_scale`. On an H100 (cuSPARSELt 0.8.0) the GELU epilogue is accepted for e4m3 inputs writing e4m3
+    (the scale then quantizes the output for the next e4m3 GEMM; values past the e4m3 range saturate) and refused
+    ("invalid value") for float16 or bfloat16 outputs. An e4m3 output is described with a float16 C matrix (an e4m3
+    one is refused) that points at D (a NULL C is refused too). With beta 0 it is never read: the autotuner verifies
+    each algorithm it keeps on an output filled with NaN bytes, which a read of C would carry into the result.
 
     Raises `CusparseLtError` when cuSPARSELt refuses the configuration, e.g. an `alg_id` above the largest id
     it offers for this shape (`max_alg_id`, read from cuSPARSELt before the id is ever set).
@@ -225,13 +236,15 @@ class MatmulPlan:
         self._handle = handle
         out_f, in_f, rows = key.out_features, key.in_features, key.rows
         out_dtype = key.out_dtype or key.dtype
-        if key.dtype not in _CUDA_TYPES or out_dtype not in (torch.float16, torch.bfloat16):
+        e4m3_out = out_dtype == torch.float8_e4m3fn and key.dtype == torch.float8_e4m3fn
+        if key.dtype not in _CUDA_TYPES or not (out_dtype in (torch.float16, torch.bfloat16) or e4m3_out):
             raise ValueError(
-                f"cuSPARSELt plans take float16, bfloat16 or float8_e4m3fn inputs and write float16 or bfloat16; "
-                f"got {key.dtype} -> {out_dtype}."
+                f"cuSPARSELt plans take float16, bfloat16 or float8_e4m3fn inputs and write float16 or bfloat16 (or "
+                f"float8_e4m3fn from float8_e4m3fn inputs); got {key.dtype} -> {out_dtype}."
             )
         value_type, out_type = _CUDA_TYPES[key.dtype], _CUDA_TYPES[out_dtype]
-        self._a, self._b, self._d = (ctypes.create_string_buffer(_OPAQUE) for _ in range(3))
+        c_type = _CUDA_TYPES[torch.float16] if e4m3_out else out_type
+        self._a, self._b, self._c, self._d = (ctypes.create_string_buffer(_OPAQUE) for _ in range(4))
         self._matmul_desc = ctypes.create_string_buffer(_OPAQUE)
         self._alg = ctypes.create_string_buffer(_OPAQUE)
         self._plan = ctypes.create_string_buffer(_OPAQUE)
@@ -252,9 +265,16 @@ class MatmulPlan:
                 "cusparseLtDenseDescriptorInit", handle, self._d, out_f, rows, out_f, _ALIGN, out_type, _ORDER_COL
             )
             self._alive.append("d")
+            c = self._d
+            if c_type != out_type:
+                lib.call(
+                    "cusparseLtDenseDescriptorInit", handle, self._c, out_f, rows, out_f, _ALIGN, c_type, _ORDER_COL
+                )
+                self._alive.append("c")
+                c = self._c
             lib.call(
                 "cusparseLtMatmulDescriptorInit",
-                handle, self._matmul_desc, _OP_N, _OP_T, self._a, self._b, self._d, self._d, _COMPUTE_32F,
+                handle, self._matmul_desc, _OP_N, _OP_T, self._a, self._b, c, self._d, _COMPUTE_32F,
             )  # fmt: skip
             self._bias = bias  # keep the tensor alive as long as the plan points at it
             if bias is not None:
@@ -269,6 +289,13 @@ class MatmulPlan:
                     "cusparseLtMatmulDescSetAttribute",
                     handle, self._matmul_desc, _MATMUL_ALPHA_VECTOR_SCALING, ctypes.byref(on), ctypes.sizeof(on),
                 )  # fmt: skip
+            if key.gelu_scale is not None:
+                on, scale = ctypes.c_int(1), ctypes.c_float(key.gelu_scale)
+                for attribute, value in ((_MATMUL_ACTIVATION_GELU, on), (_MATMUL_ACTIVATION_GELU_SCALING, scale)):
+                    lib.call(
+                        "cusparseLtMatmulDescSetAttribute",
+                        handle, self._matmul_desc, attribute, ctypes.byref(value), ctypes.sizeof(value),
+                    )  # fmt: skip
             lib.call("cusparseLtMatmulAlgSelectionInit", handle, self._alg, self._matmul_desc, _ALG_DEFAULT)
             self._alive.append("alg")
             # CONFIG_MAX_ID bounds the ids from above, exclusively: cuSPARSELt 0.8 refuses an id equal to it
@@ -347,7 +374,7 @@ class MatmulPlan:
             packed.data_ptr(),
             x.data_ptr(),
             ctypes.byref(self._beta),
-            out.data_ptr(),
+            out.data_ptr(),  # C (beta is 0: not read)
             out.data_ptr(),
             workspace,
             self._streams,
@@ -364,7 +391,7 @@ class MatmulPlan:
             lib.lib.cusparseLtMatmulPlanDestroy(self._plan)
         if "alg" in alive and lib.alg_selection_destroy is not None:
             lib.alg_selection_destroy(self._alg)
-        for name, desc in (("a", self._a), ("b", self._b), ("d", self._d)):
+        for name, desc in (("a", self._a), ("b", self._b), ("c", self._c), ("d", self._d)):
             if name in alive:
                 lib.lib.cusparseLtMatDescriptorDestroy(desc)
 
@@ -417,6 +444,7 @@ def plan_for(
     split_k_mode: int = -1,
     out_dtype: torch.dtype | None = None,
     alpha_vector: bool = False,
+    gelu_scale: float | None = None,
 ) -> MatmulPlan:
     """The cached plan for this call (built on first use)."""
     key = PlanKey(
@@ -431,6 +459,7 @@ def plan_for(
         split_k_mode,
         None if out_dtype == x.dtype else out_dtype,
         alpha_vector,
+        gelu_scale,
     )
     return PLANS.get(key, bias)
 
@@ -468,6 +497,7 @@ def max_alg_id(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     alpha_vector: bool = False,
+    gelu_scale: float | None = None,
 ) -> int:
     """The largest algorithm id cuSPARSELt offers for this GEMM (ids 0..max are valid; larger ones are refused).
 
@@ -477,7 +507,7 @@ def max_alg_id(
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = PlanKey(
         index, out_features, in_features, rows, dtype, 0 if bias is None else bias.data_ptr(), 0, 1, -1,
-        None if out_dtype == dtype else out_dtype, alpha_vector,
+        None if out_dtype == dtype else out_dtype, alpha_vector, gelu_scale,
     )  # fmt: skip
     plan = MatmulPlan(key, bias)
     try:
@@ -498,27 +528,33 @@ def fp8_sparse_linear(
     alg_id: int,
     alpha: float,
     out_dtype: torch.dtype,
+    gelu_scale: float | None = None,
 ) -> torch.Tensor:
     """`alpha * (xq @ Wq.T) + bias` in `out_dtype` for e4m3 `xq (rows, in)` and the compressed e4m3 2:4 weight
     `packed`, through a kept plan (rows padded to a multiple of 32). An algorithm id refused for this epilogue (it
-    was tuned with another bias or output type) falls back to cuSPARSELt's default, 0."""
+    was tuned with another bias or output type) falls back to cuSPARSELt's default, 0.
+
+    With `gelu_scale`, the epilogue goes on: `gelu(alpha * (xq @ Wq.T) + bias) * gelu_scale`, written as e4m3 (the
+    input of the next e4m3 GEMM, quantized with scale `1 / gelu_scale`; `out_dtype` must be float8_e4m3fn)."""
+    if gelu_scale is not None and out_dtype != torch.float8_e4m3fn:
+        raise ValueError(f"the GELU epilogue writes float8_e4m3fn; got out_dtype={out_dtype}.")
     rows = xq.shape[0]
     pad = (-rows) % ROW_ALIGN
     if pad:
         xq = torch.nn.functional.pad(xq.view(torch.uint8), (0, 0, 0, pad)).view(xq.dtype)  # no e4m3 pad kernel
     if available():
-        key = (out_features, xq.shape[1], xq.shape[0], bias is not None, out_dtype, alg_id)
+        key = (out_features, xq.shape[1], xq.shape[0], bias is not None, out_dtype, gelu_scale is not None, alg_id)
         if key in _REFUSED:
             alg_id = 0
         try:
-            plan = plan_for(xq, packed, bias, out_features, alg_id, out_dtype=out_dtype)
+            plan = plan_for(xq, packed, bias, out_features, alg_id, out_dtype=out_dtype, gelu_scale=gelu_scale)
         except CusparseLtError:
             if alg_id == 0:
                 raise
             # tuned with another epilogue (bias, output type), this id is refused here: cuSPARSELt's default then
             logger.info("hf-sparse: cuSPARSELt algorithm %d refused for e4m3 %s; using 0.", alg_id, key[:3])
             _REFUSED.add(key)
-            plan = plan_for(xq, packed, bias, out_features, 0, out_dtype=out_dtype)
+            plan = plan_for(xq, packed, bias, out_features, 0, out_dtype=out_dtype, gelu_scale=gelu_scale)
         out = plan(xq, packed, alpha=alpha)
     else:
         # the unscaled product of e4m3 values overflows float16 (|x| ~ 1e6 for unit-variance inputs): bfloat16 holds
@@ -527,7 +563,10 @@ def fp8_sparse_linear(
             packed, xq.t(), None, out_dtype=torch.bfloat16, transpose_result=True, alg_id=alg_id
         )
         out = out.float() * alpha
-        out = (out if bias is None else out + bias).to(out_dtype)
+        out = out if bias is None else out + bias
+        if gelu_scale is not None:
+            out = (torch.nn.functional.gelu(out) * gelu_scale).clamp(-E4M3_MAX, E4M3_MAX)
+        out = out.to(out_dtype)
     return out[:rows] if pad else out
 
 

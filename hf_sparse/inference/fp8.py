@@ -89,6 +89,16 @@ class Fp8Config:
             "the benchmark compares against; the weights need not be 2:4)."
         },
     )
+    fuse_gelu: bool = field(
+        default=True,
+        metadata={
+            "help": "With static scales: a 2:4 layer followed by GELU and another FP8 layer (a BERT-family "
+            "feed-forward block: intermediate.dense -> GELU -> output.dense) runs GELU and the next layer's e4m3 "
+            "quantization in its sparse GEMM's epilogue and hands the next layer e4m3 directly, where the autotuner "
+            "measures that no slower. False keeps GELU a separate step (the comparison the benchmark's "
+            "'fp8-unfused' variant runs)."
+        },
+    )
 
     def __post_init__(self):
         if self.activation_scales not in ACTIVATION_SCALES:
@@ -137,6 +147,22 @@ def fp8_sparse_mm_op():
         "-> Tensor",
         lambda xq, packed, bias, out_features, alg_id, alpha, out_dtype: xq.new_empty(
             (xq.shape[0], out_features), dtype=out_dtype
+        ),
+    )
+
+
+def fp8_sparse_gelu_op():
+    """`hf_sparse::fp8_sparse_gelu`: the e4m3 2:4 kernel with bias, GELU and e4m3 output quantization (scale
+    `1 / gelu_scale`) in its epilogue, as one op for `torch.compile`."""
+    return custom_op(
+        "fp8_sparse_gelu",
+        lambda xq, packed, bias, out_features, alg_id, alpha, gelu_scale: cusparselt.fp8_sparse_linear(
+            xq, packed, bias, out_features, alg_id, alpha, E4M3, gelu_scale
+        ),
+        "(Tensor xq, Tensor packed, Tensor? bias, int out_features, int alg_id, float alpha, float gelu_scale) "
+        "-> Tensor",
+        lambda xq, packed, bias, out_features, alg_id, alpha, gelu_scale: xq.new_empty(
+            (xq.shape[0], out_features), dtype=E4M3
         ),
     )
 
@@ -237,6 +263,8 @@ class Fp8Linear(nn.Module):
         # Static scales: input scale x weight scale, applied in the sparse GEMM's epilogue. A Python float (read
         # once here, not per call), so torch.compile and CUDA graphs bake it in.
         self.alpha = 1.0 if scale is None else float(input_scale) * float(scales[0])
+        # set by fuse_gelu_: GELU and the next layer's e4m3 quantization run in the epilogue, output e4m3
+        self.gelu_scale: float | None = None
         self.register_state_dict_post_hook(_emit_state)
         self.register_load_state_dict_pre_hook(_load_state)
 
@@ -284,10 +312,29 @@ class Fp8Linear(nn.Module):
     def extra_repr(self) -> str:
         kind = "e4m3 2:4 (cuSPARSELt)" if self.sparse else "e4m3 dense (torch._scaled_mm)"
         scales = "static" if self.input_scale is not None else "dynamic per token"
+        epilogue = f", epilogue=GELU -> e4m3 (scale {1 / self.gelu_scale:.3g})" if self.gelu_scale else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"weights={kind}, activation scales={scales}"
+            f"weights={kind}, activation scales={scales}{epilogue}"
         )
+
+    def fuse_gelu_(self, output_scale: float, algorithms: dict[int, int] | None = None) -> None:
+        """Runs GELU in this layer's epilogue and writes e4m3 quantized with `output_scale` (the static input scale
+        of the FP8 layer that reads this output), so that layer skips its own quantization. `algorithms`: token
+        bucket -> cuSPARSELt algorithm of the fused kernel (see `Fp8Linear`). The GELU module after this layer
+        must become a `GeluInEpilogue` (`swap_to_semi_structured_` does both)."""
+        if not self.sparse or self.input_scale is None:
+            raise ValueError(
+                f"{self.name or 'Fp8Linear'}: only a 2:4 FP8 layer with a static input scale can run GELU in its "
+                "epilogue."
+            )
+        if not output_scale > 0:
+            raise ValueError(f"{self.name or 'Fp8Linear'}: output_scale must be > 0; got {output_scale!r}.")
+        fp8_sparse_gelu_op()
+        self.gelu_scale = 1.0 / float(output_scale)
+        if algorithms is not None:
+            self.algorithms = {int(b): int(a) for b, a in algorithms.items()}
+        GENERATION[0] += 1
 
     def algorithm(self, tokens: int) -> int:
         """The cuSPARSELt algorithm a call with `tokens` rows runs (a plain int: torch.compile bakes it in)."""
@@ -304,8 +351,13 @@ class Fp8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
         if self.input_scale is not None:  # static: one e4m3 GEMM with the scales and bias in its epilogue
-            xq = _quantize_static(x2, self.input_scale)
-            if self.sparse:
+            # e4m3 input: the layer before quantized it with this layer's scale (GELU in its epilogue)
+            xq = x2 if x2.dtype == E4M3 else _quantize_static(x2, self.input_scale)
+            if self.gelu_scale is not None:
+                out = fp8_sparse_gelu_op()(
+                    xq, self.packed, self.bias, self.out_features, self.algorithm(rows), self.alpha, self.gelu_scale
+                )
+            elif self.sparse:
                 out = fp8_sparse_mm_op()(
                     xq, self.packed, self.bias, self.out_features, self.algorithm(rows), self.alpha, self.out_dtype
                 )
@@ -319,6 +371,8 @@ class Fp8Linear(nn.Module):
                     out_dtype=self.out_dtype,
                 )
             return out.view(*lead, self.out_features)
+        if x2.dtype == E4M3:
+            raise TypeError(f"{self.name or 'Fp8Linear'}: e4m3 inputs need a static input scale.")
         xq, scales = _quantize_rows(x2)
         if self.sparse:
             product = fp8_sparse_mm_op()(
@@ -359,6 +413,32 @@ class Fp8Linear(nn.Module):
                 self.alpha = float(self.input_scale) * float(scales[0])
             copy_bias(self, bias, rows)
         GENERATION[0] += 1  # a CUDA graph holds the old alpha (a host value baked into the captured launch)
+
+
+GELU_TYPES = frozenset(
+    {"GELU", "GELUActivation", "NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation",
+     "AccurateGELUActivation"}
+)  # fmt: skip
+"""Activation module types that are GELU (exact or tanh-approximated: in an e4m3 output, whose rounding step is 6%,
+the two differ by at most 5e-4): the ones whose layer can run them in its epilogue."""
+
+
+def is_gelu(module: nn.Module) -> bool:
+    """Whether `module` is a GELU activation (`GELU_TYPES`; not clipped or sigmoid-approximated variants)."""
+    return type(module).__name__ in GELU_TYPES and not isinstance(module, GeluInEpilogue)
+
+
+class GeluInEpilogue(nn.Module):
+    """Stands where a GELU module was, after an `Fp8Linear` that applies GELU in its GEMM's epilogue: passes that
+    layer's e4m3 output through unchanged, and applies the original activation to anything else (so a call that does
+    not come from the fused layer stays right). `restore_dense_` puts the original back."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original = original
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.dtype == E4M3 else self.original(x)
 
 
 def _compress(values: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,17 @@ from ..selection import select_layers
 from .autotune import Autotuner, GemmChoice, Plan, default_tuner, token_bucket
 from .cuda_graphs import GENERATION, CudaGraphModel, EagerGraphs, remove_cuda_graphs
 from .cusparselt import split_k_supported
-from .fp8 import E4M3, FP8_ALIGN, Fp8Config, Fp8Linear, calibrate_input_scales, fp8_shape_fits, fp8_support_problem
+from .fp8 import (
+    E4M3,
+    FP8_ALIGN,
+    Fp8Config,
+    Fp8Linear,
+    GeluInEpilogue,
+    calibrate_input_scales,
+    fp8_shape_fits,
+    fp8_support_problem,
+    is_gelu,
+)
 from .layers import (
     ALIGN,
     FusedLinearSlice,
@@ -54,6 +64,12 @@ DEFAULT_FUSE_GROUPS: tuple[tuple[str, ...], ...] = (("query", "key", "value"), (
 DEFAULT_TOKEN_COUNTS: tuple[int, ...] = (512, 2048, 8192, 32768, 131072)
 """Token counts (batch x sequence length) tuned at swap time when none are given."""
 FALLBACKS = ("auto", "copy", "none")
+GELU_BLOCKS: tuple[tuple[str, str, str], ...] = (
+    ("intermediate.dense", "intermediate.intermediate_act_fn", "output.dense"),  # BERT, RoBERTa, ELECTRA, ViT, ...
+    ("lin1", "activation", "lin2"),  # DistilBERT's feed-forward block
+)
+"""Feed-forward blocks whose GELU an FP8 swap runs in the first layer's epilogue: (first layer, its activation, the
+layer that reads the activation), as suffixes of module names under one block."""
 SWAPPED = ("sparse", "sparse+dense", "fp8 2:4", "fp8 dense")
 _SWAPPED_TYPES = (SemiStructuredLinear, Fp8Linear)  # a layer (or fused group) the swap installed
 
@@ -517,6 +533,79 @@ def _input_scales(model: nn.Module, units: list[_Unit], config: Fp8Config) -> di
     return {unit: max(scales[n] for n in names) for unit, names in members.items()}
 
 
+@dataclass
+class _GeluFusion:
+    """A feed-forward block whose first layer (`producer`, a unit index) runs GELU in its epilogue and writes e4m3
+    for `consumer`'s GEMM."""
+
+    producer: int
+    activation: str
+    consumer: int
+    choices: dict[int, GemmChoice] = field(default_factory=dict)
+    fused: bool = False
+    reason: str = ""
+
+
+def _gelu_blocks(model: nn.Module, units: list[_Unit]) -> list[_GeluFusion]:
+    """The `GELU_BLOCKS` of the model whose two layers are single-layer units of shapes the e4m3 kernels take."""
+    index = {u.name: i for i, u in enumerate(units) if len(u.layers) == 1}
+    modules = dict(model.named_modules())
+    found = []
+    for name, i in index.items():
+        for first, act, second in GELU_BLOCKS:
+            if not (name == first or name.endswith("." + first)):
+                continue
+            prefix = name[: len(name) - len(first)]
+            activation, consumer = prefix + act, index.get(prefix + second)
+            if consumer is None or not is_gelu(modules.get(activation, nn.Identity())):
+                continue
+            if fp8_shape_fits(units[i].shape) and fp8_shape_fits(units[consumer].shape):
+                found.append(_GeluFusion(i, activation, consumer))
+    return found
+
+
+def _decide_gelu(
+    fusion: _GeluFusion, decisions: list[_Decision], units: list[_Unit], tuner: Autotuner | None, counts: list[int]
+) -> None:
+    """Whether the producer runs GELU in its epilogue: it must be an e4m3 2:4 layer feeding an FP8 layer, and the
+    fused kernel (GELU and e4m3 output included) must be measured no slower, over the named token counts, than what
+    it replaces: the plain e4m3 2:4 GEMM plus the separate GELU step (timed after the dense FP8 GEMM: the fused
+    sweep's dense time less the plain one's)."""
+    producer, consumer = decisions[fusion.producer], decisions[fusion.consumer]
+    if producer.status != "fp8 2:4" or not consumer.status.startswith("fp8"):
+        fusion.reason = "GELU stays a separate step: this layer and the next are not both FP8 with this one 2:4"
+        return
+    if tuner is None or not counts:
+        fusion.fused, fusion.reason = True, "not tuned (autotune off): cuSPARSELt's default algorithm"
+        return
+    unit = units[fusion.producer]
+    device = unit.layers[0].weight.device
+    for tokens in counts:
+        fusion.choices.setdefault(
+            token_bucket(tokens), tuner.choice(*unit.shape, E4M3, unit.has_bias, tokens, device, epilogue="gelu")
+        )
+    fused = plain = 0.0
+    for bucket, choice in fusion.choices.items():
+        reference = producer.choices.get(bucket)
+        if not (choice.sparse_ms and reference and reference.sparse_ms and reference.fp16_ms):
+            fusion.reason = "GELU stays a separate step: the fused kernel was not measured at every token count"
+            return
+        gelu_ms = max(0.0, (choice.dense_ms or 0.0) - (reference.dense_ms or 0.0))
+        fused += choice.sparse_ms / reference.fp16_ms
+        plain += (reference.sparse_ms + gelu_ms) / reference.fp16_ms
+    speed = ", ".join(
+        f"{c.tokens}: {c.fp16_ms / c.sparse_ms:.2f}x" for _, c in sorted(fusion.choices.items()) if c.fp16_ms
+    )
+    if fused > plain:
+        fusion.reason = (
+            f"GELU stays a separate step: the fused kernel was slower than the plain one and GELU ({fused / plain:.2f}x "
+            "their time)"
+        )
+        return
+    fusion.fused = True
+    fusion.reason = f"fp16 GEMM + GELU over this, by tokens: {speed}"
+
+
 # -- the public API --------------------------------------------------------------------------------------------------
 
 
@@ -635,6 +724,13 @@ def swap_to_semi_structured_(
         logger.info("hf-sparse: this PyTorch's _cslt_sparse_mm has no split-k arguments; tuning algorithms only.")
 
     # Decide everything before changing anything, so a failure leaves the model as it was.
+    fuse_gelu = (
+        fp8_config is not None
+        and fp8_config.fuse_gelu
+        and fp8_config.sparse
+        and fp8_config.activation_scales == "static"
+    )
+    fusions = _gelu_blocks(model, units) if fuse_gelu else []
     if fp8_config is not None:  # calibration first: bad batches fail before minutes of tuning
         scales = _input_scales(model, units, fp8_config)
     if tuner is not None and counts and not (fp8_config is not None and not fp8_config.sparse):
@@ -643,18 +739,26 @@ def swap_to_semi_structured_(
             tuned = [(u, E4M3) for u in units if fp8_shape_fits(u.shape)]
         else:
             tuned = [(u, u.layers[0].weight.dtype) for u in units]
-        tuner.prefetch([(*u.shape, dtype, u.has_bias, t) for u, dtype in tuned for t in counts], device)
+        requests = [(*u.shape, dtype, u.has_bias, t) for u, dtype in tuned for t in counts]
+        if fuse_gelu:
+            requests += [(*units[f.producer].shape, E4M3, units[f.producer].has_bias, t, "gelu")
+                         for f in fusions for t in counts]  # fmt: skip
+        tuner.prefetch(requests, device)
     if fp8_config is not None:
         decisions = [_decide_fp8(unit, tuner, counts, fp8_config) for unit in units]
+        for fusion in fusions:
+            _decide_gelu(fusion, decisions, units, tuner, counts)
     else:
         decisions = [_decide(unit, tuner, counts, dense_fallback) for unit in units]
         if dense_fallback == "auto":
             decisions = _budget_dense_copies(units, decisions)
 
     report = SwapReport()
-    for unit, decision in zip(units, decisions):
+    fused_at = {f.producer: f for f in fusions}
+    for index, (unit, decision) in enumerate(zip(units, decisions)):
         status, reason, plans = decision.status, decision.reason, decision.plans
         times = _fp8_times(decision) if fp8_config is not None else _times(decision)
+        fusion = fused_at.get(index)
         sparse = status != "dense"
         if not sparse and len(unit.layers) == 1:
             dense = unit.dense_bytes
@@ -671,7 +775,23 @@ def swap_to_semi_structured_(
                 emits_state=len(unit.layers) == 1,
             )
             _install(unit, new)
-            described = {b: ("e4m3 2:4" if p.backend == "sparse" else "dense FP8") for b, p in sorted(plans.items())}
+            if fusion is not None and fusion.fused:
+                consumer = units[fusion.consumer]
+                new.fuse_gelu_(scales[consumer.name], {b: c.sparse.alg_id for b, c in fusion.choices.items()})
+                parent_name, attr = _split(fusion.activation)
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, attr, GeluInEpilogue(getattr(parent, attr)))
+                reason = (
+                    f"{reason}; GELU and {consumer.name}'s e4m3 quantization run in its epilogue ({fusion.reason})"
+                )
+                times = {c.tokens: (c.fp16_ms, c.sparse_ms) for _, c in sorted(fusion.choices.items())} or times
+                plans = {b: Plan("sparse", c.sparse.alg_id) for b, c in fusion.choices.items()} or plans
+            elif fusion is not None and status == "fp8 2:4":
+                reason = f"{reason}; {fusion.reason}"
+            gelu = " + GELU -> e4m3" if fusion is not None and fusion.fused else ""
+            described = {
+                b: ("e4m3 2:4" + gelu if p.backend == "sparse" else "dense FP8") for b, p in sorted(plans.items())
+            }
             report.append(
                 LayerSwap(unit.name, unit.shape, status, reason, unit.dense_bytes, new.weight_bytes, described, times)
             )
@@ -777,6 +897,10 @@ def restore_dense_(model: nn.Module) -> list[str]:
             parent_name, attr = _split(name)
             parent = model.get_submodule(parent_name) if parent_name else model
             delattr(parent, attr)
+        elif isinstance(module, GeluInEpilogue):  # the GELU an FP8 layer ran in its epilogue
+            parent_name, attr = _split(name)
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, module.original)
     return restored
 
 

@@ -53,7 +53,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _reference_tolerance(dtype: torch.dtype) -> float:
+EPILOGUES = ("", "gelu")
+"""What a GEMM's epilogue does besides the bias: nothing, or (e4m3 GEMMs) GELU and the e4m3 quantization of its
+output for the next e4m3 GEMM."""
+
+
+def _reference_tolerance(dtype: torch.dtype, epilogue: str = "") -> float:
+    if epilogue:  # an e4m3 output: 3 mantissa bits, ~3% relative error by rounding alone
+        return 8e-2
     # e4m3: the sparse kernel's bfloat16 product against the exact product of the same e4m3 values
     return 1e-2 if dtype in (torch.bfloat16, torch.float8_e4m3fn) else 5e-3
 
@@ -76,6 +83,7 @@ def sweep(
     skip: tuple[int, ...] = (),
     progress=None,
     on_timed=None,
+    epilogue: str = "",
 ) -> dict:
     """Times dense against the sparse kernel's algorithms for one GEMM shape, in this process, under CUDA graphs.
 
@@ -94,13 +102,22 @@ def sweep(
     dense FP8 GEMM (`torch._scaled_mm`), the sparse kernel takes e4m3 inputs and writes float16 with the scales and
     the bias in its epilogue, and the fp16 dense GEMM of the same shape is timed too (`fp16_ms`, reported first as
     `on_timed("fp16", ms)`).
+
+    `epilogue="gelu"` (e4m3 only) measures the GEMM of an FP8 layer followed by GELU (a BERT intermediate layer) as it
+    runs fused: the sparse kernel applies the bias, GELU and the next layer's e4m3 quantization in its epilogue and
+    writes e4m3; "dense" is then the dense FP8 GEMM followed by GELU, and `fp16_ms` the fp16 GEMM followed by GELU
+    (each GELU one element-wise kernel, as `torch.compile` runs it).
     """
     import torch.nn.functional as F
 
     from ..masks import nm_mask
 
     device = torch.device(device)
-    tolerance = _reference_tolerance(dtype) if tolerance is None else tolerance
+    if epilogue not in EPILOGUES or (epilogue and dtype != torch.float8_e4m3fn):
+        raise ValueError(
+            f"epilogue must be one of {list(EPILOGUES)} ('gelu' for float8_e4m3fn only); got {epilogue!r}."
+        )
+    tolerance = _reference_tolerance(dtype, epilogue) if tolerance is None else tolerance
     fp8 = dtype == torch.float8_e4m3fn
     rows = tokens + (-tokens) % (cusparselt.ROW_ALIGN if fp8 else 8)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -120,7 +137,8 @@ def sweep(
         # the bias; the fp16 GEMM of the same shape is timed too.
         from .quantization import E4M3_MAX, quantize_static, quantize_weight
 
-        fp16_ms = time_graphed(lambda: F.linear(x, w, b), inner, reps)
+        act = F.gelu if epilogue else (lambda y: y)
+        fp16_ms = time_graphed(lambda: act(F.linear(x, w, b)), inner, reps)
         if on_timed is not None:
             on_timed("fp16", fp16_ms)
         x_scale = (x.abs().max().float() / E4M3_MAX).reshape(())
@@ -130,14 +148,18 @@ def sweep(
         alpha = float(x_scale) * float(w_scale)
         packed = torch._cslt_compress(wq)
         reference = alpha * (xq.float() @ wq.float().t()) + (0.0 if b is None else b.float())
-        kernel_in, kernel_bias, kernel_out = xq, b, torch.float16
+        kernel_in, kernel_bias, kernel_out, gelu_scale = xq, b, torch.float16, None
+        if epilogue:
+            reference = F.gelu(reference)
+            out_scale = float(reference.abs().max().clamp(min=1e-12)) / E4M3_MAX
+            kernel_out, gelu_scale = dtype, 1.0 / out_scale
 
         def dense():
-            return torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale, bias=b, out_dtype=torch.float16)
+            return act(torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale, bias=b, out_dtype=torch.float16))
     else:
         packed = torch._cslt_compress(w)
         reference = F.linear(x.float(), w.float(), None if b is None else b.float())
-        kernel_in, kernel_bias, kernel_out = x, b, dtype
+        kernel_in, kernel_bias, kernel_out, gelu_scale = x, b, dtype, None
         alpha = 1.0
 
         def dense():
@@ -152,7 +174,9 @@ def sweep(
     planned = cusparselt.available()
     plans = cusparselt.PlanCache()
     if planned:
-        last_id = cusparselt.max_alg_id(out_features, in_features, rows, dtype, device, kernel_bias, kernel_out)
+        last_id = cusparselt.max_alg_id(
+            out_features, in_features, rows, dtype, device, kernel_bias, kernel_out, gelu_scale=gelu_scale
+        )
         last_id = min(max_algorithms - 1, last_id)
     else:
         last_id = max_algorithms - 1
@@ -162,18 +186,28 @@ def sweep(
             bias_ptr = 0 if kernel_bias is None else kernel_bias.data_ptr()
             out = None if kernel_out == dtype else kernel_out
             key = cusparselt.PlanKey(
-                device.index or 0, out_features, in_features, rows, dtype, bias_ptr, alg_id, k, mode, out
-            )
+                device.index or 0, out_features, in_features, rows, dtype, bias_ptr, alg_id, k, mode, out,
+                gelu_scale=gelu_scale,
+            )  # fmt: skip
             plan = plans.get(key, kernel_bias)
-            return lambda: plan(kernel_in, packed, alpha=alpha)
+            return lambda out=None: plan(kernel_in, packed, out=out, alpha=alpha)
         if fp8:
-            return lambda: cusparselt.fp8_sparse_linear(xq, packed, b, out_features, alg_id, alpha, torch.float16)
+            return lambda: cusparselt.fp8_sparse_linear(
+                xq, packed, b, out_features, alg_id, alpha, kernel_out, gelu_scale
+            )
         return lambda: cusparselt.cslt_linear(x, packed, b, alg_id, k, mode)
 
     def run(config) -> float | None:
         try:
             fn = sparse(*config)
-            error = float((fn().float() - reference).norm() / reference.norm())
+            if gelu_scale and planned:
+                # the e4m3 output's C matrix points at D and must not be read (beta is 0): fill D with NaN bytes,
+                # which any read of C would carry into the result (and fail the check below)
+                sentinel.view(torch.uint8).fill_(0xFF)
+                result = fn(sentinel).float() / gelu_scale
+            else:
+                result = fn().float() * (1.0 / gelu_scale if gelu_scale else 1.0)  # an e4m3 output dequantized
+            error = float((result - reference).norm() / reference.norm())
         except (cusparselt.CusparseLtError, ValueError):  # refused by cuSPARSELt for this shape
             return None
         except RuntimeError:
@@ -188,6 +222,7 @@ def sweep(
             return float("nan")
         return time_graphed(fn, inner, reps)
 
+    sentinel = torch.empty(rows, out_features, dtype=kernel_out, device=device) if gelu_scale else None
     timings: dict[tuple[int, int, int], float] = {}
     deadline = time.perf_counter() + time_budget_s
     try:
@@ -316,7 +351,7 @@ results say so (`note`)."""
 
 
 def measure_in_child(requests: list[tuple], device, settings: dict, command: list[str] | None = None) -> list[dict]:
-    """Runs `sweep` for each `(out_features, in_features, dtype, bias, tokens)` in child processes.
+    """Runs `sweep` for each `(out_features, in_features, dtype, bias, tokens[, epilogue])` in child processes.
 
     Returns one measurement dict (see `sweep`) per request. When an algorithm kills the child, the request it was
     measuring is settled from the algorithms already verified and timed, the ids from the faulting one up are not
@@ -384,8 +419,8 @@ def measure_in_child(requests: list[tuple], device, settings: dict, command: lis
                 )
             current = next(i for i in pending if i not in results)  # it died between two requests
             partial[current] = {"dense_ms": None, "timings": {}}
-        out_f, in_f, dtype, _, tokens = requests[current]
-        what = f"{out_f}x{in_f} {_dtype_name(dtype)} at {tokens} tokens"
+        out_f, in_f, dtype, _, tokens, *epilogue = requests[current]
+        what = f"{out_f}x{in_f} {_dtype_name(dtype)}{' + ' + epilogue[0] if any(epilogue) else ''} at {tokens} tokens"
         seen = partial[current]
         results[current] = dict(
             choose(seen["dense_ms"], seen["timings"], tokens, float(settings.get("min_speedup", MIN_SPEEDUP))),
@@ -411,8 +446,8 @@ def measure_in_child(requests: list[tuple], device, settings: dict, command: lis
 
 
 def _encode(request: tuple) -> list:
-    out_features, in_features, dtype, bias, tokens = request
-    return [int(out_features), int(in_features), _dtype_name(dtype), bool(bias), int(tokens)]
+    out_features, in_features, dtype, bias, tokens, *epilogue = request
+    return [int(out_features), int(in_features), _dtype_name(dtype), bool(bias), int(tokens), *epilogue[:1]]
 
 
 def _emit(event: dict) -> None:
@@ -428,7 +463,7 @@ def main() -> None:
     settings = payload["settings"]
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
     fault = os.environ.get(FAULT_ENV)
-    for key, (out_f, in_f, dtype, bias, tokens) in payload["requests"].items():
+    for key, (out_f, in_f, dtype, bias, tokens, *epilogue) in payload["requests"].items():
 
         def progress(alg_id, split_k, key=key):
             _emit({"request": key, "trying": alg_id, "split_k": split_k})
@@ -446,8 +481,9 @@ def main() -> None:
                 )
 
         chosen = sweep(
-            out_f, in_f, _DTYPES[dtype], bias, tokens, device, progress=progress, on_timed=on_timed, **settings
-        )
+            out_f, in_f, _DTYPES[dtype], bias, tokens, device, progress=progress, on_timed=on_timed,
+            epilogue=epilogue[0] if epilogue else "", **settings,
+        )  # fmt: skip
         _emit({"request": key, "result": chosen})
 
 
