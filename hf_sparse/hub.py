@@ -133,6 +133,8 @@ def _number(where: str, value: Any) -> float:
 
 
 def _format_cell(value: Any) -> str:
+    if value is None:  # not measured
+        return "—"
     if isinstance(value, float):
         return f"{value:.2f}"
     return str(value)

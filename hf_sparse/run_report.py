@@ -9,13 +9,18 @@ import platform
 from pathlib import Path
 from typing import Any
 
-STAGES = ("dense", "pruned", "sparse", "swapped")
+STAGES = ("dense", "pruned", "sparse", "swapped", "fp8", "fp8_dense")
 STAGE_NAMES = {
     "dense": "dense (fine-tuned)",
     "pruned": "2:4, zero-shot (pruned, no training)",
     "sparse": "2:4, recovered (fine-tuned with masks)",
     "swapped": "2:4, recovered, on sparse kernels",
+    "fp8": "2:4, recovered, on FP8 (e4m3) 2:4 kernels",
+    "fp8_dense": "2:4, recovered, on dense FP8 kernels (baseline)",
 }
+TIMED = {"2:4": ("sparse", "swapped"), "fp8": ("fp8", "fp8"), "fp8-dense": ("fp8_dense", "fp8_dense")}
+"""Benchmark variant -> (prefix of its timing keys, the report stage that holds its F1)."""
+TIMED_NAMES = {"dense": "dense fp16", "2:4": "2:4 fp16", "fp8": "2:4 FP8 (e4m3)", "fp8-dense": "dense FP8 (e4m3)"}
 
 
 def environment() -> dict[str, Any]:
@@ -106,15 +111,13 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {STAGE_NAMES[stage]}{_kernels(s)} | {_fmt(s.get('exact_match'))} | {_fmt(s.get('f1'))} | "
                 f"{s.get('eval_dtype', '—')} | {'—' if sparsity is None else f'{sparsity:.2%}'} |"
             )
-    if report.get("timing"):
-        timing = report["timing"]
-        lines += ["", "## Latency", "", timing.get("description", ""), ""]
-        lines += ["| batch | dense (ms) | 2:4 (ms) | speed-up |", "|---|---|---|---|"]
-        for row in timing.get("rows", []):
-            lines.append(
-                f"| {row['batch_size']} | {_fmt(row['dense_ms'], 3)} | {_fmt(row['sparse_ms'], 3)} | "
-                f"{_fmt(row['speedup'])}x |"
-            )
+    table = timing_table(report)
+    if table:
+        lines += ["", "## Latency", "", report["timing"].get("description", ""), ""]
+        lines += ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+        for row in table:
+            lines.append("| " + " | ".join(_fmt(v) if isinstance(v, float) or v is None else str(v)
+                                           for v in row.values()) + " |")  # fmt: skip
     if report.get("skipped"):
         lines += ["", "## Skipped", ""] + [f"- **{k}**: {v}" for k, v in report["skipped"].items()]
     env = report.get("environment")
@@ -128,8 +131,8 @@ def _kernels(stage: dict[str, Any]) -> str:
     layers = stage.get("layers")
     if not isinstance(layers, dict) or not layers:  # other stages record a number of pruned layers here
         return ""
-    sparse = layers.get("sparse", 0) + layers.get("sparse+dense", 0)
-    total = sparse + layers.get("dense", 0)
+    sparse = layers.get("sparse", 0) + layers.get("sparse+dense", 0) + layers.get("fp8 2:4", 0)
+    total = sparse + layers.get("dense", 0) + layers.get("fp8 dense", 0)
     note = "; dense was faster for the rest" if sparse < total else ""
     return f" ({sparse} of {total} GEMMs sparse{note})"
 
@@ -181,23 +184,67 @@ def plot_f1(report: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def timing_from_benchmark(result: dict[str, Any], seq_len: int) -> dict[str, Any]:
-    """The report's "timing" entry from a `hf_sparse.inference.benchmark.run` result (dense and "2:4" rows)."""
+    """The report's "timing" entry from a `hf_sparse.inference.benchmark.run` result: per batch size, the graphs-mode
+    time of dense and of each variant in `TIMED` that ran ("2:4" as `sparse_ms`/`speedup`, "fp8" as `fp8_ms`/
+    `fp8_speedup`, "fp8-dense" as `fp8_dense_ms`/`fp8_dense_speedup`), and each variant's weight memory over dense."""
+    rows = []
+    for r in result["rows"]:
+        if not r.get("2:4") or r.get("mode", "graphs") != "graphs":
+            continue
+        row = {"batch_size": r["batch"], "dense_ms": r["dense"]["ms"]}
+        for variant, (prefix, _) in TIMED.items():
+            if r.get(variant):
+                row[f"{prefix}_ms"], row["speedup" if prefix == "sparse" else f"{prefix}_speedup"] = (
+                    r[variant]["ms"],
+                    r[variant]["speedup"],
+                )
+        rows.append(row)
+    memory = {v: m.get("ratio") for v, m in result["memory"].items() if v in TIMED}
+    fp8 = (
+        " FP8 layers: e4m3 weights and static activation scales (calibrated on random batches)."
+        if "fp8" in memory
+        else ""
+    )
     return {
-        "description": f"{result['device']}, fp16, sequence length {seq_len}, both models fused q/k/v and run "
-        "through CUDA graphs; median of CUDA-event timings (hf_sparse.inference.benchmark).",
-        "rows": [
-            {
-                "batch_size": r["batch"],
-                "dense_ms": r["dense"]["ms"],
-                "sparse_ms": r["2:4"]["ms"],
-                "speedup": r["2:4"]["speedup"],
-            }
-            for r in result["rows"]
-            if r.get("2:4") and r.get("mode", "graphs") == "graphs"
-        ],  # fmt: skip
-        "weight_memory_ratio": result["memory"].get("2:4", {}).get("ratio"),
+        "description": f"{result['device']}, fp16, sequence length {seq_len}, every model with fused q/k/v, run "
+        f"through CUDA graphs; median of CUDA-event timings (hf_sparse.inference.benchmark).{fp8}",
+        "rows": rows,
+        "weight_memory_ratio": memory.get("2:4"),
+        "weight_memory_ratios": memory,
         "bench": result,
     }
+
+
+def timing_table(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per timed model (dense fp16, 2:4 fp16, and the FP8 ones when they ran): its F1 and exact match from
+    the report's stages, its weight memory over dense, and its latency (speed-up) at each batch size."""
+    timing, stages = report.get("timing") or {}, report["stages"]
+    rows = timing.get("rows", [])
+    if not rows:
+        return []
+    memory = timing.get("weight_memory_ratios") or {"2:4": timing.get("weight_memory_ratio")}
+    table = []
+    for variant in ("dense", *TIMED):
+        prefix, stage = TIMED.get(variant, ("dense", "dense"))
+        if f"{prefix}_ms" not in rows[0]:
+            continue
+        metrics = stages.get(stage) or (stages.get("sparse", {}) if variant == "2:4" else {})
+        entry = {
+            "model": TIMED_NAMES[variant],
+            "F1": metrics.get("f1"),
+            "exact match": metrics.get("exact_match"),
+            "weight memory": "1.000x" if variant == "dense" else _ratio(memory.get(variant), 3),
+        }
+        for row in rows:
+            ms = row.get(f"{prefix}_ms")
+            speedup = 1.0 if variant == "dense" else row.get("speedup" if prefix == "sparse" else f"{prefix}_speedup")
+            entry[f"batch {row['batch_size']} (ms)"] = "—" if ms is None else f"{ms:.3f} ({_ratio(speedup, 2)})"
+        table.append(entry)
+    return table
+
+
+def _ratio(value: float | None, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}x"
 
 
 def card_kwargs(report: dict[str, Any], output_dir: str | os.PathLike) -> dict[str, Any]:
@@ -225,12 +272,8 @@ def card_kwargs(report: dict[str, Any], output_dir: str | os.PathLike) -> dict[s
     if model and not os.path.exists(model):
         card["base_model"] = model
     timing = report.get("timing")
-    if timing:
-        card["benchmark"] = [
-            {"batch size": r["batch_size"], "dense (ms)": round(r["dense_ms"], 3), "2:4 (ms)": round(r["sparse_ms"], 3),
-             "speed-up": f"{r['speedup']:.2f}x"}
-            for r in timing["rows"]
-        ]  # fmt: skip
+    if timing and timing.get("rows"):
+        card["benchmark"] = timing_table(report)
         card["benchmark_description"] = timing.get("description")
         plot = Path(output_dir) / "latency.png"
         if plot.is_file():

@@ -344,7 +344,7 @@ _TRAINING_ARGUMENTS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta
                        "optim", "label_smoothing_factor")  # fmt: skip
 _RECOVERY_ARGUMENTS = ("recovery_max_steps", "recovery_num_train_epochs", "recovery_learning_rate", "distill",
                        "distill_hidden_weight")  # fmt: skip
-STAGE_KEYS = ("dense", "pruned", "sparse", "swapped")
+STAGE_KEYS = ("dense", "pruned", "sparse", "swapped", "fp8", "fp8_dense")
 """The stages in order; each one's result depends on its own arguments and those of the stages before it."""
 _RECIPE_FILES = ("dense", "dense-training", "sparse", "sparse-training", "eval", "report.json", "report.md",
                  "f1_by_stage.png", "latency.png")  # fmt: skip
@@ -682,13 +682,20 @@ def _recovery_changes(run: Run) -> dict:
 
 def swap_and_time(run: Run, sparse) -> None:
     """4. GPU only: swap to sparse kernels, evaluate on them, and time dense against 2:4 (same process, same
-    execution mode: CUDA graphs for both)."""
+    execution mode: CUDA graphs for both). On a GPU with FP8 (compute capability 8.9+), the same for FP8 2:4 kernels
+    and the dense FP8 baseline, with static activation scales calibrated on training batches."""
+    from hf_sparse.inference.fp8 import fp8_support_problem
+
     problem = semi_structured_support("cuda", torch.float16)
+    fp8_problem = problem or fp8_support_problem("cuda")
+    timed = "2:4" if fp8_problem else "2:4, FP8 2:4 and dense FP8"
     run.banner(4, STAGES[3], f"skipped: {problem}" if problem else "swap to cuSPARSELt kernels, evaluate on them, "
-               f"and time dense against 2:4 at batch sizes {run.args.timing_batch_sizes}")  # fmt: skip
+               f"and time dense against {timed} at batch sizes {run.args.timing_batch_sizes}")  # fmt: skip
     if problem:
         run.report["skipped"]["swap and timing"] = problem
         return
+    if fp8_problem:
+        run.report["skipped"]["FP8 kernels"] = fp8_problem
     from hf_sparse.inference import benchmark
 
     run.begin("swapped")
@@ -703,12 +710,15 @@ def swap_and_time(run: Run, sparse) -> None:
         values["layers"] = {status: sum(1 for r in swap if r.status == status) for status in {r.status for r in swap}}
         run.record("swapped", values)
         del swapped
+    if not fp8_problem and not _fsdp():
+        _evaluate_fp8(run, sparse)
     if run.main_process and "timing" not in run.report:
         seq_len = min(run.args.timing_sequence_length, sparse.config.max_position_embeddings)
         if seq_len < run.args.timing_sequence_length:
             logger.warning("Timing at sequence length %d, the model's max_position_embeddings.", seq_len)
         options = benchmark.options(
-            model=str(run.output_dir / "sparse"), seq_len=seq_len, variants=["dense", "2:4"], modes=["graphs"],
+            model=str(run.output_dir / "sparse"), seq_len=seq_len, modes=["graphs"],
+            variants=["dense", "2:4"] + ([] if fp8_problem else ["fp8", "fp8-dense"]),
             batch_sizes=run.args.timing_batch_sizes, tune_seconds=run.args.timing_tune_seconds,
             output_dir=str(run.output_dir),
         )  # fmt: skip
@@ -717,6 +727,42 @@ def swap_and_time(run: Run, sparse) -> None:
         run.report["timing"] = run_report.timing_from_benchmark(result, seq_len)
         run_report.save_report(run.report, run.output_dir)
     run.barrier()
+
+
+def _evaluate_fp8(run: Run, sparse) -> None:
+    """The recovered model on FP8 kernels: e4m3 2:4 (each layer the fastest of FP8 2:4, dense FP8 and fp16 at the
+    evaluation's token count) and, as the baseline, dense FP8 for every layer; static activation scales from four
+    batches of training features."""
+    from hf_sparse.inference.fp8 import Fp8Config
+
+    tokens = [run.training_args.per_device_eval_batch_size * run.args.max_seq_length]
+    calibration = None
+    for stage, sparse_kernels in (("fp8", True), ("fp8_dense", False)):
+        run.begin(stage)
+        if run.done(stage):
+            continue
+        if calibration is None:
+            calibration = _calibration_batches(run, 4)
+        model = copy.deepcopy(sparse).to(device=run.training_args.device, dtype=torch.float16).eval()
+        config = Fp8Config(calibration=calibration, sparse=sparse_kernels)
+        swap = hf_sparse.swap_to_semi_structured_(model, token_counts=tokens, fp8=config)
+        values = run.evaluate(model)
+        values["layers"] = {status: sum(1 for r in swap if r.status == status) for status in {r.status for r in swap}}
+        values["gelu_in_epilogue"] = sum("run in its epilogue" in r.reason for r in swap)
+        run.record(stage, values)
+        del model
+
+
+def _calibration_batches(run: Run, count: int) -> list[dict]:
+    """The first `count` batches (evaluation batch size) of the training features, model inputs only, on the device."""
+    features = run.features[0]
+    names = [n for n in ("input_ids", "token_type_ids", "attention_mask") if n in features.column_names]
+    size = run.training_args.per_device_eval_batch_size
+    batches = []
+    for start in range(0, min(len(features), count * size), size):
+        rows = features[start : start + size]
+        batches.append({n: torch.tensor(rows[n], device=run.training_args.device) for n in names})
+    return batches
 
 
 def write_card_and_push(run: Run) -> None:

@@ -93,3 +93,36 @@ def test_recipe_timing_keeps_the_graph_rows():
     }
     timing = timing_from_benchmark(result, 384)
     assert timing["rows"] == [{"batch_size": 4, "dense_ms": 2.0, "sparse_ms": 1.6, "speedup": 1.25}]
+
+
+def test_the_report_and_card_give_each_timed_model_its_f1_memory_and_latency(tmp_path):
+    from hf_sparse.run_report import card_kwargs, markdown, timing_from_benchmark
+
+    result = {
+        "device": "NVIDIA H100 80GB HBM3",
+        "rows": [
+            {"mode": "graphs", "batch": b, "dense": {"ms": 2.0 * b}, "2:4": {"ms": 1.8 * b, "speedup": 1 / 0.9},
+             "fp8": {"ms": 1.25 * b, "speedup": 1.6}, "fp8-dense": {"ms": 1.6 * b, "speedup": 1.25}}
+            for b in (4, 64)
+        ],
+        "memory": {"dense": {"ratio": 1.0}, "2:4": {"ratio": 1.0}, "fp8": {"ratio": 0.314}, "fp8-dense": {"ratio": 0.502}},
+    }  # fmt: skip
+    timing = timing_from_benchmark(result, 384)
+    assert timing["rows"][1] == {"batch_size": 64, "dense_ms": 128.0, "sparse_ms": 115.2, "speedup": 1 / 0.9,
+                                 "fp8_ms": 80.0, "fp8_speedup": 1.6, "fp8_dense_ms": 102.4, "fp8_dense_speedup": 1.25}  # fmt: skip
+    assert "static activation scales" in timing["description"]
+    stages = {"dense": {"f1": 44.9, "exact_match": 31.8}, "swapped": {"f1": 41.7, "exact_match": 28.8},
+              "fp8": {"f1": 41.5, "exact_match": 28.6, "layers": {"fp8 2:4": 24}}}  # fmt: skip
+    report = {"stages": stages, "skipped": {}, "timing": timing}
+    table = card_kwargs(report, tmp_path)["benchmark"]
+    assert [row["model"] for row in table] == ["dense fp16", "2:4 fp16", "2:4 FP8 (e4m3)", "dense FP8 (e4m3)"]
+    fp8 = table[2]
+    assert (fp8["F1"], fp8["exact match"], fp8["weight memory"]) == (41.5, 28.6, "0.314x")
+    assert fp8["batch 64 (ms)"] == "80.000 (1.60x)" and table[0]["batch 4 (ms)"] == "8.000 (1.00x)"
+    assert table[3]["F1"] is None  # its stage did not run: the card leaves the cell empty
+    text = markdown(report)
+    assert "| 2:4 FP8 (e4m3) | 41.50 | 28.60 | 0.314x | 5.000 (1.60x) | 80.000 (1.60x) |" in text
+    assert "on FP8 (e4m3) 2:4 kernels (24 of 24 GEMMs sparse)" in text
+    from hf_sparse.hub import _format_cell
+
+    assert _format_cell(None) == "—"
