@@ -127,12 +127,24 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def _kernels(stage: dict[str, Any]) -> str:
-    """How many of the swapped GEMMs (a fused q/k/v counts once) ran sparse, e.g. ' (36 of 48 GEMMs sparse)'."""
+    """What the swapped GEMMs (a fused q/k/v counts once) ran on, e.g. ' (36 of 48 GEMMs sparse)', or for an FP8
+    swap ' (18 of 24 GEMMs FP8 2:4, 6 dense FP8; GELU in the epilogue of 6)'."""
     layers = stage.get("layers")
     if not isinstance(layers, dict) or not layers:  # other stages record a number of pruned layers here
         return ""
-    sparse = layers.get("sparse", 0) + layers.get("sparse+dense", 0) + layers.get("fp8 2:4", 0)
-    total = sparse + layers.get("dense", 0) + layers.get("fp8 dense", 0)
+    fp8 = {
+        "fp8 2:4": layers.get("fp8 2:4", 0),
+        "dense FP8": layers.get("fp8 dense", 0),
+        "fp16": layers.get("dense", 0),
+    }
+    if fp8["fp8 2:4"] or fp8["dense FP8"]:
+        total = sum(fp8.values())
+        (first, count), *rest = [(k, v) for k, v in fp8.items() if v] or [("fp8 2:4", 0)]
+        text = f" ({count} of {total} GEMMs {first.replace('fp8', 'FP8')}" + "".join(f", {v} {k}" for k, v in rest)
+        gelu = stage.get("gelu_in_epilogue")
+        return text + (f"; GELU in the epilogue of {gelu}" if gelu else "") + ")"
+    sparse = layers.get("sparse", 0) + layers.get("sparse+dense", 0)
+    total = sparse + layers.get("dense", 0)
     note = "; dense was faster for the rest" if sparse < total else ""
     return f" ({sparse} of {total} GEMMs sparse{note})"
 

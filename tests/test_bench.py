@@ -122,7 +122,7 @@ def test_the_report_and_card_give_each_timed_model_its_f1_memory_and_latency(tmp
     assert table[3]["F1"] is None  # its stage did not run: the card leaves the cell empty
     text = markdown(report)
     assert "| 2:4 FP8 (e4m3) | 41.50 | 28.60 | 0.314x | 5.000 (1.60x) | 80.000 (1.60x) |" in text
-    assert "on FP8 (e4m3) 2:4 kernels (24 of 24 GEMMs sparse)" in text
+    assert "on FP8 (e4m3) 2:4 kernels (24 of 24 GEMMs FP8 2:4)" in text
     from hf_sparse.hub import _format_cell
 
     assert _format_cell(None) == "—"

@@ -17,6 +17,16 @@ def test_swapped_stage_counts_sparse_and_dense_gemms():
     assert "| F1 | 86.00 | 85.00 | -1.00 |" in text
 
 
+def test_fp8_stages_say_what_each_gemm_ran_on():
+    report = _report({"sparse": 8})
+    report["stages"]["fp8"] = {"f1": 85.1, "layers": {"fp8 2:4": 18, "fp8 dense": 6, "not 2:4": 1},
+                               "gelu_in_epilogue": 6}  # fmt: skip
+    report["stages"]["fp8_dense"] = {"f1": 84.0, "layers": {"fp8 dense": 24, "not 2:4": 1}}
+    text = markdown(report)
+    assert "on FP8 (e4m3) 2:4 kernels (18 of 24 GEMMs FP8 2:4, 6 dense FP8; GELU in the epilogue of 6) |" in text
+    assert "on dense FP8 kernels (baseline) (24 of 24 GEMMs dense FP8) |" in text
+
+
 def test_pruned_stages_record_a_layer_count():
     report = _report({"sparse": 8})
     report["stages"]["pruned"] = {"exact_match": 70.0, "f1": 75.0, "layers": 12, "sparsity": 0.5}
