@@ -551,3 +551,35 @@ def test_a_forward_that_cannot_be_captured_runs_plainly_with_a_warning(caplog):
     assert torch.equal(first, x) and torch.equal(second, x + 1)
     assert "could not capture Syncs as a CUDA graph" in caplog.text and module.forward.num_graphs == 0
     assert caplog.text.count("could not capture") == 1  # that shape is not tried again
+
+
+def test_a_cast_that_a_swapped_layer_refuses_leaves_the_whole_model_as_it_was(monkeypatch):
+    import copy
+    import pickle
+
+    from hf_sparse.inference.layers import _probe
+    from hf_sparse.inference.swap import fuse_qkv_, guard_casts, restore_dense_
+
+    model = pruned_tiny_model(hidden_size=64, intermediate_size=128).half()
+    fuse_qkv_(model)  # SemiStructuredLinear layers that a CPU can hold
+    guard_casts(model)  # what swap_to_semi_structured_ installs
+    monkeypatch.setattr(
+        SemiStructuredLinear,
+        "cast_problem",
+        lambda self, fn: "layer X: no float32 here." if _probe(fn, self.dense_weight)[0] == torch.float32 else None,
+    )
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="layer X: no float32 here. The model was not changed."):
+        model.float()
+    assert_untouched(model, before)  # the embeddings before the first swapped layer were not cast either
+    with pytest.raises(TypeError, match="The model was not changed"):
+        model.to(torch.float32)
+    model.half()  # what no layer refuses runs as ever
+    twin = copy.deepcopy(model)
+    assert twin._apply.__self__ is twin
+    with pytest.raises(TypeError, match="no float32 here"):
+        twin.float()
+    pickle.loads(pickle.dumps(model))  # the guard does not stop pickling
+    restore_dense_(model)
+    assert "_apply" not in model.__dict__
+    assert model.float().bert.embeddings.word_embeddings.weight.dtype == torch.float32

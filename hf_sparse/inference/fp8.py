@@ -28,12 +28,15 @@ from torch import nn
 from . import cusparselt
 from .autotune import token_bucket
 from .cuda_graphs import GENERATION
-from .layers import _emit_state, _load_state, copy_bias, custom_op, new_weight
+from .layers import _emit_state, _load_state, _probe, copy_bias, custom_op, new_weight
 from .quantization import _TINY, E4M3, E4M3_MAX, quantize_rows, quantize_static, quantize_weight
 
 logger = logging.getLogger(__name__)
 
 ACTIVATION_SCALES = ("dynamic", "static")
+_KEPT = {"packed": E4M3, "weight_fp8": E4M3, "weight_scale": torch.float32, "input_scale": torch.float32,
+         "tensor_scale": torch.float32}  # fmt: skip
+"""The buffers of an `Fp8Linear` that no cast may change, with their dtypes (they must stay on the GPU too)."""
 FP8_CAPABILITY = (8, 9)
 FP8_ALIGN = 32  # both dimensions of an e4m3 GEMM's weight are multiples of this
 
@@ -272,22 +275,34 @@ class Fp8Linear(nn.Module):
         GENERATION[0] += 1  # CUDA graphs captured over this layer read its old tensors
         before = dict(self._buffers)
         result = super()._apply(fn, recurse)
-        kept = {"packed": E4M3, "weight_fp8": E4M3, "weight_scale": torch.float32, "input_scale": torch.float32,
-                "tensor_scale": torch.float32}  # fmt: skip
         changed = [
-            n for n, dtype in kept.items() if self._buffers.get(n) is not None and self._buffers[n].dtype != dtype
+            n for n, dtype in _KEPT.items() if self._buffers.get(n) is not None and self._buffers[n].dtype != dtype
         ]
         moved_off = any(t is not None and t.device.type != "cuda" for t in self._buffers.values())
         if changed or moved_off:
             self._buffers.update(before)  # this layer stays as it was
-            raise TypeError(
-                f"{self.name or 'Fp8Linear'}: an FP8 layer keeps e4m3 weights with float32 scales on the GPU; a cast "
-                "or a move off the GPU would destroy them. Call hf_sparse.restore_dense_(model) first for a dense "
-                "model you can cast anywhere."
-            )
+            raise TypeError(self._refusal())
         if self.bias is not None:
             self.out_dtype = self.bias.dtype
         return result
+
+    def _refusal(self) -> str:
+        return (
+            f"{self.name or 'Fp8Linear'}: an FP8 layer keeps e4m3 weights with float32 scales on the GPU; a cast or a "
+            "move off the GPU would destroy them. Call hf_sparse.restore_dense_(model) first for a dense model you "
+            "can cast anywhere."
+        )
+
+    def cast_problem(self, fn) -> str | None:
+        """Why `model._apply(fn)` would be refused by this layer, or None (see `SemiStructuredLinear.cast_problem`)."""
+        for name, dtype in _KEPT.items():
+            tensor = self._buffers.get(name)
+            if tensor is None:
+                continue
+            new_dtype, new_device = _probe(fn, tensor)
+            if new_dtype != dtype or new_device.type != "cuda":
+                return self._refusal()
+        return None
 
     @property
     def dtype(self) -> torch.dtype:

@@ -94,6 +94,12 @@ def semi_structured_support(device: torch.device | str, dtype: torch.dtype, laye
 # -- the layers ------------------------------------------------------------------------------------------------------
 
 
+def _probe(fn, tensor: torch.Tensor) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device `fn` (a `Module._apply` function) would give `tensor`, found on an empty tensor like it."""
+    out = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+    return out.dtype, out.device
+
+
 _DENSE_PLAN = DENSE
 _OPS: dict = {}
 
@@ -225,14 +231,26 @@ class SemiStructuredLinear(nn.Module):
             dtype, device = self.packed.dtype, self.packed.device
             if dtype not in SUPPORTED_DTYPES or device.type != "cuda" or packed.device.type != "cuda":
                 self._buffers.update(before)  # this layer stays as it was
-                raise TypeError(
-                    f"{self.name or 'SemiStructuredLinear'}: a swapped layer runs float16 or bfloat16 weights on the "
-                    f"GPU; cannot make it {dtype_name(dtype)} on {device.type}. Call hf_sparse.restore_dense_(model) "
-                    "first for a dense model you can cast anywhere."
-                )
+                raise TypeError(self.cast_problem(fn))
             self.packed = _compress(_decompress(packed, self.out_features, self.in_features).to(device, dtype))
             self.plans = {}  # tuned for the old dtype: tuned again, lazily, for the new one
         return result
+
+    def cast_problem(self, fn) -> str | None:
+        """Why `model._apply(fn)` (`.to()`, `.float()`, `.cpu()`, ...) would be refused by this layer, or None: asked
+        of every swapped layer before a swapped model casts anything (see `swap.guard_casts`)."""
+        if self.packed is None:
+            return None
+        dtype, device = _probe(fn, self.packed)
+        if (dtype, device) == (self.packed.dtype, self.packed.device):
+            return None
+        if dtype not in SUPPORTED_DTYPES or device.type != "cuda" or self.packed.device.type != "cuda":
+            return (
+                f"{self.name or 'SemiStructuredLinear'}: a swapped layer runs float16 or bfloat16 weights on the "
+                f"GPU; cannot make it {dtype_name(dtype)} on {device.type}. Call hf_sparse.restore_dense_(model) "
+                "first for a dense model you can cast anywhere."
+            )
+        return None
 
     def __getstate__(self):
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)

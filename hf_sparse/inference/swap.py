@@ -26,6 +26,7 @@ A swapped model still saves as an ordinary dense checkpoint (`...weight`/`...bia
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -824,6 +825,8 @@ def swap_to_semi_structured_(
                 unit.dense_bytes,
             )
         )
+    if report.swapped:
+        guard_casts(model)
     if eager_graphs and report.swapped:
         installed = model.__dict__.get("forward")
         if isinstance(installed, CudaGraphModel):
@@ -833,6 +836,28 @@ def swap_to_semi_structured_(
         report.eager_graphs = True
     logger.info("hf-sparse: semi-structured swap\n%s", report.format())
     return report
+
+
+def _guarded_apply(self: nn.Module, fn, recurse: bool = True):
+    """`Module._apply` of a swapped model: asks every swapped layer first whether it would refuse `fn` (a cast to
+    float32, a move to the CPU, ...), and refuses before any module is touched; `nn.Module._apply` would otherwise
+    cast every module before the first swapped layer and then stop there, leaving the model half cast."""
+    for module in self.modules():
+        check = getattr(module, "cast_problem", None)
+        problem = check(fn) if isinstance(module, _SWAPPED_TYPES) else None
+        if problem:
+            raise TypeError(f"{problem} The model was not changed.")
+    return type(self)._apply(self, fn, recurse)
+
+
+_guarded_apply.__name__ = "_apply"  # a pickled copy looks `_apply` up by this name: it gets the class's
+
+
+def guard_casts(model: nn.Module) -> None:
+    """Makes `model.to()`, `.float()`, `.half()`, `.cpu()`, ... refuse, with the model unchanged, what a swapped layer
+    of it would refuse (installed by `swap_to_semi_structured_`, removed by `restore_dense_`)."""
+    if not isinstance(model.__dict__.get("_apply"), types.MethodType):
+        model._apply = types.MethodType(_guarded_apply, model)
 
 
 def _install(unit: _Unit, new: SemiStructuredLinear | Fp8Linear) -> None:
@@ -878,6 +903,8 @@ def restore_dense_(model: nn.Module) -> list[str]:
     GENERATION[0] += 1  # graphs captured over the swapped layers are stale
     if isinstance(model.__dict__.get("forward"), EagerGraphs):
         remove_cuda_graphs(model)
+    if isinstance(model.__dict__.get("_apply"), types.MethodType):
+        del model._apply  # the guard of guard_casts: a dense model casts anywhere
     restored = []
     for name, module in list(model.named_modules()):
         if isinstance(module, FusedLinearSlice) or (isinstance(module, _SWAPPED_TYPES) and module.emits_state):
