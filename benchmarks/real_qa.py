@@ -65,6 +65,9 @@ class Variant:
             steps until half of the recovery (pruned weights can come back), instead of fixing one-shot masks.
         dense_control: train the dense model on for the same steps with no masks (is recovery only more training?).
         hidden_weight: weight of the hidden-state term for distill="hidden" (default `--hidden-weight`).
+        unlabeled: with distillation, also train on the unanswerable questions of the training file (their
+            paragraphs not in the evaluation file either): the task loss ignores them (no answer span to learn),
+            the distillation terms learn the dense model's outputs on them. More inputs, no new labels.
     """
 
     name: str
@@ -77,6 +80,7 @@ class Variant:
     gradual: bool = False
     dense_control: bool = False
     hidden_weight: float | None = None
+    unlabeled: bool = False
 
 
 def _table_grid() -> list[Variant]:
@@ -106,6 +110,19 @@ GRIDS = {
     "table": _table_grid,
     "explore": lambda: _table_grid() + _explore_grid(),
     "fp8": lambda: [Variant("sparsegpt + distill hidden", "sparsegpt", distill="hidden")],
+    "unlabeled": lambda: [
+        Variant("sparsegpt + distill hidden x10", "sparsegpt", distill="hidden", hidden_weight=10.0),
+        Variant("sparsegpt + distill hidden x10, 4x epochs (control)", "sparsegpt", distill="hidden",
+                hidden_weight=10.0, epochs=4.0),
+        *(Variant(f"sparsegpt + distill hidden x10, + unlabeled questions{f', {n}x epochs' if n > 1 else ''}",
+                  "sparsegpt", distill="hidden", hidden_weight=10.0, unlabeled=True, epochs=float(n))
+          for n in (1, 2, 4)),
+    ],  # fmt: skip
+    "unlabeled-long": lambda: [
+        Variant(f"sparsegpt + distill hidden x10, + unlabeled questions, {n}x epochs", "sparsegpt", distill="hidden",
+                hidden_weight=10.0, unlabeled=True, epochs=float(n))
+        for n in (4, 8)
+    ],  # fmt: skip
     "smoke": lambda: [
         Variant("magnitude", "magnitude"),
         Variant("sparsegpt + distill hidden", "sparsegpt", 16, distill="hidden"),
@@ -154,16 +171,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_data(args) -> tuple[list[dict], list[dict]]:
-    """Training questions (answerable, on paragraphs XQuAD-en does not hold) and the evaluation questions."""
+def load_data(args, unlabeled: bool = False) -> tuple[list[dict], list[dict]]:
+    """Training questions (answerable, on paragraphs XQuAD-en does not hold) and the evaluation questions; with
+    `unlabeled`, the unanswerable questions of the training file on such paragraphs instead of the training ones."""
     evaluation = read_squad_json(args.eval_file)
     held_out = {r["context"] for r in evaluation}
-    train = [r for r in read_squad_json(args.train_file) if r["answers"]["text"] and r["context"] not in held_out]
+    train = [
+        r for r in read_squad_json(args.train_file)
+        if bool(r["answers"]["text"]) != unlabeled and r["context"] not in held_out
+    ]  # fmt: skip
     if args.max_train_samples:
         train = train[: args.max_train_samples]
     if args.max_eval_samples:
         evaluation = evaluation[: args.max_eval_samples]
     return train, evaluation
+
+
+def unlabeled_features(args, tokenizer, train_features):
+    """The training features plus features of the unanswerable training questions whose answer positions the task
+    loss ignores (a transformers QA head ignores positions equal to the sequence length)."""
+    extra, _ = load_data(args, unlabeled=True)
+    kw = dict(max_length=args.max_seq_length, doc_stride=args.doc_stride)
+    features = tokenize_squad(extra, tokenizer, train=True, **kw)
+    ignored = {"start_positions": [args.max_seq_length] * len(features)}
+    ignored["end_positions"] = ignored["start_positions"]
+    columns = {
+        name: list(train_features[name]) + list(ignored.get(name) or features[name])
+        for name in train_features.column_names
+    }
+    return type(train_features)(columns)
 
 
 def write_squad_json(records: list[dict], path: Path) -> None:
@@ -356,7 +392,12 @@ def run(args) -> dict:
         # The masks are the pruned weights' nonzeros: magnitude on an N:M model finds exactly them again.
         callback = SparsityCallback(dataclasses.replace(config, criterion="magnitude"))
         loss = _distill(variant.distill, copy.deepcopy(dense), model, args, variant.hidden_weight)
-        stats = train(model, train_features, args, epochs, lr, [callback], loss)
+        features = train_features
+        if variant.unlabeled:
+            features = unlabeled_features(args, tokenizer, train_features)
+            logger.info("%s: %d training features, %d of them unlabeled", variant.name, len(features),
+                        len(features) - len(train_features))  # fmt: skip
+        stats = train(model, features, args, epochs, lr, [callback], loss)
         _check_24(model, config)
         row(variant.name, "recovered", prune_s=prune_s, **stats, **evaluate(model))
         if args.swap:

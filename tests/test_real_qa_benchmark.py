@@ -29,3 +29,50 @@ def test_grids_name_every_row_once():
     for name, grid in GRIDS.items():
         rows = grid()
         assert len({v.name for v in rows}) == len(rows), name
+
+
+def test_unlabeled_questions_are_unanswerable_disjoint_from_xquad_and_ignored_by_the_task_loss():
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering, BertTokenizerFast
+
+    from benchmarks.real_qa import unlabeled_features
+    from hf_sparse.squad import tokenize_squad
+
+    args = argparse.Namespace(
+        train_file=shared_data("squad", "squad-v2-dev-sample.json"),
+        eval_file=shared_data("squad", "xquad-en.json"),
+        max_train_samples=None,
+        max_eval_samples=None,
+        max_seq_length=64,
+        doc_stride=16,
+    )
+    train, evaluation = load_data(args)
+    unlabeled, _ = load_data(args, unlabeled=True)
+    assert unlabeled and not any(r["answers"]["text"] for r in unlabeled)
+    assert not {r["context"] for r in unlabeled} & {r["context"] for r in evaluation}
+    import tempfile
+    from pathlib import Path
+
+    words = sorted(
+        {w.lower() for r in train[:5] + unlabeled[:5] for w in (r["question"] + " " + r["context"]).split()}
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
+        tokenizer = BertTokenizerFast(str(Path(folder) / "vocab.txt"))
+    args.max_train_samples = 5
+    labeled = tokenize_squad(load_data(args)[0], tokenizer, train=True, max_length=64, doc_stride=16)
+    both = unlabeled_features(args, tokenizer, labeled)
+    extra = len(both) - len(labeled)
+    assert extra > 0 and all(int(both[i]["start_positions"]) == 64 for i in range(len(labeled), len(both)))
+    # a transformers QA head ignores those positions: the loss of a batch is that of its labeled features alone
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(
+        BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                   intermediate_size=64, max_position_embeddings=64)
+    ).eval()  # fmt: skip
+    rows = [both[0], both[len(labeled)]]
+    batch = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "token_type_ids",
+                                                             "start_positions", "end_positions")}  # fmt: skip
+    alone = {k: v[:1] for k, v in batch.items()}
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).loss, model(**alone).loss)
