@@ -112,15 +112,34 @@ GRIDS = {
     "fp8": lambda: [Variant("sparsegpt + distill hidden", "sparsegpt", distill="hidden")],
     "unlabeled": lambda: [
         Variant("sparsegpt + distill hidden x10", "sparsegpt", distill="hidden", hidden_weight=10.0),
-        Variant("sparsegpt + distill hidden x10, 4x epochs (control)", "sparsegpt", distill="hidden",
-                hidden_weight=10.0, epochs=4.0),
-        *(Variant(f"sparsegpt + distill hidden x10, + unlabeled questions{f', {n}x epochs' if n > 1 else ''}",
-                  "sparsegpt", distill="hidden", hidden_weight=10.0, unlabeled=True, epochs=float(n))
-          for n in (1, 2, 4)),
+        Variant(
+            "sparsegpt + distill hidden x10, 4x epochs (control)",
+            "sparsegpt",
+            distill="hidden",
+            hidden_weight=10.0,
+            epochs=4.0,
+        ),
+        *(
+            Variant(
+                f"sparsegpt + distill hidden x10, + unlabeled questions{f', {n}x epochs' if n > 1 else ''}",
+                "sparsegpt",
+                distill="hidden",
+                hidden_weight=10.0,
+                unlabeled=True,
+                epochs=float(n),
+            )
+            for n in (1, 2, 4)
+        ),
     ],  # fmt: skip
     "unlabeled-long": lambda: [
-        Variant(f"sparsegpt + distill hidden x10, + unlabeled questions, {n}x epochs", "sparsegpt", distill="hidden",
-                hidden_weight=10.0, unlabeled=True, epochs=float(n))
+        Variant(
+            f"sparsegpt + distill hidden x10, + unlabeled questions, {n}x epochs",
+            "sparsegpt",
+            distill="hidden",
+            hidden_weight=10.0,
+            unlabeled=True,
+            epochs=float(n),
+        )
         for n in (4, 8)
     ],  # fmt: skip
     "smoke": lambda: [
@@ -161,7 +180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--write-train-file",
         type=Path,
         default=None,
-        help="Only write the training questions as SQuAD JSON to this path (for recipes/squad_24.py) and exit.",
+        help="Only write the training questions, and the unanswerable questions on the same paragraphs, as SQuAD "
+        "JSON to this path (for recipes/squad_24.py) and exit.",
     )
     args = p.parse_args(argv)
     args.model = args.model or default_model_dir()
@@ -214,6 +234,7 @@ def write_squad_json(records: list[dict], path: Path) -> None:
                 "answers": [
                     {"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"])
                 ],
+                **({} if r["answers"]["text"] else {"is_impossible": True}),
             }
         )
     data = [
@@ -469,8 +490,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.write_train_file:
         train, _ = load_data(args)
-        write_squad_json(train, args.write_train_file)
-        print(f"{len(train)} training questions written to {args.write_train_file}")
+        unlabeled, _ = load_data(args, unlabeled=True)
+        write_squad_json(train + unlabeled, args.write_train_file)
+        print(f"{len(train)} training questions and {len(unlabeled)} unanswerable ones (the recipe distills on them) "
+              f"written to {args.write_train_file}")  # fmt: skip
         return {}
     started = time.perf_counter()
     result = run(args)

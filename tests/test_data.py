@@ -170,3 +170,30 @@ def test_inputs_are_checked_against_lengths_tokenizer_and_answers():
     check_squad_inputs(tokenizer, {"train": train, "validation": unanswerable}, 48, 16, version_2_with_negative=True)
     with pytest.raises(ValueError, match="the validation data has no questions"):
         check_squad_inputs(tokenizer, {"train": train, "validation": []}, 48, 16)
+
+
+def test_unanswerable_questions_become_features_only_distillation_learns_from():
+    from hf_sparse.squad import concatenate_features, distillation_features, split_unanswerable
+
+    tokenizer = synthetic_tokenizer()
+    examples = squad_records(synthetic_squad(4, seed=1))
+    unanswerable = [dict(r, id=r["id"] + "-x", answers={"text": [], "answer_start": []}) for r in examples[:3]]
+    answered, unanswered = split_unanswerable(examples + unanswerable)
+    assert (len(answered), [r["id"] for r in unanswered]) == (len(examples), [r["id"] for r in unanswerable])
+    labeled = tokenize_squad(answered, tokenizer, train=True, max_length=48, doc_stride=16)
+    extra = distillation_features(tokenize_squad(unanswered, tokenizer, train=True, max_length=48, doc_stride=16), 48)
+    both = concatenate_features(labeled, extra)
+    assert len(both) == len(labeled) + len(extra) and both[0]["start_positions"] == labeled[0]["start_positions"]
+    assert {int(both[i]["start_positions"]) for i in range(len(labeled), len(both))} == {48}
+    assert {int(both[i]["end_positions"]) for i in range(len(labeled), len(both))} == {48}
+    with pytest.raises(ValueError, match="different columns"):
+        concatenate_features(labeled, tokenize_squad(unanswered, tokenizer, train=False, max_length=48, doc_stride=16))
+    datasets = pytest.importorskip("datasets")
+    rows = datasets.Dataset.from_list(examples + unanswerable)
+    answered_ds, unanswered_ds = split_unanswerable(rows)
+    assert (len(answered_ds), len(unanswered_ds)) == (len(examples), 3)
+    mapped = tokenize_squad(answered_ds, tokenizer, train=True, max_length=48, doc_stride=16)
+    extra_ds = distillation_features(tokenize_squad(unanswered_ds, tokenizer, train=True, max_length=48, doc_stride=16),
+                                     48)  # fmt: skip
+    joined = concatenate_features(mapped, extra_ds)
+    assert len(joined) == len(mapped) + len(extra_ds) and set(joined["start_positions"][len(mapped) :]) == {48}

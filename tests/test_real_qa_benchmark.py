@@ -21,8 +21,10 @@ def test_training_questions_are_answerable_and_disjoint_from_xquad(tmp_path):
     assert (len(train), len(evaluation)) == (607, 1190)
     assert all(r["answers"]["text"] for r in train)
     assert not {r["context"] for r in train} & {r["context"] for r in evaluation}
-    write_squad_json(train, tmp_path / "train.json")
-    assert read_squad_json(tmp_path / "train.json") == train
+    unlabeled, _ = load_data(args, unlabeled=True)
+    write_squad_json(train + unlabeled, tmp_path / "train.json")
+    by_id = sorted(train + unlabeled, key=lambda r: r["id"])
+    assert sorted(read_squad_json(tmp_path / "train.json"), key=lambda r: r["id"]) == by_id  # grouped by paragraph
 
 
 def test_grids_name_every_row_once():

@@ -217,6 +217,13 @@ def test_real_files_and_an_fp16_model_with_no_further_flags(tmp_path):
     assert (arguments["recipe"]["max_seq_length"], arguments["recipe"]["doc_stride"]) == (384, 128)
     assert arguments["sparsity"]["criterion"] == "sparsegpt"
     assert report["data"]["longest_question_tokens"] > 10
+    # 11 of the 24 questions have no answer: never trained on as answers, fed to the distillation only
+    assert report["data"]["train_questions"] == 13 and report["data"]["unanswerable_train_questions"] == 11
+    assert report["data"]["distillation_only_features"] >= 11
+    data = report["data"]
+    assert (
+        report["stages"]["sparse"]["recovery_features"] == data["train_features"] + data["distillation_only_features"]
+    )
     stages = report["stages"]
     for stage in ("dense", "pruned", "sparse"):
         assert 0.0 <= stages[stage]["exact_match"] <= stages[stage]["f1"] <= 100.0

@@ -522,3 +522,52 @@ class QAFeatures(torch.utils.data.Dataset):
         if isinstance(key, str):
             return self.columns[key]
         return {k: torch.tensor(v[key]) if k in self._TENSOR_COLUMNS else v[key] for k, v in self.columns.items()}
+
+
+# -- unanswerable questions as distillation inputs ---------------------------------------------------------------------
+
+
+def split_unanswerable(examples: Any) -> tuple[Any, Any]:
+    """(questions with an answer, questions without one) of a list of example dicts or a `datasets.Dataset`.
+
+    A SQuAD v1.1 model has no "no answer": trained on an unanswerable question it would learn to point at `[CLS]`.
+    Its inputs still carry what a distilled student should learn from the teacher (see `distillation_features`)."""
+    if hasattr(examples, "filter") and hasattr(examples, "column_names"):
+        return examples.filter(lambda r: len(r["answers"]["text"]) > 0), examples.filter(
+            lambda r: len(r["answers"]["text"]) == 0
+        )
+    examples = list(examples)
+    return [r for r in examples if r["answers"]["text"]], [r for r in examples if not r["answers"]["text"]]
+
+
+def distillation_features(features: Any, max_length: int) -> Any:
+    """Training features whose answer positions a question-answering head's loss ignores (positions equal to the
+    sequence length: transformers' QA heads pass them as `ignore_index`), for inputs that only distillation learns
+    from: with `DistillationLoss(task_weight=...)` the task term then comes from the other features of a batch.
+
+    Example:
+
+    ```python
+    >>> answered, unanswered = split_unanswerable(train_examples)
+    >>> extra = distillation_features(tokenize_squad(unanswered, tokenizer, train=True), 384)
+    >>> recovery_set = concatenate_features(tokenize_squad(answered, tokenizer, train=True), extra)
+    ```
+    """
+    ignored = [max_length] * len(features)
+    if hasattr(features, "map") and hasattr(features, "column_names"):
+        features = features.remove_columns(["start_positions", "end_positions"])
+        return features.add_column("start_positions", ignored).add_column("end_positions", ignored)
+    columns = dict(features.columns, start_positions=ignored, end_positions=list(ignored))
+    return QAFeatures(columns)
+
+
+def concatenate_features(first: Any, second: Any) -> Any:
+    """Two sets of training features as one (`QAFeatures`, or `datasets.Dataset`s with the same columns)."""
+    if isinstance(first, QAFeatures) and isinstance(second, QAFeatures):
+        missing = set(first.column_names) ^ set(second.column_names)
+        if missing:
+            raise ValueError(f"features to concatenate have different columns: {sorted(missing)}.")
+        return QAFeatures({k: list(first[k]) + list(second[k]) for k in first.column_names})
+    import datasets
+
+    return datasets.concatenate_datasets([first, second.cast(first.features)])
