@@ -44,7 +44,14 @@ from benchmarks._common import DEFAULT_DATA, default_model_dir
 from hf_sparse import DistillationLoss, SparsityCallback, SparsityConfig, prune_, sparsity_report
 from hf_sparse.numerics import NumericsCallback
 from hf_sparse.selection import select_layers
-from hf_sparse.squad import SquadPostprocessor, read_squad_json, squad_metric, tokenize_squad
+from hf_sparse.squad import (
+    SquadPostprocessor,
+    concatenate_features,
+    distillation_features,
+    read_squad_json,
+    squad_metric,
+    tokenize_squad,
+)
 
 logger = logging.getLogger("real_qa")
 
@@ -209,17 +216,11 @@ def load_data(args, unlabeled: bool = False) -> tuple[list[dict], list[dict]]:
 
 def unlabeled_features(args, tokenizer, train_features):
     """The training features plus features of the unanswerable training questions whose answer positions the task
-    loss ignores (a transformers QA head ignores positions equal to the sequence length)."""
+    loss ignores (`hf_sparse.squad.distillation_features`: only the distillation learns from them)."""
     extra, _ = load_data(args, unlabeled=True)
     kw = dict(max_length=args.max_seq_length, doc_stride=args.doc_stride)
-    features = tokenize_squad(extra, tokenizer, train=True, **kw)
-    ignored = {"start_positions": [args.max_seq_length] * len(features)}
-    ignored["end_positions"] = ignored["start_positions"]
-    columns = {
-        name: list(train_features[name]) + list(ignored.get(name) or features[name])
-        for name in train_features.column_names
-    }
-    return type(train_features)(columns)
+    features = distillation_features(tokenize_squad(extra, tokenizer, train=True, **kw), args.max_seq_length)
+    return concatenate_features(train_features, features)
 
 
 def write_squad_json(records: list[dict], path: Path) -> None:
