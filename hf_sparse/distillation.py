@@ -206,7 +206,7 @@ class DistillationLoss:
             terms.append(self.hidden_weight * self._hidden(outputs, teacher, attention_mask))
         loss = sum(terms) / self.gradient_accumulation_steps if terms else None
         if self.task_weight > 0:
-            task = self._task(outputs, labels, num_items_in_batch)
+            task = self._task(outputs, labels, num_items_in_batch, kwargs)
             loss = self.task_weight * task if loss is None else loss + self.task_weight * task
         return loss
 
@@ -259,9 +259,13 @@ class DistillationLoss:
             total = total + _masked_mean(per_token, mask)
         return total / len(pairs)
 
-    def _task(self, outputs, labels, num_items_in_batch) -> torch.Tensor:
+    def _task(self, outputs, labels, num_items_in_batch, inputs=None) -> torch.Tensor:
         loss = _get(outputs, "loss")
         if loss is not None:
+            if _only_ignored_answers(outputs, inputs or {}):
+                # every row is a distillation-only input (answer positions the QA head ignores): its loss is a mean
+                # over nothing (NaN); the task has nothing to say about this batch
+                return torch.zeros((), device=loss.device, dtype=loss.dtype)
             return loss / self.gradient_accumulation_steps
         logits = _get(outputs, "logits")
         if labels is None or logits is None:
@@ -278,3 +282,12 @@ class DistillationLoss:
             return flat / num_items_in_batch
         count = (labels != -100).sum().clamp(min=1)
         return flat / count / self.gradient_accumulation_steps
+
+
+def _only_ignored_answers(outputs, inputs) -> bool:
+    """Whether every answer position of a question-answering batch is one the QA head's loss ignores (at or past the
+    sequence length: `hf_sparse.squad.distillation_features`)."""
+    start, logits = inputs.get("start_positions"), _get(outputs, "start_logits")
+    if start is None or logits is None:
+        return False
+    return bool((start >= logits.shape[-1]).all())

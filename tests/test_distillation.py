@@ -173,3 +173,22 @@ def test_teacher_is_sharded_like_an_fsdp2_student_and_gives_the_replica_loss(tmp
         assert report["teacher_sharded"] and not report["replica_sharded"]
         assert (report["teacher_local_rows"], report["teacher_full_rows"]) == (32, 64)
         assert report["loss"] > 0 and report["loss"] == pytest.approx(report["replica_loss"], rel=1e-6)
+
+
+def test_a_batch_of_distillation_only_inputs_has_no_task_term_instead_of_nan():
+    torch.manual_seed(0)
+    student = BertForQuestionAnswering(tiny_bert_config()).eval()
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        student.qa_outputs.weight.mul_(3.0)
+    inputs = _held_out(size=4)
+    seq = inputs["input_ids"].shape[1]
+    ignored = torch.full((4,), seq)  # hf_sparse.squad.distillation_features' answer positions
+    distill_only = DistillationLoss(teacher, student)(student(**inputs))
+    loss = DistillationLoss(teacher, student, task_weight=1.0)  # (each reads the inputs of the student's last call)
+    outputs = student(**inputs, start_positions=ignored, end_positions=ignored)
+    assert torch.isnan(outputs.loss)  # what the QA head gives when it ignores every row
+    assert loss(outputs).item() == pytest.approx(distill_only.item(), rel=1e-6)
+    mixed = torch.tensor([3, seq, 5, seq])  # labelled rows keep their task term
+    outputs = student(**inputs, start_positions=mixed, end_positions=mixed)
+    assert torch.isfinite(outputs.loss) and loss(outputs).item() > distill_only.item()
