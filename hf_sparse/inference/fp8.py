@@ -95,11 +95,11 @@ class Fp8Config:
     fuse_gelu: bool = field(
         default=True,
         metadata={
-            "help": "With static scales: a 2:4 layer followed by GELU and another FP8 layer (a BERT-family "
-            "feed-forward block: intermediate.dense -> GELU -> output.dense) runs GELU and the next layer's e4m3 "
-            "quantization in its sparse GEMM's epilogue and hands the next layer e4m3 directly, where the autotuner "
-            "measures that no slower. False keeps GELU a separate step (the comparison the benchmark's "
-            "'fp8-unfused' variant runs)."
+            "help": "With static scales and fp16 weights: a 2:4 layer followed by GELU and another FP8 layer (a "
+            "BERT-family feed-forward block: intermediate.dense -> GELU -> output.dense) runs GELU and the next "
+            "layer's e4m3 quantization in its sparse GEMM's epilogue and hands the next layer e4m3 directly, where "
+            "the autotuner measures that no slower (always, with autotune off). False keeps GELU a separate step "
+            "(the comparison the benchmark's 'fp8-unfused' variant runs)."
         },
     )
 
@@ -338,10 +338,10 @@ class Fp8Linear(nn.Module):
         of the FP8 layer that reads this output), so that layer skips its own quantization. `algorithms`: token
         bucket -> cuSPARSELt algorithm of the fused kernel (see `Fp8Linear`). The GELU module after this layer
         must become a `GeluInEpilogue` (`swap_to_semi_structured_` does both)."""
-        if not self.sparse or self.input_scale is None:
+        if not self.sparse or self.input_scale is None or self.out_dtype != torch.float16:
             raise ValueError(
-                f"{self.name or 'Fp8Linear'}: only a 2:4 FP8 layer with a static input scale can run GELU in its "
-                "epilogue."
+                f"{self.name or 'Fp8Linear'}: only a 2:4 FP8 layer of an fp16 model with a static input scale can run "
+                "GELU in its epilogue (with an e4m3 output cuSPARSELt reads the bias as fp16)."
             )
         if not output_scale > 0:
             raise ValueError(f"{self.name or 'Fp8Linear'}: output_scale must be > 0; got {output_scale!r}.")

@@ -242,7 +242,7 @@ class SemiStructuredLinear(nn.Module):
         if self.packed is None:
             return None
         dtype, device = _probe(fn, self.packed)
-        if (dtype, device) == (self.packed.dtype, self.packed.device):
+        if dtype == self.packed.dtype:  # a move keeps the compressed bytes valid (it runs again once back on a GPU)
             return None
         if dtype not in SUPPORTED_DTYPES or device.type != "cuda" or self.packed.device.type != "cuda":
             return (

@@ -26,7 +26,6 @@ A swapped model still saves as an ordinary dense checkpoint (`...weight`/`...bia
 from __future__ import annotations
 
 import logging
-import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -548,7 +547,9 @@ class _GeluFusion:
 
 
 def _gelu_blocks(model: nn.Module, units: list[_Unit]) -> list[_GeluFusion]:
-    """The `GELU_BLOCKS` of the model whose two layers are single-layer units of shapes the e4m3 kernels take."""
+    """The `GELU_BLOCKS` of the model whose two layers are single-layer fp16 units of shapes the e4m3 kernels take
+    (with an e4m3 output, cuSPARSELt reads the bias in the type of C, which must be fp16: bf16 models keep GELU a
+    separate step)."""
     index = {u.name: i for i, u in enumerate(units) if len(u.layers) == 1}
     modules = dict(model.named_modules())
     found = []
@@ -560,7 +561,8 @@ def _gelu_blocks(model: nn.Module, units: list[_Unit]) -> list[_GeluFusion]:
             activation, consumer = prefix + act, index.get(prefix + second)
             if consumer is None or not is_gelu(modules.get(activation, nn.Identity())):
                 continue
-            if fp8_shape_fits(units[i].shape) and fp8_shape_fits(units[consumer].shape):
+            fp16 = units[i].layers[0].weight.dtype == torch.float16  # the fused kernel reads its bias as fp16
+            if fp16 and fp8_shape_fits(units[i].shape) and fp8_shape_fits(units[consumer].shape):
                 found.append(_GeluFusion(i, activation, consumer))
     return found
 
@@ -838,26 +840,31 @@ def swap_to_semi_structured_(
     return report
 
 
-def _guarded_apply(self: nn.Module, fn, recurse: bool = True):
-    """`Module._apply` of a swapped model: asks every swapped layer first whether it would refuse `fn` (a cast to
-    float32, a move to the CPU, ...), and refuses before any module is touched; `nn.Module._apply` would otherwise
-    cast every module before the first swapped layer and then stop there, leaving the model half cast."""
-    for module in self.modules():
-        check = getattr(module, "cast_problem", None)
-        problem = check(fn) if isinstance(module, _SWAPPED_TYPES) else None
-        if problem:
-            raise TypeError(f"{problem} The model was not changed.")
-    return type(self)._apply(self, fn, recurse)
+class _CastGuard:
+    """A swapped model's `_apply` (an instance attribute, so `nn.Module.to()`, `.float()`, `.half()`, `.cpu()` reach
+    it): asks every swapped layer first whether it would refuse the cast (`cast_problem`) and refuses before any
+    module is touched. `nn.Module._apply` would otherwise cast every module before the first swapped layer and then
+    stop there, leaving the model half cast. Copies and pickles keep the guard, bound to the copy."""
 
+    def __init__(self, model: nn.Module):
+        self.model = model
 
-_guarded_apply.__name__ = "_apply"  # a pickled copy looks `_apply` up by this name: it gets the class's
+    def __call__(self, fn, recurse: bool = True):
+        for module in self.model.modules():
+            problem = module.cast_problem(fn) if isinstance(module, _SWAPPED_TYPES) else None
+            if problem:
+                raise TypeError(f"{problem} The model was not changed.")
+        return type(self.model)._apply(self.model, fn, recurse)
+
+    def __reduce__(self):
+        return _CastGuard, (self.model,)
 
 
 def guard_casts(model: nn.Module) -> None:
     """Makes `model.to()`, `.float()`, `.half()`, `.cpu()`, ... refuse, with the model unchanged, what a swapped layer
     of it would refuse (installed by `swap_to_semi_structured_`, removed by `restore_dense_`)."""
-    if not isinstance(model.__dict__.get("_apply"), types.MethodType):
-        model._apply = types.MethodType(_guarded_apply, model)
+    if not isinstance(model.__dict__.get("_apply"), _CastGuard):
+        model._apply = _CastGuard(model)
 
 
 def _install(unit: _Unit, new: SemiStructuredLinear | Fp8Linear) -> None:
@@ -903,7 +910,7 @@ def restore_dense_(model: nn.Module) -> list[str]:
     GENERATION[0] += 1  # graphs captured over the swapped layers are stale
     if isinstance(model.__dict__.get("forward"), EagerGraphs):
         remove_cuda_graphs(model)
-    if isinstance(model.__dict__.get("_apply"), types.MethodType):
+    if isinstance(model.__dict__.get("_apply"), _CastGuard):
         del model._apply  # the guard of guard_casts: a dense model casts anywhere
     restored = []
     for name, module in list(model.named_modules()):
