@@ -200,3 +200,12 @@ def test_a_gemm_with_gelu_in_its_epilogue_is_measured_and_cached_apart(tmp_path)
     fresh = FakeTimings(cache_path=tmp_path / "tune.json")
     assert fresh.cached(3072, 768, e4m3, True, 1536, "cuda", "gelu") is not None
     assert fresh.cached(3072, 768, e4m3, True, 1536, "cuda") is not None and fresh.calls == []
+
+
+def test_each_kernel_family_gets_its_own_child_and_fault_floor():
+    from hf_sparse.inference.tuning import _kernel
+
+    e4m3 = torch.float8_e4m3fn
+    assert _kernel((3072, 768, e4m3, True, 1536)) == "float8_e4m3fn"
+    assert _kernel((3072, 768, e4m3, True, 1536, "gelu")) == "float8_e4m3fn|gelu"
+    assert _kernel((3072, 768, torch.float16, True, 1536, "")) == "float16"

@@ -343,9 +343,16 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def _kernel(request: tuple) -> str:
+    """The kernel family a request sweeps: its dtype name, with `|epilogue` for an epilogue sweep (different kernels,
+    different algorithm ids). One child process and one `FAULT_FLOOR` entry per family."""
+    epilogue = request[5] if len(request) > 5 else ""
+    return _dtype_name(request[2]) + (f"|{epilogue}" if epilogue else "")
+
+
 FAULT_FLOOR: dict[tuple[int, str], int] = {}
-"""(GPU index, dtype name) -> the lowest cuSPARSELt algorithm id above 0 that killed a tuning child in this process.
-Later sweeps of that dtype on that GPU try only the ids below it: the ids past one that faults tend to fault too (on
+"""(GPU index, kernel family: see `_kernel`) -> the lowest cuSPARSELt algorithm id above 0 that killed a tuning child
+in this process. Later sweeps of that family on that GPU try only the ids below it: the ids past one that faults tend to fault too (on
 the H100 above, every GEMM shape that reached id 36 faulted there), and each fault costs a child process. Their
 results say so (`note`)."""
 
@@ -366,10 +373,10 @@ def measure_in_child(requests: list[tuple], device, settings: dict, command: lis
         pending = [i for i in range(len(requests)) if i not in results]
         if not pending:
             break
-        # one child per dtype: the cap learnt from a fault applies to the sweeps of that dtype only
-        dtype = requests[pending[0]][2]
-        floor = FAULT_FLOOR.get((index, _dtype_name(dtype)))
-        pending = [i for i in pending if requests[i][2] == dtype]
+        # one child per kernel family: the cap learnt from a fault applies to the sweeps of that family only
+        family = _kernel(requests[pending[0]])
+        floor = FAULT_FLOOR.get((index, family))
+        pending = [i for i in pending if _kernel(requests[i]) == family]
         capped = dict(settings, max_algorithms=min(limit, floor) if floor else limit)
         payload = {
             "device": index,
@@ -428,7 +435,7 @@ def measure_in_child(requests: list[tuple], device, settings: dict, command: lis
         )
         if seen.get("fp16_ms") is not None:
             results[current]["fp16_ms"] = seen["fp16_ms"]
-        key = (index, _dtype_name(dtype))
+        key = (index, _kernel(requests[current]))
         if trying is not None and trying[1] == 1 and trying[0] > 0:
             FAULT_FLOOR[key] = min(FAULT_FLOOR.get(key, trying[0]), trying[0])
         logger.warning(
@@ -436,7 +443,7 @@ def measure_in_child(requests: list[tuple], device, settings: dict, command: lis
             "verified before it%s.",
             f"cuSPARSELt algorithm {trying[0]}" if trying else "measuring", what, proc.returncode, tail,
             len(seen["timings"]),
-            f", and algorithms from {FAULT_FLOOR[key]} up are not tried again for {_dtype_name(dtype)} on this GPU"
+            f", and algorithms from {FAULT_FLOOR[key]} up are not tried again for {key[1]} on this GPU"
             if key in FAULT_FLOOR else "",
         )  # fmt: skip
     for i in range(len(requests)):
