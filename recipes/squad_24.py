@@ -380,8 +380,11 @@ def check_stage_arguments(report: dict, args: RecipeArguments, sparsity, trainin
             f"{output_dir} holds stages {unrecorded} of an earlier run that did not record its arguments, so they "
             "cannot be continued safely. Start over with --overwrite_output_dir, or pass a new --output_dir."
         )
+    # an argument added after the earlier run recorded its stages: it ran as the argument's default does
+    added = {f.name: f.default for f in dataclasses.fields(RecipeArguments) if f.default is not dataclasses.MISSING}
     for stage, before in recorded.items():
         now = stage_arguments(args, sparsity, training_args, stage)
+        before = {**{k: added[k] for k in now if k not in before and k in added}, **before}
         differ = {
             k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)
         }

@@ -242,3 +242,15 @@ def test_real_data_defaults_apply_only_to_real_data():
     assert args.distill_hidden_weight == 10.0
     args, sparsity, training = recipe.parse_args([])
     assert (args.max_seq_length, args.doc_stride, sparsity.criterion, args.distill) == (48, 16, "magnitude", False)
+
+
+def test_a_run_recorded_before_an_argument_existed_continues_as_that_arguments_default(tmp_path):
+    recipe = load_recipe()
+    args, sparsity, training = recipe.parse_args(["--output_dir", str(tmp_path)])
+    recorded = recipe.stage_arguments(args, sparsity, training, "sparse")
+    older = {k: v for k, v in recorded.items() if k != "distill_unanswerable"}  # before the flag existed
+    report = {"stages": {"sparse": {"f1": 80.0}}, "stage_arguments": {"sparse": older}}
+    recipe.check_stage_arguments(report, args, sparsity, training, tmp_path)  # continues
+    args.distill_unanswerable = False
+    with pytest.raises(SystemExit, match="--distill_unanswerable True -> False"):
+        recipe.check_stage_arguments(report, args, sparsity, training, tmp_path)
