@@ -255,6 +255,12 @@ def _split(name: str) -> tuple[str, str]:
     return parent, attr
 
 
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding the submodule `name` of `model`, and its attribute name there."""
+    parent_name, attr = _split(name)
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
 def _fusable(model: nn.Module, linears: dict[str, nn.Linear], fuse_groups: Sequence[Sequence[str]]) -> list[_Unit]:
     """The one q/k/v grouping rule: siblings named by one of `fuse_groups` (all present, in that order) under the
     same parent, reading one input of the same size, dtype and device, all with or all without bias. Parents of
@@ -781,8 +787,7 @@ def swap_to_semi_structured_(
             if fusion is not None and fusion.fused:
                 consumer = units[fusion.consumer]
                 new.fuse_gelu_(scales[consumer.name], {b: c.sparse.alg_id for b, c in fusion.choices.items()})
-                parent_name, attr = _split(fusion.activation)
-                parent = model.get_submodule(parent_name) if parent_name else model
+                parent, attr = _parent(model, fusion.activation)
                 setattr(parent, attr, GeluInEpilogue(getattr(parent, attr)))
                 reason = (
                     f"{reason}; GELU and {consumer.name}'s e4m3 quantization run in its epilogue ({fusion.reason})"
@@ -922,19 +927,13 @@ def restore_dense_(model: nn.Module) -> list[str]:
                 linear.weight.copy_(weight)
                 if bias is not None:
                     linear.bias.copy_(bias)
-            parent_name, attr = _split(name)
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, linear)
+            setattr(*_parent(model, name), linear)
             restored.append(name)
     for name, module in list(model.named_modules()):
         if isinstance(module, _SWAPPED_TYPES) and not module.emits_state:
-            parent_name, attr = _split(name)
-            parent = model.get_submodule(parent_name) if parent_name else model
-            delattr(parent, attr)
+            delattr(*_parent(model, name))
         elif isinstance(module, GeluInEpilogue):  # the GELU an FP8 layer ran in its epilogue
-            parent_name, attr = _split(name)
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, module.original)
+            setattr(*_parent(model, name), module.original)
     return restored
 
 
