@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from .tuning import MIN_SPEEDUP, measure_in_child, sweep
+from .tuning import MIN_SPEEDUP, measure_in_child, request_epilogue, sweep
 
 logger = logging.getLogger(__name__)
 
@@ -228,14 +228,12 @@ class Autotuner:
     ) -> GemmChoice:
         """The cached choice for this GEMM's bucket; measured (on the GPU) and cached first if there is none.
         `epilogue="gelu"`: an e4m3 GEMM with GELU in its epilogue (see `tuning.sweep`)."""
-        request = (out_features, in_features, dtype, bias, tokens, epilogue)
-        found = self.cached(*request[:5], device, epilogue)
+        found = self.cached(out_features, in_features, dtype, bias, tokens, device, epilogue)
         if found is not None:
             return found
-        extra = {"epilogue": epilogue} if epilogue else {}
-        chosen = self.measure(*request[:5], device, **extra)
+        chosen = self.measure(out_features, in_features, dtype, bias, tokens, device, epilogue)
         self.measurements += 1
-        self.store(*request[:5], device, chosen, epilogue)
+        self.store(out_features, in_features, dtype, bias, tokens, device, chosen, epilogue)
         return chosen
 
     def store(self, out_features, in_features, dtype, bias, tokens, device, chosen: GemmChoice, epilogue="") -> None:
@@ -297,17 +295,16 @@ class Autotuner:
         (one child process when `isolate`), and caches the choices."""
         missing, seen = [], set()
         for request in requests:
-            out_features, in_features, dtype, bias, tokens, *epilogue = request
-            epilogue = epilogue[0] if epilogue else ""
-            key = gemm_key(out_features, in_features, dtype, bias, token_bucket(tokens), epilogue)
-            if key not in seen and self.cached(*request[:5], device, epilogue) is None:
+            out_features, in_features, dtype, bias, tokens = request[:5]
+            key = gemm_key(out_features, in_features, dtype, bias, token_bucket(tokens), request_epilogue(request))
+            if key not in seen and self.cached(*request[:5], device, request_epilogue(request)) is None:
                 seen.add(key)
                 missing.append(request)
         if not missing:
             return
         for request, chosen in zip(missing, self.measure_many(missing, device)):
             self.measurements += 1
-            self.store(*request[:5], device, chosen, *request[5:6])
+            self.store(*request[:5], device, chosen, request_epilogue(request))
 
     def measure(
         self, out_features: int, in_features: int, dtype: torch.dtype, bias: bool, tokens: int, device, epilogue=""
@@ -335,7 +332,7 @@ class Autotuner:
         if self.isolate:
             measured = measure_in_child(requests, device, settings)
         else:
-            measured = [sweep(*r[:5], device, epilogue=r[5] if len(r) > 5 else "", **settings) for r in requests]
+            measured = [sweep(*r[:5], device, epilogue=request_epilogue(r), **settings) for r in requests]
         return [GemmChoice.from_dict(m) for m in measured]
 
 

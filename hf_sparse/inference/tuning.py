@@ -343,18 +343,23 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def request_epilogue(request: tuple) -> str:
+    """The epilogue of a request `(out_features, in_features, dtype, bias, tokens[, epilogue])`: "" when not given."""
+    return request[5] if len(request) > 5 else ""
+
+
 def _kernel(request: tuple) -> str:
     """The kernel family a request sweeps: its dtype name, with `|epilogue` for an epilogue sweep (different kernels,
     different algorithm ids). One child process and one `FAULT_FLOOR` entry per family."""
-    epilogue = request[5] if len(request) > 5 else ""
+    epilogue = request_epilogue(request)
     return _dtype_name(request[2]) + (f"|{epilogue}" if epilogue else "")
 
 
 FAULT_FLOOR: dict[tuple[int, str], int] = {}
 """(GPU index, kernel family: see `_kernel`) -> the lowest cuSPARSELt algorithm id above 0 that killed a tuning child
-in this process. Later sweeps of that family on that GPU try only the ids below it: the ids past one that faults tend to fault too (on
-the H100 above, every GEMM shape that reached id 36 faulted there), and each fault costs a child process. Their
-results say so (`note`)."""
+in this process. Later sweeps of that family on that GPU try only the ids below it: the ids past one that faults
+tend to fault too (on the H100 above, every GEMM shape that reached id 36 faulted there), and each fault costs a
+child process. Their results say so (`note`)."""
 
 
 def measure_in_child(requests: list[tuple], device, settings: dict, command: list[str] | None = None) -> list[dict]:
@@ -426,8 +431,8 @@ def measure_in_child(requests: list[tuple], device, settings: dict, command: lis
                 )
             current = next(i for i in pending if i not in results)  # it died between two requests
             partial[current] = {"dense_ms": None, "timings": {}}
-        out_f, in_f, dtype, _, tokens, *epilogue = requests[current]
-        what = f"{out_f}x{in_f} {_dtype_name(dtype)}{' + ' + epilogue[0] if any(epilogue) else ''} at {tokens} tokens"
+        out_f, in_f, _, _, tokens = requests[current][:5]
+        what = f"{out_f}x{in_f} {_kernel(requests[current]).replace('|', ' + ')} at {tokens} tokens"
         seen = partial[current]
         results[current] = dict(
             choose(seen["dense_ms"], seen["timings"], tokens, float(settings.get("min_speedup", MIN_SPEEDUP))),
@@ -453,8 +458,10 @@ def measure_in_child(requests: list[tuple], device, settings: dict, command: lis
 
 
 def _encode(request: tuple) -> list:
-    out_features, in_features, dtype, bias, tokens, *epilogue = request
-    return [int(out_features), int(in_features), _dtype_name(dtype), bool(bias), int(tokens), *epilogue[:1]]
+    out_features, in_features, dtype, bias, tokens = request[:5]
+    encoded = [int(out_features), int(in_features), _dtype_name(dtype), bool(bias), int(tokens)]
+    epilogue = request_epilogue(request)
+    return encoded + [epilogue] if epilogue else encoded
 
 
 def _emit(event: dict) -> None:
@@ -470,7 +477,8 @@ def main() -> None:
     settings = payload["settings"]
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
     fault = os.environ.get(FAULT_ENV)
-    for key, (out_f, in_f, dtype, bias, tokens, *epilogue) in payload["requests"].items():
+    for key, request in payload["requests"].items():
+        out_f, in_f, dtype, bias, tokens = request[:5]
 
         def progress(alg_id, split_k, key=key):
             _emit({"request": key, "trying": alg_id, "split_k": split_k})
@@ -489,7 +497,7 @@ def main() -> None:
 
         chosen = sweep(
             out_f, in_f, _DTYPES[dtype], bias, tokens, device, progress=progress, on_timed=on_timed,
-            epilogue=epilogue[0] if epilogue else "", **settings,
+            epilogue=request_epilogue(request), **settings,
         )  # fmt: skip
         _emit({"request": key, "result": chosen})
 
