@@ -18,8 +18,12 @@ STAGE_NAMES = {
     "fp8": "2:4, recovered, on FP8 (e4m3) 2:4 kernels",
     "fp8_dense": "2:4, recovered, on dense FP8 kernels (baseline)",
 }
-TIMED = {"2:4": ("sparse", "swapped"), "fp8": ("fp8", "fp8"), "fp8-dense": ("fp8_dense", "fp8_dense")}
-"""Benchmark variant -> (prefix of its timing keys, the report stage that holds its F1)."""
+TIMED = {
+    "2:4": ("sparse_ms", "speedup", "swapped"),
+    "fp8": ("fp8_ms", "fp8_speedup", "fp8"),
+    "fp8-dense": ("fp8_dense_ms", "fp8_dense_speedup", "fp8_dense"),
+}
+"""Benchmark variant -> (its keys in a timing row: milliseconds, speed-up over dense; the report stage with its F1)."""
 TIMED_NAMES = {"dense": "dense fp16", "2:4": "2:4 fp16", "fp8": "2:4 FP8 (e4m3)", "fp8-dense": "dense FP8 (e4m3)"}
 
 
@@ -204,12 +208,9 @@ def timing_from_benchmark(result: dict[str, Any], seq_len: int) -> dict[str, Any
         if not r.get("2:4") or r.get("mode", "graphs") != "graphs":
             continue
         row = {"batch_size": r["batch"], "dense_ms": r["dense"]["ms"]}
-        for variant, (prefix, _) in TIMED.items():
+        for variant, (ms_key, speedup_key, _) in TIMED.items():
             if r.get(variant):
-                row[f"{prefix}_ms"], row["speedup" if prefix == "sparse" else f"{prefix}_speedup"] = (
-                    r[variant]["ms"],
-                    r[variant]["speedup"],
-                )
+                row[ms_key], row[speedup_key] = r[variant]["ms"], r[variant]["speedup"]
         rows.append(row)
     memory = {v: m.get("ratio") for v, m in result["memory"].items() if v in TIMED}
     fp8 = (
@@ -237,8 +238,8 @@ def timing_table(report: dict[str, Any]) -> list[dict[str, Any]]:
     memory = timing.get("weight_memory_ratios") or {"2:4": timing.get("weight_memory_ratio")}
     table = []
     for variant in ("dense", *TIMED):
-        prefix, stage = TIMED.get(variant, ("dense", "dense"))
-        if f"{prefix}_ms" not in rows[0]:
+        ms_key, speedup_key, stage = TIMED.get(variant, ("dense_ms", None, "dense"))
+        if ms_key not in rows[0]:
             continue
         metrics = stages.get(stage) or (stages.get("sparse", {}) if variant == "2:4" else {})
         entry = {
@@ -248,8 +249,8 @@ def timing_table(report: dict[str, Any]) -> list[dict[str, Any]]:
             "weight memory": "1.000x" if variant == "dense" else _ratio(memory.get(variant), 3),
         }
         for row in rows:
-            ms = row.get(f"{prefix}_ms")
-            speedup = 1.0 if variant == "dense" else row.get("speedup" if prefix == "sparse" else f"{prefix}_speedup")
+            ms = row.get(ms_key)
+            speedup = 1.0 if speedup_key is None else row.get(speedup_key)  # dense: 1.0 by definition
             entry[f"batch {row['batch_size']} (ms)"] = "—" if ms is None else f"{ms:.3f} ({_ratio(speedup, 2)})"
         table.append(entry)
     return table
