@@ -735,13 +735,7 @@ def swap_and_time(run: Run, sparse) -> None:
     if not run.done("swapped") and _fsdp():
         run.report["skipped"]["sparse-kernel evaluation"] = "under FSDP the Trainer would shard the swapped weights"
     elif not run.done("swapped"):
-        swapped = copy.deepcopy(sparse).to(device=run.training_args.device, dtype=torch.float16).eval()
-        tokens = [run.training_args.per_device_eval_batch_size * run.args.max_seq_length]
-        swap = hf_sparse.swap_to_semi_structured_(swapped, token_counts=tokens)
-        values = run.evaluate(swapped)
-        values["layers"] = {status: sum(1 for r in swap if r.status == status) for status in {r.status for r in swap}}
-        run.record("swapped", values)
-        del swapped
+        run.record("swapped", _evaluate_swapped(run, sparse))
     if not fp8_problem and not _fsdp():
         _evaluate_fp8(run, sparse)
     if run.main_process and "timing" not in run.report:
@@ -767,7 +761,6 @@ def _evaluate_fp8(run: Run, sparse) -> None:
     batches of training features."""
     from hf_sparse.inference.fp8 import Fp8Config
 
-    tokens = [run.training_args.per_device_eval_batch_size * run.args.max_seq_length]
     calibration = None
     for stage, sparse_kernels in (("fp8", True), ("fp8_dense", False)):
         run.begin(stage)
@@ -775,14 +768,22 @@ def _evaluate_fp8(run: Run, sparse) -> None:
             continue
         if calibration is None:
             calibration = _calibration_batches(run, 4)
-        model = copy.deepcopy(sparse).to(device=run.training_args.device, dtype=torch.float16).eval()
-        config = Fp8Config(calibration=calibration, sparse=sparse_kernels)
-        swap = hf_sparse.swap_to_semi_structured_(model, token_counts=tokens, fp8=config)
-        values = run.evaluate(model)
-        values["layers"] = {status: sum(1 for r in swap if r.status == status) for status in {r.status for r in swap}}
+        run.record(
+            stage, _evaluate_swapped(run, sparse, fp8=Fp8Config(calibration=calibration, sparse=sparse_kernels))
+        )
+
+
+def _evaluate_swapped(run: Run, sparse, fp8=False) -> dict:
+    """SQuAD metrics of an fp16 copy of `sparse` swapped to sparse kernels (tuned at the evaluation's token count;
+    `fp8`: an `Fp8Config`), with how many GEMMs ran on each kernel and how many ran GELU in their epilogue."""
+    swapped = copy.deepcopy(sparse).to(device=run.training_args.device, dtype=torch.float16).eval()
+    tokens = [run.training_args.per_device_eval_batch_size * run.args.max_seq_length]
+    swap = hf_sparse.swap_to_semi_structured_(swapped, token_counts=tokens, fp8=fp8)
+    values = run.evaluate(swapped)
+    values["layers"] = {status: sum(1 for r in swap if r.status == status) for status in {r.status for r in swap}}
+    if fp8:
         values["gelu_in_epilogue"] = sum("run in its epilogue" in r.reason for r in swap)
-        run.record(stage, values)
-        del model
+    return values
 
 
 def _calibration_batches(run: Run, count: int) -> list[dict]:
