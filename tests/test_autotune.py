@@ -202,7 +202,7 @@ def test_a_gemm_with_gelu_in_its_epilogue_is_measured_and_cached_apart(tmp_path)
     assert fresh.cached(3072, 768, e4m3, True, 1536, "cuda") is not None and fresh.calls == []
 
 
-def test_each_kernel_family_gets_its_own_child_and_fault_floor():
+def test_a_gelu_epilogue_sweep_is_a_kernel_family_of_its_own():
     from hf_sparse.inference.tuning import _kernel
 
     e4m3 = torch.float8_e4m3fn
