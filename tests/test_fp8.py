@@ -393,7 +393,7 @@ def test_gelu_in_the_epilogue_writes_the_next_layers_e4m3_input():
     compiled = torch.compile(fused, dynamic=False)
     with torch.no_grad():
         assert torch.equal(compiled(x).view(torch.uint8), out.view(torch.uint8))
-    with pytest.raises(ValueError, match="only a 2:4 FP8 layer with a static input scale"):
+    with pytest.raises(ValueError, match="only a 2:4 FP8 layer of an fp16 model with a static input scale"):
         Fp8Linear(weight, bias, name="dynamic").fuse_gelu_(1.0)
 
 
