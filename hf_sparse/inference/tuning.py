@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from . import cusparselt
+from . import cusparselt, cutlass
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +53,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-EPILOGUES = ("", "gelu")
-"""What a GEMM's epilogue does besides the bias: nothing, or (e4m3 GEMMs) GELU and the e4m3 quantization of its
-output for the next e4m3 GEMM."""
+EPILOGUES = ("", "gelu", "cutlass")
+"""What a sweep measures besides the plain cuSPARSELt GEMM with its bias: "gelu", the GEMM with GELU in its
+epilogue (e4m3: cuSPARSELt, with the e4m3 quantization of the output for the next e4m3 GEMM; float16: CUTLASS's sm90
+kernel, see `cutlass.py`, since cuSPARSELt refuses GELU for float16 outputs), or "cutlass" (float16), the CUTLASS
+kernel with the bias alone."""
 
 
 def _reference_tolerance(dtype: torch.dtype, epilogue: str = "") -> float:
-    if epilogue:  # an e4m3 output: 3 mantissa bits, ~3% relative error by rounding alone
+    if epilogue and dtype == torch.float8_e4m3fn:  # an e4m3 output: 3 mantissa bits, ~3% relative error by rounding
         return 8e-2
     # e4m3: the sparse kernel's bfloat16 product against the exact product of the same e4m3 values
     return 1e-2 if dtype in (torch.bfloat16, torch.float8_e4m3fn) else 5e-3
@@ -103,20 +105,25 @@ def sweep(
     the bias in its epilogue, and the fp16 dense GEMM of the same shape is timed too (`fp16_ms`, reported first as
     `on_timed("fp16", ms)`).
 
-    `epilogue="gelu"` (e4m3 only) measures the GEMM of an FP8 layer followed by GELU (a BERT intermediate layer) as it
-    runs fused: the sparse kernel applies the bias, GELU and the next layer's e4m3 quantization in its epilogue and
-    writes e4m3; "dense" is then the dense FP8 GEMM followed by GELU, and `fp16_ms` the fp16 GEMM followed by GELU
-    (each GELU one element-wise kernel, as `torch.compile` runs it).
+    `epilogue="gelu"` measures the GEMM of a layer followed by GELU (a BERT intermediate layer) as it runs fused, with
+    "dense" the dense GEMM followed by GELU (one element-wise kernel, as `torch.compile` runs it). For e4m3 the sparse
+    kernel applies the bias, GELU and the next layer's e4m3 quantization in its epilogue and writes e4m3, and
+    `fp16_ms` is the fp16 GEMM followed by GELU. For float16 the candidates are the CUTLASS sm90 kernel's
+    configurations (`cutlass.py`; their index stands for the algorithm id) with the bias and GELU in the epilogue.
     """
     import torch.nn.functional as F
 
     from ..masks import nm_mask
 
     device = torch.device(device)
-    if epilogue not in EPILOGUES or (epilogue and dtype != torch.float8_e4m3fn):
+    allowed = {"": True, "gelu": dtype in (torch.float8_e4m3fn, torch.float16), "cutlass": dtype == torch.float16}
+    if not allowed.get(epilogue, False):
         raise ValueError(
-            f"epilogue must be one of {list(EPILOGUES)} ('gelu' for float8_e4m3fn only); got {epilogue!r}."
+            f"epilogue must be one of {list(EPILOGUES)} ('gelu' for float8_e4m3fn and float16 only, 'cutlass' for "
+            f"float16 only); got {epilogue!r} for {_dtype_name(dtype)}."
         )
+    on_cutlass = dtype == torch.float16 and epilogue in ("gelu", "cutlass")
+    act = F.gelu if epilogue == "gelu" else (lambda y: y)
     tolerance = _reference_tolerance(dtype, epilogue) if tolerance is None else tolerance
     fp8 = dtype == torch.float8_e4m3fn
     rows = tokens + (-tokens) % (cusparselt.ROW_ALIGN if fp8 else 8)
@@ -137,7 +144,6 @@ def sweep(
         # the bias; the fp16 GEMM of the same shape is timed too.
         from .quantization import E4M3_MAX, quantize_static, quantize_weight
 
-        act = F.gelu if epilogue else (lambda y: y)
         fp16_ms = time_graphed(lambda: act(F.linear(x, w, b)), inner, reps)
         if on_timed is not None:
             on_timed("fp16", fp16_ms)
@@ -156,6 +162,13 @@ def sweep(
 
         def dense():
             return act(torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale, bias=b, out_dtype=torch.float16))
+    elif on_cutlass:
+        values, meta = cutlass.compress(w)
+        reference = act(F.linear(x.float(), w.float(), None if b is None else b.float()))
+        gelu_scale = None
+
+        def dense():
+            return act(F.linear(x, w, b))
     else:
         packed = torch._cslt_compress(w)
         reference = F.linear(x.float(), w.float(), None if b is None else b.float())
@@ -171,9 +184,11 @@ def sweep(
     if on_timed is not None:
         on_timed("dense", dense_ms)
 
-    planned = cusparselt.available()
+    planned = cusparselt.available() and not on_cutlass
     plans = cusparselt.PlanCache()
-    if planned:
+    if on_cutlass:
+        last_id = len(cutlass.library().configs) - 1
+    elif planned:
         last_id = cusparselt.max_alg_id(
             out_features, in_features, rows, dtype, device, kernel_bias, kernel_out, gelu_scale=gelu_scale
         )
@@ -182,6 +197,8 @@ def sweep(
         last_id = max_algorithms - 1
 
     def sparse(alg_id, k=1, mode=-1):
+        if on_cutlass:
+            return lambda: cutlass.sparse_linear(x, values, meta, b, out_features, alg_id, epilogue == "gelu")
         if planned:
             bias_ptr = 0 if kernel_bias is None else kernel_bias.data_ptr()
             out = None if kernel_out == dtype else kernel_out
@@ -208,14 +225,14 @@ def sweep(
             else:
                 result = fn().float() * (1.0 / gelu_scale if gelu_scale else 1.0)  # an e4m3 output dequantized
             error = float((result - reference).norm() / reference.norm())
-        except (cusparselt.CusparseLtError, ValueError):  # refused by cuSPARSELt for this shape
+        except (cusparselt.CusparseLtError, cutlass.CutlassError, ValueError):  # refused for this shape
             return None
         except RuntimeError:
             torch.cuda.synchronize()  # a GPU fault leaves a sticky error: raise it here, ending this process's sweep
             return None
         if not error <= tolerance:  # NaN fails too
             logger.warning(
-                "hf-sparse: cuSPARSELt algorithm %s of %dx%d %s at %d tokens is off the masked dense result "
+                "hf-sparse: sparse kernel %s of %dx%d %s at %d tokens is off the masked dense result "
                 "(relative error %.2e > %.0e); not used.",
                 config, out_features, in_features, _dtype_name(dtype), tokens, error, tolerance,
             )  # fmt: skip
@@ -237,11 +254,15 @@ def sweep(
             ms = run((alg_id, 1, -1))
             if on_timed is not None:  # None: refused or not verified (so a later fault is not blamed on it)
                 on_timed((alg_id, 1, -1), ms if ms is not None and ms == ms else None)
+            if ms is None and on_cutlass:  # a configuration that cannot run this shape: the others may
+                continue
             if ms is None:  # refused: ids run from 0 to a maximum that depends on the shape; stop past it
                 break
             if ms == ms:  # not NaN: verified
                 timings[(alg_id, 1, -1)] = ms
-        if split_k and not fp8 and (planned or cusparselt.split_k_supported()):  # FP8 layers keep an id only
+        if (
+            split_k and not fp8 and not on_cutlass and (planned or cusparselt.split_k_supported())
+        ):  # FP8 layers keep an id only
             best_algs = sorted({cfg[0] for cfg in timings}, key=lambda a: timings[(a, 1, -1)])[:2]
             for cfg in [(a, k, mode) for a in best_algs for k in split_k for mode in split_k_modes]:
                 if progress is not None:
