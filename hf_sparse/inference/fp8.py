@@ -447,16 +447,25 @@ def is_gelu(module: nn.Module) -> bool:
 
 
 class GeluInEpilogue(nn.Module):
-    """Stands where a GELU module was, after an `Fp8Linear` that applies GELU in its GEMM's epilogue: passes that
-    layer's e4m3 output through unchanged, and applies the original activation to anything else (so a call that does
-    not come from the fused layer stays right). `restore_dense_` puts the original back."""
+    """Stands where a GELU module was, after a layer that applies GELU in its GEMM's epilogue. After an `Fp8Linear`
+    it passes that layer's e4m3 output through unchanged and applies the original activation to anything else (so a
+    call that does not come from the fused layer stays right); after a `SparseGeluLinear` (`passes_all`), whose output
+    is float16, it passes every input through (the block calls it only on that layer's output). `restore_dense_` puts
+    the original back."""
 
-    def __init__(self, original: nn.Module):
+    def __init__(self, original: nn.Module, passes_all: bool = False):
         super().__init__()
         self.original = original
+        self.passes_all = passes_all
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x if x.dtype == E4M3 else self.original(x)
+        return x if (self.passes_all or x.dtype == E4M3) else self.original(x)
+
+
+def is_exact_gelu(module: nn.Module) -> bool:
+    """Whether `module` is the exact (erf) GELU, the one the CUTLASS kernel computes in its epilogue (an fp16 output
+    would show the tanh approximation's difference)."""
+    return type(module).__name__ in ("GELU", "GELUActivation") and getattr(module, "approximate", "none") == "none"
 
 
 def _compress(values: torch.Tensor) -> torch.Tensor:

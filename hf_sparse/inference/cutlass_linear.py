@@ -1,0 +1,172 @@
+"""`CutlassSparseLinear`: an fp16 2:4 layer run by the CUTLASS sm90 kernel, with the GELU after it in the kernel's
+epilogue where the layer starts a feed-forward block.
+
+A BERT-family feed-forward block computes `gelu(intermediate.dense(x))`. Swapped to cuSPARSELt, the layer's output
+(the widest of the model: 3072 features in BERT-base) is written, then read and written again by a separate GELU
+kernel: at 98,304 tokens on an H100 that step took 0.46 ms next to 0.54 ms for the 2:4 GEMM. With `gelu=True`,
+`CutlassSparseLinear` runs `gelu(x @ W.T + b)` as one CUTLASS sm90 2:4 GEMM with the bias and GELU in its epilogue
+(`cutlass.py`), and the GELU module after it becomes a `GeluInEpilogue` that passes its input through. Without GELU
+it is the same kernel with the bias alone, which on the H100 beat cuSPARSELt 0.8.0 on some shapes (768x3072 at
+98,304 tokens: 0.509 against 0.556 ms). Where dense wins (few tokens) and the layer keeps a dense copy, that token
+count runs `F.linear` (and GELU) instead.
+
+`swap_to_semi_structured_` installs it where the autotuner measures it faster than the cuSPARSELt layer (plus the
+separate GELU step); this module only runs it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import cutlass
+from .autotune import Plan, dtype_name, token_bucket
+from .cuda_graphs import GENERATION
+from .layers import _emit_state, _load_state, _probe, copy_bias, custom_op, new_weight
+
+
+def cutlass_linear_op():
+    """`hf_sparse::cutlass_sparse_linear`: the CUTLASS 2:4 GEMM with the bias (and GELU) in its epilogue, as one op of
+    known output shape for `torch.compile`."""
+    return custom_op(
+        "cutlass_sparse_linear",
+        cutlass.sparse_linear,
+        "(Tensor x, Tensor values, Tensor meta, Tensor? bias, int out_features, int config, bool gelu) -> Tensor",
+        lambda x, values, meta, bias, out_features, config, gelu: x.new_empty((x.shape[0], out_features)),
+    )
+
+
+def _decompress(values: torch.Tensor, meta: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    # The kernel times an identity matrix, without GELU: each output is one weight times 1.0 plus exact zeros, so
+    # the dense weight comes back bit for bit (transposed: the identity is the activation operand).
+    eye = torch.eye(in_features, dtype=values.dtype, device=values.device)
+    return cutlass.sparse_linear(eye, values, meta, None, out_features).t().contiguous()
+
+
+class CutlassSparseLinear(nn.Module):
+    """`x @ W.T + b` (`gelu=True`: `gelu(x @ W.T + b)`) for a 2:4 fp16 weight in one CUTLASS kernel, with an optional
+    dense copy for the token counts where dense is faster.
+
+    Built by `swap_to_semi_structured_` (with `gelu=True` for the first layer of a `GELU_BLOCKS` block);
+    `state_dict()` emits the dense `weight` (exactly decompressed) and `bias`, as `SemiStructuredLinear` does, so
+    checkpoints stay ordinary.
+
+    Args:
+        weight: the dense 2:4 weight, `(out_features, in_features)`, fp16 on an sm_90 GPU.
+        bias: the bias, or None.
+        gelu: apply the exact GELU to the output (in the kernel's epilogue, or after the dense fallback).
+        plans: token-count bucket -> `Plan` ("sparse" with `alg_id` the CUTLASS configuration, or "dense"); a
+            bucket not listed runs the plan of the nearest one.
+        keep_dense: also keep the dense weight, for buckets where dense (the GEMM, then GELU) is faster.
+        name: the layer's name, for messages.
+    """
+
+    emits_state = True
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        gelu: bool = False,
+        plans: dict[int, Plan] | None = None,
+        keep_dense: bool = False,
+        name: str = "",
+    ):
+        super().__init__()
+        weight = weight.detach()
+        self.out_features, self.in_features = weight.shape
+        self.name = name
+        self.gelu = bool(gelu)
+        self.plans: dict[int, Plan] = dict(plans or {})
+        cutlass_linear_op()  # registering the op later, while torch.compile traces, would break the graph
+        values, meta = cutlass.compress(weight)
+        self.register_buffer("values", values, persistent=False)
+        self.register_buffer("meta", meta, persistent=False)
+        self.register_buffer("dense_weight", weight.clone().contiguous() if keep_dense else None, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
+        self.register_state_dict_post_hook(_emit_state)
+        self.register_load_state_dict_pre_hook(_load_state)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (decompressed on each access when no dense copy is kept: use it sparingly)."""
+        if self.dense_weight is not None:
+            return self.dense_weight
+        return _decompress(self.values, self.meta, self.out_features, self.in_features)
+
+    @property
+    def weight_bytes(self) -> int:
+        tensors = (self.values, self.meta, self.dense_weight)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def extra_repr(self) -> str:
+        kinds = "compressed 2:4 (CUTLASS)" + ("+dense" if self.dense_weight is not None else "")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weights={kinds}{', GELU in the epilogue' if self.gelu else ''}"
+        )
+
+    def _apply(self, fn, recurse=True):
+        GENERATION[0] += 1  # CUDA graphs captured over this layer read its old tensors
+        return super()._apply(fn, recurse)
+
+    def cast_problem(self, fn) -> str | None:
+        """Why `model._apply(fn)` would be refused by this layer, or None (see `swap.guard_casts`): the compressed
+        weight stays float16; a move keeps it valid (it runs again once back on an sm_90 GPU)."""
+        dtype, _ = _probe(fn, self.values)
+        if dtype == self.values.dtype:
+            return None
+        return (
+            f"{self.name or 'CutlassSparseLinear'}: a 2:4 layer on the CUTLASS kernel runs float16 weights; cannot "
+            f"make it {dtype_name(dtype)}. Call hf_sparse.restore_dense_(model) first for a dense model you can cast "
+            "anywhere."
+        )
+
+    def plan(self, tokens: int) -> Plan:
+        """How a call with `tokens` rows runs: the plan of its bucket, else of the nearest tuned bucket."""
+        if not self.plans:
+            return Plan("sparse")
+        bucket = token_bucket(tokens)
+        found = self.plans.get(bucket)
+        if found is None:
+            found = self.plans[min(self.plans, key=lambda b: abs(math.log2(b) - math.log2(bucket)))]
+        if found.backend == "dense" and self.dense_weight is None:
+            return Plan("sparse")
+        return found
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype:
+            raise TypeError(
+                f"{self.name or 'CutlassSparseLinear'}: input is {dtype_name(x.dtype)} but the weights are "
+                f"{dtype_name(self.dtype)}; cast the inputs (or run under torch.autocast with that dtype)."
+            )
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        plan = self.plan(x2.shape[0])
+        if plan.backend == "dense" or x2.shape[0] == 0:
+            out = F.linear(x2, self.weight, self.bias)
+            out = F.gelu(out) if self.gelu else out
+        else:
+            out = cutlass_linear_op()(
+                x2.contiguous(), self.values, self.meta, self.bias, self.out_features, plan.alg_id, self.gelu
+            )
+        return out.view(*lead, self.out_features)
+
+    def set_weight_(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows: slice | None = None) -> None:
+        """Replaces the weight (or the rows `rows` of it) with a dense 2:4 tensor, recompressing it."""
+        with torch.no_grad():
+            weight = new_weight(self, weight, rows, self.values.device, self.dtype, True)
+            values, meta = cutlass.compress(weight)
+            self.values.copy_(values)
+            self.meta.copy_(meta)
+            if self.dense_weight is not None:
+                self.dense_weight.copy_(weight)
+            copy_bias(self, bias, rows)
