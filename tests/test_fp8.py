@@ -239,11 +239,11 @@ def test_the_gelu_left_in_place_passes_the_fused_layers_e4m3_output_through_and_
     assert block.intermediate_act_fn is original
 
 
-def test_the_gelu_epilogue_is_for_e4m3_gemms_only():
+def test_the_gelu_epilogue_is_for_e4m3_and_float16_gemms_only():
     from hf_sparse.inference.tuning import _encode, sweep
 
-    with pytest.raises(ValueError, match="'gelu' for float8_e4m3fn only"):
-        sweep(3072, 768, torch.float16, True, 1536, "cpu", epilogue="gelu")
+    with pytest.raises(ValueError, match="'gelu' for float8_e4m3fn and float16 only"):
+        sweep(3072, 768, torch.bfloat16, True, 1536, "cpu", epilogue="gelu")
     assert _encode((3072, 768, E4M3, True, 1536, "gelu")) == [3072, 768, "float8_e4m3fn", True, 1536, "gelu"]
     assert _encode((3072, 768, E4M3, True, 1536)) == [3072, 768, "float8_e4m3fn", True, 1536]
 

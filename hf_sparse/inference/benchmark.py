@@ -6,7 +6,10 @@ then CUDA graphs):
 - `dense`: the 2:4-pruned model run densely, with query/key/value fused into one GEMM (the baseline);
 - `2:4`: the same model after `hf_sparse.swap_to_semi_structured_` with its defaults (autotuned; dense copies only
   for the layers that lose at the named token counts, within the dense weights' bytes; plain calls at inference
-  run through CUDA graphs per input shape, so its `eager` row is what a user's plain `model(**batch)` gets);
+  run through CUDA graphs per input shape, so its `eager` row is what a user's plain `model(**batch)` gets; on an
+  H100/H200 layers run on a CUTLASS kernel where that measures faster, the intermediate ones with GELU in its
+  epilogue);
+- `2:4-cusparselt`: the same with `cutlass=False` (cuSPARSELt only, GELU a separate step), for the record;
 - `2:4-plain`: the same with `eager_graphs=False` (its `eager` row is the layers' own eager speed), for the record;
 - `2:4-copy`: `dense_fallback="copy"` (a dense copy for every layer that loses somewhere: fastest, more memory);
 - `2:4-lean`: `dense_fallback="none"` (compressed weights only: the least memory);
@@ -43,11 +46,12 @@ import torch
 from torch import nn
 
 VARIANTS = (
-    "dense", "2:4", "2:4-plain", "2:4-copy", "2:4-lean", "fp8", "fp8-unfused", "fp8-dense", "stock", "dense-unfused"
+    "dense", "2:4", "2:4-cusparselt", "2:4-plain", "2:4-copy", "2:4-lean", "fp8", "fp8-unfused", "fp8-dense", "stock",
+    "dense-unfused",
 )  # fmt: skip
 DEFAULT_VARIANTS = ("dense", "2:4")
 MODES = ("eager", "graphs", "compile")
-FALLBACK_OF = {"2:4": "auto", "2:4-plain": "auto", "2:4-copy": "copy", "2:4-lean": "none"}
+FALLBACK_OF = {"2:4": "auto", "2:4-cusparselt": "auto", "2:4-plain": "auto", "2:4-copy": "copy", "2:4-lean": "none"}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 logger = logging.getLogger(__name__)
@@ -339,7 +343,11 @@ def build_variants(args: argparse.Namespace, base: nn.Module, names: list[str]) 
     for variant in VARIANTS:
         if variant not in FALLBACK_OF and not variant.startswith("fp8") or variant not in args.variants:
             continue
-        swap_args: dict = {"dense_fallback": FALLBACK_OF.get(variant, "auto"), "eager_graphs": variant != "2:4-plain"}
+        swap_args: dict = {
+            "dense_fallback": FALLBACK_OF.get(variant, "auto"),
+            "eager_graphs": variant != "2:4-plain",
+            "cutlass": variant != "2:4-cusparselt",  # the fp16 swaps: CUTLASS kernels (and GELU fused) where faster
+        }
         if variant.startswith("fp8"):
             calibration = None
             if args.fp8_scales == "static":

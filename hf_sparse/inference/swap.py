@@ -15,6 +15,11 @@ the swapped model runs through CUDA graphs per input shape by itself (`EagerGrap
 by host time at small batches and a sparse call costs more host time than a dense one. `torch.compile(model,
 dynamic=False)` traces the layers through a custom op and fuses the element-wise work between the GEMMs.
 
+On an H100 or H200 (sm_90) a layer can run on a CUTLASS 2:4 kernel instead (`CutlassSparseLinear`, compiled on
+first use: `cutlass.py`) where the autotuner measures it faster than cuSPARSELt; the first layer of a feed-forward
+block followed by the exact GELU (`GELU_BLOCKS`: BERT's `intermediate.dense`, DistilBERT's `lin1`) then runs GELU
+in the kernel's epilogue, where that beats its cuSPARSELt GEMM plus the separate GELU step.
+
 With `fp8=...` (compute capability 8.9+) each 2:4 layer becomes an `Fp8Linear` instead (`fp8.py`): e4m3 weights,
 2:4-compressed or dense, whichever of those and the fp16 layer the autotuner measures fastest at the named token
 counts.
@@ -35,9 +40,11 @@ from torch import nn
 from ..config import SparsityConfig
 from ..masks import is_nm
 from ..selection import select_layers
+from . import cutlass as cutlass_kernels
 from .autotune import Autotuner, GemmChoice, Plan, default_tuner, token_bucket
 from .cuda_graphs import GENERATION, CudaGraphModel, EagerGraphs, remove_cuda_graphs
 from .cusparselt import split_k_supported
+from .cutlass_linear import CutlassSparseLinear
 from .fp8 import (
     E4M3,
     FP8_ALIGN,
@@ -47,6 +54,7 @@ from .fp8 import (
     calibrate_input_scales,
     fp8_shape_fits,
     fp8_support_problem,
+    is_exact_gelu,
     is_gelu,
 )
 from .layers import (
@@ -68,10 +76,10 @@ GELU_BLOCKS: tuple[tuple[str, str, str], ...] = (
     ("intermediate.dense", "intermediate.intermediate_act_fn", "output.dense"),  # BERT, RoBERTa, ELECTRA, ViT, ...
     ("lin1", "activation", "lin2"),  # DistilBERT's feed-forward block
 )
-"""Feed-forward blocks whose GELU an FP8 swap runs in the first layer's epilogue: (first layer, its activation, the
-layer that reads the activation), as suffixes of module names under one block."""
+"""Feed-forward blocks whose GELU a swap runs in the first layer's epilogue (FP8: cuSPARSELt, fp16: CUTLASS): (first
+layer, its activation, the layer that reads the activation), as suffixes of module names under one block."""
 SWAPPED = ("sparse", "sparse+dense", "fp8 2:4", "fp8 dense")
-_SWAPPED_TYPES = (SemiStructuredLinear, Fp8Linear)  # a layer (or fused group) the swap installed
+_SWAPPED_TYPES = (SemiStructuredLinear, Fp8Linear, CutlassSparseLinear)  # a layer (or fused group) the swap installed
 
 
 # -- the report ------------------------------------------------------------------------------------------------------
@@ -333,6 +341,7 @@ class _Decision:
     reason: str
     plans: dict[int, Plan]
     choices: dict[int, GemmChoice] = field(default_factory=dict)
+    cutlass: str = ""  # the choices and plans are the CUTLASS kernel's (with GELU where the unit has one): why
 
     @property
     def mixed(self) -> bool:
@@ -341,8 +350,11 @@ class _Decision:
         return self.status != "dense" and backends == {"sparse", "dense"}
 
 
-def _decide(unit: _Unit, tuner: Autotuner | None, token_counts: Sequence[int], fallback: str) -> _Decision:
-    """What one unit becomes; with fallback "auto", a mixed unit is settled later by `_budget_dense_copies`."""
+def _decide(
+    unit: _Unit, tuner: Autotuner | None, token_counts: Sequence[int], fallback: str, epilogue: str = ""
+) -> _Decision:
+    """What one unit becomes; with fallback "auto", a mixed unit is settled later by `_budget_dense_copies`.
+    `epilogue="gelu"`: from the timings of the GEMM followed by GELU (dense, then GELU; CUTLASS with GELU fused)."""
     out_f, in_f = unit.shape
     if out_f % ALIGN or in_f % ALIGN:
         return _Decision(
@@ -353,7 +365,9 @@ def _decide(unit: _Unit, tuner: Autotuner | None, token_counts: Sequence[int], f
     dtype, device = unit.layers[0].weight.dtype, unit.layers[0].weight.device
     choices: dict[int, GemmChoice] = {}
     for tokens in token_counts:
-        choices.setdefault(token_bucket(tokens), tuner.choice(out_f, in_f, dtype, unit.has_bias, tokens, device))
+        choices.setdefault(
+            token_bucket(tokens), tuner.choice(out_f, in_f, dtype, unit.has_bias, tokens, device, epilogue=epilogue)
+        )
     buckets = sorted(choices)
     sparse_wins = [b for b in buckets if choices[b].backend == "sparse"]
     dense_wins = [b for b in buckets if choices[b].backend == "dense"]
@@ -615,6 +629,71 @@ def _decide_gelu(
     fusion.reason = f"fp16 GEMM + GELU over this, by tokens: {speed}"
 
 
+def _cutlass_units(model: nn.Module, units: list[_Unit]) -> tuple[dict[int, str], str | None]:
+    """The single-layer fp16 units in shapes the CUTLASS kernel takes (unit index -> the name of the exact GELU after
+    it when it starts a `GELU_BLOCKS` block, else ""), and why the kernel cannot run here (None when it can: it is
+    built now if need be)."""
+    modules = dict(model.named_modules())
+    found: dict[int, str] = {}
+    for index, unit in enumerate(units):
+        weight = unit.layers[0].weight
+        if len(unit.layers) != 1 or cutlass_kernels.shape_problem(*unit.shape, weight.dtype):
+            continue
+        found[index] = ""
+        for first, act, _ in GELU_BLOCKS:
+            if unit.name == first or unit.name.endswith("." + first):
+                activation = unit.name[: len(unit.name) - len(first)] + act
+                if is_exact_gelu(modules.get(activation, nn.Identity())):
+                    found[index] = activation
+    if not found:
+        return found, None
+    device = units[next(iter(found))].layers[0].weight.device
+    problem = cutlass_kernels.device_problem(device)
+    if problem is None and not cutlass_kernels.available(device):
+        problem = cutlass_kernels.device_problem(device)
+    return found, problem
+
+
+def _decide_cutlass(
+    unit: _Unit, plain: _Decision, tuner: Autotuner | None, counts: list[int], fallback: str, gelu: bool
+) -> _Decision:
+    """The unit's decision over the CUTLASS kernel's timings (`gelu`: with GELU in its epilogue, against the dense
+    GEMM followed by GELU) when, over the named token counts, it runs faster than `plain` (the unit's cuSPARSELt
+    decision; `gelu`: plus the separate GELU step, the fused sweep's dense time less the plain one's), each with
+    its dense copy where dense wins; else `plain` (with a word on why GELU stays a separate step)."""
+    stays = "; GELU stays a separate step" if gelu else ""
+    if tuner is None or not counts:
+        plain.reason += f"{stays} (not tuned: autotune off or no token counts)" if gelu else ""
+        return plain
+    cut = _decide(unit, tuner, counts, fallback, epilogue="gelu" if gelu else "cutlass")
+    if cut.status == "dense":
+        plain.reason += f"{stays} (dense GEMM + GELU beat the CUTLASS kernel with GELU)" if gelu else ""
+        return plain
+    on_cutlass = on_cusparselt = 0.0
+    for bucket, choice in cut.choices.items():
+        reference = plain.choices.get(bucket)
+        if not (choice.dense_ms and choice.sparse_ms and reference and reference.dense_ms):
+            plain.reason += f"{stays} (the CUTLASS kernel was not measured at every token count)" if gelu else ""
+            return plain
+        gelu_ms = max(0.0, choice.dense_ms - reference.dense_ms) if gelu else 0.0
+        dense_ms = choice.dense_ms if gelu else reference.dense_ms  # one dense timing where both are the same GEMM
+        on_cutlass += min(dense_ms, choice.sparse_ms)
+        on_cusparselt += min(reference.dense_ms, reference.sparse_ms or reference.dense_ms) + gelu_ms
+    if on_cutlass >= on_cusparselt:
+        plain.reason += (
+            f"{stays} (the CUTLASS kernel with GELU took {on_cutlass / on_cusparselt:.2f}x the time of this GEMM and "
+            "GELU)" if gelu else ""
+        )  # fmt: skip
+        return plain
+    what = "with GELU in its epilogue (times and speed-ups include GELU)" if gelu else "(bias in its epilogue)"
+    cut.cutlass = (
+        f"runs on the CUTLASS kernel {what}: {on_cusparselt / on_cutlass:.2f}x the cuSPARSELt "
+        f"GEMM{' + GELU' if gelu else ''} over the tuned token counts"
+    )
+    cut.reason = f"{cut.reason}; {cut.cutlass}"
+    return cut
+
+
 # -- the public API --------------------------------------------------------------------------------------------------
 
 
@@ -628,6 +707,7 @@ def swap_to_semi_structured_(
     autotune: bool | Autotuner = True,
     eager_graphs: bool = True,
     fp8: bool | Fp8Config = False,
+    cutlass: bool = True,
 ) -> SwapReport:
     """Swaps a model's 2:4 `nn.Linear` layers for cuSPARSELt 2:4 kernels, in place, and reports what it did.
 
@@ -671,6 +751,11 @@ def swap_to_semi_structured_(
         fp8: run the layers in FP8 (e4m3, compute capability >= 8.9): True or an `Fp8Config`. Each layer becomes
             whichever of the e4m3 2:4 kernel, the dense FP8 GEMM and its fp16 self the autotuner measures fastest
             at `token_counts` (one weight format per layer; `dense_fallback` does not apply). See `fp8.py`.
+        cutlass: fp16 models on an sm_90 GPU (H100, H200): a layer runs on a CUTLASS 2:4 kernel instead of cuSPARSELt
+            (`CutlassSparseLinear`, compiled on first use: needs `nvcc` and `pip install nvidia-cutlass`) where the
+            autotuner measures that faster; a layer followed by the exact GELU (`GELU_BLOCKS`) then runs GELU in the
+            kernel's epilogue. Where it cannot, the report says why. False: cuSPARSELt only, GELU a separate step.
+            (FP8: see `Fp8Config.fuse_gelu`.)
 
     Returns:
         `SwapReport`: one `LayerSwap` per layer or fused group (status, reason, memory, measured time against dense
@@ -733,13 +818,16 @@ def swap_to_semi_structured_(
         logger.info("hf-sparse: this PyTorch's _cslt_sparse_mm has no split-k arguments; tuning algorithms only.")
 
     # Decide everything before changing anything, so a failure leaves the model as it was.
-    fuse_gelu = (
+    fp8_gelu = (
         fp8_config is not None
         and fp8_config.fuse_gelu
         and fp8_config.sparse
         and fp8_config.activation_scales == "static"
     )
-    fusions = _gelu_blocks(model, units) if fuse_gelu else []
+    fusions = _gelu_blocks(model, units) if fp8_gelu else []
+    cutlass_units, cutlass_problem = ({}, None)
+    if fp8_config is None and cutlass and tuner is not None and counts:
+        cutlass_units, cutlass_problem = _cutlass_units(model, units)
     if fp8_config is not None:  # calibration first: bad batches fail before minutes of tuning
         scales = _input_scales(model, units, fp8_config)
     if tuner is not None and counts and not (fp8_config is not None and not fp8_config.sparse):
@@ -749,9 +837,12 @@ def swap_to_semi_structured_(
         else:
             tuned = [(u, u.layers[0].weight.dtype) for u in units]
         requests = [(*u.shape, dtype, u.has_bias, t) for u, dtype in tuned for t in counts]
-        if fuse_gelu:
+        if fp8_gelu:
             requests += [(*units[f.producer].shape, E4M3, units[f.producer].has_bias, t, "gelu")
                          for f in fusions for t in counts]  # fmt: skip
+        if cutlass_units and cutlass_problem is None:
+            requests += [(*units[i].shape, torch.float16, units[i].has_bias, t, "gelu" if act else "cutlass")
+                         for i, act in cutlass_units.items() for t in counts]  # fmt: skip
         tuner.prefetch(requests, device)
     if fp8_config is not None:
         decisions = [_decide_fp8(unit, tuner, counts, fp8_config) for unit in units]
@@ -759,8 +850,20 @@ def swap_to_semi_structured_(
             _decide_gelu(fusion, decisions, units, tuner, counts)
     else:
         decisions = [_decide(unit, tuner, counts, dense_fallback) for unit in units]
+        for index, activation in cutlass_units.items():
+            if cutlass_problem is None:
+                decisions[index] = _decide_cutlass(
+                    units[index], decisions[index], tuner, counts, dense_fallback, bool(activation)
+                )
+            elif activation:
+                decisions[index].reason += f"; GELU stays a separate step ({cutlass_problem})"
         if dense_fallback == "auto":
+            on_cutlass = {i: d.cutlass for i, d in enumerate(decisions) if d.cutlass}
             decisions = _budget_dense_copies(units, decisions)
+            for index, why in on_cutlass.items():  # the budget re-decides what the unit holds, not its kernel
+                if decisions[index].status != "dense" and not decisions[index].cutlass:
+                    decisions[index].cutlass = why
+                    decisions[index].reason += f"; {why}"
 
     report = SwapReport()
     fused_at = {f.producer: f for f in fusions}
@@ -799,6 +902,29 @@ def swap_to_semi_structured_(
             gelu = " + GELU -> e4m3" if fusion is not None and fusion.fused else ""
             described = {
                 b: ("e4m3 2:4" + gelu if p.backend == "sparse" else "dense FP8") for b, p in sorted(plans.items())
+            }
+            report.append(
+                LayerSwap(unit.name, unit.shape, status, reason, unit.dense_bytes, new.weight_bytes, described, times)
+            )
+            continue
+        if decision.cutlass:
+            activation = cutlass_units[index]
+            new = CutlassSparseLinear(
+                unit.weight,
+                unit.bias,
+                gelu=bool(activation),
+                plans=plans,
+                keep_dense=status == "sparse+dense",
+                name=unit.name,
+            )
+            _install(unit, new)
+            if activation:
+                parent, attr = _parent(model, activation)
+                setattr(parent, attr, GeluInEpilogue(getattr(parent, attr), passes_all=True))
+            configs, gelu = cutlass_kernels.library().configs, " + GELU" if activation else ""
+            described = {
+                b: (f"dense{gelu}" if p.backend == "dense" else f"CUTLASS 2:4{gelu} ({configs[p.alg_id]})")
+                for b, p in sorted(plans.items())
             }
             report.append(
                 LayerSwap(unit.name, unit.shape, status, reason, unit.dense_bytes, new.weight_bytes, described, times)
@@ -932,7 +1058,7 @@ def restore_dense_(model: nn.Module) -> list[str]:
     for name, module in list(model.named_modules()):
         if isinstance(module, _SWAPPED_TYPES) and not module.emits_state:
             delattr(*_parent(model, name))
-        elif isinstance(module, GeluInEpilogue):  # the GELU an FP8 layer ran in its epilogue
+        elif isinstance(module, GeluInEpilogue):  # the GELU a layer ran in its epilogue
             setattr(*_parent(model, name), module.original)
     return restored
 

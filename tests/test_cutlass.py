@@ -1,0 +1,248 @@
+"""The CUTLASS 2:4 kernel, with GELU in its epilogue or not (`cutlass.py`, `cutlass_linear.py`), and how the swap
+decides to use it. The decisions and refusals run on the CPU; the kernels need an sm_90 GPU (H100, H200) with nvcc and the
+`nvidia-cutlass` headers, and are skipped with a reason elsewhere."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_sparse import prune_, swap_to_semi_structured_
+from hf_sparse.inference import cutlass
+from hf_sparse.inference.autotune import GemmChoice, Plan
+from hf_sparse.inference.fp8 import GeluInEpilogue, is_exact_gelu
+from hf_sparse.inference.swap import _cutlass_units, _decide, _decide_cutlass, _units, restore_dense_
+from tests.conftest import tiny_bert_config
+from tests.test_autotune import FakeTimings
+
+
+class FusedTimings(FakeTimings):
+    """cuSPARSELt GEMMs as `FakeTimings` (dense 1.2 ms; sparse 1.0 ms from `sparse_from` tokens, else 1.5 ms); the
+    CUTLASS kernel `cutlass_ms` from `sparse_from` on, else 1.5 ms; with GELU, dense takes 0.4 ms more and the CUTLASS
+    kernel with GELU fused `fused_ms` from `sparse_from` on, else 1.8 ms."""
+
+    def __init__(self, *args, fused_ms=1.1, cutlass_ms=0.9, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused_ms, self.cutlass_ms = fused_ms, cutlass_ms
+
+    def measure(self, out_features, in_features, dtype, bias, tokens, device, epilogue=""):
+        plain = super().measure(out_features, in_features, dtype, bias, tokens, device, epilogue)
+        plain.sparse = Plan("sparse", 0)
+        if not epilogue:
+            return plain
+        if epilogue == "cutlass":
+            ms = self.cutlass_ms if tokens >= self.sparse_from else 1.5
+            return GemmChoice("sparse" if ms < 1.2 else "dense", Plan("sparse", 1), 1.2, ms, tokens, 4)
+        fused = self.fused_ms if tokens >= self.sparse_from else 1.8
+        return GemmChoice("sparse" if fused < 1.6 else "dense", Plan("sparse", 0), 1.6, fused, tokens, 4)
+
+
+def bert(hidden_act="gelu", **overrides):
+    from transformers import BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    config = dict(hidden_size=128, intermediate_size=512, num_attention_heads=2, hidden_act=hidden_act)
+    model = BertForQuestionAnswering(tiny_bert_config(**{**config, **overrides})).eval()
+    prune_(model)
+    return model
+
+
+def intermediate_unit(model):
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    units, _ = _units(model, linears, [])
+    index = next(i for i, u in enumerate(units) if u.name.endswith("0.intermediate.dense"))
+    return index, units
+
+
+# -- decisions and refusals (CPU) ------------------------------------------------------------------------------------
+
+
+def test_fused_kernel_replaces_gemm_and_gelu_where_it_is_faster():
+    index, units = intermediate_unit(bert())
+    unit, tuner = units[index], FusedTimings(cache_path=False)
+    plain = _decide(unit, tuner, [1536, 98304], "copy")
+    decision = _decide_cutlass(unit, plain, tuner, [1536, 98304], "copy", True)
+    # plain: dense 1.2 + GELU 0.4 at 1536, sparse 1.0 + 0.4 at 98304 (3.0 ms); fused: dense + GELU 1.6, then 1.1
+    assert decision.cutlass and decision.status == "sparse+dense"
+    assert decision.plans == {2048: Plan("dense"), 131072: Plan("sparse", 0)}
+    assert "runs on the CUTLASS kernel with GELU in its epilogue" in decision.reason and "1.11x" in decision.reason
+    assert ("512x128", 1536, "gelu") in [(f"{c[0]}x{c[1]}", c[2], c[3]) for c in tuner.calls if len(c) == 4]
+
+    slower = FusedTimings(cache_path=False, fused_ms=1.5)  # 1.6 + 1.5 = 3.1 ms against 3.0
+    plain = _decide(unit, slower, [1536, 98304], "copy")
+    decision = _decide_cutlass(unit, plain, slower, [1536, 98304], "copy", True)
+    assert decision is plain and not decision.cutlass
+    assert "GELU stays a separate step (the CUTLASS kernel with GELU took 1.03x the time" in decision.reason
+
+    plain = _decide(unit, None, [1536], "copy")
+    assert _decide_cutlass(unit, plain, None, [1536], "copy", True) is plain and "not tuned" in plain.reason
+
+
+def test_plain_layers_move_to_the_cutlass_kernel_only_where_it_beats_cusparselt():
+    index, units = intermediate_unit(bert())
+    unit = units[index + 1]  # output.dense, 128x512: no GELU after it
+    assert unit.name.endswith("0.output.dense")
+    tuner = FusedTimings(cache_path=False)
+    plain = _decide(unit, tuner, [1536, 98304], "copy")
+    decision = _decide_cutlass(unit, plain, tuner, [1536, 98304], "copy", False)
+    # dense 1.2 at 1536 either way; at 98304 CUTLASS 0.9 against cuSPARSELt 1.0 ms: 2.2 / 2.1 ms
+    assert decision.cutlass and decision.plans == {2048: Plan("dense"), 131072: Plan("sparse", 1)}
+    assert "runs on the CUTLASS kernel (bias in its epilogue): 1.05x the cuSPARSELt GEMM" in decision.reason
+    slower = FusedTimings(cache_path=False, cutlass_ms=1.0)  # a tie stays on cuSPARSELt
+    plain = _decide(unit, slower, [1536, 98304], "copy")
+    assert _decide_cutlass(unit, plain, slower, [1536, 98304], "copy", False) is plain
+    assert "GELU" not in plain.reason and "CUTLASS" not in plain.reason
+
+
+def test_fp16_layers_of_kernel_shapes_are_candidates_with_their_exact_gelu():
+    model = bert().half()
+    index, units = intermediate_unit(model)
+    found, problem = _cutlass_units(model, units)
+    assert found[index] == "bert.encoder.layer.0.intermediate.intermediate_act_fn"
+    names = {units[i].name.removeprefix("bert.encoder.layer.0."): act for i, act in found.items()}
+    assert names["attention.output.dense"] == "" and names["output.dense"] == ""  # no GELU after them
+    assert sum(bool(act) for act in found.values()) == 2  # one per encoder layer
+    if not torch.cuda.is_available():
+        assert problem == "no CUDA GPU"
+    fp32 = bert()
+    assert _cutlass_units(fp32, intermediate_unit(fp32)[1]) == ({}, None)  # float32: the kernel is fp16
+    tanh = bert("gelu_new").half()  # the tanh approximation: the fp16 output would differ from the kernel's erf GELU
+    index, units = intermediate_unit(tanh)
+    assert _cutlass_units(tanh, units)[0][index] == ""
+    narrow = bert(hidden_size=64, intermediate_size=128).half()  # 128x64: in_features not a multiple of 128
+    index, units = intermediate_unit(narrow)
+    assert index not in _cutlass_units(narrow, units)[0]
+    assert is_exact_gelu(nn.GELU()) and not is_exact_gelu(nn.GELU(approximate="tanh"))
+
+
+def test_shape_and_toolchain_problems_say_what_would_work(monkeypatch):
+    assert cutlass.shape_problem(3072, 768, torch.float16) is None
+    assert "multiple of 64" in cutlass.shape_problem(100, 768, torch.float16)
+    assert "bfloat16" in cutlass.shape_problem(3072, 768, torch.bfloat16)
+    monkeypatch.setattr(cutlass, "nvcc", lambda: None)
+    monkeypatch.setattr(cutlass, "headers", lambda: None)
+    with pytest.raises(cutlass.CutlassError, match=r"no nvcc .*CUDA_HOME.* and no CUTLASS headers \(pip install"):
+        cutlass.build()
+    monkeypatch.setenv(cutlass.DISABLE_ENV, "0")
+    assert cutlass.device_problem() == "HF_SPARSE_CUTLASS=0"
+
+
+# -- the kernels (sm_90 GPU) -----------------------------------------------------------------------------------------
+
+_PROBLEM = cutlass.device_problem() if torch.cuda.is_available() else "no CUDA GPU"
+needs_cutlass = pytest.mark.skipif(
+    _PROBLEM is not None, reason=f"needs an sm_90 GPU (H100, H200), nvcc and nvidia-cutlass: {_PROBLEM}"
+)
+
+
+def two_four(out_features, in_features, seed=0):
+    from hf_sparse.masks import nm_mask
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(out_features, in_features, device="cuda", dtype=torch.float16, generator=g)
+    return (w * nm_mask(w)).contiguous(), torch.randn(out_features, device="cuda", dtype=torch.float16, generator=g)
+
+
+def rel_error(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@needs_cutlass
+@pytest.mark.gpu
+@pytest.mark.parametrize("gelu", [False, True])
+def test_every_configuration_matches_the_masked_dense_gemm(gelu):
+    w, b = two_four(512, 256)
+    w[:64] = 0  # all-zero groups
+    values, meta = cutlass.compress(w)
+    assert values.shape == (512 * 128,) and meta.numel() == 512 * 256 // 8
+    for tokens in (1, 7, 333, 2048):
+        x = torch.randn(tokens, 256, device="cuda", dtype=torch.float16)
+        for bias in (None, b):
+            expected = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+            expected = F.gelu(expected) if gelu else expected
+            for config in range(len(cutlass.library().configs)):
+                got = cutlass.sparse_linear(x, values, meta, bias, 512, config, gelu)
+                assert got.shape == (tokens, 512) and got.dtype == torch.float16
+                assert rel_error(got, expected) < 2e-3, (tokens, bias is None, config)
+
+
+@needs_cutlass
+@pytest.mark.gpu
+def test_layer_runs_fused_and_dense_plans_graphs_compile_and_checkpoints():
+    from hf_sparse.inference.cutlass_linear import CutlassSparseLinear
+
+    w, b = two_four(512, 256)
+    plans = {2048: Plan("dense"), 8192: Plan("sparse", 1)}
+    layer = CutlassSparseLinear(w, b, gelu=True, plans=plans, keep_dense=True, name="ffn")
+    assert torch.equal(layer.weight, w) and layer.weight_bytes == 512 * 256 * 2 * (1 + 9 / 16)
+    lean = CutlassSparseLinear(w, b, gelu=True, plans={8192: Plan("sparse", 0)}, name="ffn")
+    assert torch.equal(lean.weight, w)  # decompressed through the kernel: exact
+    assert lean.plan(1000) == Plan("sparse", 0)  # the nearest bucket
+    x = torch.randn(2, 4096, 256, device="cuda", dtype=torch.float16)  # 8192 tokens: the fused kernel
+    small = x[:, :512]  # 1024 tokens: dense + GELU
+    with torch.no_grad():
+        expected = F.gelu(F.linear(x.float(), w.float(), b.float()))
+        fused = layer(x)
+        assert rel_error(fused, expected) < 2e-3
+        assert rel_error(layer(small), F.gelu(F.linear(small.float(), w.float(), b.float()))) < 2e-3  # dense
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = layer(x)
+        graph.replay()
+        assert torch.equal(captured, fused)
+        compiled = torch.compile(layer, dynamic=False, fullgraph=True)
+        assert torch.equal(compiled(x), fused)
+    state = layer.state_dict()
+    assert torch.equal(state["weight"], w) and torch.equal(state["bias"], b)
+    w2, b2 = two_four(512, 256, seed=1)
+    lean.load_state_dict({"weight": w2, "bias": b2})
+    with torch.no_grad():
+        assert rel_error(lean(x), F.gelu(F.linear(x.float(), w2.float(), b2.float()))) < 2e-3
+    with pytest.raises(RuntimeError, match="ffn: the new weight is not 2:4"):
+        lean.load_state_dict({"weight": torch.ones_like(w2), "bias": b2})
+    assert "runs float16 weights" in lean.cast_problem(lambda t: t.float())
+
+
+@needs_cutlass
+@pytest.mark.gpu
+@pytest.mark.parametrize("on_cutlass", [True, False])
+def test_swap_runs_gelu_in_the_epilogue_and_restores_exactly(on_cutlass):
+    model = bert().to("cuda", torch.float16)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = {"input_ids": torch.randint(0, 128, (4, 128), device="cuda")}
+    with torch.no_grad():
+        expected = model(**inputs).start_logits
+        report = swap_to_semi_structured_(
+            model, token_counts=[512, 8192], autotune=FusedTimings(cache_path=False), cutlass=on_cutlass
+        )
+        got = model(**inputs).start_logits
+    layer = model.bert.encoder.layer[0]
+    if on_cutlass:
+        assert type(layer.intermediate.dense).__name__ == "CutlassSparseLinear"
+        assert isinstance(layer.intermediate.intermediate_act_fn, GeluInEpilogue)
+        row = next(r for r in report if r.name.endswith("0.intermediate.dense"))
+        assert "runs on the CUTLASS kernel with GELU in its epilogue" in row.reason
+        assert row.plans[8192].startswith("CUTLASS 2:4 + GELU (")
+        assert type(layer.output.dense).__name__ == "CutlassSparseLinear" and not layer.output.dense.gelu
+        assert report[[r.name for r in report].index(row.name) + 1].plans[8192].startswith("CUTLASS 2:4 (")
+    else:
+        assert type(layer.intermediate.dense).__name__ == "SemiStructuredLinear"
+        assert not isinstance(layer.intermediate.intermediate_act_fn, GeluInEpilogue)
+    assert rel_error(got, expected) < 5e-3
+    restore_dense_(model)
+    assert type(layer.intermediate.dense) is nn.Linear
+    assert type(layer.intermediate.intermediate_act_fn).__name__ == "GELUActivation"
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
+
+
+@needs_cutlass
+@pytest.mark.gpu
+@pytest.mark.parametrize("isolate", [False, True])
+def test_autotuner_times_the_configurations_against_dense_and_gelu(tmp_path, isolate):
+    from hf_sparse.inference import Autotuner
+
+    tuner = Autotuner(cache_path=tmp_path / "tune.json", reps=3, isolate=isolate)
+    choice = tuner.choice(512, 256, torch.float16, True, 4096, torch.device("cuda"), epilogue="gelu")
+    assert choice.candidates == len(cutlass.library().configs)  # every configuration ran and was verified
+    assert choice.dense_ms > 0 and choice.sparse_ms > 0 and 0 <= choice.sparse.alg_id < choice.candidates
+    assert "512x256|float16|bias|tokens<=4096|gelu" in (tmp_path / "tune.json").read_text()
