@@ -721,7 +721,7 @@ def swap_and_time(run: Run, sparse) -> None:
     problem = semi_structured_support("cuda", torch.float16)
     fp8_problem = problem or fp8_support_problem("cuda")
     timed = "2:4" if fp8_problem else "2:4, FP8 2:4 and dense FP8"
-    run.banner(4, STAGES[3], f"skipped: {problem}" if problem else "swap to cuSPARSELt kernels, evaluate on them, "
+    run.banner(4, STAGES[3], f"skipped: {problem}" if problem else "swap to 2:4 kernels, evaluate on them, "
                f"and time dense against {timed} at batch sizes {run.args.timing_batch_sizes}")  # fmt: skip
     if problem:
         run.report["skipped"]["swap and timing"] = problem
