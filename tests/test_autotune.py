@@ -46,6 +46,13 @@ def test_token_bucket_is_next_power_of_two():
 def test_keys_name_shape_dtype_bias_bucket_and_versions():
     assert gemm_key(3072, 768, torch.float16, True, 2048) == "3072x768|float16|bias|tokens<=2048"
     assert gemm_key(768, 3072, torch.bfloat16, False, 8) == "768x3072|bfloat16|nobias|tokens<=8"
+    from hf_sparse.inference.cutlass import kernel_id  # the CUTLASS kernels' choices belong to their build
+
+    assert (
+        gemm_key(768, 3072, torch.float16, True, 8, "cutlass")
+        == f"768x3072|float16|bias|tokens<=8|cutlass@{kernel_id()}"
+    )
+    assert len(kernel_id()) == 10
     assert (
         gemm_key(3072, 768, torch.float8_e4m3fn, True, 2048, "gelu") == "3072x768|float8_e4m3fn|bias|tokens<=2048|gelu"
     )

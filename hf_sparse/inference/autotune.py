@@ -55,8 +55,13 @@ def gemm_key(
     out_features: int, in_features: int, dtype: torch.dtype, bias: bool, bucket: int, epilogue: str = ""
 ) -> str:
     """Cache key of one GEMM shape at one token-count bucket, e.g. `'3072x768|float16|bias|tokens<=2048'` (with
-    `|gelu` at the end for a GEMM measured with GELU in its epilogue, see `tuning.sweep`)."""
+    `|gelu` at the end for a GEMM measured with GELU in its epilogue, `|cutlass` for the CUTLASS kernel, see
+    `tuning.sweep`; for float16 both name the CUTLASS build, `|gelu@<cutlass.kernel_id()>`)."""
     key = f"{out_features}x{in_features}|{dtype_name(dtype)}|{'bias' if bias else 'nobias'}|tokens<={bucket}"
+    if dtype == torch.float16 and epilogue in ("gelu", "cutlass"):  # the CUTLASS kernels: their build's choices
+        from .cutlass import kernel_id
+
+        epilogue = f"{epilogue}@{kernel_id()}"
     return f"{key}|{epilogue}" if epilogue else key
 
 
@@ -227,7 +232,8 @@ class Autotuner:
         epilogue: str = "",
     ) -> GemmChoice:
         """The cached choice for this GEMM's bucket; measured (on the GPU) and cached first if there is none.
-        `epilogue="gelu"`: an e4m3 GEMM with GELU in its epilogue (see `tuning.sweep`)."""
+        `epilogue="gelu"`: the GEMM with GELU in its epilogue (e4m3: cuSPARSELt; float16: CUTLASS), "cutlass": the
+        float16 GEMM on the CUTLASS kernel (see `tuning.sweep`)."""
         found = self.cached(out_features, in_features, dtype, bias, tokens, device, epilogue)
         if found is not None:
             return found

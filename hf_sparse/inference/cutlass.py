@@ -3,7 +3,7 @@
 cuSPARSELt 0.8.0 applies GELU in its epilogue only for e4m3 outputs: for float16 or bfloat16 it refuses the
 attribute. So an fp16 2:4 layer followed by GELU (BERT's intermediate layers, the widest output of the model) pays a
 separate element-wise pass that reads and writes that output again: at 98,304 tokens on an H100 the 3072x768 GEMM
-took 0.713 ms dense and the GELU after it 0.4 ms. This module runs that layer as one kernel: CUTLASS's sm90 sparse
+took 0.704 ms dense and the GELU after it 0.46 ms. This module runs that layer as one kernel: CUTLASS's sm90 sparse
 tensor-core GEMM (`csrc/sm90_sparse_gemm.cu`) with `y = gelu(x @ W.T + bias)` in its epilogue.
 
 The kernels are compiled on first use with the CUDA toolkit's `nvcc` against the CUTLASS headers of the
@@ -29,12 +29,12 @@ Example:
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -98,13 +98,17 @@ def nvcc() -> str | None:
     return None
 
 
-def _cache_dir(compiler: str, include: Path) -> Path:
+def _cache_dir(compiler: str, root: Path) -> Path:
+    """`$HF_SPARSE_CUTLASS_DIR` (default `~/.cache/hf_sparse/cutlass`) / a hash of the source, the flags, the nvcc
+    version and the CUTLASS version: a new CUTLASS or nvcc builds anew."""
+    from .autotune import default_cache_path
+
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), str(include).encode()):
+    cutlass_version = root / "include" / "cutlass" / "version.h"
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cutlass_version.read_bytes()):
         digest.update(part)
-    base = Path(os.environ.get(DIR_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"))
-    base = base if os.environ.get(DIR_ENV) else base / "hf_sparse" / "cutlass"
+    base = Path(os.environ[DIR_ENV]) if os.environ.get(DIR_ENV) else default_cache_path().parent / "cutlass"
     return base / digest.hexdigest()[:16]
 
 
@@ -119,46 +123,61 @@ def build(jobs: int | None = None) -> Path:
     library = out / "libhfs_sm90.so"
     if library.is_file():
         return library
+    import fcntl  # POSIX only: imported here so that `import hf_sparse` works everywhere
+
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:  # several processes (the autotuner's children) may ask at once
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            logger.warning("hf-sparse: waiting for another process's build of the CUTLASS kernels in %s ...", out)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if library.is_file():
             return library
-        include = [f"-I{root / 'include'}", f"-I{root / 'tools' / 'util' / 'include'}"]
-        units = [("main", ["-DHFS_ONLY_MAIN"])] + [(f"config{i}", [f"-DHFS_ONLY_CONFIG={i}"]) for i in range(CONFIGS)]
-        if jobs is None:
-            memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-            jobs = max(1, min(len(units), os.cpu_count() or 1, int(memory_gb // 6)))
-        started = time.perf_counter()
-        logger.warning(
-            "hf-sparse: compiling the CUTLASS 2:4 kernels with %s (%d objects, %d at a time; once per machine, "
-            "cached in %s)...", compiler, len(units), jobs, out,
-        )  # fmt: skip
-
-        def compile_unit(unit):
-            name, defines = unit
-            obj = out / f"{name}.o"
-            command = [compiler, *FLAGS, *include, *defines, "-c", str(SOURCE), "-o", str(obj)]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise CutlassError(f"nvcc failed on {SOURCE.name} ({name}):\n{done.stderr[-4000:]}")
-            return obj
-
-        with ThreadPoolExecutor(jobs) as pool:
-            objects = list(pool.map(compile_unit, units))
-        partial = out / f"libhfs_sm90.{os.getpid()}.so"
-        done = subprocess.run(
-            [compiler, "-shared", "-gencode=arch=compute_90a,code=sm_90a", "-o", str(partial), *map(str, objects)],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            raise CutlassError(f"nvcc could not link the CUTLASS kernels:\n{done.stderr[-4000:]}")
-        partial.replace(library)  # atomic: a library that exists is complete
-        for obj in objects:
-            obj.unlink(missing_ok=True)
-        logger.warning("hf-sparse: CUTLASS kernels built in %.0f s: %s", time.perf_counter() - started, library)
+        with tempfile.TemporaryDirectory(dir=out) as scratch:  # objects and the unlinked library: gone on failure
+            _compile(compiler, root, Path(scratch), library, jobs)
     return library
+
+
+def _compile(compiler: str, root: Path, scratch: Path, library: Path, jobs: int | None) -> None:
+    include = [f"-I{root / 'include'}", f"-I{root / 'tools' / 'util' / 'include'}"]
+    units = [("main", ["-DHFS_ONLY_MAIN"])] + [(f"config{i}", [f"-DHFS_ONLY_CONFIG={i}"]) for i in range(CONFIGS)]
+    if jobs is None:
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        jobs = max(1, min(len(units), os.cpu_count() or 1, int(memory_gb // 6)))
+    started = time.perf_counter()
+    logger.warning(
+        "hf-sparse: compiling the CUTLASS 2:4 kernels with %s (%d objects, %d at a time: about 1.5 minutes on 16 "
+        "cores, 3 on 2; once per machine, cached in %s). To skip them: swap_to_semi_structured_(..., cutlass=False) "
+        "or HF_SPARSE_CUTLASS=0.", compiler, len(units), jobs, library.parent,
+    )  # fmt: skip
+
+    def run(what: str, command: list[str]) -> None:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise CutlassError(
+                f"nvcc exited with code {done.returncode} {what}"
+                + (f":\n{done.stderr[-4000:]}" if done.stderr else " (no message: out of memory? pass build(jobs=1))")
+            )
+
+    def compile_unit(unit) -> Path:
+        name, defines = unit
+        obj = scratch / f"{name}.o"
+        run(
+            f"compiling {SOURCE.name} ({name})",
+            [compiler, *FLAGS, *include, *defines, "-c", str(SOURCE), "-o", str(obj)],
+        )
+        return obj
+
+    with ThreadPoolExecutor(jobs) as pool:
+        objects = list(pool.map(compile_unit, units))
+    linked = scratch / library.name
+    run(
+        "linking",
+        [compiler, "-shared", "-gencode=arch=compute_90a,code=sm_90a", "-o", str(linked), *map(str, objects)],
+    )
+    linked.replace(library)  # atomic: a library that exists is complete
+    logger.warning("hf-sparse: CUTLASS kernels built in %.0f s: %s", time.perf_counter() - started, library)
 
 
 def _missing_toolchain(compiler: str | None, root: Path | None) -> str:
@@ -231,8 +250,15 @@ def library() -> _Library:
         try:
             path = Path(os.environ[LIB_ENV]) if os.environ.get(LIB_ENV) else build()
             _LIBRARY = _Library(path)
-        except (CutlassError, OSError, subprocess.SubprocessError) as err:
-            _LIBRARY_ERROR = f"the CUTLASS 2:4 kernels are unavailable: {err}"
+        except (
+            CutlassError,
+            OSError,
+            AttributeError,
+            subprocess.SubprocessError,
+        ) as err:  # remembered: restart to retry
+            # once per process, in full; reports carry its first line
+            logger.warning("hf-sparse: the CUTLASS 2:4 kernels are unavailable (cuSPARSELt alone runs): %s", err)
+            _LIBRARY_ERROR = f"the CUTLASS 2:4 kernels are unavailable: {str(err).splitlines()[0]}"
             raise CutlassError(_LIBRARY_ERROR) from err
         logger.info("hf-sparse: loaded the CUTLASS 2:4 kernels from %s (%s).", path, ", ".join(_LIBRARY.configs))
         return _LIBRARY
@@ -324,6 +350,21 @@ def sparse_linear(
     lib = library()
     n, k = x.shape
     m = out_features
+    if (
+        x.dtype != torch.float16
+        or x.device.type != "cuda"
+        or values.device != x.device
+        or meta.device != x.device
+        or values.numel() * 2 != m * k
+        or meta.numel() * 8 != m * k
+        or (bias is not None and (bias.numel() != m or bias.dtype != torch.float16 or bias.device != x.device))
+    ):
+        raise ValueError(
+            f"cutlass.sparse_linear: x must be float16 (tokens, in_features) on the GPU that holds a weight "
+            f"compressed by cutlass.compress for {m} outputs and {k} inputs (values {values.numel()}, metadata "
+            f"{meta.numel()}), with a float16 bias of {m} or None; got x {str(x.dtype).removeprefix('torch.')} "
+            f"{tuple(x.shape)} on {x.device}."
+        )
     x = x.contiguous()
     out = torch.empty(n, m, dtype=x.dtype, device=x.device)
     size = lib.workspace_bytes(config, gelu, m, n, k)
@@ -344,5 +385,24 @@ def sparse_linear(
             size,
             torch.cuda.current_stream(x.device).cuda_stream,
         )
-    lib.check(f"CUTLASS 2:4 GEMM {lib.configs[config]} ({m}x{k} at {n} tokens)", status)
+    if status != 0:
+        lib.check(f"CUTLASS 2:4 GEMM {lib.configs[config]} ({m}x{k} at {n} tokens)", status)
     return out
+
+
+def kernel_id() -> str:
+    """What the autotuner's cached choices of these kernels depend on besides the GPU: the library's source and
+    flags (or, with `$HF_SPARSE_CUTLASS_LIB`, the library file itself), as a short hash. A configuration index
+    means another kernel in another build."""
+    global _KERNEL_ID
+    if _KERNEL_ID is None:
+        digest = hashlib.sha256()
+        if os.environ.get(LIB_ENV) and os.path.isfile(os.environ[LIB_ENV]):
+            digest.update(Path(os.environ[LIB_ENV]).read_bytes())
+        else:
+            digest.update(SOURCE.read_bytes() + " ".join(FLAGS).encode())
+        _KERNEL_ID = digest.hexdigest()[:10]
+    return _KERNEL_ID
+
+
+_KERNEL_ID: str | None = None

@@ -25,7 +25,7 @@
 //   values: (m, k/2) fp16 row-major, the kept elements of each group of 4 in order  -> m*k bytes.
 //   meta  : uint8, CUTLASS's reordered sm90 layout (SparseConfig::fill_layoutE)      -> m*k/8 bytes.
 //
-// Build (see .gpu/build_cutlass.sh): one TU per GEMM config (-DHFS_ONLY_CONFIG=<i>) plus one TU for the
+// Build (hf_sparse/inference/cutlass.py, build()): one TU per GEMM config (-DHFS_ONLY_CONFIG=<i>) plus one TU for the
 // compressor and the C ABI (-DHFS_ONLY_MAIN); with neither macro the file builds everything as a single TU.
 
 #include <cuda_runtime.h>
