@@ -59,7 +59,8 @@ class CutlassSparseLinear(nn.Module):
         bias: the bias, or None.
         gelu: apply the exact GELU to the output (in the kernel's epilogue, or after the dense fallback).
         plans: token-count bucket -> `Plan` ("sparse" with `alg_id` the CUTLASS configuration, or "dense"); a
-            bucket not listed runs the plan of the nearest one.
+            bucket not listed runs the plan of the nearest one (it is not tuned later: name your token counts to the
+            swap).
         keep_dense: also keep the dense weight, for buckets where dense (the GEMM, then GELU) is faster.
         name: the layer's name, for messages.
     """
@@ -115,6 +116,11 @@ class CutlassSparseLinear(nn.Module):
         )
 
     def _apply(self, fn, recurse=True):
+        # A cast of this layer alone (not through the swapped model's guard) is refused here, the layer unchanged:
+        # the kernel reads its buffers as float16 values and uint8 metadata whatever their dtype says.
+        problem = self.cast_problem(fn)
+        if problem:
+            raise TypeError(problem)
         GENERATION[0] += 1  # CUDA graphs captured over this layer read its old tensors
         return super()._apply(fn, recurse)
 
@@ -154,10 +160,23 @@ class CutlassSparseLinear(nn.Module):
         if plan.backend == "dense" or x2.shape[0] == 0:
             out = F.linear(x2, self.weight, self.bias)
             out = F.gelu(out) if self.gelu else out
-        else:
+        elif torch.compiler.is_compiling():
             out = cutlass_linear_op()(
                 x2.contiguous(), self.values, self.meta, self.bias, self.out_features, plan.alg_id, self.gelu
             )
+        else:  # eager (or a CUDA graph capture): the kernel directly, no dispatcher round trip
+            if self.values.device.type != "cuda":
+                raise RuntimeError(
+                    f"{self.name or 'CutlassSparseLinear'}: a 2:4 layer on the CUTLASS kernel runs on an sm_90 GPU "
+                    f"(H100, H200); its weights are on {self.values.device.type}. Move the model back (model.cuda()), "
+                    "or call hf_sparse.restore_dense_(model) on the GPU first for a dense model."
+                )
+            try:
+                out = cutlass.sparse_linear(
+                    x2.contiguous(), self.values, self.meta, self.bias, self.out_features, plan.alg_id, self.gelu
+                )
+            except (cutlass.CutlassError, ValueError) as err:
+                raise type(err)(f"{self.name or 'CutlassSparseLinear'}: {err}") from err
         return out.view(*lead, self.out_features)
 
     def set_weight_(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows: slice | None = None) -> None:

@@ -449,7 +449,7 @@ def is_gelu(module: nn.Module) -> bool:
 class GeluInEpilogue(nn.Module):
     """Stands where a GELU module was, after a layer that applies GELU in its GEMM's epilogue. After an `Fp8Linear`
     it passes that layer's e4m3 output through unchanged and applies the original activation to anything else (so a
-    call that does not come from the fused layer stays right); after a `SparseGeluLinear` (`passes_all`), whose output
+    call that does not come from the fused layer stays right); after a `CutlassSparseLinear` (`passes_all`), whose output
     is float16, it passes every input through (the block calls it only on that layer's output). `restore_dense_` puts
     the original back."""
 

@@ -376,6 +376,13 @@ def _kernel(request: tuple) -> str:
     return _dtype_name(request[2]) + (f"|{epilogue}" if epilogue else "")
 
 
+def _kernel_name(request: tuple) -> str:
+    """What a request's candidate ids are: CUTLASS configurations (float16 "gelu" and "cutlass") or cuSPARSELt
+    algorithms."""
+    cutlass_family = request[2] == torch.float16 and request_epilogue(request) in ("gelu", "cutlass")
+    return "CUTLASS configuration" if cutlass_family else "cuSPARSELt algorithm"
+
+
 FAULT_FLOOR: dict[tuple[int, str], int] = {}
 """(GPU index, kernel family: see `_kernel`) -> the lowest cuSPARSELt algorithm id above 0 that killed a tuning child
 in this process. Later sweeps of that family on that GPU try only the ids below it: the ids past one that faults
@@ -467,7 +474,7 @@ def measure_in_child(requests: list[tuple], device, settings: dict, command: lis
         logger.warning(
             "hf-sparse: %s of %s killed the tuning process (exit code %d: %s); settled it from the %d algorithm(s) "
             "verified before it%s.",
-            f"cuSPARSELt algorithm {trying[0]}" if trying else "measuring", what, proc.returncode, tail,
+            f"{_kernel_name(requests[current])} {trying[0]}" if trying else "measuring", what, proc.returncode, tail,
             len(seen["timings"]),
             f", and algorithms from {FAULT_FLOOR[key]} up are not tried again for {key[1]} on this GPU"
             if key in FAULT_FLOOR else "",
