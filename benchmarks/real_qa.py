@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import platform
+import random
 import tempfile
 import time
 from dataclasses import dataclass
@@ -75,6 +76,9 @@ class Variant:
         unlabeled: with distillation, also train on the unanswerable questions of the training file (their
             paragraphs not in the evaluation file either): the task loss ignores them (no answer span to learn),
             the distillation terms learn the dense model's outputs on them. More inputs, no new labels.
+        mismatched: with `unlabeled`, also distill on this many mismatched pairs per training question: the question
+            asked of another training paragraph, chosen at random (unanswerable there, almost always), so the
+            student sees more inputs on which to match the dense model, with no new text.
     """
 
     name: str
@@ -88,6 +92,7 @@ class Variant:
     dense_control: bool = False
     hidden_weight: float | None = None
     unlabeled: bool = False
+    mismatched: int = 0
 
 
 def _table_grid() -> list[Variant]:
@@ -148,6 +153,18 @@ GRIDS = {
             epochs=float(n),
         )
         for n in (4, 8)
+    ],  # fmt: skip
+    "mismatched": lambda: [
+        Variant(
+            f"sparsegpt + distill hidden x10, + unlabeled questions{extra}, {n}x epochs",
+            "sparsegpt",
+            distill="hidden",
+            hidden_weight=10.0,
+            unlabeled=True,
+            mismatched=k,
+            epochs=float(n),
+        )
+        for k, n, extra in ((0, 4, ""), (2, 2, ", + 2 mismatched pairs per question"))
     ],  # fmt: skip
     "smoke": lambda: [
         Variant("magnitude", "magnitude"),
@@ -214,10 +231,28 @@ def load_data(args, unlabeled: bool = False) -> tuple[list[dict], list[dict]]:
     return train, evaluation
 
 
-def unlabeled_features(args, tokenizer, train_features):
-    """The training features plus features of the unanswerable training questions whose answer positions the task
-    loss ignores (`hf_sparse.squad.distillation_features`: only the distillation learns from them)."""
+def mismatched_pairs(records: list[dict], per_question: int, seed: int) -> list[dict]:
+    """`per_question` copies of every question, each asked of another paragraph of `records` chosen at random, with
+    no answer: inputs for distillation only (the question almost never has its answer in the other paragraph)."""
+    contexts = sorted({r["context"] for r in records})
+    rng = random.Random(seed)
+    pairs = []
+    for r in records:
+        others = [c for c in rng.sample(contexts, min(len(contexts), per_question + 1)) if c != r["context"]]
+        for k, context in enumerate(others[:per_question]):
+            pairs.append(dict(r, id=f"{r['id']}-mismatched-{k}", context=context,
+                              answers={"text": [], "answer_start": []}))  # fmt: skip
+    return pairs
+
+
+def unlabeled_features(args, tokenizer, train_features, mismatched: int = 0):
+    """The training features plus features of the unanswerable training questions (and `mismatched` pairs per
+    training question, see `mismatched_pairs`) whose answer positions the task loss ignores
+    (`hf_sparse.squad.distillation_features`: only the distillation learns from them)."""
     extra, _ = load_data(args, unlabeled=True)
+    if mismatched:
+        train, _ = load_data(args)
+        extra = extra + mismatched_pairs(train, mismatched, args.seed)
     kw = dict(max_length=args.max_seq_length, doc_stride=args.doc_stride)
     features = distillation_features(tokenize_squad(extra, tokenizer, train=True, **kw), args.max_seq_length)
     return concatenate_features(train_features, features)
@@ -416,7 +451,7 @@ def run(args) -> dict:
         loss = _distill(variant.distill, copy.deepcopy(dense), model, args, variant.hidden_weight)
         features = train_features
         if variant.unlabeled:
-            features = unlabeled_features(args, tokenizer, train_features)
+            features = unlabeled_features(args, tokenizer, train_features, variant.mismatched)
             logger.info("%s: %d training features, %d of them unlabeled", variant.name, len(features),
                         len(features) - len(train_features))  # fmt: skip
         stats = train(model, features, args, epochs, lr, [callback], loss)

@@ -10,13 +10,19 @@ from hf_sparse.squad import read_squad_json
 from tests.conftest import shared_data
 
 
-def test_training_questions_are_answerable_and_disjoint_from_xquad(tmp_path):
-    args = argparse.Namespace(
+def data_args(**extra) -> argparse.Namespace:
+    """The benchmark's data arguments over the shared SQuAD files (skipped with a reason where they are absent)."""
+    return argparse.Namespace(
         train_file=shared_data("squad", "squad-v2-dev-sample.json"),
         eval_file=shared_data("squad", "xquad-en.json"),
         max_train_samples=None,
         max_eval_samples=None,
+        **extra,
     )
+
+
+def test_training_questions_are_answerable_and_disjoint_from_xquad(tmp_path):
+    args = data_args()
     train, evaluation = load_data(args)
     assert (len(train), len(evaluation)) == (607, 1190)
     assert all(r["answers"]["text"] for r in train)
@@ -40,14 +46,7 @@ def test_unlabeled_questions_are_unanswerable_disjoint_from_xquad_and_ignored_by
     from benchmarks.real_qa import unlabeled_features
     from hf_sparse.squad import tokenize_squad
 
-    args = argparse.Namespace(
-        train_file=shared_data("squad", "squad-v2-dev-sample.json"),
-        eval_file=shared_data("squad", "xquad-en.json"),
-        max_train_samples=None,
-        max_eval_samples=None,
-        max_seq_length=64,
-        doc_stride=16,
-    )
+    args = data_args(max_seq_length=64, doc_stride=16)
     train, evaluation = load_data(args)
     unlabeled, _ = load_data(args, unlabeled=True)
     assert unlabeled and not any(r["answers"]["text"] for r in unlabeled)
@@ -78,3 +77,18 @@ def test_unlabeled_questions_are_unanswerable_disjoint_from_xquad_and_ignored_by
     alone = {k: v[:1] for k, v in batch.items()}
     with torch.no_grad():
         assert torch.allclose(model(**batch).loss, model(**alone).loss)
+
+
+def test_mismatched_pairs_ask_each_question_of_other_paragraphs_without_answers():
+    from benchmarks.real_qa import mismatched_pairs
+
+    args = data_args()
+    train, _ = load_data(args)
+    pairs = mismatched_pairs(train, 2, seed=0)
+    assert len(pairs) == 2 * len(train) and len({p["id"] for p in pairs}) == len(pairs)
+    own = {r["id"]: r for r in train}
+    for pair in pairs:
+        source = own[pair["id"].rsplit("-mismatched-", 1)[0]]
+        assert pair["question"] == source["question"] and pair["context"] != source["context"]
+        assert pair["answers"] == {"text": [], "answer_start": []}
+    assert mismatched_pairs(train, 2, seed=0) == pairs and mismatched_pairs(train, 2, seed=1) != pairs
