@@ -101,14 +101,13 @@ def nvcc() -> str | None:
 def _cache_dir(compiler: str, root: Path) -> Path:
     """`$HF_SPARSE_CUTLASS_DIR` (default `~/.cache/hf_sparse/cutlass`) / a hash of the source, the flags, the nvcc
     version and the CUTLASS version: a new CUTLASS or nvcc builds anew."""
-    from .autotune import default_cache_path
-
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     digest = hashlib.sha256()
     cutlass_version = root / "include" / "cutlass" / "version.h"
     for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cutlass_version.read_bytes()):
         digest.update(part)
-    base = Path(os.environ[DIR_ENV]) if os.environ.get(DIR_ENV) else default_cache_path().parent / "cutlass"
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    base = Path(os.environ[DIR_ENV]) if os.environ.get(DIR_ENV) else cache_home / "hf_sparse" / "cutlass"
     return base / digest.hexdigest()[:16]
 
 
