@@ -58,9 +58,9 @@ def gemm_key(
     `|gelu` at the end for a GEMM measured with GELU in its epilogue, `|cutlass` for the CUTLASS kernel, see
     `tuning.sweep`; for float16 both name the CUTLASS build, `|gelu@<cutlass.kernel_id()>`)."""
     key = f"{out_features}x{in_features}|{dtype_name(dtype)}|{'bias' if bias else 'nobias'}|tokens<={bucket}"
-    if dtype == torch.float16 and epilogue in ("gelu", "cutlass"):  # the CUTLASS kernels: their build's choices
-        from .cutlass import kernel_id
+    from .cutlass import kernel_id, uses_cutlass
 
+    if uses_cutlass(dtype, epilogue):  # the CUTLASS kernels: their build's choices
         epilogue = f"{epilogue}@{kernel_id()}"
     return f"{key}|{epilogue}" if epilogue else key
 

@@ -566,6 +566,15 @@ class _GeluFusion:
     reason: str = ""
 
 
+def _block_names(name: str) -> list[tuple[str, str]]:
+    """(the activation's name, the next layer's name) of each `GELU_BLOCKS` block that layer `name` starts."""
+    return [
+        (name[: len(name) - len(first)] + act, name[: len(name) - len(first)] + second)
+        for first, act, second in GELU_BLOCKS
+        if name == first or name.endswith("." + first)
+    ]
+
+
 def _gelu_blocks(model: nn.Module, units: list[_Unit]) -> list[_GeluFusion]:
     """The `GELU_BLOCKS` of the model whose two layers are single-layer fp16 units of shapes the e4m3 kernels take
     (with an e4m3 output, cuSPARSELt reads the bias in the type of C, which must be fp16: bf16 models keep GELU a
@@ -574,11 +583,8 @@ def _gelu_blocks(model: nn.Module, units: list[_Unit]) -> list[_GeluFusion]:
     modules = dict(model.named_modules())
     found = []
     for name, i in index.items():
-        for first, act, second in GELU_BLOCKS:
-            if not (name == first or name.endswith("." + first)):
-                continue
-            prefix = name[: len(name) - len(first)]
-            activation, consumer = prefix + act, index.get(prefix + second)
+        for activation, second in _block_names(name):
+            consumer = index.get(second)
             if consumer is None or not is_gelu(modules.get(activation, nn.Identity())):
                 continue
             fp16 = units[i].layers[0].weight.dtype == torch.float16  # the fused kernel reads its bias as fp16
@@ -640,11 +646,9 @@ def _cutlass_units(model: nn.Module, units: list[_Unit]) -> tuple[dict[int, str]
         if len(unit.layers) != 1 or cutlass_kernels.shape_problem(*unit.shape, weight.dtype):
             continue
         found[index] = ""
-        for first, act, _ in GELU_BLOCKS:
-            if unit.name == first or unit.name.endswith("." + first):
-                activation = unit.name[: len(unit.name) - len(first)] + act
-                if is_exact_gelu(modules.get(activation, nn.Identity())):
-                    found[index] = activation
+        for activation, _ in _block_names(unit.name):
+            if is_exact_gelu(modules.get(activation, nn.Identity())):
+                found[index] = activation
     if not found:
         return found, None
     device = units[next(iter(found))].layers[0].weight.device

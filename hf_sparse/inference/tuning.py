@@ -122,7 +122,7 @@ def sweep(
             f"epilogue must be one of {list(EPILOGUES)} ('gelu' for float8_e4m3fn and float16 only, 'cutlass' for "
             f"float16 only); got {epilogue!r} for {_dtype_name(dtype)}."
         )
-    on_cutlass = dtype == torch.float16 and epilogue in ("gelu", "cutlass")
+    on_cutlass = cutlass.uses_cutlass(dtype, epilogue)
     act = F.gelu if epilogue == "gelu" else (lambda y: y)
     tolerance = _reference_tolerance(dtype, epilogue) if tolerance is None else tolerance
     fp8 = dtype == torch.float8_e4m3fn
@@ -379,8 +379,11 @@ def _kernel(request: tuple) -> str:
 def _kernel_name(request: tuple) -> str:
     """What a request's candidate ids are: CUTLASS configurations (float16 "gelu" and "cutlass") or cuSPARSELt
     algorithms."""
-    cutlass_family = request[2] == torch.float16 and request_epilogue(request) in ("gelu", "cutlass")
-    return "CUTLASS configuration" if cutlass_family else "cuSPARSELt algorithm"
+    return (
+        "CUTLASS configuration"
+        if cutlass.uses_cutlass(request[2], request_epilogue(request))
+        else "cuSPARSELt algorithm"
+    )
 
 
 FAULT_FLOOR: dict[tuple[int, str], int] = {}
