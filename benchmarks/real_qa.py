@@ -118,6 +118,21 @@ def _explore_grid() -> list[Variant]:
     ]
 
 
+def _with_unlabeled(epochs: int, mismatched: int = 0) -> Variant:
+    """SparseGPT, then recovery with 10x hidden-state distillation on the training questions and the unanswerable
+    ones (and `mismatched` pairs per question), for `epochs` times the recovery epochs."""
+    extra = f", + {mismatched} mismatched pairs per question" if mismatched else ""
+    return Variant(
+        f"sparsegpt + distill hidden x10, + unlabeled questions{extra}{f', {epochs}x epochs' if epochs > 1 else ''}",
+        "sparsegpt",
+        distill="hidden",
+        hidden_weight=10.0,
+        unlabeled=True,
+        mismatched=mismatched,
+        epochs=float(epochs),
+    )
+
+
 GRIDS = {
     "table": _table_grid,
     "explore": lambda: _table_grid() + _explore_grid(),
@@ -131,41 +146,10 @@ GRIDS = {
             hidden_weight=10.0,
             epochs=4.0,
         ),
-        *(
-            Variant(
-                f"sparsegpt + distill hidden x10, + unlabeled questions{f', {n}x epochs' if n > 1 else ''}",
-                "sparsegpt",
-                distill="hidden",
-                hidden_weight=10.0,
-                unlabeled=True,
-                epochs=float(n),
-            )
-            for n in (1, 2, 4)
-        ),
+        *(_with_unlabeled(n) for n in (1, 2, 4)),
     ],  # fmt: skip
-    "unlabeled-long": lambda: [
-        Variant(
-            f"sparsegpt + distill hidden x10, + unlabeled questions, {n}x epochs",
-            "sparsegpt",
-            distill="hidden",
-            hidden_weight=10.0,
-            unlabeled=True,
-            epochs=float(n),
-        )
-        for n in (4, 8)
-    ],  # fmt: skip
-    "mismatched": lambda: [
-        Variant(
-            f"sparsegpt + distill hidden x10, + unlabeled questions{extra}, {n}x epochs",
-            "sparsegpt",
-            distill="hidden",
-            hidden_weight=10.0,
-            unlabeled=True,
-            mismatched=k,
-            epochs=float(n),
-        )
-        for k, n, extra in ((0, 4, ""), (2, 2, ", + 2 mismatched pairs per question"))
-    ],  # fmt: skip
+    "unlabeled-long": lambda: [_with_unlabeled(n) for n in (4, 8)],
+    "mismatched": lambda: [_with_unlabeled(4), _with_unlabeled(2, mismatched=2)],
     "smoke": lambda: [
         Variant("magnitude", "magnitude"),
         Variant("sparsegpt + distill hidden", "sparsegpt", 16, distill="hidden"),
