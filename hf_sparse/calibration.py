@@ -9,6 +9,11 @@ calibrated, and only that block's statistics are held: one vector (Wanda) or one
 running blocks 0..k-1 again (k(k+1)/2 block passes per batch instead of k), which is small next to SparseGPT's
 solve for the models this library targets.
 
+With `sequential`, a block is calibrated group by group instead: layers that take the same input tensor form a
+group (query/key/value; the attention output; the feed-forward input; the feed-forward output), in the order the
+forward pass reaches them, and each group's statistics are gathered after the earlier groups of its block are
+pruned. The forward pass then stops after the group's last layer.
+
 Statistics run in float32 on the CUDA GPU when there is one (or on `device`), whatever device the model is on; the
 forward passes run where the model is.
 """
@@ -214,23 +219,57 @@ def _groups(model: nn.Module, layers: dict[str, nn.Linear]) -> list[tuple[str | 
     return groups
 
 
+@torch.no_grad()
+def _input_groups(model: nn.Module, layers: dict[str, nn.Linear], batch: dict) -> list[tuple[str | None, list[str]]]:
+    """`_groups` with each block split into groups of layers that take the same input tensor, in the order one
+    forward pass of `batch` reaches them. Layers the pass does not reach stay in one group at their block's end."""
+    calls = _group_inputs(model, layers, "the model", None, batch, stop_after_group=False)
+    # the same tensor (as storage, shape and strides: the record is a detached view); all are alive here
+    first_input = {name: (x[0].data_ptr(), x[0].shape, x[0].stride()) for name, x in calls.items()}
+    reached = list(calls)  # in the order the pass first reached them
+    groups = []
+    for block, names in _groups(model, layers):
+        in_block = [name for name in reached if name in names]
+        split: list[list[str]] = []
+        for name in in_block:
+            if split and first_input[name] == first_input[split[-1][0]]:
+                split[-1].append(name)
+            else:
+                split.append([name])
+        missed = [name for name in names if name not in first_input]
+        groups.extend((block, group) for group in split + ([missed] if missed else []))
+    return groups
+
+
 # -- statistics ------------------------------------------------------------------------------------------------------
 
 
 class _InputStats:
-    """Running statistics of a linear layer's inputs over the calibration tokens (padding excluded)."""
+    """Running statistics of a linear layer's inputs over the calibration tokens (padding excluded).
 
-    def __init__(self, in_features: int, hessian: bool, device: torch.device):
+    Wanda needs `sq_norms`, the sum of squared inputs per feature. SparseGPT needs `hessian`, the sum of `x x^T`;
+    with `constant_input`, over the inputs with a 1 appended (the bias is the weight of that input).
+    """
+
+    def __init__(self, in_features: int, hessian: bool, device: torch.device, constant_input: bool = False):
         self.tokens = 0
+        self.constant_input = constant_input and hessian
+        size = in_features + self.constant_input
         self.sq_norms = None if hessian else torch.zeros(in_features, device=device, dtype=torch.float32)
-        self.hessian = torch.zeros(in_features, in_features, device=device, dtype=torch.float32) if hessian else None
+        self.hessian = torch.zeros(size, size, device=device, dtype=torch.float32) if hessian else None
         self.device = device
 
-    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+    def _tokens(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         x = x.detach().reshape(-1, x.shape[-1])
         if token_mask is not None and token_mask.numel() == x.shape[0]:
             x = x[token_mask.reshape(-1).to(x.device)]
         x = x.to(self.device, torch.float32)
+        if self.constant_input:
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        return x
+
+    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        x = self._tokens(x, token_mask)
         self.tokens += x.shape[0]
         if self.hessian is not None:
             self.hessian.addmm_(x.T, x)
@@ -255,11 +294,15 @@ def block_statistics(
     batches: list[dict],
     hessian: bool,
     device: torch.device,
+    sequential: bool = False,
+    constant_input: bool = False,
 ) -> Iterator[dict[str, _InputStats]]:
-    """Yields, block after block, the input statistics of `layers` in that block over `batches`.
+    """Yields, group after group (block after block, or with `sequential` the groups of layers that share an
+    input), the input statistics of `layers` in that group over `batches`.
 
-    The next block's statistics are gathered only when the caller asks for them, so whatever the caller does to
-    the block it was given (prune it) is seen by every later block. The model's train/eval mode and
+    The next group's statistics are gathered only when the caller asks for them, so whatever the caller does to
+    the group it was given (prune it) is seen by every later group. `constant_input` appends a constant 1 to the
+    inputs of layers with a bias (SparseGPT then updates the bias). The model's train/eval mode and
     `config.use_cache` are restored when the iteration ends or fails.
     """
     modules = dict(model.named_modules())
@@ -270,41 +313,19 @@ def block_statistics(
     if use_cache:
         model_config.use_cache = False  # a KV cache would grow with every block pass
     try:
-        for block, names in _groups(model, layers):
-            stats = {name: _InputStats(layers[name].in_features, hessian, device) for name in names}
-            token_mask: list[torch.Tensor | None] = [None]
-            handles = []
-            for name in names:
-
-                def record(module, args, kwargs, _stats=stats[name], _mask=token_mask):
-                    x = args[0] if args else kwargs.get("input")
-                    _stats.add(x, _mask[0])
-
-                handles.append(layers[name].register_forward_pre_hook(record, with_kwargs=True))
-            if block is not None:
-
-                def stop(module, args, output):
-                    raise _StopForward
-
-                handles.append(modules[block].register_forward_hook(stop))
-            try:
-                for batch in batches:
-                    mask = batch.get("attention_mask")
-                    token_mask[0] = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-                    try:
-                        model(**batch)
-                    except _StopForward:
-                        pass
-                    except (ValueError, TypeError) as err:
-                        raise ValueError(
-                            f"calibrating {block or 'the layers outside the blocks'} ({names[0]}, ...): the model's "
-                            f"forward failed on a calibration batch with keys {sorted(batch)} ({type(err).__name__}: "
-                            f"{err}). The batches must reach every selected layer (an encoder-decoder needs decoder "
-                            "inputs such as decoder_input_ids too); nothing was pruned."
-                        ) from err
-            finally:
-                for handle in handles:
-                    handle.remove()
+        groups = _input_groups(model, layers, batches[0]) if sequential else _groups(model, layers)
+        for block, names in groups:
+            targets = {name: layers[name] for name in names}
+            stats = {
+                name: _InputStats(layer.in_features, hessian, device, constant_input and layer.bias is not None)
+                for name, layer in targets.items()
+            }
+            for batch in batches:
+                mask = batch.get("attention_mask")
+                token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+                for name, calls in _group_inputs(model, targets, block, modules.get(block), batch, sequential).items():
+                    for x in calls:
+                        stats[name].add(x, token_mask)
             for name in names:
                 if stats[name].tokens == 0:
                     raise ValueError(
@@ -317,3 +338,49 @@ def block_statistics(
         model.train(was_training)
         if use_cache:
             model_config.use_cache = use_cache
+
+
+def _group_inputs(
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    block_name: str | None,
+    block: nn.Module | None,
+    batch: dict,
+    stop_after_group: bool,
+) -> dict[str, list[torch.Tensor]]:
+    """The inputs of the layers `targets` on `batch` (one per call), from a forward pass of `model` that stops at
+    the end of `block`, or with `stop_after_group` once every layer of `targets` has run."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = []
+
+    def stop(module, args, output):
+        raise _StopForward
+
+    for name, module in targets.items():
+
+        def record(module, args, kwargs, _name=name):
+            seen.setdefault(_name, []).append((args[0] if args else kwargs.get("input")).detach())
+
+        def after(module, args, output):
+            if stop_after_group and len(seen) == len(targets):
+                raise _StopForward
+
+        handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
+        handles.append(module.register_forward_hook(after))
+    if block is not None and not stop_after_group:
+        handles.append(block.register_forward_hook(stop))
+    try:
+        model(**batch)
+    except _StopForward:
+        pass
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"calibrating {block_name or 'the layers outside the blocks'} ({next(iter(targets))}, ...): the model's "
+            f"forward failed on a calibration batch with keys {sorted(batch)} ({type(err).__name__}: {err}). The "
+            "batches must reach every selected layer (an encoder-decoder needs decoder inputs such as "
+            "decoder_input_ids too); nothing was pruned."
+        ) from err
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen

@@ -93,6 +93,22 @@ class SparsityConfig:
             "not the result beyond rounding."
         },
     )
+    sequential_calibration: bool = field(
+        default=False,
+        metadata={
+            "help": "wanda/sparsegpt: calibrate each block group by group (layers that take the same input: "
+            "query/key/value, the attention output, the feed-forward input, the feed-forward output), each group "
+            "after the earlier groups of its block are pruned, so every layer sees the inputs it will have in the "
+            "pruned model. Costs one partial forward pass per group instead of per block."
+        },
+    )
+    sparsegpt_update_bias: bool = field(
+        default=False,
+        metadata={
+            "help": "sparsegpt: also update each layer's bias (the weight of a constant input, never pruned) to "
+            "absorb the pruning error."
+        },
+    )
     mask_start_step: int = field(
         default=0,
         metadata={
@@ -199,7 +215,12 @@ _INTEGER_FIELDS = (
     "mask_update_every",
     "mask_freeze_step",
 )
-_BOOL_FIELDS = ("swap_at_end", "log_per_layer")
+_BOOL_FIELDS = (
+    "sequential_calibration",
+    "sparsegpt_update_bias",
+    "swap_at_end",
+    "log_per_layer",
+)
 
 
 def _check_types(config: SparsityConfig) -> None:

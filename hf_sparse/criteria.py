@@ -82,6 +82,7 @@ def sparsegpt_prune_(
     damping: float = 0.01,
     block_size: int = 128,
     name: str = "weight",
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SparseGPT N:M pruning of one weight in place: mask selection plus the OBS update of the kept weights.
 
@@ -91,14 +92,18 @@ def sparsegpt_prune_(
     calibration inputs changes as little as possible (Frantar & Alistarh, 2023). Every row uses the same Hessian,
     so a row-sharded weight can be pruned shard by shard.
 
+    With `bias`, the bias is the weight of a constant input 1, placed after the last column and never pruned, so
+    the error of every pruned column is also spread onto it (the shift of the output's mean is absorbed).
+
     Args:
         weight: `(out_features, in_features)` weight, changed in place (kept weights updated, others zero).
-        hessian: `(in_features, in_features)` sum of `x x^T` over calibration tokens; its device and float32 are
-            where the solve runs.
+        hessian: `(in_features, in_features)` sum of `x x^T` over calibration tokens (`in_features + 1` square
+            with `bias`: the inputs with a 1 appended); its device and float32 are where the solve runs.
         n, m: the pattern.
         damping: fraction of the mean diagonal added to the diagonal before inversion.
         block_size: columns updated together (a multiple of `m`).
         name: the layer, for error messages.
+        bias: `(out_features,)` bias, updated in place with the kept weights.
 
     Returns:
         The boolean mask of kept weights, on `weight`'s device.
@@ -115,10 +120,16 @@ def sparsegpt_prune_(
     rows, cols = weight.shape
     if cols % m:
         raise ValueError(f"{name}: in_features={cols} is not divisible by M={m}.")
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"{name}: Hessian of shape {tuple(hessian.shape)} does not match in_features={cols}.")
+    size = cols + (bias is not None)
+    if hessian.shape != (size, size):
+        expected = f"in_features={cols}" + (" plus one for the bias" if bias is not None else "")
+        raise ValueError(f"{name}: Hessian of shape {tuple(hessian.shape)} does not match {expected}.")
     device = hessian.device
-    W = weight.detach().to(device, torch.float32).clone()
+    W = weight.detach().to(device, torch.float32)
+    if bias is not None:
+        W = torch.cat([W, bias.detach().to(device, torch.float32)[:, None]], dim=1)
+    else:
+        W = W.clone()
     H = hessian.to(torch.float32).clone()
     dead = torch.diag(H) == 0  # inputs that are always zero: their weights do not matter; keep H invertible
     H[dead, dead] = 1.0
@@ -146,8 +157,10 @@ def sparsegpt_prune_(
             Err1[:, i] = err
         W[:, start:end] = Q1
         keep[:, start:end] = keep1
-        W[:, end:] -= Err1 @ Hinv[start:end, end:]
-    weight.copy_(W.to(weight.device, weight.dtype))
+        W[:, end:] -= Err1 @ Hinv[start:end, end:]  # with a bias, its column (the last) is updated too
+    weight.copy_(W[:, :cols].to(weight.device, weight.dtype))
+    if bias is not None:
+        bias.copy_(W[:, cols].to(bias.device, bias.dtype))
     return keep.to(weight.device)
 
 
@@ -246,15 +259,25 @@ def _restore_(layers: dict[str, nn.Linear], snapshot: dict[str, torch.Tensor]) -
 
 
 def _prune_block_by_block(model, layers, config: SparsityConfig, batches: list, on: torch.device) -> dict:
-    """Wanda / SparseGPT masks, pruning each block of `layers` before the next block is calibrated."""
+    """Wanda / SparseGPT masks, pruning each block (or group of layers) of `layers` before the next is calibrated."""
     hessian = config.criterion == "sparsegpt"
+    update_bias = hessian and config.sparsegpt_update_bias
     masks: dict[str, torch.Tensor] = {}
     started = time.perf_counter()
-    blocks = block_statistics(model, layers, batches, hessian, on)
+    groups = block_statistics(
+        model,
+        layers,
+        batches,
+        hessian,
+        on,
+        sequential=config.sequential_calibration,
+        constant_input=update_bias,
+    )
     # A progress bar per block, as the Trainer shows for steps (transformers' tqdm: off with
     # HF_HUB_DISABLE_PROGRESS_BARS=1 or transformers.utils.logging.disable_progress_bar(); main process only).
     progress = hf_logging.tqdm(
-        blocks, total=len(_groups(model, layers)), desc=f"{config.criterion} calibration", unit="block",
+        groups, total=None if config.sequential_calibration else len(_groups(model, layers)),
+        desc=f"{config.criterion} calibration", unit="group" if config.sequential_calibration else "block",
         disable=rank() != 0,
     )  # fmt: skip
     for stats in progress:
@@ -269,6 +292,7 @@ def _prune_block_by_block(model, layers, config: SparsityConfig, batches: list, 
                     config.sparsegpt_damping,
                     config.sparsegpt_block_size,
                     name,
+                    bias=local_tensor(layers[name].bias, f"{name}.bias") if stat.constant_input else None,
                 )
             else:
                 mask = wanda_mask(weight, stat.sq_norms, config.n, config.m, name)
