@@ -79,6 +79,12 @@ class Variant:
         mismatched: with `unlabeled`, also distill on this many mismatched pairs per training question: the question
             asked of another training paragraph, chosen at random (unanswerable there, almost always), so the
             student sees more inputs on which to match the dense model, with no new text.
+        sequential: `SparsityConfig.sequential_calibration` (calibrate each group of layers that share an input
+            after the earlier groups of its block are pruned).
+        update_bias: `SparsityConfig.sparsegpt_update_bias` (SparseGPT also updates each layer's bias).
+        calibrate_unlabeled: draw the calibration features from the training features and the unanswerable
+            questions' features together (calibration needs no labels).
+        damping: `SparsityConfig.sparsegpt_damping` (default: the config's).
     """
 
     name: str
@@ -93,6 +99,22 @@ class Variant:
     hidden_weight: float | None = None
     unlabeled: bool = False
     mismatched: int = 0
+    sequential: bool = False
+    update_bias: bool = False
+    calibrate_unlabeled: bool = False
+    damping: float | None = None
+
+    def pruning(self, samples: int) -> tuple:
+        """What decides the pruned model: variants with the same key share one zero-shot model."""
+        if self.criterion == "magnitude":
+            return ("magnitude",)
+        return (self.criterion, samples, self.sequential, self.update_bias, self.calibrate_unlabeled, self.damping)
+
+    def pruning_label(self, samples: int | str) -> str:
+        options = [f"calibration {samples}" + (" incl. unanswerable" if self.calibrate_unlabeled else "")]
+        options += ["sequential"] * self.sequential + ["bias"] * self.update_bias
+        options += [f"damping {self.damping:g}"] if self.damping is not None else []
+        return f"{self.criterion} ({', '.join(options)})" if self.criterion != "magnitude" else self.criterion
 
 
 def _table_grid() -> list[Variant]:
@@ -133,6 +155,18 @@ def _with_unlabeled(epochs: int, mismatched: int = 0) -> Variant:
     )
 
 
+def _zero_shot_grid() -> list[Variant]:
+    """SparseGPT's calibration options, zero-shot only: each alone and together, with 128 calibration features
+    and with every feature of the training file (answerable and unanswerable questions)."""
+    rows = []
+    for samples, unlabeled in ((128, False), (0, True)):
+        for sequential, bias in ((False, False), (True, False), (False, True), (True, True)):
+            variant = Variant("", "sparsegpt", samples, recover=False, sequential=sequential, update_bias=bias,
+                              calibrate_unlabeled=unlabeled)  # fmt: skip
+            rows.append(dataclasses.replace(variant, name=variant.pruning_label(samples or "all")))
+    return rows
+
+
 GRIDS = {
     "table": _table_grid,
     "explore": lambda: _table_grid() + _explore_grid(),
@@ -149,6 +183,7 @@ GRIDS = {
         *(_with_unlabeled(n) for n in (1, 2, 4)),
     ],  # fmt: skip
     "unlabeled-long": lambda: [_with_unlabeled(n) for n in (4, 8)],
+    "zero-shot": _zero_shot_grid,
     "mismatched": lambda: [_with_unlabeled(4), _with_unlabeled(2, mismatched=2)],
     "smoke": lambda: [
         Variant("magnitude", "magnitude"),
@@ -411,21 +446,29 @@ def run(args) -> dict:
             _check_24(model, config)
             row(variant.name, "gradual recovery", **stats, **evaluate(model))
             continue
-        samples = variant.calibration_samples or len(train_features)
-        key = (variant.criterion, samples if variant.criterion != "magnitude" else 0)
+        pool = train_features
+        if variant.calibrate_unlabeled:
+            pool = unlabeled_features(args, tokenizer, train_features)
+        samples = variant.calibration_samples or len(pool)
+        key = variant.pruning(samples)
         if key not in pruned_cache:
             pruned = copy.deepcopy(dense)
             start = time.perf_counter()
             calibration = None
             if variant.criterion != "magnitude":
-                config = dataclasses.replace(config, calibration_samples=samples)
-                order = torch.randperm(len(train_features), generator=torch.Generator().manual_seed(args.seed))
-                calibration = [train_features[i] for i in order[:samples].tolist()]
+                config = dataclasses.replace(
+                    config,
+                    calibration_samples=samples,
+                    sequential_calibration=variant.sequential,
+                    sparsegpt_update_bias=variant.update_bias,
+                    **({"sparsegpt_damping": variant.damping} if variant.damping is not None else {}),
+                )
+                order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed))
+                calibration = [pool[i] for i in order[:samples].tolist()]
             prune_(pruned, config, calibration_data=calibration)
             prune_s = time.perf_counter() - start
             pruned_cache[key] = (pruned, prune_s)
-            label = variant.criterion + (f" (calibration {samples})" if calibration is not None else "")
-            row(label, "zero-shot", prune_s=prune_s, **evaluate(pruned))
+            row(variant.pruning_label(samples), "zero-shot", prune_s=prune_s, **evaluate(pruned))
         pruned, prune_s = pruned_cache[key]
         if not variant.recover:
             continue
