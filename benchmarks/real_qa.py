@@ -140,7 +140,7 @@ def _explore_grid() -> list[Variant]:
     ]
 
 
-def _with_unlabeled(epochs: int, mismatched: int = 0) -> Variant:
+def _with_unlabeled(epochs: int, mismatched: int = 0, **pruning) -> Variant:
     """SparseGPT, then recovery with 10x hidden-state distillation on the training questions and the unanswerable
     ones (and `mismatched` pairs per question), for `epochs` times the recovery epochs."""
     extra = f", + {mismatched} mismatched pairs per question" if mismatched else ""
@@ -152,6 +152,7 @@ def _with_unlabeled(epochs: int, mismatched: int = 0) -> Variant:
         unlabeled=True,
         mismatched=mismatched,
         epochs=float(epochs),
+        **pruning,
     )
 
 
@@ -183,7 +184,15 @@ GRIDS = {
         *(_with_unlabeled(n) for n in (1, 2, 4)),
     ],  # fmt: skip
     "unlabeled-long": lambda: [_with_unlabeled(n) for n in (4, 8)],
-    "zero-shot": _zero_shot_grid,
+    "zero-shot": lambda: (
+        _zero_shot_grid()
+        + [
+            dataclasses.replace(
+                _with_unlabeled(4, sequential=True, update_bias=True, calibrate_unlabeled=True, calibration_samples=0),
+                name="sparsegpt (all features, sequential, bias) + distill hidden x10, + unlabeled questions, 4x epochs",
+            )
+        ]
+    ),
     "mismatched": lambda: [_with_unlabeled(4), _with_unlabeled(2, mismatched=2)],
     "smoke": lambda: [
         Variant("magnitude", "magnitude"),
