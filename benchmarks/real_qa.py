@@ -430,7 +430,14 @@ def run(args) -> dict:
     stats = train(dense, train_features, args, args.epochs, args.lr)
     row("dense", "dense", **stats, **evaluate(dense))
 
-    pruned_cache: dict[tuple[str, int], tuple[torch.nn.Module, float]] = {}
+    pruned_cache: dict[tuple, tuple[torch.nn.Module, float]] = {}
+    with_unlabeled: dict[int, object] = {}  # by mismatched pairs per question: tokenized once per run
+
+    def features_with_unlabeled(mismatched: int = 0):
+        if mismatched not in with_unlabeled:
+            with_unlabeled[mismatched] = unlabeled_features(args, tokenizer, train_features, mismatched)
+        return with_unlabeled[mismatched]
+
     for variant in GRIDS[args.grid]():
         lr = args.recovery_lr * (variant.lr or 1.0)
         epochs = args.recovery_epochs * (variant.epochs or 1.0)
@@ -457,7 +464,7 @@ def run(args) -> dict:
             continue
         pool = train_features
         if variant.calibrate_unlabeled:
-            pool = unlabeled_features(args, tokenizer, train_features)
+            pool = features_with_unlabeled()
         samples = variant.calibration_samples or len(pool)
         key = variant.pruning(samples)
         if key not in pruned_cache:
@@ -487,7 +494,7 @@ def run(args) -> dict:
         loss = _distill(variant.distill, copy.deepcopy(dense), model, args, variant.hidden_weight)
         features = train_features
         if variant.unlabeled:
-            features = unlabeled_features(args, tokenizer, train_features, variant.mismatched)
+            features = features_with_unlabeled(variant.mismatched)
             logger.info("%s: %d training features, %d of them unlabeled", variant.name, len(features),
                         len(features) - len(train_features))  # fmt: skip
         stats = train(model, features, args, epochs, lr, [callback], loss)
