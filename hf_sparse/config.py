@@ -109,6 +109,22 @@ class SparsityConfig:
             "absorb the pruning error."
         },
     )
+    sparsegpt_refit: bool = field(
+        default=False,
+        metadata={
+            "help": "sparsegpt: after the masks are chosen, solve each row's kept weights exactly (the least-squares "
+            "fit of the dense layer's output on the calibration inputs); SparseGPT's single pass only approximates "
+            "it. Costs one batched solve per layer."
+        },
+    )
+    sparsegpt_admm_steps: int = field(
+        default=0,
+        metadata={
+            "help": "sparsegpt: if > 0, also search each layer's mask by that many ADMM steps (the mask forms "
+            "gradually while the weights are fitted; 30 is a good start) and keep whichever mask, SparseGPT's or "
+            "ADMM's, refits to the lower output error. Implies sparsegpt_refit."
+        },
+    )
     mask_start_step: int = field(
         default=0,
         metadata={
@@ -169,6 +185,11 @@ class SparsityConfig:
                 f"sparsegpt_block_size must be a positive multiple of M={self.m} (e.g. 128); "
                 f"got {self.sparsegpt_block_size!r}."
             )
+        if not isinstance(self.sparsegpt_admm_steps, int) or self.sparsegpt_admm_steps < 0:
+            raise ValueError(
+                f"sparsegpt_admm_steps must be an integer >= 0 (0: off, 30 is a good start); "
+                f"got {self.sparsegpt_admm_steps!r}."
+            )
         if not isinstance(self.mask_start_step, int) or self.mask_start_step < 0:
             raise ValueError(f"mask_start_step must be an integer >= 0; got {self.mask_start_step!r}.")
         if self.mask_update_every is not None and (
@@ -211,6 +232,7 @@ _INTEGER_FIELDS = (
     "calibration_samples",
     "calibration_batch_size",
     "sparsegpt_block_size",
+    "sparsegpt_admm_steps",
     "mask_start_step",
     "mask_update_every",
     "mask_freeze_step",
@@ -218,6 +240,7 @@ _INTEGER_FIELDS = (
 _BOOL_FIELDS = (
     "sequential_calibration",
     "sparsegpt_update_bias",
+    "sparsegpt_refit",
     "swap_at_end",
     "log_per_layer",
 )

@@ -28,6 +28,8 @@ def test_bad_values_name_the_field_and_what_is_accepted():
         SparsityConfig(criterion="random")
     with pytest.raises(ValueError, match="mask_start_step must be an integer >= 0; got -1"):
         SparsityConfig(mask_start_step=-1)
+    with pytest.raises(ValueError, match=r"sparsegpt_admm_steps must be an integer >= 0 \(0: off, 30 is a good"):
+        SparsityConfig(sparsegpt_admm_steps=-5)
     with pytest.raises(ValueError, match="mask_update_every must be None or an integer >= 1; got 0"):
         SparsityConfig(mask_update_every=0)
     with pytest.raises(ValueError, match="mask_freeze_step=10 has no effect without mask_update_every"):

@@ -272,6 +272,8 @@ def test_tied_weights_are_selected_once_and_mask_updates_do_not_multiply_them():
         ("calibration_batch_size", 16.0),
         ("sparsegpt_block_size", True),
         ("sparsegpt_damping", True),
+        ("sparsegpt_admm_steps", True),
+        ("sparsegpt_refit", 1),
         ("swap_at_end", "no"),
         ("log_per_layer", 1),
     ],
