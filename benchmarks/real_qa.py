@@ -85,6 +85,8 @@ class Variant:
         calibrate_unlabeled: draw the calibration features from the training features and the unanswerable
             questions' features together (calibration needs no labels).
         damping: `SparsityConfig.sparsegpt_damping` (default: the config's).
+        refit: `SparsityConfig.sparsegpt_refit` (each row's kept weights solved exactly after SparseGPT's pass).
+        admm_steps: `SparsityConfig.sparsegpt_admm_steps` (also search each layer's mask by ADMM, keep the better).
     """
 
     name: str
@@ -103,17 +105,32 @@ class Variant:
     update_bias: bool = False
     calibrate_unlabeled: bool = False
     damping: float | None = None
+    refit: bool = False
+    admm_steps: int = 0
 
     def pruning(self, samples: int) -> tuple:
         """What decides the pruned model: variants with the same key share one zero-shot model."""
         if self.criterion == "magnitude":
             return ("magnitude",)
-        return (self.criterion, samples, self.sequential, self.update_bias, self.calibrate_unlabeled, self.damping)
+        return (
+            self.criterion,
+            samples,
+            self.sequential,
+            self.update_bias,
+            self.calibrate_unlabeled,
+            self.damping,
+            self.refit,
+            self.admm_steps,
+        )
 
     def pruning_label(self, samples: int | str) -> str:
         options = [f"calibration {samples}" + (" incl. unanswerable" if self.calibrate_unlabeled else "")]
         options += ["sequential"] * self.sequential + ["bias"] * self.update_bias
         options += [f"damping {self.damping:g}"] if self.damping is not None else []
+        if self.admm_steps:
+            options.append(f"ADMM {self.admm_steps}")
+        elif self.refit:
+            options.append("refit")
         return f"{self.criterion} ({', '.join(options)})" if self.criterion != "magnitude" else self.criterion
 
 
@@ -168,6 +185,19 @@ def _zero_shot_grid() -> list[Variant]:
     return rows
 
 
+def _reconstruction_grid() -> list[Variant]:
+    """SparseGPT's exact refit and ADMM mask search (with the bias update), zero-shot with 128 calibration features
+    and with every feature of the training file; then the best recovery from the default and from ADMM's model."""
+    rows = [Variant("sparsegpt (calibration 128)", recover=False)]
+    for samples, unlabeled in ((128, False), (0, True)):
+        for refit, admm_steps in ((False, 0), (True, 0), (False, 30)):
+            variant = Variant("", "sparsegpt", samples, recover=False, update_bias=True, refit=refit,
+                              admm_steps=admm_steps, calibrate_unlabeled=unlabeled)  # fmt: skip
+            rows.append(dataclasses.replace(variant, name=variant.pruning_label(samples or "all")))
+    best = _with_unlabeled(4, update_bias=True, admm_steps=30)
+    return rows + [_with_unlabeled(4), dataclasses.replace(best, name=f"sparsegpt (bias, ADMM 30){best.name[9:]}")]
+
+
 GRIDS = {
     "table": _table_grid,
     "explore": lambda: _table_grid() + _explore_grid(),
@@ -193,6 +223,7 @@ GRIDS = {
             )
         ]
     ),
+    "reconstruction": _reconstruction_grid,
     "mismatched": lambda: [_with_unlabeled(4), _with_unlabeled(2, mismatched=2)],
     "smoke": lambda: [
         Variant("magnitude", "magnitude"),
@@ -477,6 +508,8 @@ def run(args) -> dict:
                     calibration_samples=samples,
                     sequential_calibration=variant.sequential,
                     sparsegpt_update_bias=variant.update_bias,
+                    sparsegpt_refit=variant.refit,
+                    sparsegpt_admm_steps=variant.admm_steps,
                     **({"sparsegpt_damping": variant.damping} if variant.damping is not None else {}),
                 )
                 order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed))
