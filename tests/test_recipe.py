@@ -240,7 +240,9 @@ def test_real_data_defaults_apply_only_to_real_data():
     assert (args.max_seq_length, args.doc_stride, sparsity.criterion, args.distill) == (384, 128, "sparsegpt", True)
     assert (training.learning_rate, training.num_train_epochs, args.recovery_learning_rate) == (2e-4, 20, 1.5e-4)
     assert args.distill_hidden_weight == 10.0
+    assert (sparsity.sparsegpt_update_bias, sparsity.sparsegpt_admm_steps) == (True, 30)
     args, sparsity, training = recipe.parse_args([])
+    assert (sparsity.sparsegpt_update_bias, sparsity.sparsegpt_admm_steps) == (False, 0)
     assert (args.max_seq_length, args.doc_stride, sparsity.criterion, args.distill) == (48, 16, "magnitude", False)
 
 
