@@ -123,9 +123,9 @@ def sparsity_metadata(
                 "SparsityConfig it was pruned with, e.g. sparsity_metadata(model, SparsityConfig())."
             )
         pattern = existing.get("sparsity_pattern", "2:4")
-        criterion = existing.get("criterion")
+        criterion, options = existing.get("criterion"), existing.get("criterion_options", {})
     else:
-        pattern, criterion = config.sparsity_pattern, config.criterion
+        pattern, criterion, options = config.sparsity_pattern, config.criterion, config.criterion_options()
     n, m = parse_pattern(pattern)
     if layers is None:
         if config is None:
@@ -161,6 +161,7 @@ def sparsity_metadata(
         "format": "dense",
         "sparsity_pattern": f"{n}:{m}",
         "criterion": criterion,
+        **({"criterion_options": options} if options else {}),
         "layers": per_layer,
         "sparse_parameters": numel_total,
         "total_sparsity": round(zeros_total / numel_total, 6) if numel_total else 0.0,

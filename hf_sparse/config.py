@@ -224,6 +224,23 @@ class SparsityConfig:
             return step < self.mask_start_step
         return self.mask_freeze_step is None or step + 1 <= self.mask_freeze_step
 
+    def criterion_options(self) -> dict:
+        """The settings beyond `criterion` that decided the masks (empty for magnitude), as checkpoints record them.
+
+        Example:
+
+        ```python
+        >>> SparsityConfig(criterion="wanda").criterion_options()
+        {'calibration_samples': 128, 'sequential_calibration': False}
+        ```
+        """
+        if self.criterion == "magnitude":
+            return {}
+        names = ["calibration_samples", "sequential_calibration"]
+        if self.criterion == "sparsegpt":
+            names += ["sparsegpt_damping", "sparsegpt_update_bias", "sparsegpt_refit", "sparsegpt_admm_steps"]
+        return {name: getattr(self, name) for name in names}
+
     def to_dict(self) -> dict:
         return asdict(self)
 

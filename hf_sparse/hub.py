@@ -278,6 +278,7 @@ def model_card(
         index_bits=max(1, math.ceil(math.log2(m))),
         library_version=meta.get("library_version", __version__),
         criterion=meta.get("criterion"),
+        criterion_options=", ".join(f"{k}={v}" for k, v in meta.get("criterion_options", {}).items()),
         layers=meta["layers"],
         num_layers=len(meta["layers"]),
         sparse_parameters=meta.get("sparse_parameters", 0),

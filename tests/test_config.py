@@ -58,3 +58,12 @@ def test_config_drives_hf_argument_parser():
         ["--sparsity_pattern", "1:4", "--target_modules", "query", "key", "--mask_update_every", "10"]
     )
     assert (config.n, config.m, config.target_modules, config.mask_update_every) == (1, 4, ["query", "key"], 10)
+
+
+def test_criterion_options_are_the_settings_that_decided_the_masks():
+    assert SparsityConfig().criterion_options() == {}
+    options = SparsityConfig(
+        criterion="sparsegpt", sparsegpt_admm_steps=30, calibration_samples=64
+    ).criterion_options()
+    assert options["sparsegpt_admm_steps"] == 30 and options["calibration_samples"] == 64
+    assert "sparsegpt_damping" not in SparsityConfig(criterion="wanda").criterion_options()

@@ -3,6 +3,7 @@ the offline error, and resuming a finished run."""
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import time
@@ -231,7 +232,12 @@ def test_real_files_and_an_fp16_model_with_no_further_flags(tmp_path):
     # fp32 master weights from the fp16 checkpoint, and the masks named by the criterion that chose them.
     saved = json.loads((out / "sparse" / "config.json").read_text())
     assert saved["sparsity"]["criterion"] == "sparsegpt" and saved["dtype"] == "float32"
-    assert "Masks were chosen by `sparsegpt`" in (out / "sparse" / "README.md").read_text()
+    assert saved["sparsity"]["criterion_options"]["sparsegpt_admm_steps"] == 30
+    card = (out / "sparse" / "README.md").read_text()
+    chosen = re.search(r"Masks were chosen by `sparsegpt` \(([^)]*)\)", card)
+    assert chosen and {"calibration_samples=128", "sparsegpt_update_bias=True", "sparsegpt_admm_steps=30"} <= set(
+        chosen.group(1).split(", ")
+    ), card
 
 
 def test_real_data_defaults_apply_only_to_real_data():
