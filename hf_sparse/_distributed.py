@@ -113,8 +113,8 @@ def broadcast_masks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def broadcast_weights_(layers: dict[str, nn.Linear]) -> None:
-    """Copies rank 0's weights of `layers` to every data-parallel rank (after SparseGPT changed them). No-op
-    without `torch.distributed` or for sharded (DTensor) weights, whose ranks hold different rows."""
+    """Copies rank 0's weights and biases of `layers` to every data-parallel rank (after SparseGPT changed them).
+    No-op without `torch.distributed` or for sharded (DTensor) weights, whose ranks hold different rows."""
     if world_size() == 1:
         return
     dtensor = _dtensor_type()
@@ -122,6 +122,8 @@ def broadcast_weights_(layers: dict[str, nn.Linear]) -> None:
         if dtensor is not None and isinstance(layer.weight, dtensor):
             continue
         _broadcast_(layer.weight.data)
+        if layer.bias is not None:
+            _broadcast_(layer.bias.data)
 
 
 def gather_object(value) -> list:

@@ -356,13 +356,20 @@ def _calibrated_masks(model, layers, config, calibration_data, device) -> dict[s
 
 
 def _snapshot(layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
-    return {name: local_tensor(layer.weight).detach().to("cpu", copy=True) for name, layer in layers.items()}
+    """The weights and biases of `layers` (local shards), on the CPU: SparseGPT may change both."""
+    saved = {}
+    for name, layer in layers.items():
+        for kind in ("weight", "bias"):
+            if getattr(layer, kind, None) is not None:
+                saved[f"{name}.{kind}"] = local_tensor(getattr(layer, kind)).detach().to("cpu", copy=True)
+    return saved
 
 
 @torch.no_grad()
 def _restore_(layers: dict[str, nn.Linear], snapshot: dict[str, torch.Tensor]) -> None:
-    for name, saved in snapshot.items():
-        local_tensor(layers[name].weight).copy_(saved)
+    for key, saved in snapshot.items():
+        name, kind = key.rsplit(".", 1)
+        local_tensor(getattr(layers[name], kind)).copy_(saved)
 
 
 def _prune_block_by_block(model, layers, config: SparsityConfig, batches: list, on: torch.device) -> dict:

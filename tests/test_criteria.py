@@ -332,4 +332,5 @@ def test_two_processes_end_with_rank_0_masks_and_weights(tmp_path, criterion):
     ranks = torchrun_two_ranks("prune_ranks.py", tmp_path, criterion)
     assert ranks[0]["mask_digest"] == ranks[1]["mask_digest"] == ranks[0]["reference_digest"]
     assert ranks[0]["weights_sum"] == ranks[1]["weights_sum"] == ranks[0]["reference_weights_sum"]
+    assert ranks[0]["biases_sum"] == ranks[1]["biases_sum"] == ranks[0]["reference_biases_sum"]  # SparseGPT's bias
     assert all(r["all_2_4"] and r["masks_follow_weights"] for r in ranks)

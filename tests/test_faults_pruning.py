@@ -33,7 +33,7 @@ class Boom(Exception):
 
 
 @pytest.mark.parametrize("error", [Boom, KeyboardInterrupt], ids=["exception", "keyboard-interrupt"])
-@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt", "sparsegpt-bias"])
 def test_failure_in_a_later_block_leaves_every_block_as_it_was(criterion, error):
     model = _bert()
     before = _state(model)
@@ -43,8 +43,12 @@ def test_failure_in_a_later_block_leaves_every_block_as_it_was(criterion, error)
 
     model.bert.encoder.layer[1].register_forward_pre_hook(fail)
     with pytest.raises(error, match="block 1 failed"):
-        prune_(model, SparsityConfig(criterion=criterion, calibration_samples=8), calibration_data=DATA)
-    assert _unchanged(model, before)  # block 0 had been pruned (and, for SparseGPT, updated) before the failure
+        options = {"criterion": "sparsegpt", "sparsegpt_update_bias": True} if criterion == "sparsegpt-bias" else {}
+        prune_(
+            model, SparsityConfig(**{"criterion": criterion, **options}, calibration_samples=8), calibration_data=DATA
+        )
+    # block 0 had been pruned (and, for SparseGPT, updated, with its biases too) before the failure
+    assert _unchanged(model, before)
 
 
 @pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
