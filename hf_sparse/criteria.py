@@ -98,7 +98,7 @@ def sparsegpt_prune_(
     the error of every pruned column is also spread onto it (the shift of the output's mean is absorbed).
 
     SparseGPT's one pass is an approximation: each column's update only reaches the columns after it. With
-    `refit`, the kept weights of every row are then solved for exactly (`refit_kept_`): the least-squares fit of the
+    `refit`, the kept weights of every row are then solved for exactly (`refit_kept`): the least-squares fit of the
     dense layer's output under the chosen mask. With `admm_steps`, a second mask is also searched by ADMM (`admm_mask`,
     a mask that forms gradually while the weights are fitted) and refit; the layer keeps whichever of the two masks
     has the lower output error on the calibration inputs, so it is never worse than `refit` alone.
@@ -170,10 +170,10 @@ def sparsegpt_prune_(
         W[:, end:] -= Err1 @ Hinv[start:end, end:]  # with a bias, its column (the last) is updated too
     del Hinv
     if dense is not None:
-        W = refit_kept_(dense, H, keep, damping, name)
+        W = refit_kept(dense, H, keep, damping, name)
         if admm_steps:
             admm_keep = admm_mask(dense, H, n, m, admm_steps, name)
-            admm_W = refit_kept_(dense, H, admm_keep, damping, name)
+            admm_W = refit_kept(dense, H, admm_keep, damping, name)
             if output_error(dense, admm_W, H) < output_error(dense, W, H):
                 keep, W = admm_keep, admm_W
     weight.copy_(W[:, :cols].to(weight.device, weight.dtype))
@@ -189,7 +189,7 @@ def output_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tenso
 
 
 @torch.no_grad()
-def refit_kept_(
+def refit_kept(
     dense: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, damping: float = 0.01, name: str = "weight"
 ) -> torch.Tensor:
     """The exact least-squares weights under a mask: each row's kept weights that best reproduce the dense row.

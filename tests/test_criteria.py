@@ -11,7 +11,7 @@ from transformers import BertForQuestionAnswering, Trainer, TrainingArguments
 
 from hf_sparse import SparsityCallback, SparsityConfig, prune_, sparsity_report
 from hf_sparse.calibration import _input_groups, block_statistics, calibration_batches
-from hf_sparse.criteria import admm_mask, compute_masks, output_error, refit_kept_, sparsegpt_prune_, wanda_mask
+from hf_sparse.criteria import admm_mask, compute_masks, output_error, refit_kept, sparsegpt_prune_, wanda_mask
 from hf_sparse.selection import select_layers
 from tests.conftest import RandomQADataset, tiny_bert_config
 
@@ -158,7 +158,7 @@ def test_refit_solves_each_rows_least_squares_under_its_mask():
     dense = torch.randn(8, 32)
     sgpt = dense.clone()
     mask = sparsegpt_prune_(sgpt, H)
-    refit = refit_kept_(dense, H, mask, damping=0.0)
+    refit = refit_kept(dense, H, mask, damping=0.0)
     assert torch.equal(refit != 0, mask)
     for row in range(8):  # each row: the least-squares fit of the dense row's outputs on its kept inputs
         kept = mask[row].nonzero().squeeze(1)
@@ -168,7 +168,7 @@ def test_refit_solves_each_rows_least_squares_under_its_mask():
     uneven = mask.clone()
     uneven[0, mask[0].nonzero()[0]] = False
     with pytest.raises(ValueError, match="fc: every row of the mask must keep the same number"):
-        refit_kept_(dense, H, uneven, name="fc")
+        refit_kept(dense, H, uneven, name="fc")
 
 
 def test_sparsegpt_refit_and_admm_lower_the_layer_error_step_by_step():
