@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--criteria", default="magnitude,wanda,sparsegpt")
     parser.add_argument("--calibration-samples", type=int, default=256)
     parser.add_argument("--sparsegpt-damping", type=float, default=0.01)
+    parser.add_argument("--sparsegpt-update-bias", action="store_true", help="SparsityConfig.sparsegpt_update_bias")
+    parser.add_argument("--sparsegpt-admm-steps", type=int, default=0, help="SparsityConfig.sparsegpt_admm_steps")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--recover", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--epochs", type=float, default=1.0)
@@ -225,7 +227,11 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(args.seed)
         model = copy.deepcopy(dense).requires_grad_(True)  # the teacher (dense) is frozen by DistillationLoss
         config = SparsityConfig(
-            criterion=criterion, calibration_samples=args.calibration_samples, sparsegpt_damping=args.sparsegpt_damping
+            criterion=criterion,
+            calibration_samples=args.calibration_samples,
+            sparsegpt_damping=args.sparsegpt_damping,
+            sparsegpt_update_bias=args.sparsegpt_update_bias,
+            sparsegpt_admm_steps=args.sparsegpt_admm_steps,
         )
         started = time.perf_counter()
         masks = prune_(model, config, calibration_data=calibration, device=args.device)
