@@ -31,12 +31,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
 
+from ._load_once import LoadOnce
 from .quantization import E4M3_MAX
 
 logger = logging.getLogger(__name__)
@@ -134,11 +134,6 @@ class _Library:
         return found
 
 
-_LIBRARY: _Library | None = None
-_LIBRARY_ERROR: str | None = None
-_LOCK = threading.Lock()
-
-
 def _loaded_library_path() -> str | None:
     """The path of the libcusparseLt this process has mapped (PyTorch loads it on its first cuSPARSELt call)."""
     try:
@@ -152,33 +147,29 @@ def _loaded_library_path() -> str | None:
     return None
 
 
+def _bind() -> _Library:
+    if not torch.cuda.is_available() or not torch.backends.cusparselt.is_available():
+        raise RuntimeError("no CUDA GPU, or this PyTorch build has no cuSPARSELt")
+    path = _loaded_library_path()
+    if path is None:  # make PyTorch load it, then look again
+        torch._cslt_compress(torch.zeros(32, 32, dtype=torch.float16, device="cuda"))
+        path = _loaded_library_path()
+    if path is None:
+        raise RuntimeError("PyTorch's libcusparseLt is not in /proc/self/maps (not Linux, or linked in)")
+    bound = _Library(path)
+    bound.handle(torch.cuda.current_device())
+    logger.info("hf-sparse: bound %s (cuSPARSELt %s) for planned 2:4 matmuls.", bound.path, bound.version)
+    return bound
+
+
+_LIBRARY = LoadOnce(
+    _bind, lambda err: f"cannot bind cuSPARSELt: {err}", RuntimeError, (RuntimeError, OSError, AttributeError)
+)
+
+
 def library() -> _Library:
     """The bound libcusparseLt (the one PyTorch uses); raises `RuntimeError` saying why when it cannot be bound."""
-    global _LIBRARY, _LIBRARY_ERROR
-    if _LIBRARY is not None:
-        return _LIBRARY
-    with _LOCK:
-        if _LIBRARY is not None:
-            return _LIBRARY
-        if _LIBRARY_ERROR is not None:
-            raise RuntimeError(_LIBRARY_ERROR)
-        try:
-            if not torch.cuda.is_available() or not torch.backends.cusparselt.is_available():
-                raise RuntimeError("no CUDA GPU, or this PyTorch build has no cuSPARSELt")
-            path = _loaded_library_path()
-            if path is None:  # make PyTorch load it, then look again
-                torch._cslt_compress(torch.zeros(32, 32, dtype=torch.float16, device="cuda"))
-                path = _loaded_library_path()
-            if path is None:
-                raise RuntimeError("PyTorch's libcusparseLt is not in /proc/self/maps (not Linux, or linked in)")
-            bound = _Library(path)
-            bound.handle(torch.cuda.current_device())
-        except (RuntimeError, OSError, AttributeError) as err:
-            _LIBRARY_ERROR = f"cannot bind cuSPARSELt: {err}"
-            raise RuntimeError(_LIBRARY_ERROR) from err
-        _LIBRARY = bound
-        logger.info("hf-sparse: bound %s (cuSPARSELt %s) for planned 2:4 matmuls.", bound.path, bound.version)
-        return bound
+    return _LIBRARY()
 
 
 PLANNED_ENV = "HF_SPARSE_PLANNED_MATMULS"

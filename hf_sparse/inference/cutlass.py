@@ -35,12 +35,13 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from ._load_once import LoadOnce
 
 logger = logging.getLogger(__name__)
 
@@ -237,36 +238,27 @@ class _Library:
         return found
 
 
-_LIBRARY: _Library | None = None
-_LIBRARY_ERROR: str | None = None
-_LOCK = threading.Lock()
+def _load() -> _Library:
+    path = Path(os.environ[LIB_ENV]) if os.environ.get(LIB_ENV) else build()
+    loaded = _Library(path)
+    logger.info("hf-sparse: loaded the CUTLASS 2:4 kernels from %s (%s).", path, ", ".join(loaded.configs))
+    return loaded
+
+
+def _unavailable(err: BaseException) -> str:
+    # once per process, in full (restart to retry); reports carry its first line
+    logger.warning("hf-sparse: the CUTLASS 2:4 kernels are unavailable (cuSPARSELt alone runs): %s", err)
+    return f"the CUTLASS 2:4 kernels are unavailable: {str(err).splitlines()[0]}"
+
+
+_LIBRARY = LoadOnce(
+    _load, _unavailable, CutlassError, (CutlassError, OSError, AttributeError, subprocess.SubprocessError)
+)
 
 
 def library() -> _Library:
     """The CUTLASS library, built on first use; raises `CutlassError` saying why when it cannot be had."""
-    global _LIBRARY, _LIBRARY_ERROR
-    if _LIBRARY is not None:
-        return _LIBRARY
-    with _LOCK:
-        if _LIBRARY is not None:
-            return _LIBRARY
-        if _LIBRARY_ERROR is not None:
-            raise CutlassError(_LIBRARY_ERROR)
-        try:
-            path = Path(os.environ[LIB_ENV]) if os.environ.get(LIB_ENV) else build()
-            _LIBRARY = _Library(path)
-        except (
-            CutlassError,
-            OSError,
-            AttributeError,
-            subprocess.SubprocessError,
-        ) as err:  # remembered: restart to retry
-            # once per process, in full; reports carry its first line
-            logger.warning("hf-sparse: the CUTLASS 2:4 kernels are unavailable (cuSPARSELt alone runs): %s", err)
-            _LIBRARY_ERROR = f"the CUTLASS 2:4 kernels are unavailable: {str(err).splitlines()[0]}"
-            raise CutlassError(_LIBRARY_ERROR) from err
-        logger.info("hf-sparse: loaded the CUTLASS 2:4 kernels from %s (%s).", path, ", ".join(_LIBRARY.configs))
-        return _LIBRARY
+    return _LIBRARY()
 
 
 def device_problem(device: torch.device | str | None = None) -> str | None:
@@ -280,9 +272,9 @@ def device_problem(device: torch.device | str | None = None) -> str | None:
     capability = torch.cuda.get_device_capability(device)
     if tuple(capability) != (9, 0):
         return f"the CUTLASS 2:4 kernels are built for sm_90 (H100, H200); this GPU is {capability[0]}.{capability[1]}"
-    if _LIBRARY is None and not os.environ.get(LIB_ENV) and (nvcc() is None or headers() is None):
+    if _LIBRARY.value is None and not os.environ.get(LIB_ENV) and (nvcc() is None or headers() is None):
         return _missing_toolchain(nvcc(), headers())
-    return _LIBRARY_ERROR
+    return _LIBRARY.failure
 
 
 def shape_problem(out_features: int, in_features: int, dtype: torch.dtype) -> str | None:
