@@ -154,6 +154,16 @@ def test_shape_and_toolchain_problems_say_what_would_work(monkeypatch):
     assert cutlass.device_problem() == "HF_SPARSE_CUTLASS=0"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA GPU")
+def test_without_a_gpu_the_library_is_refused_before_anything_compiles(monkeypatch):
+    monkeypatch.setattr(cutlass, "build", lambda *args, **kwargs: pytest.fail("compiled on a machine with no GPU"))
+    monkeypatch.delenv(cutlass.LIB_ENV, raising=False)
+    with pytest.raises(
+        cutlass.CutlassError, match=r"unavailable: no CUDA GPU; to compile them for later, call .*build"
+    ):
+        cutlass.library()
+
+
 # -- the kernels (sm_90 GPU) -----------------------------------------------------------------------------------------
 
 _PROBLEM = cutlass.device_problem() if torch.cuda.is_available() else "no CUDA GPU"

@@ -239,6 +239,8 @@ class _Library:
 
 
 def _load() -> _Library:
+    if not torch.cuda.is_available():  # nothing could run them: do not spend minutes compiling
+        raise CutlassError("no CUDA GPU; to compile them for later, call hf_sparse.inference.cutlass.build()")
     path = Path(os.environ[LIB_ENV]) if os.environ.get(LIB_ENV) else build()
     loaded = _Library(path)
     logger.info("hf-sparse: loaded the CUTLASS 2:4 kernels from %s (%s).", path, ", ".join(loaded.configs))
