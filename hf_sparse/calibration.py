@@ -356,17 +356,18 @@ def _group_inputs(
     def stop(module, args, output):
         raise _StopForward
 
+    def stop_once_all_ran(module, args, output):
+        if len(seen) == len(targets):
+            raise _StopForward
+
     for name, module in targets.items():
 
         def record(module, args, kwargs, _name=name):
             seen.setdefault(_name, []).append((args[0] if args else kwargs.get("input")).detach())
 
-        def after(module, args, output):
-            if stop_after_group and len(seen) == len(targets):
-                raise _StopForward
-
         handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
-        handles.append(module.register_forward_hook(after))
+        if stop_after_group:
+            handles.append(module.register_forward_hook(stop_once_all_ran))
     if block is not None and not stop_after_group:
         handles.append(block.register_forward_hook(stop))
     try:
