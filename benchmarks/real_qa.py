@@ -108,20 +108,27 @@ class Variant:
     refit: bool = False
     admm_steps: int = 0
 
+    def sparsity(self, samples: int) -> SparsityConfig:
+        """The config that prunes this variant's zero-shot model with `samples` calibration features."""
+        config = SparsityConfig(criterion=self.criterion, log_per_layer=False)
+        if self.criterion == "magnitude":
+            return config
+        return dataclasses.replace(
+            config,
+            calibration_samples=samples,
+            sequential_calibration=self.sequential,
+            sparsegpt_update_bias=self.update_bias,
+            sparsegpt_refit=self.refit,
+            sparsegpt_admm_steps=self.admm_steps,
+            **({"sparsegpt_damping": self.damping} if self.damping is not None else {}),
+        )
+
     def pruning(self, samples: int) -> tuple:
         """What decides the pruned model: variants with the same key share one zero-shot model."""
         if self.criterion == "magnitude":
             return ("magnitude",)
-        return (
-            self.criterion,
-            samples,
-            self.sequential,
-            self.update_bias,
-            self.calibrate_unlabeled,
-            self.damping,
-            self.refit,
-            self.admm_steps,
-        )
+        options = self.sparsity(samples).criterion_options()
+        return (self.criterion, self.calibrate_unlabeled, *sorted(options.items()))
 
     def pruning_label(self, samples: int | str) -> str:
         options = [f"calibration {samples}" + (" incl. unanswerable" if self.calibrate_unlabeled else "")]
@@ -502,16 +509,8 @@ def run(args) -> dict:
             pruned = copy.deepcopy(dense)
             start = time.perf_counter()
             calibration = None
+            config = variant.sparsity(samples)
             if variant.criterion != "magnitude":
-                config = dataclasses.replace(
-                    config,
-                    calibration_samples=samples,
-                    sequential_calibration=variant.sequential,
-                    sparsegpt_update_bias=variant.update_bias,
-                    sparsegpt_refit=variant.refit,
-                    sparsegpt_admm_steps=variant.admm_steps,
-                    **({"sparsegpt_damping": variant.damping} if variant.damping is not None else {}),
-                )
                 order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed))
                 calibration = [pool[i] for i in order[:samples].tolist()]
             prune_(pruned, config, calibration_data=calibration)
