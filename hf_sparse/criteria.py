@@ -85,6 +85,7 @@ def sparsegpt_prune_(
     bias: torch.Tensor | None = None,
     refit: bool = False,
     admm_steps: int = 0,
+    refit_method: str = "auto",
 ) -> torch.Tensor:
     """SparseGPT N:M pruning of one weight in place: mask selection plus the OBS update of the kept weights.
 
@@ -114,6 +115,7 @@ def sparsegpt_prune_(
         bias: `(out_features,)` bias, updated in place with the kept weights.
         refit: solve each row's kept weights exactly after the pass.
         admm_steps: if > 0, also search a mask by that many ADMM steps and keep the better (implies `refit`).
+        refit_method: the refit's solver, "auto", "cholesky" or "cg" (see `refit_kept`).
 
     Returns:
         The boolean mask of kept weights, on `weight`'s device.
@@ -170,10 +172,10 @@ def sparsegpt_prune_(
         W[:, end:] -= Err1 @ Hinv[start:end, end:]  # with a bias, its column (the last) is updated too
     del Hinv
     if dense is not None:
-        W = refit_kept(dense, H, keep, damping, name)
+        W = refit_kept(dense, H, keep, damping, name, start=W, method=refit_method)
         if admm_steps:
             admm_keep = admm_mask(dense, H, n, m, admm_steps, name)
-            admm_W = refit_kept(dense, H, admm_keep, damping, name)
+            admm_W = refit_kept(dense, H, admm_keep, damping, name, method=refit_method)
             if output_error(dense, admm_W, H) < output_error(dense, W, H):
                 keep, W = admm_keep, admm_W
     weight.copy_(W[:, :cols].to(weight.device, weight.dtype))
@@ -188,15 +190,32 @@ def output_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tenso
     return torch.einsum("ij,jk,ik->", diff, hessian, diff).item()
 
 
+CG_MIN_KEPT = 1024
+"""On a GPU, `refit_kept` solves rows that keep at least this many weights by conjugate gradients: one batched
+Cholesky factorisation per row costs `k^3 / 3` and runs far below the GPU's matmul speed (a 4096x14336 layer: 38.6 s
+on an H100), while each conjugate-gradient step is one `rows x size x size` matmul for all rows at once."""
+
+
 @torch.no_grad()
 def refit_kept(
-    dense: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, damping: float = 0.01, name: str = "weight"
+    dense: torch.Tensor,
+    hessian: torch.Tensor,
+    keep: torch.Tensor,
+    damping: float = 0.01,
+    name: str = "weight",
+    start: torch.Tensor | None = None,
+    method: str = "auto",
 ) -> torch.Tensor:
     """The exact least-squares weights under a mask: each row's kept weights that best reproduce the dense row.
 
-    Row `r` with kept inputs `S` solves `(H_SS + λI) w_S = (H w_r)_S`, the minimum of `||X (w_r - w)||^2` over the
-    weights that are zero outside `S` (`H = X^T X`, λ = `damping` times the mean diagonal). Rows are solved in
-    batches (`H_SS` gathered per row, Cholesky solves), at most ~256 MiB of gathered matrices at a time.
+    Row `r` with kept inputs `S` solves `(H_SS + λI) w_S = (H w_r)_S`, the minimum of `||X (w_r - w)||^2 + λ||w||^2`
+    over the weights that are zero outside `S` (`H = X^T X`, λ = `damping` times the mean diagonal).
+
+    Two solvers give the same weights: "cholesky" gathers `H_SS` per row and factorises it (rows in batches, at most
+    ~256 MiB of gathered matrices at a time); "cg" runs Jacobi-preconditioned conjugate gradients on all rows at once
+    until every row's preconditioned residual is 1e-3 of its first (on real BERT Hessians the fitted output error then
+    matches Cholesky's to 1e-5 of the refit's gain). "auto" takes "cg" on a GPU for rows of `CG_MIN_KEPT` or more kept
+    weights, else "cholesky".
 
     Args:
         dense: `(rows, size)` float32 dense weights (with a bias column last, when the bias is fitted too).
@@ -204,6 +223,8 @@ def refit_kept(
         keep: `(rows, cols)` boolean mask with the same count per row; columns `cols..size` (a bias) always kept.
         damping: as `sparsegpt_damping`.
         name: the layer, for error messages.
+        start: "cg": the weights to start from (e.g. SparseGPT's); default `dense` under the mask.
+        method: "auto", "cholesky" or "cg".
 
     Returns:
         The `(rows, size)` refit weights, zero outside the mask.
@@ -213,14 +234,20 @@ def refit_kept(
     per_row = kept.sum(dim=1)
     if (per_row != per_row[0]).any():
         raise ValueError(f"{name}: every row of the mask must keep the same number of weights to refit them.")
-    index = kept.nonzero()[:, 1].reshape(rows, -1)  # row-major: each row's kept columns, in order
-    k = index.shape[1]
+    if method not in ("auto", "cholesky", "cg"):
+        raise ValueError(f"{name}: refit method must be 'auto', 'cholesky' or 'cg'; got {method!r}.")
+    k = int(per_row[0])
+    if method == "auto":
+        method = "cg" if hessian.device.type == "cuda" and k >= CG_MIN_KEPT else "cholesky"
     H = hessian + damping * torch.diag(hessian).mean() * torch.eye(size, device=hessian.device)
     target = dense @ hessian  # row r: (H w_r)^T
+    if method == "cg":
+        return _conjugate_gradients(H, target, kept, dense if start is None else start, name)
+    index = kept.nonzero()[:, 1].reshape(rows, -1)  # row-major: each row's kept columns, in order
     fitted = torch.zeros_like(dense)
     chunk = max(1, (256 << 20) // (4 * k * k))
-    for start in range(0, rows, chunk):
-        rows_index = index[start : start + chunk]
+    for first in range(0, rows, chunk):
+        rows_index = index[first : first + chunk]
         H_kept = H[rows_index[:, :, None], rows_index[:, None, :]]
         lower, info = torch.linalg.cholesky_ex(H_kept)
         if (info != 0).any():
@@ -228,9 +255,45 @@ def refit_kept(
                 f"{name}: the Hessian restricted to the kept inputs is not positive definite; "
                 "raise sparsegpt_damping or give more calibration samples."
             )
-        solved = torch.cholesky_solve(torch.gather(target[start : start + chunk], 1, rows_index)[:, :, None], lower)
-        fitted[start : start + chunk].scatter_(1, rows_index, solved.squeeze(2))
+        solved = torch.cholesky_solve(torch.gather(target[first : first + chunk], 1, rows_index)[:, :, None], lower)
+        fitted[first : first + chunk].scatter_(1, rows_index, solved.squeeze(2))
     return fitted
+
+
+def _conjugate_gradients(
+    H: torch.Tensor, target: torch.Tensor, kept: torch.Tensor, start: torch.Tensor, name: str, tol: float = 1e-3
+) -> torch.Tensor:
+    """Solves `(H w)_S = target_S` for every row's kept set `S` at once (`H` damped, symmetric positive definite) by
+    Jacobi-preconditioned conjugate gradients, from `start` under the mask."""
+    mask = kept.to(H.dtype)
+    inverse_diag = 1.0 / torch.diag(H)[None, :]
+    w = start.to(H.dtype) * mask
+    residual = (target - w @ H) * mask
+    z = residual * inverse_diag
+    direction = z.clone()
+    rz = (residual * z).sum(dim=1)
+    stop = rz * tol**2
+    limit = 10 * kept.shape[1]
+    for _ in range(limit):
+        if (rz <= stop).all():
+            return w
+        product = (direction @ H) * mask
+        curvature = (direction * product).sum(dim=1)
+        alpha = torch.where(curvature > 0, rz / curvature, torch.zeros_like(rz))
+        w += alpha[:, None] * direction
+        residual -= alpha[:, None] * product
+        z = residual * inverse_diag
+        rz_next = (residual * z).sum(dim=1)
+        direction = z + (rz_next / rz.clamp_min(torch.finfo(rz.dtype).tiny))[:, None] * direction
+        rz = rz_next
+    logger.warning(
+        "hf-sparse: %s: the refit stopped after %d conjugate-gradient steps short of its tolerance (worst row's "
+        "residual %.2g of its first); its weights are still better than where it started.",
+        name,
+        limit,
+        (rz / stop.clamp_min(torch.finfo(rz.dtype).tiny)).max().sqrt().item() * tol,
+    )
+    return w
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from transformers import BertForQuestionAnswering, Trainer, TrainingArguments
 from hf_sparse import SparsityCallback, SparsityConfig, prune_, sparsity_report
 from hf_sparse.calibration import _input_groups, block_statistics, calibration_batches
 from hf_sparse.criteria import admm_mask, compute_masks, output_error, refit_kept, sparsegpt_prune_, wanda_mask
+from hf_sparse.masks import nm_mask
 from hf_sparse.selection import select_layers
 from tests.conftest import RandomQADataset, tiny_bert_config
 
@@ -169,6 +170,59 @@ def test_refit_solves_each_rows_least_squares_under_its_mask():
     uneven[0, mask[0].nonzero()[0]] = False
     with pytest.raises(ValueError, match="fc: every row of the mask must keep the same number"):
         refit_kept(dense, H, uneven, name="fc")
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_conjugate_gradient_refit_gives_the_cholesky_weights(with_bias):
+    # Ill-conditioned, as real activations are: correlated inputs with two outlier channels 30x larger
+    x = _correlated_inputs(2048, 64, seed=5)
+    x[:, [3, 40]] *= 30.0
+    if with_bias:
+        x = torch.cat([x, torch.ones(len(x), 1)], dim=1)
+    H = x.T @ x
+    torch.manual_seed(0)
+    dense = torch.randn(24, x.shape[1])
+    sgpt = dense[:, :64].clone()
+    mask = sparsegpt_prune_(sgpt, x[:, :64].T @ x[:, :64])
+    cholesky = refit_kept(dense, H, mask, method="cholesky")
+    for start in (None, torch.cat([sgpt, dense[:, 64:]], dim=1)):
+        cg = refit_kept(dense, H, mask, method="cg", start=start)
+        assert torch.equal(cg[:, :64] != 0, mask)
+        torch.testing.assert_close(cg, cholesky, rtol=0, atol=2e-3 * cholesky.abs().max().item())
+        assert output_error(dense, cg, H) == pytest.approx(output_error(dense, cholesky, H), rel=1e-4)
+    assert torch.equal(refit_kept(dense, H, mask), cholesky)  # "auto" on the CPU: Cholesky
+    with pytest.raises(ValueError, match="fc: refit method must be 'auto', 'cholesky' or 'cg'; got 'lu'"):
+        refit_kept(dense, H, mask, method="lu", name="fc")
+
+
+def test_conjugate_gradients_that_cannot_reach_the_tolerance_stop_and_say_so(caplog):
+    from hf_sparse.criteria import _conjugate_gradients
+
+    x = _correlated_inputs(512, 32, seed=1)
+    H = x.T @ x + 0.01 * torch.eye(32)
+    torch.manual_seed(0)
+    dense = torch.randn(4, 32)
+    mask = nm_mask(dense)
+    with caplog.at_level("WARNING", logger="hf_sparse.criteria"):
+        w = _conjugate_gradients(H, dense @ (x.T @ x), mask, dense, "fc", tol=0.0)
+    assert "fc: the refit stopped after 320 conjugate-gradient steps" in caplog.text
+    assert torch.equal(w != 0, mask) and torch.isfinite(w).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the refit picks conjugate gradients there)"
+)
+def test_on_a_gpu_large_rows_are_refit_by_conjugate_gradients_to_the_same_weights():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 2048, device="cuda", generator=g) @ torch.randn(2048, 2048, device="cuda", generator=g)
+    H = x.T @ x
+    dense = torch.randn(256, 2048, device="cuda", generator=g)
+    mask = nm_mask(dense)
+    auto = refit_kept(dense, H, mask)  # 1024 kept weights per row: conjugate gradients
+    cholesky = refit_kept(dense, H, mask, method="cholesky")
+    torch.testing.assert_close(auto, refit_kept(dense, H, mask, method="cg"))
+    assert output_error(dense, auto, H) == pytest.approx(output_error(dense, cholesky, H), rel=1e-4)
 
 
 def test_sparsegpt_refit_and_admm_lower_the_layer_error_step_by_step():
