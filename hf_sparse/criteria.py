@@ -274,8 +274,9 @@ def _conjugate_gradients(
     rz = (residual * z).sum(dim=1)
     stop = rz * tol**2
     limit = 10 * kept.shape[1]
-    for _ in range(limit):
+    for step in range(limit):
         if (rz <= stop).all():
+            logger.debug("hf-sparse: %s: refit by %d conjugate-gradient steps.", name, step)
             return w
         product = (direction @ H) * mask
         curvature = (direction * product).sum(dim=1)
