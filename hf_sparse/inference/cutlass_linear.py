@@ -16,16 +16,13 @@ separate GELU step); this module only runs it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from . import cutlass
 from .autotune import Plan, dtype_name, token_bucket
 from .cuda_graphs import GENERATION
-from .layers import _emit_state, _load_state, _probe, copy_bias, custom_op, new_weight
+from .layers import SwappedLinear, _probe, copy_bias, custom_op, nearest_bucket, new_weight
 
 
 def cutlass_linear_op():
@@ -46,7 +43,7 @@ def _decompress(values: torch.Tensor, meta: torch.Tensor, out_features: int, in_
     return cutlass.sparse_linear(eye, values, meta, None, out_features).t().contiguous()
 
 
-class CutlassSparseLinear(nn.Module):
+class CutlassSparseLinear(SwappedLinear):
     """`x @ W.T + b` (`gelu=True`: `gelu(x @ W.T + b)`) for a 2:4 fp16 weight in one CUTLASS kernel, with an optional
     dense copy for the token counts where dense is faster.
 
@@ -65,8 +62,6 @@ class CutlassSparseLinear(nn.Module):
         name: the layer's name, for messages.
     """
 
-    emits_state = True
-
     def __init__(
         self,
         weight: torch.Tensor,
@@ -77,10 +72,8 @@ class CutlassSparseLinear(nn.Module):
         keep_dense: bool = False,
         name: str = "",
     ):
-        super().__init__()
+        super().__init__(weight, bias, name=name)
         weight = weight.detach()
-        self.out_features, self.in_features = weight.shape
-        self.name = name
         self.gelu = bool(gelu)
         self.plans: dict[int, Plan] = dict(plans or {})
         cutlass_linear_op()  # registering the op later, while torch.compile traces, would break the graph
@@ -88,9 +81,6 @@ class CutlassSparseLinear(nn.Module):
         self.register_buffer("values", values, persistent=False)
         self.register_buffer("meta", meta, persistent=False)
         self.register_buffer("dense_weight", weight.clone().contiguous() if keep_dense else None, persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
-        self.register_state_dict_post_hook(_emit_state)
-        self.register_load_state_dict_pre_hook(_load_state)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -131,7 +121,7 @@ class CutlassSparseLinear(nn.Module):
         if dtype == self.values.dtype:
             return None
         return (
-            f"{self.name or 'CutlassSparseLinear'}: a 2:4 layer on the CUTLASS kernel runs float16 weights; cannot "
+            f"{self.label}: a 2:4 layer on the CUTLASS kernel runs float16 weights; cannot "
             f"make it {dtype_name(dtype)}. Call hf_sparse.restore_dense_(model) first for a dense model you can cast "
             "anywhere."
         )
@@ -143,17 +133,13 @@ class CutlassSparseLinear(nn.Module):
         bucket = token_bucket(tokens)
         found = self.plans.get(bucket)
         if found is None:
-            found = self.plans[min(self.plans, key=lambda b: abs(math.log2(b) - math.log2(bucket)))]
+            found = self.plans[nearest_bucket(self.plans, bucket)]
         if found.backend == "dense" and self.dense_weight is None:
             return Plan("sparse")
         return found
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.dtype:
-            raise TypeError(
-                f"{self.name or 'CutlassSparseLinear'}: input is {dtype_name(x.dtype)} but the weights are "
-                f"{dtype_name(self.dtype)}; cast the inputs (or run under torch.autocast with that dtype)."
-            )
+        self.check_input_dtype(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         plan = self.plan(x2.shape[0])
@@ -167,7 +153,7 @@ class CutlassSparseLinear(nn.Module):
         else:  # eager (or a CUDA graph capture): the kernel directly, no dispatcher round trip
             if self.values.device.type != "cuda":
                 raise RuntimeError(
-                    f"{self.name or 'CutlassSparseLinear'}: a 2:4 layer on the CUTLASS kernel runs on an sm_90 GPU "
+                    f"{self.label}: a 2:4 layer on the CUTLASS kernel runs on an sm_90 GPU "
                     f"(H100, H200); its weights are on {self.values.device.type}. Move the model back (model.cuda()), "
                     "or call hf_sparse.restore_dense_(model) on the GPU first for a dense model."
                 )
@@ -176,7 +162,7 @@ class CutlassSparseLinear(nn.Module):
                     x2.contiguous(), self.values, self.meta, self.bias, self.out_features, plan.alg_id, self.gelu
                 )
             except (cutlass.CutlassError, ValueError) as err:
-                raise type(err)(f"{self.name or 'CutlassSparseLinear'}: {err}") from err
+                raise type(err)(f"{self.label}: {err}") from err
         return out.view(*lead, self.out_features)
 
     def set_weight_(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows: slice | None = None) -> None:

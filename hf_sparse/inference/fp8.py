@@ -30,7 +30,7 @@ from torch import nn
 from . import cusparselt
 from .autotune import token_bucket
 from .cuda_graphs import GENERATION
-from .layers import _emit_state, _load_state, _probe, copy_bias, custom_op, new_weight
+from .layers import SwappedLinear, _probe, copy_bias, custom_op, nearest_bucket, new_weight
 from .quantization import _TINY, E4M3, E4M3_MAX, quantize_rows, quantize_static, quantize_weight
 
 logger = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ _finish_fused = _fused(_finish)
 # -- the layer -------------------------------------------------------------------------------------------------------
 
 
-class Fp8Linear(nn.Module):
+class Fp8Linear(SwappedLinear):
     """A linear layer run in FP8: e4m3 weight (2:4 compressed for cuSPARSELt, or dense for `torch._scaled_mm`) with
     per-output-feature scales, activations quantized per token (dynamic) or with a calibrated scale (static).
 
@@ -245,13 +245,10 @@ class Fp8Linear(nn.Module):
         name: str = "",
         emits_state: bool = True,
     ):
-        super().__init__()
+        super().__init__(weight, bias, name=name, emits_state=emits_state)
         weight = weight.detach()
-        self.out_features, self.in_features = weight.shape
-        self.name = name
         self.sparse = sparse
         self.algorithms = {int(b): int(a) for b, a in (algorithms or {}).items()}
-        self.emits_state = emits_state
         self.out_dtype = weight.dtype
         # static: one weight scale too, so both scales and the bias fold into the GEMM's epilogue (alpha); dynamic:
         # one scale per output feature, applied with the per-token scales after the GEMM
@@ -263,7 +260,6 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_scale", scales, persistent=False)
         # static: the one weight scale as its own 0-dim tensor (inductor's _scaled_mm lowering refuses a view)
         self.register_buffer("tensor_scale", scales[0].clone() if input_scale is not None else None, persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
         scale = None if input_scale is None else torch.tensor(float(input_scale), device=weight.device)
         self.register_buffer("input_scale", scale, persistent=False)
         # Static scales: input scale x weight scale, applied in the sparse GEMM's epilogue. A Python float (read
@@ -271,8 +267,6 @@ class Fp8Linear(nn.Module):
         self.alpha = 1.0 if scale is None else float(input_scale) * float(scales[0])
         # set by fuse_gelu_: GELU and the next layer's e4m3 quantization run in the epilogue, output e4m3
         self.gelu_scale: float | None = None
-        self.register_state_dict_post_hook(_emit_state)
-        self.register_load_state_dict_pre_hook(_load_state)
 
     def _apply(self, fn, recurse=True):
         GENERATION[0] += 1  # CUDA graphs captured over this layer read its old tensors
@@ -291,7 +285,7 @@ class Fp8Linear(nn.Module):
 
     def _refusal(self) -> str:
         return (
-            f"{self.name or 'Fp8Linear'}: an FP8 layer keeps e4m3 weights with float32 scales on the GPU; a cast or a "
+            f"{self.label}: an FP8 layer keeps e4m3 weights with float32 scales on the GPU; a cast or a "
             "move off the GPU would destroy them. Call hf_sparse.restore_dense_(model) first for a dense model you "
             "can cast anywhere."
         )
@@ -343,11 +337,11 @@ class Fp8Linear(nn.Module):
         must become a `GeluInEpilogue` (`swap_to_semi_structured_` does both)."""
         if not self.sparse or self.input_scale is None or self.out_dtype != torch.float16:
             raise ValueError(
-                f"{self.name or 'Fp8Linear'}: only a 2:4 FP8 layer of an fp16 model with a static input scale can run "
+                f"{self.label}: only a 2:4 FP8 layer of an fp16 model with a static input scale can run "
                 "GELU in its epilogue (with an e4m3 output cuSPARSELt reads the bias as fp16)."
             )
         if not output_scale > 0:
-            raise ValueError(f"{self.name or 'Fp8Linear'}: output_scale must be > 0; got {output_scale!r}.")
+            raise ValueError(f"{self.label}: output_scale must be > 0; got {output_scale!r}.")
         fp8_sparse_gelu_op()
         self.gelu_scale = 1.0 / float(output_scale)
         if algorithms is not None:
@@ -361,7 +355,7 @@ class Fp8Linear(nn.Module):
         bucket = token_bucket(tokens)
         found = self.algorithms.get(bucket)
         if found is None:
-            found = self.algorithms[min(self.algorithms, key=lambda b: abs(b.bit_length() - bucket.bit_length()))]
+            found = self.algorithms[nearest_bucket(self.algorithms, bucket)]
         return found
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -390,7 +384,7 @@ class Fp8Linear(nn.Module):
                 )
             return out.view(*lead, self.out_features)
         if x2.dtype == E4M3:
-            raise TypeError(f"{self.name or 'Fp8Linear'}: e4m3 inputs need a static input scale.")
+            raise TypeError(f"{self.label}: e4m3 inputs need a static input scale.")
         xq, scales = _quantize_rows(x2)
         if self.sparse:
             product = fp8_sparse_mm_op()(

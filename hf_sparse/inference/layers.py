@@ -169,7 +169,47 @@ def _decompress(packed: torch.Tensor, out_features: int, in_features: int) -> to
     return torch._cslt_sparse_mm(packed, eye)
 
 
-class SemiStructuredLinear(nn.Module):
+def nearest_bucket(table: dict, bucket: int) -> int:
+    """The key of `table` (token-count buckets, powers of two) nearest to `bucket` on a log scale."""
+    return min(table, key=lambda b: abs(math.log2(b) - math.log2(bucket)))
+
+
+class SwappedLinear(nn.Module):
+    """What every layer the swap installs shares: its shape and name, the bias as a non-persistent buffer, and the
+    `state_dict()` hooks that emit (and load) the ordinary dense `weight` and `bias` instead of the layer's own
+    buffers, so checkpoints stay ordinary.
+
+    Args:
+        weight: the dense weight, `(out_features, in_features)` (only its shape is read here).
+        bias: the bias, or None (copied).
+        name: the layer's name, for messages.
+        emits_state: whether `state_dict()` holds this layer's `weight`/`bias` (False for a fused group, whose
+            member layers emit their own slices).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, name: str = "", emits_state: bool = True):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.name = name
+        self.emits_state = emits_state
+        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
+        self.register_state_dict_post_hook(_emit_state)
+        self.register_load_state_dict_pre_hook(_load_state)
+
+    @property
+    def label(self) -> str:
+        """The layer's name, or its class where it has none, to begin messages with."""
+        return self.name or type(self).__name__
+
+    def check_input_dtype(self, x: torch.Tensor) -> None:
+        if x.dtype != self.dtype:
+            raise TypeError(
+                f"{self.label}: input is {dtype_name(x.dtype)} but the weights are {dtype_name(self.dtype)}; cast "
+                "the inputs (or run under torch.autocast with that dtype)."
+            )
+
+
+class SemiStructuredLinear(SwappedLinear):
     """A linear layer whose 2:4 weight is held compressed for cuSPARSELt, with a per-token-count dense fallback.
 
     Built by `swap_to_semi_structured_`; not an `nn.Linear` subclass, so pruning code never mistakes it for a
@@ -200,13 +240,10 @@ class SemiStructuredLinear(nn.Module):
         name: str = "",
         emits_state: bool = True,
     ):
-        super().__init__()
+        super().__init__(weight, bias, name=name, emits_state=emits_state)
         weight = weight.detach()
-        self.out_features, self.in_features = weight.shape
-        self.name = name
         self.tuner = tuner
         self.plans: dict[int, Plan] = dict(plans or {})
-        self.emits_state = emits_state
         self._matmul_plans: dict = {}  # (rows, alg_id, split_k, split_k_mode) -> cusparselt.MatmulPlan
         self._eager: dict = {}  # (rows, dtype) -> the kernel that runs them, see forward
         if sparse:
@@ -246,7 +283,7 @@ class SemiStructuredLinear(nn.Module):
             return None
         if dtype not in SUPPORTED_DTYPES or device.type != "cuda" or self.packed.device.type != "cuda":
             return (
-                f"{self.name or 'SemiStructuredLinear'}: a swapped layer runs float16 or bfloat16 weights on the "
+                f"{self.label}: a swapped layer runs float16 or bfloat16 weights on the "
                 f"GPU; cannot make it {dtype_name(dtype)} on {device.type}. Call hf_sparse.restore_dense_(model) "
                 "first for a dense model you can cast anywhere."
             )
@@ -298,8 +335,7 @@ class SemiStructuredLinear(nn.Module):
             # bucket is tuned properly at the next eager call).
             if not self.plans:
                 return Plan("sparse")
-            nearest = min(self.plans, key=lambda b: abs(math.log2(b) - math.log2(bucket)))
-            near = self.plans[nearest]
+            near = self.plans[nearest_bucket(self.plans, bucket)]
             return near if (near.backend == "sparse" or self.dense_weight is not None) else Plan("sparse")
         choice = self.tuner.choice(
             self.out_features, self.in_features, self.dtype, self.bias is not None, tokens, self.packed.device
@@ -318,11 +354,7 @@ class SemiStructuredLinear(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.dtype:
-            raise TypeError(
-                f"{self.name or 'SemiStructuredLinear'}: input is {dtype_name(x.dtype)} but the weights are "
-                f"{dtype_name(self.dtype)}; cast the inputs (or run under torch.autocast with that dtype)."
-            )
+        self.check_input_dtype(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if not x2.is_contiguous():
