@@ -242,6 +242,20 @@ def test_eager_fast_path_remembers_the_kernel_per_token_count_and_forgets_it_on_
     assert torch.allclose(layer(x.double()), first.double(), atol=1e-5)
 
 
+def test_a_swapped_layer_round_trips_its_dense_weight_through_a_strict_state_dict():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(32, 16), torch.randn(32)
+    model = torch.nn.Sequential(SemiStructuredLinear(weight, bias, sparse=False, name="0"))
+    state = model.state_dict()
+    assert list(state) == ["0.weight", "0.bias"] and torch.equal(state["0.weight"], weight)
+    new_weight, new_bias = torch.randn(32, 16), torch.randn(32)
+    result = model.load_state_dict({"0.weight": new_weight, "0.bias": new_bias}, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(model[0].weight, new_weight) and torch.equal(model[0].bias, new_bias)
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "0.bias"'):
+        model.load_state_dict({"0.weight": weight}, strict=True)
+
+
 # -- Trainer option and graph helpers (CPU) --------------------------------------------------------------------------
 
 

@@ -252,9 +252,6 @@ class SemiStructuredLinear(SwappedLinear):
         self.register_buffer(
             "dense_weight", weight.clone().contiguous() if (keep_dense or not sparse) else None, persistent=False
         )
-        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
-        self.register_state_dict_post_hook(_emit_state)
-        self.register_load_state_dict_pre_hook(_load_state)
 
     def _apply(self, fn, recurse=True):
         # plans and fast paths point at this layer's tensors and device: rebuild them after .to()/.cuda()/.half()
