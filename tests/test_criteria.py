@@ -206,7 +206,19 @@ def test_conjugate_gradients_that_cannot_reach_the_tolerance_stop_and_say_so(cap
     with caplog.at_level("WARNING", logger="hf_sparse.criteria"):
         w = _conjugate_gradients(H, dense @ (x.T @ x), mask, dense, "fc", tol=0.0)
     assert "fc: the refit stopped after 320 conjugate-gradient steps" in caplog.text
+    assert "asked 0" in caplog.text
     assert torch.equal(w != 0, mask) and torch.isfinite(w).all()
+    # A row with a non-finite weight stops at once (NaN, as from Cholesky); the others are solved, zero outside the mask
+    solved = _conjugate_gradients(H, dense @ (x.T @ x), mask, dense, "fc")
+    dense[1, 0] = float("nan")
+    w = _conjugate_gradients(H, dense @ (x.T @ x), mask, dense, "fc")
+    torch.testing.assert_close(w[[0, 2, 3]], solved[[0, 2, 3]])
+    assert w[1, mask[1]].isnan().all() and (w[~mask] == 0).all()
+
+
+def test_a_bad_refit_method_is_refused_even_without_a_refit():
+    with pytest.raises(ValueError, match="fc: refit method must be 'auto', 'cholesky' or 'cg'; got 'lu'"):
+        sparsegpt_prune_(torch.randn(4, 8), torch.eye(8), refit_method="lu", name="fc")
 
 
 @pytest.mark.gpu
