@@ -113,24 +113,30 @@ def time_layer(
 ) -> dict[str, float]:
     """Seconds that `sparsegpt_prune_` takes on one random `(out_features, in_features)` layer for each SparseGPT
     variant in `criteria` (magnitude and Wanda are not timed here: they cost next to nothing per layer), with the
-    refit's solver `refit_method` (see `hf_sparse.criteria.refit_kept`)."""
+    refit's solver `refit_method` (see `hf_sparse.criteria.refit_kept`). The Hessians are formed first and one plain
+    SparseGPT pass on the shape warms up, neither timed; each variant then runs once."""
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(0)
     weight = torch.randn(out_features, in_features, generator=g, device=device)
     bias = torch.randn(out_features, generator=g, device=device)
     x = torch.randn(tokens, in_features, generator=g, device=device)
-    seconds = {}
-    for criterion in criteria:
-        settings = criterion_settings(criterion, admm_steps)
-        if settings["criterion"] != "sparsegpt":
+    hessians = {False: x.T @ x}  # calibration statistics are gathered before pruning: not timed
+    variants = [criterion_settings(criterion, admm_steps) for criterion in criteria]
+    for criterion, options in zip(criteria, variants):
+        if options["criterion"] != "sparsegpt":
             raise ValueError(f"--layers times SparseGPT and its options; got {criterion!r}.")
+        if options.get("sparsegpt_update_bias") and True not in hessians:
+            inputs = torch.cat([x, x.new_ones(tokens, 1)], dim=1)
+            hessians[True] = inputs.T @ inputs
+    sparsegpt_prune_(weight.clone(), hessians[False])  # warm-up on this shape, not timed
+    seconds = {}
+    for criterion, settings in zip(criteria, variants):
         with_bias = settings.get("sparsegpt_update_bias", False)
-        inputs = torch.cat([x, x.new_ones(tokens, 1)], dim=1) if with_bias else x
         _sync(device)
         started = time.perf_counter()
         sparsegpt_prune_(
             weight.clone(),
-            inputs.T @ inputs,
+            hessians[with_bias],
             bias=bias.clone() if with_bias else None,
             refit=settings.get("sparsegpt_refit", False),
             admm_steps=settings.get("sparsegpt_admm_steps", 0),
@@ -155,6 +161,10 @@ def _shape(text: str) -> tuple[int, int]:
         out_features, in_features = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"a layer shape is OUTxIN, e.g. 4096x11008; got {text!r}") from None
+    if out_features < 1 or in_features < 4 or in_features % 4:
+        raise argparse.ArgumentTypeError(
+            f"a layer shape is OUTxIN with OUT >= 1 and IN a positive multiple of 4 (2:4 groups); got {text!r}"
+        )
     return out_features, in_features
 
 
@@ -179,15 +189,18 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="OUTxIN",
         help="time single layers of these shapes instead of the BERT-base-sized model",
     )
-    parser.add_argument("--tokens", type=int, default=4096, help="with --layers: calibration inputs of the Hessian")
+    parser.add_argument("--tokens", type=int, default=None, help="with --layers: calibration inputs (default 4096)")
     parser.add_argument(
         "--refit-method",
         choices=("auto", "cholesky", "cg"),
-        default="auto",
+        default=None,
         help="with --layers: the refit's solver (auto: conjugate gradients on a GPU for rows of 1024+ kept weights)",
     )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
+    if not args.layers and (args.tokens is not None or args.refit_method is not None):
+        parser.error("--tokens and --refit-method apply to single layers: add --layers OUTxIN ...")
+    args.tokens, args.refit_method = args.tokens or 4096, args.refit_method or "auto"
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor()} CPU"
     if args.layers:
@@ -207,8 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["refit_method"] = args.refit_method
     else:
         criteria = tuple((args.criteria or "magnitude,wanda,sparsegpt").split(","))
-        for criterion in criteria:
-            criterion_settings(criterion)  # a misspelt criterion fails now, not after the others ran
+        for criterion in criteria:  # a misspelt criterion fails now, not after the model is built and others ran
+            SparsityConfig(**criterion_settings(criterion, args.admm_steps))
         model = bert_base(device)
         g = torch.Generator().manual_seed(0)
         batches = [
@@ -228,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"BERT-base-sized model, {args.samples} x {args.seq_len} calibration tokens, {name}")
         for criterion, s in seconds.items():
             print(f"  {criterion:<22} {s:8.2f} s")
-        result = {"device": name, "samples": args.samples, "seq_len": args.seq_len, "seconds": seconds}
+        result = {"device": name, "samples": args.samples, "seq_len": args.seq_len, "admm_steps": args.admm_steps}
+        result["seconds"] = seconds
     result["environment"] = environment()
     if args.output:
         args.output.write_text(json.dumps(result, indent=2))

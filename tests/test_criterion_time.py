@@ -64,9 +64,13 @@ def test_layers_are_timed_for_every_variant_and_written(tmp_path, capsys):
     assert "8x16: sparsegpt" in printed and "sparsegpt+admm" in printed
     result = json.loads(out.read_text())
     assert set(result["layers"]) == {"8x16", "16x8"} and (result["admm_steps"], result["refit_method"]) == (3, "cg")
+    for bad in ("4096by4096", "0x16", "8x10"):
+        with pytest.raises(SystemExit):
+            criterion_time.main(["--layers", bad])
+        assert "OUTxIN" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        criterion_time.main(["--layers", "4096by4096"])
-    assert "OUTxIN" in capsys.readouterr().err
+        criterion_time.main(["--refit-method", "cg"])
+    assert "add --layers" in capsys.readouterr().err
 
 
 def test_the_model_run_times_the_options_on_a_bert(capsys, monkeypatch):
@@ -79,3 +83,5 @@ def test_the_model_run_times_the_options_on_a_bert(capsys, monkeypatch):
     monkeypatch.setattr(criterion_time, "bert_base", None)  # a misspelt criterion fails before any model is built
     with pytest.raises(ValueError, match="sparsegpt\\+bais"):
         criterion_time.main(["--device", "cpu", "--criteria", "magnitude,sparsegpt+bais"])
+    with pytest.raises(ValueError, match="wandaa"):
+        criterion_time.main(["--device", "cpu", "--criteria", "magnitude,wandaa"])
