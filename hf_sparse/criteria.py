@@ -220,8 +220,8 @@ def refit_kept(
     Two solvers give the same weights: "cholesky" gathers `H_SS` per row and factorises it (rows in batches, at most
     ~256 MiB of gathered matrices at a time); "cg" runs Jacobi-preconditioned conjugate gradients on all rows at once
     until every row's preconditioned residual is 1e-4 of its right-hand side's (on the real Hessians of a fine-tuned
-    MiniLM the output error then matches Cholesky's to about six digits). "auto" takes "cg" on a GPU for rows of `CG_MIN_KEPT` or more kept
-    weights, else "cholesky".
+    MiniLM the output error then matches Cholesky's to about six digits). "auto" takes "cg" on a GPU for rows of
+    `CG_MIN_KEPT` or more kept weights, else "cholesky".
 
     Args:
         dense: `(rows, size)` float32 dense weights (with a bias column last, when the bias is fitted too).
