@@ -22,7 +22,7 @@ from transformers import BertForQuestionAnswering, Trainer, TrainingArguments
 import hf_sparse
 from hf_sparse import SparsityCallback, SparsityConfig, prune_
 from hf_sparse.hub import HubPushError
-from tests.conftest import RandomQADataset, subprocess_env, tiny_bert_config
+from tests.conftest import HANG_TIMEOUT, RandomQADataset, subprocess_env, tiny_bert_config
 
 GOOD, READ_ONLY = "hf_good_write_token", "hf_read_only_token"
 
@@ -113,10 +113,20 @@ class _Handler(BaseHTTPRequestHandler):
         return self._reply(404, {"error": f"fake hub: no POST {path}"})
 
 
+def online(monkeypatch) -> None:
+    """The fake Hub is on this machine, so the tests push to it whatever the user's HF_HUB_OFFLINE says.
+    huggingface_hub reads the variable once, at import, hence the constant as well."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no stored token of the machine
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    online(monkeypatch)
     server = FakeHub()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -287,7 +297,7 @@ def test_trainers_own_push_carries_checkpoint_metadata_and_tags(hub, tmp_path):
         cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     commit = hub.commits[-1]

@@ -44,8 +44,9 @@ def python_blocks(text: str) -> list[str]:
 
 def test_every_python_block_of_the_readme_runs_in_order(tmp_path, monkeypatch):
     pytest.importorskip("peft", reason="install the test extra: pip install -e '.[test]'")
-    from tests.test_hub import GOOD, FakeHub
+    from tests.test_hub import GOOD, FakeHub, online
 
+    online(monkeypatch)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.syspath_prepend(str(REPO))
