@@ -13,7 +13,7 @@ from transformers import AutoModelForQuestionAnswering, Trainer, TrainerCallback
 from hf_sparse import SparsityCallback, SparsityConfig, select_layers
 from hf_sparse.callback import MASKS_NAME
 from hf_sparse.masks import is_nm
-from tests.conftest import REPO, RandomQADataset, subprocess_env, torchrun_two_ranks
+from tests.conftest import HANG_TIMEOUT, REPO, RandomQADataset, subprocess_env, torchrun_two_ranks
 
 TARGETS = [f"bert.encoder.layer.{i}.{p}" for i in range(2) for p in (
     "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -262,7 +262,7 @@ def test_two_processes_hold_identical_masks_and_end_exactly_2_4(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)],
-        env=subprocess_env(), capture_output=True, text=True, timeout=300,
+        env=subprocess_env(), capture_output=True, text=True, timeout=HANG_TIMEOUT,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -284,15 +284,6 @@ def test_exact_2_4_through_mixed_precision_training_on_gpu(tmp_path, tiny_qa_mod
     trainer.train()
     assert next(tiny_qa_model.parameters()).is_cuda
     assert probe.steps_checked == 6 and probe.violations == []
-
-
-@needs_cuda
-def test_bert_large_masks_take_well_under_a_second_on_gpu():
-    from benchmarks.callback_overhead import time_masks
-
-    seconds = time_masks(1024, 24, torch.device("cuda"))
-    print(f"BERT-large 2:4 masks on {torch.cuda.get_device_name()}: {seconds:.4f} s")
-    assert seconds < 0.5
 
 
 def test_fsdp2_row_shards_keep_exact_2_4_and_resume_per_rank(tmp_path):

@@ -1,8 +1,6 @@
 """The kept cuSPARSELt plans: results equal to PyTorch's own call and to the masked dense layer, every execution
 mode, many shapes in one process, and an algorithm that faults survived (GPU), plus what runs on the CPU."""
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,26 +91,6 @@ def test_many_shapes_in_one_process_and_plans_are_kept():
     for _ in range(50):
         cusparselt.sparse_linear(x, packed, b, 768, 0)
     assert cusparselt.PLANS.built == built + 1  # one plan set up, then kept
-
-
-@needs_gpu
-@pytest.mark.gpu
-def test_kept_plans_cost_little_host_time():
-    w, x, b, packed = problem(768, 768, 64)
-
-    def per_call_us(fn, n=300):
-        for _ in range(10):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) / n * 1e6
-
-    planned = per_call_us(lambda: cusparselt.sparse_linear(x, packed, b, 768, 1))
-    rebuilt = per_call_us(lambda: torch._cslt_sparse_mm(packed, x.t(), b, transpose_result=True, alg_id=1), n=30)
-    assert planned < rebuilt / 2, (planned, rebuilt)  # torch 2.11 sets its plan up on every call
 
 
 @needs_gpu

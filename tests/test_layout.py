@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import HANG_TIMEOUT, REPO, subprocess_env
 
 PACKAGE = REPO / "hf_sparse"
 
@@ -131,7 +131,7 @@ def test_wheel_ships_the_library_only(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
          str(REPO)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=HANG_TIMEOUT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = tmp_path.glob("hf_sparse-*.whl")

@@ -14,7 +14,7 @@ from transformers import EvalPrediction, Trainer, TrainingArguments
 
 from hf_sparse.squad.metrics import squad_compute_metrics, squad_metric, squad_v2_metric
 from hf_sparse.squad.postprocess import SquadPostprocessor
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import HANG_TIMEOUT, REPO, subprocess_env
 from tests.scripts.squad_eval import build
 
 
@@ -108,7 +108,9 @@ def test_two_processes_accelerate_launch(tmp_path):
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     command += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     command += [str(REPO / "tests" / "scripts" / "squad_eval.py"), str(out)]
-    run = subprocess.run(command, env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        command, env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=HANG_TIMEOUT
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     examples, features, model = build(False)

@@ -6,13 +6,12 @@ import json
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 from transformers import AutoModelForQuestionAnswering
 
 from hf_sparse.masks import is_nm
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import HANG_TIMEOUT, REPO, subprocess_env
 
 RECIPE = REPO / "recipes" / "squad_24.py"
 SHORT = ["--max_steps", "60", "--recovery_max_steps", "20", "--synthetic_train_paragraphs", "200",
@@ -29,9 +28,9 @@ def load_recipe():
     return module
 
 
-def run(args, launcher=(sys.executable,), timeout=600):
+def run(args, launcher=(sys.executable,)):
     result = subprocess.run(
-        [*launcher, str(RECIPE), *args], env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+        [*launcher, str(RECIPE), *args], env=subprocess_env(), capture_output=True, text=True, timeout=HANG_TIMEOUT
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
@@ -62,11 +61,7 @@ def check_report(output_dir, min_dense_f1):
 
 @pytest.mark.slow
 def test_embedded_default_runs_offline_and_reports_every_stage(tmp_path):
-    start = time.perf_counter()
     result = run(["--output_dir", str(tmp_path), "--disable_tqdm", "true"])
-    seconds = time.perf_counter() - start
-    print(f"embedded default: {seconds:.0f} s")
-    assert seconds < 300
     check_report(tmp_path, min_dense_f1=50.0)
     check_console(result)
 
@@ -162,12 +157,12 @@ def test_offline_defaults_come_from_offline_yaml():
 def test_tutorial_preset_offline_fails_at_once_saying_what_to_pass(tmp_path):
     env = subprocess_env()
     env["HF_HUB_OFFLINE"] = "1"
-    start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, str(RECIPE), "--preset", "tutorial", "--output_dir", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT,
     )  # fmt: skip
-    assert result.returncode != 0 and time.perf_counter() - start < 60
+    # At once: before any stage starts, not after the Hub's retries (what it printed, not how long it took).
+    assert result.returncode != 0 and "Stage 1/5" not in result.stdout
     message = result.stderr
     assert "model 'bert-base-cased'" in message and "dataset 'squad'" in message
     assert "--model_name_or_path" in message and "--train_file" in message and "without --preset" in message

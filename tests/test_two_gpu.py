@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import HANG_TIMEOUT, REPO, subprocess_env
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason=f"needs two CUDA GPUs; found {torch.cuda.device_count()}"
@@ -21,7 +21,7 @@ SCRIPT = REPO / "tests" / "scripts" / "train_throughput.py"
 def launch(config: str, out, *args) -> list[dict]:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes" / config),
                str(SCRIPT), str(out), "--steps", "20", "--warmup", "5", *args]  # fmt: skip
-    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
