@@ -22,6 +22,7 @@ from .checkpoint import SparseCheckpointError, atomic_path
 from .config import SparsityConfig
 from .criteria import CALIBRATED_CRITERIA, compute_masks
 from .masks import format_report, group_counts, is_nm, layer_sparsity, nm_mask, total_sparsity
+from .numerics import NumericsCallback
 from .pruning import apply_masks_
 from .selection import block_of, select_layers
 
@@ -81,10 +82,14 @@ class SparsityCallback(TrainerCallback):
     # -- training events ---------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        _run_before_reporting_callbacks(self)  # also when added with trainer.add_callback after __init__
+        callbacks = _run_before_reporting_callbacks(self)  # also when added with trainer.add_callback after __init__
         if model is None:
             raise ValueError("SparsityCallback needs the Trainer's model; the Trainer passed none.")
         model = unwrap_model(model)
+        # This callback runs first and prunes now: a NumericsCallback that refuses the run must do so before that.
+        for callback in callbacks:
+            if isinstance(callback, NumericsCallback):
+                callback.check_before_training(model)
         selection = select_layers(model, self.config)
         self.layers = selection.targets
         if selection.skipped:
@@ -317,7 +322,7 @@ class SparsityCallback(TrainerCallback):
         return {"sparsity_pattern": self.config.sparsity_pattern, "criterion": self.config.criterion}
 
 
-def _run_before_reporting_callbacks(callback: TrainerCallback) -> None:
+def _run_before_reporting_callbacks(callback: TrainerCallback) -> list[TrainerCallback]:
     """Moves `callback` to the front of the Trainer's callback list.
 
     The Trainer registers the `report_to` integrations (TensorBoard, W&B, MLflow, ...) before the user's callbacks
@@ -326,6 +331,9 @@ def _run_before_reporting_callbacks(callback: TrainerCallback) -> None:
     caller's frame (`CallbackHandler.call_event`, which is running this callback's event). Moving the running
     callback from position i to 0 leaves every later one at its index, so the current event still reaches each
     callback exactly once.
+
+    Returns:
+        The Trainer's callbacks (empty when its list was not found).
     """
     from transformers.trainer_callback import CallbackHandler
 
@@ -340,11 +348,12 @@ def _run_before_reporting_callbacks(callback: TrainerCallback) -> None:
             if callback in callbacks and callbacks[0] is not callback:
                 callbacks.remove(callback)
                 callbacks.insert(0, callback)
-            return
+            return callbacks
     logger.warning(
         "hf-sparse: could not find the Trainer's callback list; the sparsity logged by SparsityCallback reaches "
         "state.log_history but not the report_to integrations that run before it."
     )
+    return []
 
 
 def resumed_checkpoint(args, state) -> str:

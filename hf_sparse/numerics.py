@@ -52,7 +52,8 @@ def check_master_weights(model: nn.Module) -> None:
 class NumericsCallback(TrainerCallback):
     """Checks the numerics of a `transformers.Trainer` run.
 
-    - When training starts: no trainable parameter may be fp16/bf16 (`check_master_weights`).
+    - When training starts, before any callback changes a weight (`SparsityCallback` runs these checks before it
+      prunes, whatever the order of the callbacks): no trainable parameter may be fp16/bf16 (`check_master_weights`).
     - At every log: the loss and `grad_norm` must be finite; otherwise `NonFiniteLossError` says at which step
       and what to change. Set `TrainingArguments(logging_nan_inf_filter=False)` so the logged loss is the real
       one (the filter replaces NaN losses by the running mean); `grad_norm` is checked either way.
@@ -66,7 +67,12 @@ class NumericsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
-            check_master_weights(model)
+            self.check_before_training(model)
+
+    def check_before_training(self, model: nn.Module) -> None:
+        """The checks made when training starts. `SparsityCallback` runs first (so that its logs reach the reporting
+        integrations) and prunes when training starts: it calls this before it changes any weight."""
+        check_master_weights(model)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:

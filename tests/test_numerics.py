@@ -2,16 +2,17 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
+from hf_sparse import SparsityCallback, SparsityConfig
 from hf_sparse.numerics import NonFiniteLossError, NumericsCallback, check_master_weights, half_precision_parameters
 from tests.conftest import RandomQADataset
 
 
-def _trainer(tmp_path, model, **overrides):
+def _trainer(tmp_path, model, callbacks=None, **overrides):
     values = dict(max_steps=3, per_device_train_batch_size=8, learning_rate=1e-3, report_to="none", use_cpu=True,
                   logging_steps=1, logging_nan_inf_filter=False, save_strategy="no", disable_tqdm=True, seed=0)  # fmt: skip
     values.update(overrides)
     return Trainer(model=model, args=TrainingArguments(str(tmp_path), **values), train_dataset=RandomQADataset(),
-                   callbacks=[NumericsCallback()])  # fmt: skip
+                   callbacks=callbacks if callbacks is not None else [NumericsCallback()])  # fmt: skip
 
 
 def test_half_precision_master_weights_are_refused_before_the_first_step(tmp_path, tiny_qa_model):
@@ -39,3 +40,22 @@ def test_nan_loss_stops_training_at_the_first_log(tmp_path, tiny_qa_model):
     with pytest.raises(NonFiniteLossError, match=r"step 1: .*learning_rate"):
         trainer.train()
     assert trainer.state.global_step == 1
+
+
+@pytest.mark.parametrize("order", ["numerics-first", "sparsity-first", "numerics-added-later"])
+@pytest.mark.parametrize("criterion", ["magnitude", "sparsegpt"])
+def test_half_precision_is_refused_before_sparsity_callback_changes_any_weight(
+    tmp_path, tiny_qa_model, order, criterion
+):
+    model = tiny_qa_model.half()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sparsity = SparsityCallback(SparsityConfig(criterion=criterion, calibration_samples=8))
+    callbacks = {"numerics-first": [NumericsCallback(), sparsity], "sparsity-first": [sparsity, NumericsCallback()],
+                 "numerics-added-later": [sparsity]}[order]  # fmt: skip
+    trainer = _trainer(tmp_path, model, callbacks)
+    if order == "numerics-added-later":
+        trainer.add_callback(NumericsCallback())
+    with pytest.raises(ValueError, match=r"float16 .*dtype=torch.float32"):
+        trainer.train()
+    after = model.state_dict()
+    assert [k for k in before if not torch.equal(after[k], before[k])] == []  # not one weight pruned or updated
