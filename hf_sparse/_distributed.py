@@ -56,6 +56,13 @@ def local_tensor(tensor: torch.Tensor, name: str = "weight") -> torch.Tensor:
     return tensor
 
 
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """What this process holds of `tensor`: a `DTensor`'s local shard, any other tensor as it is. Unlike
+    `local_tensor`, it accepts every kind of sharding (for checks that read every element, like finiteness)."""
+    dtensor = _dtensor_type()
+    return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor) else tensor
+
+
 def is_sharded(tensor: torch.Tensor) -> bool:
     """True for a `DTensor` whose processes hold different parts (FSDP2 / tensor parallel)."""
     dtensor = _dtensor_type()

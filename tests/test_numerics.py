@@ -1,6 +1,7 @@
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_sparse import SparsityCallback, SparsityConfig
 from hf_sparse.numerics import NonFiniteLossError, NumericsCallback, check_master_weights, half_precision_parameters
@@ -59,3 +60,34 @@ def test_half_precision_is_refused_before_sparsity_callback_changes_any_weight(
         trainer.train()
     after = model.state_dict()
     assert [k for k in before if not torch.equal(after[k], before[k])] == []  # not one weight pruned or updated
+
+
+class DivergeAt(TrainerCallback):
+    """Puts a NaN into the QA head after optimizer step `step`, as a diverging update would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:  # global_step counts the step once it has ended
+            with torch.no_grad():
+                model.qa_outputs.weight[0, 0] = float("nan")
+
+
+def test_no_checkpoint_with_non_finite_weights_is_written_and_no_finite_one_rotated_out(tmp_path, tiny_qa_model):
+    trainer = _trainer(tmp_path, tiny_qa_model, [NumericsCallback(), DivergeAt(3)], max_steps=8, logging_steps=5,
+                       save_strategy="steps", save_steps=1, save_total_limit=2)  # fmt: skip
+    with pytest.raises(
+        NonFiniteLossError, match=r"step 3: .*qa_outputs\.weight.*stopped before checkpoint-3 was written"
+    ):
+        trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    for checkpoint in ("checkpoint-1", "checkpoint-2"):
+        weights = load_file(tmp_path / checkpoint / "model.safetensors")
+        assert all(bool(torch.isfinite(w).all()) for w in weights.values()), checkpoint
+
+
+def test_non_finite_weights_between_logs_stop_training_when_it_ends(tmp_path, tiny_qa_model):
+    trainer = _trainer(tmp_path, tiny_qa_model, [NumericsCallback(), DivergeAt(4)], max_steps=4, logging_steps=5)
+    with pytest.raises(NonFiniteLossError, match=r"step 4: .*qa_outputs\.weight"):
+        trainer.train()
