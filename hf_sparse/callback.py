@@ -23,7 +23,7 @@ from .config import SparsityConfig
 from .criteria import CALIBRATED_CRITERIA, compute_masks
 from .masks import format_report, group_counts, is_nm, layer_sparsity, nm_mask, total_sparsity
 from .numerics import NumericsCallback
-from .pruning import apply_masks_
+from .pruning import apply_masks_, chosen_after, masks_chosen_before, nonzeros_to_compare, record_sparsity_
 from .selection import block_of, select_layers
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,11 @@ class SparsityCallback(TrainerCallback):
             after a one-shot SparseGPT pass): held from `mask_start_step` instead of computed there, so a
             recovery fine-tuning keeps the masks of `config.criterion` and `config.json` names that criterion.
 
+    `config.json` names the criterion (and options) that chose the masks: `config.criterion`, unless the model was
+    pruned before (its `config.sparsity` covers the selected layers) and this callback's masks keep every weight
+    that pruning left, as `SparsityCallback()` after `prune_(model, SparsityConfig(criterion="sparsegpt"), ...)`
+    does; then the earlier criterion and options.
+
     Example:
 
     ```python
@@ -78,6 +83,9 @@ class SparsityCallback(TrainerCallback):
         # Values the pruned weights had when pruned, kept only while a mask recomputation is still scheduled.
         self.pruned_values: dict[str, torch.Tensor] = {}
         self._log_layers = False
+        # The criterion and options that chose the masks when an earlier pruning did (see masks_chosen_before);
+        # None when this callback's config did.
+        self._chosen: dict | None = None
 
     # -- training events ---------------------------------------------------------------------------------------
 
@@ -103,6 +111,8 @@ class SparsityCallback(TrainerCallback):
             f", then every {self.config.mask_update_every} steps" if self.config.mask_update_every else "",
         )
         self.masks, self.pruned_values = {}, {}
+        target, names = base_layer_names(model, list(self.layers))
+        self._chosen = masks_chosen_before(target, names, self.config)
         if state.max_steps and self.config.mask_start_step > state.max_steps:
             raise ValueError(
                 f"hf-sparse: mask_start_step={self.config.mask_start_step} is after the last optimizer step of this "
@@ -207,9 +217,7 @@ class SparsityCallback(TrainerCallback):
             # On a PEFT model the metadata goes on the base model, under its own layer names.
             target, layers = base_layer_names(unwrap_model(model), list(self.layers))
             if getattr(target, "config", None) is not None:
-                from .checkpoint import attach_sparsity_metadata
-
-                attach_sparsity_metadata(target, self.config, layers=layers)
+                record_sparsity_(target, self.config, layers, self._chosen)
         self.masks, self.pruned_values = {}, {}
 
     def report(self):
@@ -236,6 +244,7 @@ class SparsityCallback(TrainerCallback):
                     f"{self.config.sparsity_pattern}; expected an N:M boolean mask of shape {tuple(weight.shape)}."
                 )
             held[name] = mask
+        self._chosen = chosen_after(self._chosen, nonzeros_to_compare(self._chosen, self.config, self.layers), held)
         self.masks = held
         if self.config.updates_after(self.config.mask_start_step):
             with torch.no_grad():
@@ -252,11 +261,13 @@ class SparsityCallback(TrainerCallback):
             with torch.no_grad():
                 for name, values in self.pruned_values.items():
                     local_tensor(self.layers[name].weight).add_(values)
+        nonzero = nonzeros_to_compare(self._chosen, self.config, self.layers)
         try:
             masks = self._compute_masks(args, model, train_dataloader)
         except BaseException:
             apply_masks_(self.layers, self.masks)  # zero the pruned values again: the weights are as they were
             raise
+        self._chosen = chosen_after(self._chosen, nonzero, masks)
         self.masks = masks
         if self.config.updates_after(step):
             with torch.no_grad():
@@ -297,6 +308,7 @@ class SparsityCallback(TrainerCallback):
         path = os.path.join(checkpoint, _masks_file(self._sharded()))
         if os.path.isfile(path):
             self.masks, self.pruned_values = read_masks(path, self.layers, self.config)
+            self._chosen = _masks_chosen_by(path, self._chosen)
             logger.info("hf-sparse: resumed with the masks saved in %s.", path)
         else:
             # A checkpoint from elsewhere: its weights are already N:M, so their nonzeros are the masks.
@@ -319,7 +331,12 @@ class SparsityCallback(TrainerCallback):
         apply_masks_(self.layers, self.masks)
 
     def _metadata(self) -> dict[str, str]:
-        return {"sparsity_pattern": self.config.sparsity_pattern, "criterion": self.config.criterion}
+        # masks_chosen_by: who chose these masks, for the run that resumes from this checkpoint ("null": criterion).
+        return {
+            "sparsity_pattern": self.config.sparsity_pattern,
+            "criterion": self.config.criterion,
+            "masks_chosen_by": json.dumps(self._chosen),
+        }
 
 
 def _run_before_reporting_callbacks(callback: TrainerCallback) -> list[TrainerCallback]:
@@ -454,6 +471,13 @@ def _check_mask(name: str, mask: torch.Tensor, weight: torch.Tensor, config: Spa
             "mask prunes; the masks file belongs to another run or another checkpoint. Resume from a checkpoint "
             "folder written by this run (its weights and masks are saved together)."
         )
+
+
+def _masks_chosen_by(path: str, default: dict | None) -> dict | None:
+    """The `masks_chosen_by` a masks file records (`default` for files written before it was recorded)."""
+    with safe_open(path, framework="pt") as f:
+        value = (f.metadata() or {}).get("masks_chosen_by")
+    return default if value is None else json.loads(value)
 
 
 def _masks_file(sharded: bool) -> str:

@@ -285,3 +285,21 @@ def test_config_refuses_values_of_the_wrong_type_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field} must be") as err:
         SparsityConfig(**kwargs)
     assert repr(value) in str(err.value)
+
+
+def test_a_resumed_run_records_who_chose_the_masks_it_resumed_with(tmp_path):
+    from tests.test_callback import _sparsegpt_pruned
+
+    model = _model()
+    _sparsegpt_pruned(model)
+    # Dense until step 1, then magnitude masks of the trained weights: the checkpoint's config.json still carries
+    # prune_'s SparseGPT metadata, its masks file says who chose the masks it holds.
+    config = SparsityConfig(mask_start_step=1)
+    make_trainer(tmp_path / "run", model, [SparsityCallback(config)], max_steps=4, save_strategy="steps",
+                 save_steps=2).train()  # fmt: skip
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    resumed = BertForQuestionAnswering.from_pretrained(checkpoint)
+    assert resumed.config.sparsity["criterion"] == "sparsegpt"  # stale: the masks were chosen again at step 1
+    trainer = make_trainer(tmp_path / "resumed", resumed, [SparsityCallback(config)], max_steps=4)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.config.sparsity["criterion"] == model.config.sparsity["criterion"] == "magnitude"
