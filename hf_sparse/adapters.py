@@ -115,10 +115,12 @@ def merge_and_unload_sparse(
         if getattr(merged, "config", None) is not None and masks:
             from .checkpoint import attach_sparsity_metadata
 
-            attach_sparsity_metadata(
-                merged, SparsityConfig(sparsity_pattern=f"{n}:{m}", criterion=meta.get("criterion", "magnitude")),
-                layers=list(masks),
-            )  # fmt: skip
+            # The masks are the base weights' own: the metadata's criterion and options chose them (merging used to
+            # record that criterion with default options). Without metadata, they are what magnitude picks on N:M
+            # weights (their nonzeros).
+            recorded = meta.get("criterion") and meta.get("sparsity_pattern") == f"{n}:{m}"
+            config = None if recorded else SparsityConfig(sparsity_pattern=f"{n}:{m}", criterion="magnitude")
+            attach_sparsity_metadata(merged, config, layers=list(masks))
     except Exception as err:
         restore()
         broken = _non_finite_adapters(tuners, adapter_names)

@@ -138,3 +138,17 @@ def test_masked_merge_names_a_non_finite_base_weight_not_a_missing_pattern():
         ValueError, match=r"base weight of bert\.encoder\.layer\.0\.attention\.self\.key has NaN or inf"
     ):
         merge_and_unload_sparse(model, layers=["bert.encoder.layer.0.attention.self.key"])
+
+
+def test_masked_merge_keeps_the_recorded_criterion_and_its_options(tmp_path):
+    from tests.test_callback import _sparsegpt_pruned
+
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(tiny_bert_config())
+    _, pruned = _sparsegpt_pruned(model)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["query", "value"]))
+    _train(peft_model, tmp_path)
+    merged = merge_and_unload_sparse(peft_model)
+    meta = merged.config.sparsity
+    assert (meta["criterion"], meta["criterion_options"]) == ("sparsegpt", pruned["criterion_options"])
+    assert pruned["criterion_options"]["sparsegpt_damping"] == 0.05  # not the default, which the merge wrote
