@@ -13,10 +13,14 @@ from torch import nn
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside DDP / DataParallel / DeepSpeed / `torch.compile` wrappers."""
+    """The user's model inside DDP / DataParallel / DeepSpeed / `torch.compile` wrappers.
+
+    A compiled model (`torch.compile`'s `OptimizedModule`) is unwrapped too: its modules are named `_orig_mod.*`,
+    names that neither the saved checkpoint nor the model's own `named_modules()` know.
+    """
     from accelerate.utils import extract_model_from_parallel
 
-    return extract_model_from_parallel(model)
+    return extract_model_from_parallel(model, keep_torch_compile=False)
 
 
 def _dtensor_type():

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._distributed import local_tensor
+from ._distributed import local_tensor, unwrap_model
 from .adapters import base_layer_names
 from .checkpoint import attach_sparsity_metadata
 from .config import SparsityConfig
@@ -127,6 +127,7 @@ def prune_(
     ```
     """
     config = config or SparsityConfig()
+    model = unwrap_model(model)  # layer names as the model itself (and its checkpoints) has them
     layers = select_layers(model, config).targets
     target, names = base_layer_names(model, list(layers))
     chosen = masks_chosen_before(target, names, config)

@@ -367,3 +367,28 @@ def test_pruning_a_pruned_model_again_keeps_the_criterion_that_chose_its_masks(t
     assert all(torch.equal(again[name] | ~mask, torch.ones_like(mask)) for name, mask in masks.items())
     meta = tiny_qa_model.config.sparsity
     assert (meta["criterion"], meta["criterion_options"]) == ("sparsegpt", pruned["criterion_options"])
+
+
+def test_a_compiled_model_records_its_own_layer_names_and_saves_compact(tmp_path, tiny_qa_model):
+    import hf_sparse
+
+    compiled = torch.compile(tiny_qa_model, backend="eager")  # the wrapper is what matters, not the compiler
+    # The Trainer reads the wrapper's forward(*args, **kwargs): keep the dataset's columns.
+    trainer = make_trainer(tmp_path, compiled, [SparsityCallback()], max_steps=2, remove_unused_columns=False)
+    trainer.train()
+    assert list(tiny_qa_model.config.sparsity["layers"]) == TARGETS
+    assert not [k for k in trainer.state.log_history[-1] if "_orig_mod" in k]
+    # (Trainer.save_model writes the wrapper's `_orig_mod.` keys, which plain from_pretrained cannot map either.)
+    tiny_qa_model.save_pretrained(tmp_path / "final")
+    reloaded = hf_sparse.from_pretrained(tmp_path / "final")
+    assert torch.equal(reloaded.get_submodule(TARGETS[0]).weight, tiny_qa_model.get_submodule(TARGETS[0]).weight)
+    hf_sparse.save_pretrained(tiny_qa_model, tmp_path / "compact", compact=True)
+    compact = hf_sparse.from_pretrained(tmp_path / "compact")
+    assert torch.equal(compact.get_submodule(TARGETS[-1]).weight, tiny_qa_model.get_submodule(TARGETS[-1]).weight)
+
+
+def test_prune_on_a_compiled_model_uses_the_models_own_layer_names(tiny_qa_model):
+    from hf_sparse import prune_
+
+    masks = prune_(torch.compile(tiny_qa_model, backend="eager"))
+    assert list(masks) == list(tiny_qa_model.config.sparsity["layers"]) == TARGETS
