@@ -22,7 +22,7 @@ from .checkpoint import SparseCheckpointError, atomic_path
 from .config import SparsityConfig
 from .criteria import CALIBRATED_CRITERIA, compute_masks
 from .masks import format_report, group_counts, is_nm, layer_sparsity, nm_mask, total_sparsity
-from .numerics import NumericsCallback
+from .numerics import NonFiniteLossError, NumericsCallback, non_finite
 from .pruning import apply_masks_, chosen_after, masks_chosen_before, nonzeros_to_compare, record_sparsity_
 from .selection import block_of, select_layers
 
@@ -86,6 +86,7 @@ class SparsityCallback(TrainerCallback):
         # The criterion and options that chose the masks when an earlier pruning did (see masks_chosen_before);
         # None when this callback's config did.
         self._chosen: dict | None = None
+        self._step, self._finite_step = 0, None  # the last step checked, the last one found finite
 
     # -- training events ---------------------------------------------------------------------------------------
 
@@ -111,6 +112,7 @@ class SparsityCallback(TrainerCallback):
             f", then every {self.config.mask_update_every} steps" if self.config.mask_update_every else "",
         )
         self.masks, self.pruned_values = {}, {}
+        self._step, self._finite_step = state.global_step, None
         target, names = base_layer_names(model, list(self.layers))
         self._chosen = masks_chosen_before(target, names, self.config)
         if state.max_steps and self.config.mask_start_step > state.max_steps:
@@ -141,6 +143,14 @@ class SparsityCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step > 0 and self.config.mask_due(state.global_step):
             self._update_masks(state.global_step, args, model, kwargs.get("train_dataloader"))
+        elif control.should_save or control.should_log or control.should_evaluate:
+            # Before the checkpoint, log or evaluation the Trainer's DefaultFlowCallback (which runs just before this
+            # one) has decided on: none of them may hold the NaN of a diverged run.
+            self._check_finite(state.global_step)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save or control.should_log or control.should_evaluate:
+            self._check_finite(state.global_step)
 
     def on_init_end(self, args, state, control, **kwargs):
         _run_before_reporting_callbacks(self)
@@ -194,6 +204,7 @@ class SparsityCallback(TrainerCallback):
                 f"(mask_start_step={self.config.mask_start_step}); the model is dense. Lower mask_start_step, or "
                 "train until it (the run stopped early?)."
             )
+        self._step = state.global_step
         self.squash_(model)
         if self.config.swap_at_end and model is not None:
             from .inference.swap import swap_at_train_end
@@ -207,6 +218,7 @@ class SparsityCallback(TrainerCallback):
         records the sparsity metadata in `model.config.sparsity`, which `save_pretrained` writes into config.json."""
         if not self.masks:
             return
+        self._check_finite(self._step)
         apply_masks_(self.layers, self.masks)
         rows = self.report()
         broken = [r.name for r in rows if not r.is_nm]
@@ -226,6 +238,29 @@ class SparsityCallback(TrainerCallback):
             layer_sparsity(name, local_tensor(layer.weight), self.config.n, self.config.m)
             for name, layer in self.layers.items()
         ]
+
+    def _check_finite(self, step: int) -> None:
+        """Raises `NonFiniteLossError` naming the first selected layer with a NaN or inf weight: a diverged run
+        cannot be kept N:M (NaN times a mask's zero is NaN), and would otherwise train on, log a sparsity of 0 and
+        end with layers that are "not N:M"."""
+        self._step = step
+        bad = non_finite({name: local_tensor(layer.weight) for name, layer in self.layers.items()})
+        if not bad:
+            self._finite_step = step
+            return
+        where = f"layer {bad[0]} has {_count_non_finite(self.layers[bad[0]])} NaN or inf weight(s) at step {step}"
+        if self._finite_step is None:  # no finite check yet in this run: the weights came in non-finite
+            raise NonFiniteLossError(
+                f"hf-sparse: {where} ({len(bad)} selected layer(s) in all), before this run checked them finite: the "
+                "model was given with non-finite weights. Load it from a checkpoint written before training diverged."
+            )
+        raise NonFiniteLossError(
+            f"hf-sparse: {where} (finite at step {self._finite_step}, the last check; {len(bad)} selected layer(s) in "
+            "all): training diverged. Lower the learning rate (or raise warmup_steps), train with fp32 master "
+            "weights (load the model with dtype=torch.float32, --bf16 for mixed precision), add "
+            "hf_sparse.numerics.NumericsCallback to stop at the first non-finite loss, and resume from an earlier "
+            f"checkpoint (none after step {self._finite_step} was written by this run)."
+        )
 
     def _hold_masks(self, masks: dict[str, torch.Tensor]) -> None:
         missing, extra = set(self.layers) - set(masks), set(masks) - set(self.layers)
@@ -256,6 +291,7 @@ class SparsityCallback(TrainerCallback):
         logger.info("hf-sparse: holding the %d given %s masks.", len(held), self.config.criterion)
 
     def _update_masks(self, step: int, args=None, model=None, train_dataloader=None) -> None:
+        self._check_finite(step)
         if self.pruned_values:
             # Score the pruned weights at the values they had when pruned: the weights are zero there.
             with torch.no_grad():
@@ -305,6 +341,15 @@ class SparsityCallback(TrainerCallback):
 
     def _restore_masks(self, args, state) -> None:
         checkpoint = resumed_checkpoint(args, state)
+        bad = non_finite({name: local_tensor(layer.weight) for name, layer in self.layers.items()})
+        if bad:
+            raise SparseCheckpointError(
+                f"hf-sparse: the checkpoint {checkpoint} has NaN or inf weights (layer {bad[0]}: "
+                f"{_count_non_finite(self.layers[bad[0]])} value(s); {len(bad)} layer(s) in all): it was written after "
+                "training diverged, and no masks can hold them at zero. Resume from an earlier checkpoint of this run, "
+                "and keep it from diverging again (a lower learning rate, fp32 master weights, "
+                "hf_sparse.numerics.NumericsCallback to stop at the first non-finite loss)."
+            )
         path = os.path.join(checkpoint, _masks_file(self._sharded()))
         if os.path.isfile(path):
             self.masks, self.pruned_values = read_masks(path, self.layers, self.config)
@@ -340,19 +385,20 @@ class SparsityCallback(TrainerCallback):
 
 
 def _run_before_reporting_callbacks(callback: TrainerCallback) -> list[TrainerCallback]:
-    """Moves `callback` to the front of the Trainer's callback list.
+    """Moves `callback` to the front of the Trainer's callback list, just behind its `DefaultFlowCallback`.
 
     The Trainer registers the `report_to` integrations (TensorBoard, W&B, MLflow, ...) before the user's callbacks
     and calls `on_log` in that order, with one `logs` dict: the sparsity added there by a callback behind them
-    would never reach them. Callbacks are not given the Trainer, so this finds its `CallbackHandler` in the
-    caller's frame (`CallbackHandler.call_event`, which is running this callback's event). Moving the running
-    callback from position i to 0 leaves every later one at its index, so the current event still reaches each
-    callback exactly once.
+    would never reach them. `DefaultFlowCallback` comes first: at each step's end it decides whether the step logs,
+    evaluates or saves, which `SparsityCallback` reads to check the weights before any of them. Callbacks are not
+    given the Trainer, so this finds its `CallbackHandler` in the caller's frame (`CallbackHandler.call_event`,
+    which is running this callback's event). Moving the running callback from position i to an earlier one leaves
+    every later callback at its index, so the current event still reaches each callback exactly once.
 
     Returns:
         The Trainer's callbacks (empty when its list was not found).
     """
-    from transformers.trainer_callback import CallbackHandler
+    from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
     frame = sys._getframe(1)
     for _ in range(4):  # the event method, then call_event (or a wrapper of it)
@@ -362,9 +408,10 @@ def _run_before_reporting_callbacks(callback: TrainerCallback) -> list[TrainerCa
         handler = frame.f_locals.get("self")
         if isinstance(handler, CallbackHandler):
             callbacks = handler.callbacks
-            if callback in callbacks and callbacks[0] is not callback:
+            front = int(bool(callbacks) and isinstance(callbacks[0], DefaultFlowCallback))
+            if callback in callbacks and callbacks.index(callback) > front:  # only ever forward (see above)
                 callbacks.remove(callback)
-                callbacks.insert(0, callback)
+                callbacks.insert(front, callback)
             return callbacks
     logger.warning(
         "hf-sparse: could not find the Trainer's callback list; the sparsity logged by SparsityCallback reaches "
@@ -471,6 +518,10 @@ def _check_mask(name: str, mask: torch.Tensor, weight: torch.Tensor, config: Spa
             "mask prunes; the masks file belongs to another run or another checkpoint. Resume from a checkpoint "
             "folder written by this run (its weights and masks are saved together)."
         )
+
+
+def _count_non_finite(layer: nn.Module) -> int:
+    return int((~torch.isfinite(local_tensor(layer.weight))).sum())
 
 
 def _masks_chosen_by(path: str, default: dict | None) -> dict | None:

@@ -23,7 +23,7 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or inf loss or gradient norm."""
+    """Training produced a NaN or inf loss, gradient norm or weight."""
 
 
 def half_precision_parameters(model: nn.Module) -> list[str]:
@@ -54,16 +54,22 @@ def check_master_weights(model: nn.Module) -> None:
         )
 
 
-def non_finite_parameters(model: nn.Module) -> list[str]:
-    """Names of the trainable parameters that hold a NaN or inf, on any process (every process must call it under
-    `torch.distributed`: it gathers)."""
-    params = [(name, local_part(p)) for name, p in model.named_parameters() if p.requires_grad]
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the `tensors` that hold a NaN or inf on any process (each process passes its own local parts; under
+    `torch.distributed` every process must call it: it gathers)."""
     found = []
-    if params:
-        # One device-to-host copy for all of them, not one per parameter.
-        finite = torch.stack([p.isfinite().all().to(params[0][1].device) for _, p in params]).tolist()
-        found = [name for (name, _), ok in zip(params, finite) if not ok]
-    return sorted({name for names in gather_object(found) for name in names})
+    if tensors:
+        # One device-to-host copy for all of them, not one per tensor.
+        device = next(iter(tensors.values())).device
+        finite = torch.stack([t.isfinite().all().to(device) for t in tensors.values()]).tolist()
+        found = [name for name, ok in zip(tensors, finite) if not ok]
+    on_any = {name for names in gather_object(found) for name in names}
+    return [name for name in tensors if name in on_any] + sorted(on_any - set(tensors))
+
+
+def non_finite_parameters(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters that hold a NaN or inf, on any process (see `non_finite`)."""
+    return non_finite({name: local_part(p) for name, p in model.named_parameters() if p.requires_grad})
 
 
 def divergence_advice(args) -> str:

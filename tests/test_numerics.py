@@ -63,15 +63,16 @@ def test_half_precision_is_refused_before_sparsity_callback_changes_any_weight(
 
 
 class DivergeAt(TrainerCallback):
-    """Puts a NaN into the QA head after optimizer step `step`, as a diverging update would."""
+    """Puts NaN into the nonzero weights of `layer` after optimizer step `step`, as a diverging update would."""
 
-    def __init__(self, step):
-        self.step = step
+    def __init__(self, step, layer="qa_outputs"):
+        self.step, self.layer = step, layer
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         if state.global_step + 1 == self.step:  # global_step counts the step once it has ended
             with torch.no_grad():
-                model.qa_outputs.weight[0, 0] = float("nan")
+                weight = model.get_submodule(self.layer).weight
+                weight[weight != 0] = float("nan")
 
 
 def test_no_checkpoint_with_non_finite_weights_is_written_and_no_finite_one_rotated_out(tmp_path, tiny_qa_model):
