@@ -21,7 +21,7 @@ from .calibration import calibration_from_dataloader
 from .checkpoint import SparseCheckpointError, atomic_path
 from .config import SparsityConfig
 from .criteria import CALIBRATED_CRITERIA, compute_masks
-from .masks import format_report, group_counts, is_nm, layer_sparsity, nm_mask, total_sparsity
+from .masks import SparsityReport, group_counts, is_nm, layer_sparsity, nm_mask, total_sparsity
 from .numerics import NonFiniteLossError, NumericsCallback, non_finite
 from .pruning import apply_masks_, chosen_after, masks_chosen_before, nonzeros_to_compare, record_sparsity_
 from .selection import block_of, select_layers
@@ -224,7 +224,7 @@ class SparsityCallback(TrainerCallback):
         broken = [r.name for r in rows if not r.is_nm]
         if broken:
             raise RuntimeError(f"hf-sparse: layers {broken} are not {self.config.sparsity_pattern} after training.")
-        logger.info("hf-sparse: final sparsity\n%s", format_report(rows))
+        logger.info("hf-sparse: final sparsity\n%s", rows)
         if model is not None:
             # On a PEFT model the metadata goes on the base model, under its own layer names.
             target, layers = base_layer_names(unwrap_model(model), list(self.layers))
@@ -232,12 +232,12 @@ class SparsityCallback(TrainerCallback):
                 record_sparsity_(target, self.config, layers, self._chosen)
         self.masks, self.pruned_values = {}, {}
 
-    def report(self):
-        """Per-layer sparsity of the selected layers (local shards under FSDP2)."""
-        return [
+    def report(self) -> SparsityReport:
+        """Per-layer sparsity of the selected layers (local shards under FSDP2), printable as a table."""
+        return SparsityReport(
             layer_sparsity(name, local_tensor(layer.weight), self.config.n, self.config.m)
             for name, layer in self.layers.items()
-        ]
+        )
 
     def _check_finite(self, step: int) -> None:
         """Raises `NonFiniteLossError` naming the first selected layer with a NaN or inf weight: a diverged run
