@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import SparsityConfig, parse_pattern
 from .masks import is_nm, nm_mask
+from .numerics import count_non_finite
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def _mask_merged_(merged: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     modules = dict(merged.named_modules())
     for name, mask in masks.items():
         weight = modules[name].weight
-        bad = int((~torch.isfinite(weight)).sum())
+        bad = count_non_finite(weight)
         if bad:  # NaN * 0 is NaN: the layer could not be N:M again
             raise ValueError(f"the merged weight of {name} has {bad} NaN or inf value(s).")
         weight.mul_(mask.to(weight.device))

@@ -22,7 +22,7 @@ from .checkpoint import SparseCheckpointError, atomic_path
 from .config import SparsityConfig
 from .criteria import CALIBRATED_CRITERIA, compute_masks
 from .masks import SparsityReport, group_counts, is_nm, layer_sparsity, nm_mask, total_sparsity
-from .numerics import NonFiniteLossError, NumericsCallback, non_finite
+from .numerics import NonFiniteLossError, NumericsCallback, count_non_finite, non_finite
 from .pruning import apply_masks_, chosen_after, masks_chosen_before, nonzeros_to_compare, record_sparsity_
 from .selection import block_of, select_layers
 
@@ -248,7 +248,8 @@ class SparsityCallback(TrainerCallback):
         if not bad:
             self._finite_step = step
             return
-        where = f"layer {bad[0]} has {_count_non_finite(self.layers[bad[0]])} NaN or inf weight(s) at step {step}"
+        count = count_non_finite(self.layers[bad[0]].weight)
+        where = f"layer {bad[0]} has {count} NaN or inf weight(s) at step {step}"
         if self._finite_step is None:  # no finite check yet in this run: the weights came in non-finite
             raise NonFiniteLossError(
                 f"hf-sparse: {where} ({len(bad)} selected layer(s) in all), before this run checked them finite: the "
@@ -263,6 +264,7 @@ class SparsityCallback(TrainerCallback):
         )
 
     def _hold_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        self._check_finite(self._step)
         missing, extra = set(self.layers) - set(masks), set(masks) - set(self.layers)
         if missing or extra:
             raise ValueError(
@@ -343,12 +345,13 @@ class SparsityCallback(TrainerCallback):
         checkpoint = resumed_checkpoint(args, state)
         bad = non_finite({name: local_tensor(layer.weight) for name, layer in self.layers.items()})
         if bad:
+            count = count_non_finite(self.layers[bad[0]].weight)
             raise SparseCheckpointError(
-                f"hf-sparse: the checkpoint {checkpoint} has NaN or inf weights (layer {bad[0]}: "
-                f"{_count_non_finite(self.layers[bad[0]])} value(s); {len(bad)} layer(s) in all): it was written after "
-                "training diverged, and no masks can hold them at zero. Resume from an earlier checkpoint of this run, "
-                "and keep it from diverging again (a lower learning rate, fp32 master weights, "
-                "hf_sparse.numerics.NumericsCallback to stop at the first non-finite loss)."
+                f"hf-sparse: the checkpoint {checkpoint} has NaN or inf weights (layer {bad[0]}: {count} value(s); "
+                f"{len(bad)} layer(s) in all): it was written after training diverged, and no masks can hold them at "
+                "zero. Resume from an earlier checkpoint of this run, and keep it from diverging again (a lower "
+                "learning rate, fp32 master weights, hf_sparse.numerics.NumericsCallback to stop at the first "
+                "non-finite loss)."
             )
         path = os.path.join(checkpoint, _masks_file(self._sharded()))
         if os.path.isfile(path):
@@ -518,10 +521,6 @@ def _check_mask(name: str, mask: torch.Tensor, weight: torch.Tensor, config: Spa
             "mask prunes; the masks file belongs to another run or another checkpoint. Resume from a checkpoint "
             "folder written by this run (its weights and masks are saved together)."
         )
-
-
-def _count_non_finite(layer: nn.Module) -> int:
-    return int((~torch.isfinite(local_tensor(layer.weight))).sum())
 
 
 def _masks_chosen_by(path: str, default: dict | None) -> dict | None:

@@ -67,6 +67,11 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [name for name in tensors if name in on_any] + sorted(on_any - set(tensors))
 
 
+def count_non_finite(tensor: torch.Tensor) -> int:
+    """How many NaN or inf values `tensor` holds (this process's part of it)."""
+    return int((~torch.isfinite(local_part(tensor))).sum())
+
+
 def non_finite_parameters(model: nn.Module) -> list[str]:
     """Names of the trainable parameters that hold a NaN or inf, on any process (see `non_finite`)."""
     return non_finite({name: local_part(p) for name, p in model.named_parameters() if p.requires_grad})

@@ -12,8 +12,9 @@ def _trainer(tmp_path, model, callbacks=None, **overrides):
     values = dict(max_steps=3, per_device_train_batch_size=8, learning_rate=1e-3, report_to="none", use_cpu=True,
                   logging_steps=1, logging_nan_inf_filter=False, save_strategy="no", disable_tqdm=True, seed=0)  # fmt: skip
     values.update(overrides)
+    callbacks = callbacks if callbacks is not None else [NumericsCallback()]
     return Trainer(model=model, args=TrainingArguments(str(tmp_path), **values), train_dataset=RandomQADataset(),
-                   callbacks=callbacks if callbacks is not None else [NumericsCallback()])  # fmt: skip
+                   callbacks=callbacks)  # fmt: skip
 
 
 def test_half_precision_master_weights_are_refused_before_the_first_step(tmp_path, tiny_qa_model):
