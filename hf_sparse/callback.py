@@ -95,7 +95,8 @@ class SparsityCallback(TrainerCallback):
         if model is None:
             raise ValueError("SparsityCallback needs the Trainer's model; the Trainer passed none.")
         model = unwrap_model(model)
-        # This callback runs first and prunes now: a NumericsCallback that refuses the run must do so before that.
+        # This callback runs before the user's callbacks and prunes now: a NumericsCallback that refuses the run
+        # must do so before that.
         for callback in callbacks:
             if isinstance(callback, NumericsCallback):
                 callback.check_before_training(model)

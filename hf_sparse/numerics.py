@@ -111,8 +111,9 @@ class NumericsCallback(TrainerCallback):
             self.check_before_training(model)
 
     def check_before_training(self, model: nn.Module) -> None:
-        """The checks made when training starts. `SparsityCallback` runs first (so that its logs reach the reporting
-        integrations) and prunes when training starts: it calls this before it changes any weight."""
+        """The checks made when training starts. `SparsityCallback` runs before the user's callbacks (so that its
+        logs reach the reporting integrations) and prunes when training starts: it calls this before it changes any
+        weight."""
         check_master_weights(model)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
