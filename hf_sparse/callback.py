@@ -205,7 +205,7 @@ class SparsityCallback(TrainerCallback):
                 f"(mask_start_step={self.config.mask_start_step}); the model is dense. Lower mask_start_step, or "
                 "train until it (the run stopped early?)."
             )
-        self._step = state.global_step
+        self._step = getattr(state, "global_step", self._step)
         self.squash_(model)
         if self.config.swap_at_end and model is not None:
             from .inference.swap import swap_at_train_end
