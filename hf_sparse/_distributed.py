@@ -13,10 +13,14 @@ from torch import nn
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside DDP / DataParallel / DeepSpeed / `torch.compile` wrappers."""
+    """The user's model inside DDP / DataParallel / DeepSpeed / `torch.compile` wrappers.
+
+    A compiled model (`torch.compile`'s `OptimizedModule`) is unwrapped too: its modules are named `_orig_mod.*`,
+    names that neither the saved checkpoint nor the model's own `named_modules()` know.
+    """
     from accelerate.utils import extract_model_from_parallel
 
-    return extract_model_from_parallel(model)
+    return extract_model_from_parallel(model, keep_torch_compile=False)
 
 
 def _dtensor_type():
@@ -54,6 +58,13 @@ def local_tensor(tensor: torch.Tensor, name: str = "weight") -> torch.Tensor:
             f"{name} is an FSDP1 flat parameter, which hf-sparse does not handle; use FSDP2 (fsdp_version: 2)."
         )
     return tensor
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """What this process holds of `tensor`: a `DTensor`'s local shard, any other tensor as it is. Unlike
+    `local_tensor`, it accepts every kind of sharding (for checks that read every element, like finiteness)."""
+    dtensor = _dtensor_type()
+    return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor) else tensor
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:

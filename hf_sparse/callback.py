@@ -21,8 +21,9 @@ from .calibration import calibration_from_dataloader
 from .checkpoint import SparseCheckpointError, atomic_path
 from .config import SparsityConfig
 from .criteria import CALIBRATED_CRITERIA, compute_masks
-from .masks import format_report, group_counts, is_nm, layer_sparsity, nm_mask, total_sparsity
-from .pruning import apply_masks_
+from .masks import SparsityReport, group_counts, is_nm, layer_sparsity, nm_mask, total_sparsity
+from .numerics import NonFiniteLossError, NumericsCallback, count_non_finite, non_finite
+from .pruning import apply_masks_, chosen_after, masks_chosen_before, nonzeros_to_compare, record_sparsity_
 from .selection import block_of, select_layers
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ class SparsityCallback(TrainerCallback):
             after a one-shot SparseGPT pass): held from `mask_start_step` instead of computed there, so a
             recovery fine-tuning keeps the masks of `config.criterion` and `config.json` names that criterion.
 
+    `config.json` names the criterion (and options) that chose the masks: `config.criterion`, unless the model was
+    pruned before (its `config.sparsity` covers the selected layers) and this callback's masks keep every weight
+    that pruning left, as `SparsityCallback()` after `prune_(model, SparsityConfig(criterion="sparsegpt"), ...)`
+    does; then the earlier criterion and options.
+
     Example:
 
     ```python
@@ -77,14 +83,23 @@ class SparsityCallback(TrainerCallback):
         # Values the pruned weights had when pruned, kept only while a mask recomputation is still scheduled.
         self.pruned_values: dict[str, torch.Tensor] = {}
         self._log_layers = False
+        # The criterion and options that chose the masks when an earlier pruning did (see masks_chosen_before);
+        # None when this callback's config did.
+        self._chosen: dict | None = None
+        self._step, self._finite_step = 0, None  # the last step checked, the last one found finite
 
     # -- training events ---------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        _run_before_reporting_callbacks(self)  # also when added with trainer.add_callback after __init__
+        callbacks = _run_before_reporting_callbacks(self)  # also when added with trainer.add_callback after __init__
         if model is None:
             raise ValueError("SparsityCallback needs the Trainer's model; the Trainer passed none.")
         model = unwrap_model(model)
+        # This callback runs before the user's callbacks and prunes now: a NumericsCallback that refuses the run
+        # must do so before that.
+        for callback in callbacks:
+            if isinstance(callback, NumericsCallback):
+                callback.check_before_training(model)
         selection = select_layers(model, self.config)
         self.layers = selection.targets
         if selection.skipped:
@@ -98,6 +113,9 @@ class SparsityCallback(TrainerCallback):
             f", then every {self.config.mask_update_every} steps" if self.config.mask_update_every else "",
         )
         self.masks, self.pruned_values = {}, {}
+        self._step, self._finite_step = state.global_step, None
+        target, names = base_layer_names(model, list(self.layers))
+        self._chosen = masks_chosen_before(target, names, self.config)
         if state.max_steps and self.config.mask_start_step > state.max_steps:
             raise ValueError(
                 f"hf-sparse: mask_start_step={self.config.mask_start_step} is after the last optimizer step of this "
@@ -126,6 +144,14 @@ class SparsityCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step > 0 and self.config.mask_due(state.global_step):
             self._update_masks(state.global_step, args, model, kwargs.get("train_dataloader"))
+        elif control.should_save or control.should_log or control.should_evaluate:
+            # Before the checkpoint, log or evaluation the Trainer's DefaultFlowCallback (which runs just before this
+            # one) has decided on: none of them may hold the NaN of a diverged run.
+            self._check_finite(state.global_step)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save or control.should_log or control.should_evaluate:
+            self._check_finite(state.global_step)
 
     def on_init_end(self, args, state, control, **kwargs):
         _run_before_reporting_callbacks(self)
@@ -179,6 +205,7 @@ class SparsityCallback(TrainerCallback):
                 f"(mask_start_step={self.config.mask_start_step}); the model is dense. Lower mask_start_step, or "
                 "train until it (the run stopped early?)."
             )
+        self._step = getattr(state, "global_step", self._step)
         self.squash_(model)
         if self.config.swap_at_end and model is not None:
             from .inference.swap import swap_at_train_end
@@ -192,29 +219,53 @@ class SparsityCallback(TrainerCallback):
         records the sparsity metadata in `model.config.sparsity`, which `save_pretrained` writes into config.json."""
         if not self.masks:
             return
+        self._check_finite(self._step)
         apply_masks_(self.layers, self.masks)
         rows = self.report()
         broken = [r.name for r in rows if not r.is_nm]
         if broken:
             raise RuntimeError(f"hf-sparse: layers {broken} are not {self.config.sparsity_pattern} after training.")
-        logger.info("hf-sparse: final sparsity\n%s", format_report(rows))
+        logger.info("hf-sparse: final sparsity\n%s", rows)
         if model is not None:
             # On a PEFT model the metadata goes on the base model, under its own layer names.
             target, layers = base_layer_names(unwrap_model(model), list(self.layers))
             if getattr(target, "config", None) is not None:
-                from .checkpoint import attach_sparsity_metadata
-
-                attach_sparsity_metadata(target, self.config, layers=layers)
+                record_sparsity_(target, self.config, layers, self._chosen)
         self.masks, self.pruned_values = {}, {}
 
-    def report(self):
-        """Per-layer sparsity of the selected layers (local shards under FSDP2)."""
-        return [
+    def report(self) -> SparsityReport:
+        """Per-layer sparsity of the selected layers (local shards under FSDP2), printable as a table."""
+        return SparsityReport(
             layer_sparsity(name, local_tensor(layer.weight), self.config.n, self.config.m)
             for name, layer in self.layers.items()
-        ]
+        )
+
+    def _check_finite(self, step: int) -> None:
+        """Raises `NonFiniteLossError` naming the first selected layer with a NaN or inf weight: a diverged run
+        cannot be kept N:M (NaN times a mask's zero is NaN), and would otherwise train on, log a sparsity of 0 and
+        end with layers that are "not N:M"."""
+        self._step = step
+        bad = non_finite({name: local_tensor(layer.weight) for name, layer in self.layers.items()})
+        if not bad:
+            self._finite_step = step
+            return
+        count = count_non_finite(self.layers[bad[0]].weight)
+        where = f"layer {bad[0]} has {count} NaN or inf weight(s) at step {step}"
+        if self._finite_step is None:  # no finite check yet in this run: the weights came in non-finite
+            raise NonFiniteLossError(
+                f"hf-sparse: {where} ({len(bad)} selected layer(s) in all), before this run checked them finite: the "
+                "model was given with non-finite weights. Load it from a checkpoint written before training diverged."
+            )
+        raise NonFiniteLossError(
+            f"hf-sparse: {where} (finite at step {self._finite_step}, the last check; {len(bad)} selected layer(s) in "
+            "all): training diverged. Lower the learning rate (or raise warmup_steps), train with fp32 master "
+            "weights (load the model with dtype=torch.float32, --bf16 for mixed precision), add "
+            "hf_sparse.numerics.NumericsCallback to stop at the first non-finite loss, and resume from an earlier "
+            f"checkpoint (none after step {self._finite_step} was written by this run)."
+        )
 
     def _hold_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        self._check_finite(self._step)
         missing, extra = set(self.layers) - set(masks), set(masks) - set(self.layers)
         if missing or extra:
             raise ValueError(
@@ -231,6 +282,7 @@ class SparsityCallback(TrainerCallback):
                     f"{self.config.sparsity_pattern}; expected an N:M boolean mask of shape {tuple(weight.shape)}."
                 )
             held[name] = mask
+        self._chosen = chosen_after(self._chosen, nonzeros_to_compare(self._chosen, self.config, self.layers), held)
         self.masks = held
         if self.config.updates_after(self.config.mask_start_step):
             with torch.no_grad():
@@ -242,16 +294,19 @@ class SparsityCallback(TrainerCallback):
         logger.info("hf-sparse: holding the %d given %s masks.", len(held), self.config.criterion)
 
     def _update_masks(self, step: int, args=None, model=None, train_dataloader=None) -> None:
+        self._check_finite(step)
         if self.pruned_values:
             # Score the pruned weights at the values they had when pruned: the weights are zero there.
             with torch.no_grad():
                 for name, values in self.pruned_values.items():
                     local_tensor(self.layers[name].weight).add_(values)
+        nonzero = nonzeros_to_compare(self._chosen, self.config, self.layers)
         try:
             masks = self._compute_masks(args, model, train_dataloader)
         except BaseException:
             apply_masks_(self.layers, self.masks)  # zero the pruned values again: the weights are as they were
             raise
+        self._chosen = chosen_after(self._chosen, nonzero, masks)
         self.masks = masks
         if self.config.updates_after(step):
             with torch.no_grad():
@@ -289,9 +344,20 @@ class SparsityCallback(TrainerCallback):
 
     def _restore_masks(self, args, state) -> None:
         checkpoint = resumed_checkpoint(args, state)
+        bad = non_finite({name: local_tensor(layer.weight) for name, layer in self.layers.items()})
+        if bad:
+            count = count_non_finite(self.layers[bad[0]].weight)
+            raise SparseCheckpointError(
+                f"hf-sparse: the checkpoint {checkpoint} has NaN or inf weights (layer {bad[0]}: {count} value(s); "
+                f"{len(bad)} layer(s) in all): it was written after training diverged, and no masks can hold them at "
+                "zero. Resume from an earlier checkpoint of this run, and keep it from diverging again (a lower "
+                "learning rate, fp32 master weights, hf_sparse.numerics.NumericsCallback to stop at the first "
+                "non-finite loss)."
+            )
         path = os.path.join(checkpoint, _masks_file(self._sharded()))
         if os.path.isfile(path):
             self.masks, self.pruned_values = read_masks(path, self.layers, self.config)
+            self._chosen = _masks_chosen_by(path, self._chosen)
             logger.info("hf-sparse: resumed with the masks saved in %s.", path)
         else:
             # A checkpoint from elsewhere: its weights are already N:M, so their nonzeros are the masks.
@@ -314,20 +380,29 @@ class SparsityCallback(TrainerCallback):
         apply_masks_(self.layers, self.masks)
 
     def _metadata(self) -> dict[str, str]:
-        return {"sparsity_pattern": self.config.sparsity_pattern, "criterion": self.config.criterion}
+        # masks_chosen_by: who chose these masks, for the run that resumes from this checkpoint ("null": criterion).
+        return {
+            "sparsity_pattern": self.config.sparsity_pattern,
+            "criterion": self.config.criterion,
+            "masks_chosen_by": json.dumps(self._chosen),
+        }
 
 
-def _run_before_reporting_callbacks(callback: TrainerCallback) -> None:
-    """Moves `callback` to the front of the Trainer's callback list.
+def _run_before_reporting_callbacks(callback: TrainerCallback) -> list[TrainerCallback]:
+    """Moves `callback` to the front of the Trainer's callback list, just behind its `DefaultFlowCallback`.
 
     The Trainer registers the `report_to` integrations (TensorBoard, W&B, MLflow, ...) before the user's callbacks
     and calls `on_log` in that order, with one `logs` dict: the sparsity added there by a callback behind them
-    would never reach them. Callbacks are not given the Trainer, so this finds its `CallbackHandler` in the
-    caller's frame (`CallbackHandler.call_event`, which is running this callback's event). Moving the running
-    callback from position i to 0 leaves every later one at its index, so the current event still reaches each
-    callback exactly once.
+    would never reach them. `DefaultFlowCallback` comes first: at each step's end it decides whether the step logs,
+    evaluates or saves, which `SparsityCallback` reads to check the weights before any of them. Callbacks are not
+    given the Trainer, so this finds its `CallbackHandler` in the caller's frame (`CallbackHandler.call_event`,
+    which is running this callback's event). Moving the running callback from position i to an earlier one leaves
+    every later callback at its index, so the current event still reaches each callback exactly once.
+
+    Returns:
+        The Trainer's callbacks (empty when its list was not found).
     """
-    from transformers.trainer_callback import CallbackHandler
+    from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
     frame = sys._getframe(1)
     for _ in range(4):  # the event method, then call_event (or a wrapper of it)
@@ -337,14 +412,16 @@ def _run_before_reporting_callbacks(callback: TrainerCallback) -> None:
         handler = frame.f_locals.get("self")
         if isinstance(handler, CallbackHandler):
             callbacks = handler.callbacks
-            if callback in callbacks and callbacks[0] is not callback:
+            front = int(bool(callbacks) and isinstance(callbacks[0], DefaultFlowCallback))
+            if callback in callbacks and callbacks.index(callback) > front:  # only ever forward (see above)
                 callbacks.remove(callback)
-                callbacks.insert(0, callback)
-            return
+                callbacks.insert(front, callback)
+            return callbacks
     logger.warning(
         "hf-sparse: could not find the Trainer's callback list; the sparsity logged by SparsityCallback reaches "
         "state.log_history but not the report_to integrations that run before it."
     )
+    return []
 
 
 def resumed_checkpoint(args, state) -> str:
@@ -445,6 +522,13 @@ def _check_mask(name: str, mask: torch.Tensor, weight: torch.Tensor, config: Spa
             "mask prunes; the masks file belongs to another run or another checkpoint. Resume from a checkpoint "
             "folder written by this run (its weights and masks are saved together)."
         )
+
+
+def _masks_chosen_by(path: str, default: dict | None) -> dict | None:
+    """The `masks_chosen_by` a masks file records (`default` for files written before it was recorded)."""
+    with safe_open(path, framework="pt") as f:
+        value = (f.metadata() or {}).get("masks_chosen_by")
+    return default if value is None else json.loads(value)
 
 
 def _masks_file(sharded: bool) -> str:

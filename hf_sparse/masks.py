@@ -108,9 +108,36 @@ def layer_sparsity(name: str, weight: torch.Tensor, n: int = 2, m: int = 4) -> L
     )
 
 
-def sparsity_report(
-    model: torch.nn.Module, n: int = 2, m: int = 4, layers: list[str] | None = None
-) -> list[LayerSparsity]:
+class SparsityReport(list):
+    """What `sparsity_report` returns: a list of `LayerSparsity` rows (iterate, index and filter it as any list)
+    that prints as a table, one line per layer and a total.
+
+    Example:
+
+    ```python
+    >>> masks = prune_(model)   # BERT-base for question answering
+    >>> print(sparsity_report(model))
+    layer                                                  shape  sparsity  N:M
+    bert.encoder.layer.0.attention.self.query            768x768    50.00%  yes
+    ...
+    qa_outputs                                             2x768     0.00%  NO
+    total                                             84,936,192    50.00%  72/73
+    ```
+    """
+
+    def __str__(self) -> str:
+        return format_report(self)
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # IPython and Jupyter display it as the table too
+        printer.text(str(self) if not cycle else "SparsityReport(...)")
+
+    @property
+    def sparsity(self) -> float:
+        """Share of exact zeros over all the weights of the report's layers."""
+        return total_sparsity(self)
+
+
+def sparsity_report(model: torch.nn.Module, n: int = 2, m: int = 4, layers: list[str] | None = None) -> SparsityReport:
     """Per-layer N:M check of a model's `nn.Linear` weights (or of the named modules' weights).
 
     Args:
@@ -118,10 +145,14 @@ def sparsity_report(
         n, m: the pattern to check.
         layers: fully qualified module names to check; default: every `nn.Linear`.
 
+    Returns:
+        A `SparsityReport`: a list of `LayerSparsity` rows that prints as a table.
+
     Example:
 
     ```python
     >>> report = sparsity_report(model)
+    >>> print(report)                             # the table
     >>> [r.name for r in report if not r.is_nm]   # layers that are not exactly 2:4
     ```
     """
@@ -131,7 +162,7 @@ def sparsity_report(
     missing = [name for name in layers if name not in modules]
     if missing:
         raise ValueError(f"sparsity_report: no module named {missing[:5]} in {type(model).__name__}.")
-    return [layer_sparsity(name, modules[name].weight, n, m) for name in layers]
+    return SparsityReport(layer_sparsity(name, modules[name].weight, n, m) for name in layers)
 
 
 def total_sparsity(rows: list[LayerSparsity]) -> float:
@@ -140,7 +171,8 @@ def total_sparsity(rows: list[LayerSparsity]) -> float:
 
 
 def format_report(rows: list[LayerSparsity]) -> str:
-    """A plain-text table of a `sparsity_report`."""
+    """A plain-text table of a `sparsity_report`: shape, share of zeros and N:M check per layer, then the total
+    (weights, share of zeros, layers that are N:M)."""
     if not rows:
         return "(no layers)"
     width = max(len(r.name) for r in rows)
@@ -148,6 +180,6 @@ def format_report(rows: list[LayerSparsity]) -> str:
     for r in rows:
         shape = "x".join(map(str, r.shape))
         lines.append(f"{r.name:<{width}}  {shape:>14}  {r.sparsity:8.2%}  {'yes' if r.is_nm else 'NO'}")
-    total = sum(r.numel for r in rows)
-    lines.append(f"{'total':<{width}}  {total:>14}  {total_sparsity(rows):8.2%}  {all(r.is_nm for r in rows)}")
+    total, nm = sum(r.numel for r in rows), sum(r.is_nm for r in rows)
+    lines.append(f"{'total':<{width}}  {total:>14,}  {total_sparsity(rows):8.2%}  {nm}/{len(rows)}")
     return "\n".join(lines)

@@ -87,3 +87,68 @@ def test_masked_merge_refuses_a_dense_base_layer():
         merge_and_unload_sparse(model, layers=["bert.encoder.layer.0.attention.self.query"])
     with pytest.raises(TypeError, match="peft.PeftModel"):
         merge_and_unload_sparse(model.get_base_model())
+
+
+def _broken_adapter_model():
+    """A pruned base model with LoRA on query and value, whose last adapted layer's adapter holds one NaN: PEFT
+    merges layer 0 before it reaches it."""
+    from hf_sparse import prune_
+
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(tiny_bert_config())
+    prune_(model)
+    config = peft.LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False)
+    peft_model = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        peft_model.get_base_model().bert.encoder.layer[1].attention.self.value.lora_B["default"].weight[0, 0] = float(
+            "nan"
+        )
+    return peft_model
+
+
+@pytest.mark.parametrize("safe_merge", [True, False], ids=["safe_merge", "unsafe_merge"])
+def test_a_failing_merge_leaves_the_model_as_it_was_and_names_the_adapter_and_layer(safe_merge):
+    model = _broken_adapter_model()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    modules_before = {name: type(module) for name, module in model.named_modules()}
+    with pytest.raises(ValueError, match=r"adapter 'default' of layer bert\.encoder\.layer\.1\.attention\.self\.value"
+                                         r".*nothing was merged"):  # fmt: skip
+        merge_and_unload_sparse(model, safe_merge=safe_merge)
+    # Not one layer merged or unwrapped: the same modules, the same values (2:4 base weights, adapters as they were).
+    assert {name: type(module) for name, module in model.named_modules()} == modules_before
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+    query = model.get_base_model().bert.encoder.layer[0].attention.self.query
+    assert query.merged_adapters == [] and is_nm(query.get_base_layer().weight)
+    assert model.peft_config  # PEFT deletes it when a merge completes
+    # Once the adapter is repaired, the same model merges.
+    with torch.no_grad():
+        model.get_base_model().bert.encoder.layer[1].attention.self.value.lora_B["default"].weight[0, 0] = 0.0
+    merged = merge_and_unload_sparse(model, safe_merge=safe_merge)
+    assert is_nm(merged.bert.encoder.layer[1].attention.self.value.weight)
+
+
+def test_masked_merge_names_a_non_finite_base_weight_not_a_missing_pattern():
+    model = _broken_adapter_model()
+    with torch.no_grad():
+        model.get_base_model().bert.encoder.layer[0].attention.self.key.weight[0, 0] = float("inf")
+    with pytest.raises(
+        ValueError, match=r"base weight of bert\.encoder\.layer\.0\.attention\.self\.key has NaN or inf"
+    ):
+        merge_and_unload_sparse(model, layers=["bert.encoder.layer.0.attention.self.key"])
+
+
+def test_masked_merge_keeps_the_recorded_criterion_and_its_options(tmp_path):
+    from tests.test_callback import _sparsegpt_pruned
+
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(tiny_bert_config())
+    _, pruned = _sparsegpt_pruned(model)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["query", "value"]))
+    _train(peft_model, tmp_path)
+    merged = merge_and_unload_sparse(peft_model)
+    meta = merged.config.sparsity
+    assert (meta["criterion"], meta["criterion_options"]) == ("sparsegpt", pruned["criterion_options"])
+    assert pruned["criterion_options"]["sparsegpt_damping"] == 0.05  # not the default, which the merge wrote

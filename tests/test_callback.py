@@ -315,3 +315,80 @@ def test_given_masks_must_cover_the_selection(tmp_path, tiny_qa_model):
     trainer = make_trainer(tmp_path, tiny_qa_model, [SparsityCallback(config, masks={})])
     with pytest.raises(ValueError, match="one mask per selected layer"):
         trainer.train()
+
+
+def _sparsegpt_pruned(model):
+    """`prune_` with SparseGPT and options other than the defaults, as the README's one-shot example."""
+    from hf_sparse import prune_
+
+    config = SparsityConfig(criterion="sparsegpt", calibration_samples=8, sparsegpt_damping=0.05)
+    batches = [
+        {"input_ids": torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(i))} for i in (0, 1)
+    ]
+    masks = prune_(model, config, calibration_data=batches)
+    return masks, dict(model.config.sparsity)
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["default-callback", "masks-given-default-config"])
+def test_a_callback_after_prune_records_the_criterion_that_chose_the_masks(tmp_path, tiny_qa_model, held):
+    from hf_sparse import model_card, save_pretrained
+
+    masks, pruned = _sparsegpt_pruned(tiny_qa_model)
+    assert pruned["criterion"] == "sparsegpt" and pruned["criterion_options"]["sparsegpt_damping"] == 0.05
+    # The README's order: SparsityCallback() (magnitude by default) to keep the masks while recovering.
+    callback = SparsityCallback(masks=masks) if held else SparsityCallback()
+    make_trainer(tmp_path, tiny_qa_model, [callback], max_steps=3).train()
+    for name, mask in masks.items():
+        assert torch.equal(tiny_qa_model.get_submodule(name).weight != 0, mask), name
+    meta = tiny_qa_model.config.sparsity
+    assert (meta["criterion"], meta["criterion_options"]) == (pruned["criterion"], pruned["criterion_options"])
+    save_pretrained(tiny_qa_model, tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())["sparsity"]
+    assert (saved["criterion"], saved["criterion_options"]) == (pruned["criterion"], pruned["criterion_options"])
+    card = str(model_card(tmp_path / "saved"))
+    assert "sparsegpt" in card and "sparsegpt_damping=0.05" in card and "magnitude" not in card
+
+
+def test_a_callback_that_chooses_other_masks_records_its_own_criterion(tmp_path, tiny_qa_model):
+    _sparsegpt_pruned(tiny_qa_model)
+    # Dense training until step 2 moves the pruned weights: the magnitude masks chosen then are the callback's.
+    make_trainer(tmp_path, tiny_qa_model, [SparsityCallback(SparsityConfig(mask_start_step=2))], max_steps=3).train()
+    assert tiny_qa_model.config.sparsity["criterion"] == "magnitude"
+    assert "criterion_options" not in tiny_qa_model.config.sparsity
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda"])
+def test_pruning_a_pruned_model_again_keeps_the_criterion_that_chose_its_masks(tiny_qa_model, criterion):
+    from hf_sparse import prune_
+
+    masks, pruned = _sparsegpt_pruned(tiny_qa_model)
+    batches = [{"input_ids": torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(2))}]
+    again = prune_(tiny_qa_model, SparsityConfig(criterion=criterion, calibration_samples=4), calibration_data=batches)
+    assert all(torch.equal(again[name] | ~mask, torch.ones_like(mask)) for name, mask in masks.items())
+    meta = tiny_qa_model.config.sparsity
+    assert (meta["criterion"], meta["criterion_options"]) == ("sparsegpt", pruned["criterion_options"])
+
+
+def test_a_compiled_model_records_its_own_layer_names_and_saves_compact(tmp_path, tiny_qa_model):
+    import hf_sparse
+
+    compiled = torch.compile(tiny_qa_model, backend="eager")  # the wrapper is what matters, not the compiler
+    # The Trainer reads the wrapper's forward(*args, **kwargs): keep the dataset's columns.
+    trainer = make_trainer(tmp_path, compiled, [SparsityCallback()], max_steps=2, remove_unused_columns=False)
+    trainer.train()
+    assert list(tiny_qa_model.config.sparsity["layers"]) == TARGETS
+    assert not [k for k in trainer.state.log_history[-1] if "_orig_mod" in k]
+    # (Trainer.save_model writes the wrapper's `_orig_mod.` keys, which plain from_pretrained cannot map either.)
+    tiny_qa_model.save_pretrained(tmp_path / "final")
+    reloaded = hf_sparse.from_pretrained(tmp_path / "final")
+    assert torch.equal(reloaded.get_submodule(TARGETS[0]).weight, tiny_qa_model.get_submodule(TARGETS[0]).weight)
+    hf_sparse.save_pretrained(tiny_qa_model, tmp_path / "compact", compact=True)
+    compact = hf_sparse.from_pretrained(tmp_path / "compact")
+    assert torch.equal(compact.get_submodule(TARGETS[-1]).weight, tiny_qa_model.get_submodule(TARGETS[-1]).weight)
+
+
+def test_prune_on_a_compiled_model_uses_the_models_own_layer_names(tiny_qa_model):
+    from hf_sparse import prune_
+
+    masks = prune_(torch.compile(tiny_qa_model, backend="eager"))
+    assert list(masks) == list(tiny_qa_model.config.sparsity["layers"]) == TARGETS

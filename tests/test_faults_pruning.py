@@ -81,3 +81,15 @@ def test_a_failed_mask_update_under_the_callback_leaves_the_weights_as_they_were
     with pytest.raises(Boom):
         callback.on_step_end(args, state, control, model=model)
     assert _unchanged(model, before)  # the pruned values added back for scoring are zero again
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda", "sparsegpt"])
+def test_non_finite_weights_are_refused_before_anything_is_pruned(criterion):
+    model = _bert()
+    layer = "bert.encoder.layer.1.attention.self.value"
+    with torch.no_grad():
+        model.get_submodule(layer).weight[0, :3] = float("inf")  # three of a group of four: one is pruned, inf * 0
+    before = _state(model)
+    with pytest.raises(ValueError, match=rf"layer {layer} has 3 NaN or inf weight\(s\); nothing was pruned"):
+        prune_(model, SparsityConfig(criterion=criterion, calibration_samples=8), calibration_data=DATA)
+    assert _unchanged(model, before) and not hasattr(model.config, "sparsity")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import BertForQuestionAnswering, TrainerControl, TrainerState, TrainingArguments
 
@@ -18,6 +18,7 @@ from hf_sparse.callback import MASKS_NAME
 from hf_sparse.checkpoint import SparseCheckpointError
 from tests.conftest import tiny_bert_config
 from tests.test_callback import TARGETS, make_trainer
+from tests.test_numerics import DivergeAt
 
 LAYER = TARGETS[0]
 
@@ -109,6 +110,34 @@ def test_resume_with_another_sparsity_pattern_fails_at_train_begin(runs, tmp_pat
     with pytest.raises(SparseCheckpointError, match=r"sparsity_pattern '2:4'.*has '1:4'") as err:
         _resume(tmp_path / "out", runs / "a" / "checkpoint-2", SparsityConfig(sparsity_pattern="1:4"))
     assert str(runs / "a" / "checkpoint-2" / MASKS_NAME) in str(err.value)
+
+
+def test_resume_from_a_checkpoint_with_non_finite_weights_names_that_not_the_masks_file(runs, tmp_path):
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(runs / "a" / "checkpoint-2", checkpoint)
+    weights = load_file(checkpoint / "model.safetensors")
+    weights[f"{LAYER}.weight"] = torch.full_like(weights[f"{LAYER}.weight"], float("nan"))  # as a diverged run saves
+    save_file(weights, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(SparseCheckpointError, match=rf"{re.escape(str(checkpoint))} has NaN or inf weights \(layer "
+                                                    rf"{re.escape(LAYER)}: .*earlier checkpoint"):  # fmt: skip
+        _resume(tmp_path / "out", checkpoint)
+
+
+@pytest.mark.parametrize("save", [False, True], ids=["logging-only", "saving-every-step"])
+def test_sparsity_callback_alone_stops_on_non_finite_weights_naming_layer_step_and_fix(tmp_path, save):
+    saving = dict(save_strategy="steps", save_steps=1, save_total_limit=2) if save else {}
+    trainer = make_trainer(tmp_path, _model(), [SparsityCallback(), DivergeAt(3, LAYER)], max_steps=8, logging_steps=5,
+                           **saving)  # fmt: skip
+    step = 3 if save else 5  # the first step whose checkpoint or log would hold the NaN
+    expected = rf"layer {re.escape(LAYER)} has \d+ NaN or inf weight\(s\) at step {step}.*learning rate"
+    with pytest.raises(FloatingPointError, match=expected + ".*NumericsCallback.*earlier checkpoint"):
+        trainer.train()
+    assert trainer.state.global_step == step
+    if save:  # the checkpoints kept are finite, and every one has its masks
+        assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+        for checkpoint in tmp_path.glob("checkpoint-*"):
+            assert torch.isfinite(load_file(checkpoint / "model.safetensors")[f"{LAYER}.weight"]).all()
+            assert (checkpoint / MASKS_NAME).is_file()
 
 
 # -- read_masks on its own: every way a masks file can disagree with the model or the config ----------------------
@@ -285,3 +314,37 @@ def test_config_refuses_values_of_the_wrong_type_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field} must be") as err:
         SparsityConfig(**kwargs)
     assert repr(value) in str(err.value)
+
+
+def test_a_resumed_run_records_who_chose_the_masks_it_resumed_with(tmp_path):
+    from tests.test_callback import _sparsegpt_pruned
+
+    model = _model()
+    _sparsegpt_pruned(model)
+    # Dense until step 1, then magnitude masks of the trained weights: the checkpoint's config.json still carries
+    # prune_'s SparseGPT metadata, its masks file says who chose the masks it holds.
+    config = SparsityConfig(mask_start_step=1)
+    make_trainer(tmp_path / "run", model, [SparsityCallback(config)], max_steps=4, save_strategy="steps",
+                 save_steps=2).train()  # fmt: skip
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    resumed = BertForQuestionAnswering.from_pretrained(checkpoint)
+    assert resumed.config.sparsity["criterion"] == "sparsegpt"  # stale: the masks were chosen again at step 1
+    trainer = make_trainer(tmp_path / "resumed", resumed, [SparsityCallback(config)], max_steps=4)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.config.sparsity["criterion"] == model.config.sparsity["criterion"] == "magnitude"
+
+
+@pytest.mark.parametrize("given_masks", [False, True], ids=["computed", "given"])
+def test_a_model_given_with_non_finite_weights_is_refused_before_pruning(tmp_path, given_masks):
+    model = _model()
+    masks = {name: torch.ones_like(model.get_submodule(name).weight, dtype=torch.bool) for name in TARGETS}
+    masks = {name: mask.reshape(-1, 4).index_fill(1, torch.tensor([2, 3]), False).reshape(mask.shape)
+             for name, mask in masks.items()} if given_masks else None  # fmt: skip
+    with torch.no_grad():
+        model.get_submodule(LAYER).weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = make_trainer(tmp_path, model, [SparsityCallback(masks=masks)], max_steps=2)
+    with pytest.raises(FloatingPointError, match=rf"layer {re.escape(LAYER)} has 1 NaN .* the model was given"):
+        trainer.train()
+    after = model.state_dict()
+    assert all(torch.equal(after[k].nan_to_num(), v.nan_to_num()) for k, v in before.items())

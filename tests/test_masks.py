@@ -65,3 +65,20 @@ def test_sparsity_report_per_layer(tiny_qa_model):
     assert "bert.encoder.layer.0.attention.self.query" in text and "NO" in text
     with pytest.raises(ValueError, match=r"no module named \['nope'\]"):
         sparsity_report(tiny_qa_model, layers=["nope"])
+
+
+def test_a_sparsity_report_prints_as_a_table_and_stays_a_list_of_rows(tiny_qa_model):
+    from hf_sparse import prune_
+
+    masks = prune_(tiny_qa_model)
+    report = sparsity_report(tiny_qa_model)
+    lines = str(report).splitlines()
+    assert lines[0].split() == ["layer", "shape", "sparsity", "N:M"]
+    assert lines[1].split() == ["bert.encoder.layer.0.attention.self.query", "64x64", "50.00%", "yes"]
+    assert lines[-2].split() == ["qa_outputs", "2x64", "0.00%", "NO"]
+    assert lines[-1].split() == ["total", "65,664", "49.90%", "12/13"] and len(lines) == 15
+    assert f"{report}" == str(report)  # print(), f-strings and logging all show the table
+    # Still the list of rows that code iterates, indexes and filters.
+    assert isinstance(report, list) and len(report) == 13 and report[0].name == next(iter(masks))
+    assert [row.name for row in report if not row.is_nm] == ["qa_outputs"]
+    assert report.sparsity == sum(r.zeros for r in report) / sum(r.numel for r in report)
