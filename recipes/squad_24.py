@@ -672,8 +672,11 @@ def recover(run: Run, dense, pruned, masks):
     else:
         loss = None
         if run.args.distill:
-            loss = hf_sparse.DistillationLoss(dense, pruned, task_weight=1.0, hidden_layers="all",
-                                              hidden_weight=run.args.distill_hidden_weight)  # fmt: skip
+            # The Trainer leaves a compute_loss_func's loss undivided by the accumulation: the loss divides itself.
+            loss = hf_sparse.DistillationLoss(
+                dense, pruned, task_weight=1.0, hidden_layers="all", hidden_weight=run.args.distill_hidden_weight,
+                gradient_accumulation_steps=run.training_args.gradient_accumulation_steps,
+            )  # fmt: skip
         # The criterion's own masks, held (so config.json and the card name the criterion that chose them).
         callback = hf_sparse.SparsityCallback(run.sparsity, masks=masks)
         run.peak_memory()

@@ -1,6 +1,7 @@
 """Faults of recipe reruns and inputs: stages of a run with other arguments are refused (naming the arguments and the
 flag that starts over), half-written checkpoints are passed over, train_loss covers the whole run after a resume,
-and arguments or data that cannot work stop before training."""
+arguments or data that cannot work stop before training, and the distilled recovery is not scaled by the gradient
+accumulation."""
 
 import json
 import re
@@ -215,3 +216,33 @@ def test_a_rerun_resumes_past_a_half_written_checkpoint_and_reports_the_whole_ru
     # Resumed at step 2, the Trainer's own train_loss covers steps 3-6 only; the recipe's covers all 6.
     assert metrics["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-5)
     assert trainer.state.log_history[-1]["train_loss"] != pytest.approx(uninterrupted["train_loss"], rel=1e-5)
+
+
+# -- the recovery's distillation under gradient accumulation ----------------------------------------------------------
+
+
+def _recovered(recipe, output_dir, batch, accumulation):
+    """Recovery with distillation (2 optimizer steps of 8 features, as `batch` x `accumulation`) from one dense
+    model; its trainer state's logs (loss, grad_norm per step) and the report's train_loss."""
+    run = _prepare(recipe, output_dir, "--distill", "true", "--per_device_train_batch_size", str(batch),
+                   "--gradient_accumulation_steps", str(accumulation), "--logging_steps", "1", "--save_steps", "2",
+                   "--config_overrides", "hidden_dropout_prob=0,attention_probs_dropout_prob=0", "--use_cpu", "true",
+                   "--warmup_steps", "0")  # fmt: skip
+    torch.manual_seed(0)
+    dense = recipe.new_model(run.args, run.tokenizer)
+    pruned, masks = recipe.prune_zero_shot(run, dense)
+    recipe.recover(run, dense, pruned, masks)
+    state = json.loads((output_dir / "sparse-training" / "checkpoint-2" / "trainer_state.json").read_text())
+    return [e for e in state["log_history"] if "loss" in e], run.report["stages"]["sparse"]["train_loss"]
+
+
+def test_distilled_recovery_with_gradient_accumulation_matches_the_same_batch_in_one_step(recipe, tmp_path):
+    one_logs, one_loss = _recovered(recipe, tmp_path / "one", batch=8, accumulation=1)
+    two_logs, two_loss = _recovered(recipe, tmp_path / "two", batch=4, accumulation=2)
+    # The same 8 features per step: the loss and gradient norm agree (the KL term averages over each micro-batch's
+    # own tokens, hence not to the last digit); with the loss not divided by the accumulation they were doubled.
+    assert [e["step"] for e in one_logs] == [e["step"] for e in two_logs] == [1, 2]
+    for a, b in zip(one_logs, two_logs):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.05)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=0.05)
+    assert two_loss == pytest.approx(one_loss, rel=0.05)
