@@ -9,8 +9,9 @@ kernels and time dense against 2:4, then write a report, plots and a model card.
     python recipes/squad_24.py --model_name_or_path ./my-bert --train_file train.json --validation_file dev.json
 
 Arguments: `RecipeArguments` and `hf_sparse.SparsityConfig` below, and every `transformers.TrainingArguments`
-(the dense and the recovery fine-tuning share them, as in the tutorial). Defaults come from `recipes/offline.yaml`,
-or from the preset or config file given; explicit flags override them. `--output_dir` receives `dense/` and
+(the dense and the recovery fine-tuning share them, as in the tutorial). Defaults come from `recipes/offline.yaml`
+(`recipes/real.yaml` with a model or data of your own), or else from the preset and a config file given first, the
+file's values over the preset's; explicit flags override them all. `--output_dir` receives `dense/` and
 `sparse/` (checkpoints with model cards), `report.json`, `report.md` and plots. A run that stops in any stage
 continues where it stopped when started again with the same `--output_dir`.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import difflib
 import json
 import logging
 import os
@@ -58,9 +60,10 @@ logger = logging.getLogger("squad_24")
 HERE = Path(__file__).resolve().parent
 OFFLINE_DEFAULTS = HERE / "offline.yaml"
 REAL_DATA_DEFAULTS = HERE / "real.yaml"
-REAL_DATA_FLAGS = ("--model_name_or_path", "--dense_model_name_or_path", "--train_file", "--validation_file",
-                   "--dataset_name")  # fmt: skip
-"""Flags that mean real data: without a preset or config file, `recipes/real.yaml` gives the defaults."""
+REAL_DATA_ARGUMENTS = ("model_name_or_path", "dense_model_name_or_path", "train_file", "validation_file",
+                       "dataset_name")  # fmt: skip
+"""Arguments that mean real data (`dataset_name` other than 'synthetic'): without a preset or config file,
+`recipes/real.yaml` gives the defaults."""
 PRESETS = {"tutorial": HERE / "tutorial.yaml"}
 """Presets of defaults: YAML files of arguments beside this recipe."""
 STAGES = ("Dense fine-tuning", "Zero-shot 2:4 pruning", "Recovery fine-tuning", "Sparse kernels and timing",
@@ -78,8 +81,8 @@ class RecipeArguments:
         metadata={
             "help": "Preset of defaults, a YAML file beside this recipe: 'tutorial' (recipes/tutorial.yaml) is "
             "PyTorch's 2:4 BERT tutorial (bert-base-cased, SQuAD v1.1, needs the Hub). Without a preset: "
-            "recipes/offline.yaml, a small BERT trained from scratch on synthetic SQuAD-format data. Explicit "
-            "arguments override the preset."
+            "recipes/offline.yaml, a small BERT trained from scratch on synthetic SQuAD-format data. A config file "
+            "given first overrides the preset's values, and explicit arguments override both."
         },
     )
     model_name_or_path: str | None = field(
@@ -173,46 +176,92 @@ class RecipeArguments:
     )  # fmt: skip
 
 
-def _read_config(path: Path) -> dict:
-    with open(path) as f:
-        values = yaml.safe_load(f) if path.suffix in (".yaml", ".yml") else __import__("json").load(f)
-    if not isinstance(values, dict):
-        raise SystemExit(f"{path}: a config file holds one mapping of argument names to values.")
-    if "preset" in values:
-        raise SystemExit(f"{path}: 'preset' cannot be used in a config file; write the values out instead.")
-    return values
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """The module docstring as written, and every argument's default."""
 
 
-def parse_args(argv: list[str] | None = None):
-    """Parses `RecipeArguments`, `SparsityConfig` and `TrainingArguments`: defaults from `recipes/offline.yaml`,
-    from `--preset NAME`, or from a YAML/JSON file given first; then the command-line flags over them."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(
+def _parser() -> HfArgumentParser:
+    return HfArgumentParser(
         (RecipeArguments, hf_sparse.SparsityConfig, TrainingArguments),
         description=__doc__,
-        epilog="Defaults shown are those in effect for this command line (recipes/offline.yaml, recipes/real.yaml "
-        "with a model or data of your own, the preset or the config file); every flag overrides them.",
+        epilog="Defaults shown are those in effect for this command line: recipes/offline.yaml, recipes/real.yaml "
+        "with a model or data of your own, or the preset with the config file's values over it; every flag "
+        "overrides them.",
         formatter_class=_HelpFormatter,
-    )
-    real = any(a.split("=", 1)[0] in REAL_DATA_FLAGS for a in argv)
-    defaults = REAL_DATA_DEFAULTS if real else OFFLINE_DEFAULTS
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-        defaults = Path(argv.pop(0)).resolve()
-    preset = None
-    if "--preset" in argv:
-        i = argv.index("--preset")
-        preset = argv[i + 1] if i + 1 < len(argv) else None
-    elif any(a.startswith("--preset=") for a in argv):
-        preset = next(a for a in argv if a.startswith("--preset=")).split("=", 1)[1]
-    if preset is not None:
-        if preset not in PRESETS:
-            raise SystemExit(f"--preset {preset!r} is unknown; choose one of {list(PRESETS)} or leave it out.")
-        defaults = PRESETS[preset]
-    parser.set_defaults(**_read_config(defaults))
+    )  # fmt: skip
+
+
+def _given(argv: list[str]) -> dict[str, Any]:
+    """The arguments `argv` sets explicitly (by the parser's own rules: `--flag=value`, `--flag-name`, ...)."""
+    probe, unset = _parser(), object()
+    probe.set_defaults(**{a.dest: unset for a in probe._actions if a.dest != argparse.SUPPRESS})
+    namespace, _ = probe.parse_known_args([a for a in argv if a not in ("-h", "--help")])
+    return {name: value for name, value in vars(namespace).items() if value is not unset}
+
+
+def _check_value(path: Path, action: argparse.Action, value: Any) -> None:
+    """Fails naming the file and the key when `value` is not one the flag accepts."""
+    values = value if isinstance(value, list) and action.nargs in ("+", "*") else [value]
+    for item in values:
+        if item is None:
+            continue
+        try:
+            converted = action.type(item if isinstance(item, str) else str(item)) if action.type else item
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+            raise SystemExit(f"{path}: {action.dest}: {item!r} is not a valid value ({err}).") from None
+        if action.choices is not None and converted not in action.choices:
+            choices = [getattr(c, "value", c) for c in action.choices]
+            raise SystemExit(f"{path}: {action.dest}: {item!r} is not one of {choices}.")
+
+
+def read_config(path: Path, parser: HfArgumentParser) -> dict:
+    """The arguments of a YAML/JSON config file, every key and value checked against the parser's flags."""
+    with open(path) as f:
+        values = yaml.safe_load(f) if path.suffix in (".yaml", ".yml") else json.load(f)
+    if not isinstance(values, dict):
+        raise SystemExit(f"{path}: a config file holds one mapping of argument names to values.")
+    if "preset" in values:
+        raise SystemExit(f"{path}: 'preset' cannot be used in a config file; write the values out instead.")
+    actions = {a.dest: a for a in parser._actions if a.dest not in (argparse.SUPPRESS, "help")}
+    for key, value in values.items():
+        if key not in actions:
+            close = difflib.get_close_matches(str(key), actions, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "it is no argument of the recipe."
+            raise SystemExit(
+                f"{path}: unknown key {key!r}: {hint} Keys are the recipe's flags without the leading dashes "
+                "(python recipes/squad_24.py --help lists them)."
+            )
+        _check_value(path, actions[key], value)
+    return values
+
+
+def _over(lower: dict, upper: dict) -> dict:
+    """`upper`'s values over `lower`'s."""
+    return {**lower, **upper}
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parses `RecipeArguments`, `SparsityConfig` and `TrainingArguments`. The defaults, lowest first: the preset
+    (`--preset NAME`), then a YAML/JSON config file given first, each value over the preset's; with neither,
+    `recipes/offline.yaml` (or `recipes/real.yaml` when a flag names a model or data of your own). The command line's
+    flags override them all."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config = Path(argv.pop(0)).resolve() if argv and argv[0].endswith(CONFIG_SUFFIXES) else None
+    given, parser = _given(argv), _parser()
+    preset = given.get("preset")
+    if preset is not None and preset not in PRESETS:
+        raise SystemExit(f"--preset {preset!r} is unknown; choose one of {list(PRESETS)} or leave it out.")
+    files = [f for f in (PRESETS.get(preset), config) if f is not None]
+    if not files:  # the offline default, unless the command line names a model or data of your own
+        real = any(n in given for n in REAL_DATA_ARGUMENTS) and given.get("dataset_name", "") != "synthetic"
+        files = [REAL_DATA_DEFAULTS if real else OFFLINE_DEFAULTS]
+    defaults = {}
+    for path in files:
+        defaults = _over(defaults, read_config(path, parser))
+    parser.set_defaults(**_over(defaults, given))
     return parser.parse_args_into_dataclasses(argv)
 
 

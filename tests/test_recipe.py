@@ -257,3 +257,42 @@ def test_a_run_recorded_before_an_argument_existed_continues_as_that_arguments_d
     args.distill_unanswerable = False
     with pytest.raises(SystemExit, match="--distill_unanswerable True -> False"):
         recipe.check_stage_arguments(report, args, sparsity, training, tmp_path)
+
+
+def test_a_config_file_goes_over_the_preset_and_flags_over_both(tmp_path):
+    recipe = load_recipe()
+    config = tmp_path / "mine.yaml"
+    config.write_text("learning_rate: 1.0e-5\nmax_seq_length: 256\ncriterion: wanda\n")
+    args, sparsity, training = recipe.parse_args([str(config), "--preset", "tutorial", "--max_seq_length", "128"])
+    assert (training.learning_rate, sparsity.criterion, args.max_seq_length) == (1e-5, "wanda", 128)  # file, flag
+    assert (args.model_name_or_path, training.per_device_train_batch_size) == ("bert-base-cased", 64)  # preset
+    args, sparsity, training = recipe.parse_args([str(config), "--preset=tutorial"])
+    assert (training.learning_rate, args.max_seq_length, args.dataset_name) == (1e-5, 256, "squad")
+
+
+def test_dataset_name_synthetic_keeps_the_offline_defaults():
+    recipe = load_recipe()
+    offline = recipe.parse_args([])
+    for flags in (["--dataset_name", "synthetic"], ["--dataset_name=synthetic"], ["--dataset-name", "synthetic"]):
+        assert recipe.parse_args(flags) == offline, flags
+    args, sparsity, _ = recipe.parse_args(["--dataset_name", "squad"])
+    assert (args.max_seq_length, sparsity.criterion) == (384, "sparsegpt")  # real data: recipes/real.yaml
+
+
+BAD_CONFIGS = {
+    "misspelt-key": ("max_step: 10\n", "unknown key 'max_step': did you mean 'max_steps'"),
+    "unknown-key": ("zzz_nothing: 1\n", "unknown key 'zzz_nothing': it is no argument of the recipe"),
+    "bad-number": ("learning_rate: fast\n", "learning_rate: 'fast' is not a valid value"),
+    "bad-choice": ("criterion: l1\n", "criterion: 'l1' is not one of ['magnitude', 'wanda', 'sparsegpt']"),
+    "bad-list": ("timing_batch_sizes: [4, many]\n", "timing_batch_sizes: 'many' is not a valid value"),
+}
+
+
+@pytest.mark.parametrize("text, message", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_a_bad_config_file_is_refused_naming_the_file_and_the_key(tmp_path, text, message):
+    recipe = load_recipe()
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"learning_rate: 1.0e-5\n{text}")
+    with pytest.raises(SystemExit) as err:
+        recipe.parse_args([str(config)])
+    assert str(err.value).startswith(f"{config}: ") and message in str(err.value), str(err.value)
