@@ -613,7 +613,7 @@ def prepare(args: RecipeArguments, sparsity, training_args: TrainingArguments) -
     report.update(
         title=f"2:4 sparsity, {_data_name(args)}",
         command=hf_sparse.hub.current_command(),
-        environment=run_report.environment(),
+        environment={**run_report.environment(), "processes": training_args.world_size},
         arguments={"recipe": dataclasses.asdict(args), "sparsity": sparsity.to_dict()},
     )
     tokenizer = load_tokenizer(args)

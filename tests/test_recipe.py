@@ -78,16 +78,37 @@ def check_console(result):
     assert len(warnings) == len(set(warnings)), warnings
 
 
+def _launch(config):
+    return (sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes" / config))
+
+
+@pytest.mark.parametrize(
+    "config, processes",
+    [("accelerate_cpu.yaml", 2), ("accelerate_gpu.yaml", 1), ("accelerate_ddp.yaml", 2), ("accelerate_fsdp.yaml", 2)],
+)
+def test_each_accelerate_config_starts_its_number_of_processes(tmp_path, config, processes):
+    script = tmp_path / "ranks.py"
+    script.write_text("import os\nprint('rank', os.environ.get('RANK'), 'of', os.environ.get('WORLD_SIZE'))\n")
+    result = subprocess.run([*_launch(config), str(script)], env=subprocess_env(), capture_output=True, text=True,
+                            timeout=HANG_TIMEOUT)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    expected = [f"rank {r} of {processes}" for r in range(processes)] if processes > 1 else ["rank None of None"]
+    assert ranks == expected, result.stdout + result.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_embedded_default_in_two_processes_and_resumed(tmp_path):
-    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")  # fmt: skip
+    launcher = _launch("accelerate_cpu.yaml")
     result = run(["--output_dir", str(tmp_path), "--use_cpu", "true", *SHORT], launcher=launcher)
     report = check_report(tmp_path, min_dense_f1=10.0)
+    assert report["environment"]["processes"] == 2 and len(report["stages"]["pruned"]["mask_digests_by_rank"]) == 2
     assert result.stdout.count("## Stages") == 1  # printed by the main process only
     assert sum(line.startswith("Stage 1/5") for line in result.stdout.splitlines()) == 1
     # The launcher's command, as typed (python -m accelerate.commands.launch reads `accelerate launch`).
-    assert report["command"].startswith("accelerate launch --multi_gpu --num_processes 2 ")
+    assert (
+        report["command"].startswith("accelerate launch --config_file ") and "accelerate_cpu.yaml" in report["command"]
+    )
     assert report["command"].endswith(" ".join(SHORT)) and "recipes/squad_24.py" in report["command"]
     # Started again on a finished run, every training stage is skipped and the measurements are kept.
     again = run(["--output_dir", str(tmp_path), *SHORT])
