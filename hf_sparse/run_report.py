@@ -292,3 +292,19 @@ def card_kwargs(report: dict[str, Any], output_dir: str | os.PathLike) -> dict[s
         if plot.is_file():
             card["benchmark_plot"] = str(plot)
     return card
+
+
+def write_card_and_push(report: dict[str, Any], output_dir: str | os.PathLike, model_dir: str | os.PathLike,
+                        training_args=None) -> None:  # fmt: skip
+    """Saves the report into `output_dir`, renders the model card of `model_dir` from it (`card_kwargs`), and
+    uploads that folder with its card when `training_args.push_to_hub` (to `hub_model_id`, with `hub_token`,
+    `hub_private_repo` and `hub_revision`). Call it on the main process."""
+    from .hub import push_to_hub, write_model_card
+
+    save_report(report, output_dir)
+    card = card_kwargs(report, output_dir)
+    write_model_card(model_dir, **card)
+    args = training_args
+    if args is not None and args.push_to_hub:
+        push_to_hub(model_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo,
+                    revision=getattr(args, "hub_revision", None), **card)  # fmt: skip

@@ -144,8 +144,7 @@ def _train_args(recipe, output_dir, **overrides):
             "true",
         ]  # fmt: skip
     )
-    return recipe.Run(args, sparsity, training, {"stages": {}, "skipped": {}}, None, (None, None),
-                      (RandomQADataset(), None))  # fmt: skip
+    return recipe.Run(training, {"stages": {}, "skipped": {}}, args=args, sparsity=sparsity)
 
 
 def _model():
@@ -157,7 +156,7 @@ def _model():
 def trained(recipe, tmp_path_factory):
     """A 6-step run with checkpoints at steps 2, 4 and 6, and its train_loss."""
     root = tmp_path_factory.mktemp("trained")
-    _, metrics = _train_args(recipe, root).train(_model(), "dense-training")
+    _, metrics = _train_args(recipe, root).train(_model(), "dense-training", RandomQADataset())
     return root / "dense-training", metrics
 
 
@@ -211,7 +210,7 @@ def test_a_rerun_resumes_past_a_half_written_checkpoint_and_reports_the_whole_ru
     shutil.copytree(output_dir / "checkpoint-2", folder / "checkpoint-2")
     shutil.copytree(output_dir / "checkpoint-4", folder / "checkpoint-4")
     _truncated_weights(folder / "checkpoint-4")  # the run was killed while writing checkpoint-4
-    trainer, metrics = _train_args(recipe, tmp_path).train(_model(), "dense-training")
+    trainer, metrics = _train_args(recipe, tmp_path).train(_model(), "dense-training", RandomQADataset())
     assert trainer.state.global_step == 6 and metrics["train_loss_steps"] == 6
     # Resumed at step 2, the Trainer's own train_loss covers steps 3-6 only; the recipe's covers all 6.
     assert metrics["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-5)

@@ -79,7 +79,9 @@ def check_console(result):
 
 
 def _launch(config):
-    return (sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes" / config))
+    # A free port: the default 29500 may be taken by another job's processes on a shared machine.
+    return (sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes" / config),
+            "--main_process_port", "0")  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -271,13 +273,13 @@ def test_real_data_defaults_apply_only_to_real_data():
 def test_a_run_recorded_before_an_argument_existed_continues_as_that_arguments_default(tmp_path):
     recipe = load_recipe()
     args, sparsity, training = recipe.parse_args(["--output_dir", str(tmp_path)])
-    recorded = recipe.stage_arguments(args, sparsity, training, "sparse")
+    recorded = recipe.PLAN.record("sparse", (args, sparsity, training))
     older = {k: v for k, v in recorded.items() if k != "distill_unanswerable"}  # before the flag existed
     report = {"stages": {"sparse": {"f1": 80.0}}, "stage_arguments": {"sparse": older}}
-    recipe.check_stage_arguments(report, args, sparsity, training, tmp_path)  # continues
+    recipe.PLAN.check(report, (args, sparsity, training), tmp_path)  # continues
     args.distill_unanswerable = False
     with pytest.raises(SystemExit, match="--distill_unanswerable True -> False"):
-        recipe.check_stage_arguments(report, args, sparsity, training, tmp_path)
+        recipe.PLAN.check(report, (args, sparsity, training), tmp_path)
 
 
 def test_a_config_file_goes_over_the_preset_and_flags_over_both(tmp_path):

@@ -1,0 +1,330 @@
+"""Stage and resume bookkeeping of a script that runs a workflow as stages (`recipes/squad_24.py`): each stage records
+the arguments it runs with before it writes anything, adds its results to the run's report as they are measured, and
+trains from the last complete checkpoint when started again; a rerun in the same output folder continues only stages
+that ran with the same arguments. The report is written by `hf_sparse.run_report`.
+
+Example:
+
+```python
+>>> from hf_sparse.stages import StagePlan, StagedRun
+>>> PLAN = StagePlan(("dense", "sparse"), {"dense": ("learning_rate", "max_steps"), "sparse": ("criterion",)})
+
+>>> @dataclass
+... class Run(StagedRun):
+...     plan: ClassVar[StagePlan] = PLAN
+...     sparsity: SparsityConfig = None
+...
+...     def configs(self):
+...         return (self.sparsity, self.training_args)
+
+>>> run = Run(training_args, run_report.load_report(out / "report.json"), sparsity=sparsity)
+>>> PLAN.check(run.report, run.configs(), out)     # refuses the stages of a run with other arguments
+>>> run.begin("dense")                            # records the arguments before anything is written
+>>> if not run.done("dense"):
+...     trainer, metrics = run.train(model, "dense-training", dataset)
+...     run.record("dense", {"train_loss": metrics["train_loss"]})
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import transformers
+from transformers import Trainer, TrainingArguments
+
+from . import run_report
+from ._distributed import check_replicas_agree, gather_object, shut_down
+from .checkpoint import last_complete_checkpoint
+from .hub import current_command
+from .numerics import NumericsCallback
+
+__all__ = ["StagePlan", "StagedRun", "check_replicas_agree", "fsdp", "set_up_logging", "shut_down", "whole_run_loss"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The stages of a run in order, and which arguments each one's result depends on.
+
+    Args:
+        stages: the stages' keys in the report, in the order they run.
+        arguments: per stage, the arguments (dataclass field names) that matter from that stage on; a stage depends
+            on its own and those of every stage before it.
+        files: what a run writes into its output folder: what starting over deletes.
+    """
+
+    stages: tuple[str, ...]
+    arguments: dict[str, tuple[str, ...]]
+    files: tuple[str, ...] = ()
+
+    def open(self, configs: Sequence[Any], start_over: bool = False, **fields) -> dict:
+        """The report of the run in `output_dir` (of the `TrainingArguments` among `configs`), or a new one: an
+        earlier run's (refused if its stages ran with other arguments, `check`; deleted first with `start_over`),
+        updated with this run's command, environment, arguments and `fields`."""
+        training_args = next(c for c in configs if isinstance(c, TrainingArguments))
+        output_dir = Path(training_args.output_dir)
+        if start_over:
+            _start_over(training_args, self.files)
+        report = run_report.load_report(output_dir / "report.json")
+        self.check(report, configs, output_dir)
+        report.update(
+            command=current_command(),
+            environment={**run_report.environment(), "processes": training_args.world_size},
+            **fields,
+        )
+        return report
+
+    def record(self, stage: str, configs: Sequence[Any]) -> dict[str, Any]:
+        """The arguments `stage` (and the stages it builds on) depends on, by flag name, as JSON values, taken from
+        `configs` (the run's argument dataclasses, e.g. its `TrainingArguments`)."""
+        names = [n for s in self.stages[: self.stages.index(stage) + 1] for n in self.arguments.get(s, ())]
+        values = {}
+        for name in names:
+            owner = next((c for c in configs if hasattr(c, name)), None)
+            values[name] = getattr(owner, name, None)
+        values = {k: getattr(v, "value", v) for k, v in values.items()}  # enums (lr_scheduler_type, optim)
+        return json.loads(json.dumps(values, default=str))
+
+    def check(self, report: dict, configs: Sequence[Any], output_dir: Path) -> None:
+        """Refuses to continue an earlier run's stages with other arguments: its results would sit beside the new
+        arguments in the report and the card as if they had been measured with them."""
+        recorded = report.get("stage_arguments", {})
+        unrecorded = [stage for stage in report["stages"] if stage not in recorded]
+        if unrecorded:
+            raise SystemExit(
+                f"{output_dir} holds stages {unrecorded} of an earlier run that did not record its arguments, so they "
+                "cannot be continued safely. Start over with --overwrite_output_dir, or pass a new --output_dir."
+            )
+        # an argument added after the earlier run recorded its stages: it ran as the argument's default does
+        added = _defaults(configs)
+        for stage, before in recorded.items():
+            now = self.record(stage, configs)
+            before = {**{k: added[k] for k in now if k not in before and k in added}, **before}
+            differ = {
+                k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)
+            }
+            if differ:
+                listed = ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in differ.items())
+                raise SystemExit(
+                    f"{output_dir} holds the {stage!r} stage of a run with other arguments ({listed}). Rerun with the "
+                    "same arguments to continue it, or start over with --overwrite_output_dir (deletes that run's "
+                    "stages), or pass a new --output_dir."
+                )
+
+
+def _defaults(configs: Sequence[Any]) -> dict[str, Any]:
+    """The default of every field of the recipe's own argument dataclasses (not `TrainingArguments`)."""
+    defaults = {}
+    for config in configs:
+        if isinstance(config, TrainingArguments) or not dataclasses.is_dataclass(config):
+            continue
+        for f in dataclasses.fields(config):
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = f.default
+    return defaults
+
+
+def _start_over(training_args: TrainingArguments, names: Iterable[str]) -> None:
+    """Deletes what an earlier run left in `output_dir` (`names`: the files and folders a run writes there), on the
+    main process, before the others go on."""
+    output_dir = Path(training_args.output_dir)
+    with training_args.main_process_first(desc="starting over"):
+        if training_args.process_index == 0:
+            for name in names:
+                path = output_dir / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+                else:
+                    continue
+                logger.info("--overwrite_output_dir: deleted %s", path)
+
+
+def whole_run_loss(trainer: Trainer, metrics: dict, resumed_step: int) -> dict:
+    """`train_loss` over the whole run: the Trainer's covers only the steps of this `train()` call, so after a resume
+    the earlier steps are added back from the logged losses (up to the last step logged before the checkpoint)."""
+    steps_now = trainer.state.global_step - resumed_step
+    if not resumed_step or metrics.get("train_loss") is None:
+        return {"train_loss": metrics.get("train_loss"), "train_loss_steps": steps_now}
+    total, covered, previous = 0.0, 0, 0
+    for entry in trainer.state.log_history:
+        if "loss" in entry and entry.get("step", 0) <= resumed_step:
+            total += entry["loss"] * (entry["step"] - previous)
+            covered, previous = entry["step"], entry["step"]
+    total += metrics["train_loss"] * steps_now
+    return {"train_loss": total / max(covered + steps_now, 1), "train_loss_steps": covered + steps_now}
+
+
+@dataclass
+class StagedRun:
+    """What every stage of a run reads and adds to: the `TrainingArguments` and the report. A script subclasses it
+    (a dataclass) with its data and its own arguments, sets `plan`, and returns its argument dataclasses from
+    `configs()`."""
+
+    training_args: TrainingArguments
+    report: dict
+    tokenizer: Any = None
+    """Saved beside every model a stage saves."""
+
+    plan: ClassVar[StagePlan]
+    titles: ClassVar[Sequence[str]] = ()
+    """The stages' names as the console banners number them."""
+
+    def configs(self) -> tuple[Any, ...]:
+        """The run's argument dataclasses, whose fields `plan` records."""
+        return (self.training_args,)
+
+    def load_model(self, folder: Path):
+        """The model a stage saved in `folder`, as the script loads its models."""
+        raise NotImplementedError(f"{type(self).__name__} must say how it loads a saved model (load_model).")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.training_args.output_dir)
+
+    @property
+    def main_process(self) -> bool:
+        return self.training_args.process_index == 0
+
+    def done(self, stage: str, key: str = "f1") -> bool:
+        return key in self.report["stages"].get(stage, {})
+
+    def begin(self, stage: str) -> None:
+        """Records the arguments `stage` runs with before it writes anything (checked when the run is continued)."""
+        self.report.setdefault("stage_arguments", {})[stage] = self.plan.record(stage, self.configs())
+        if self.main_process:
+            run_report.save_report(self.report, self.output_dir)
+
+    def record(self, stage: str, values: dict) -> None:
+        """Adds `values` to the report's `stage` and saves it (main process), then waits for every process."""
+        self.report["stages"][stage] = {**self.report["stages"].get(stage, {}), **values}
+        if self.main_process:
+            run_report.save_report(self.report, self.output_dir)
+        self.barrier()
+
+    def barrier(self) -> None:
+        if self.training_args.world_size > 1:
+            torch.distributed.barrier()
+
+    def banner(self, number: int, title: str, what: str) -> None:
+        """Announces a stage on the console (main process): its number, name and what it does."""
+        if self.main_process:
+            print(f"\n{'=' * 100}\nStage {number}/{len(self.titles)}: {title}\n  {what}\n{'=' * 100}", flush=True)
+
+    def stage_args(self, **changes) -> TrainingArguments:
+        """The `TrainingArguments` of a stage's Trainer: the run's, with `changes`."""
+        # The script pushes its model itself, with its card; the stage trainers never push. Pinned memory needs an
+        # accelerator: on a CPU, torch would warn about it for every DataLoader the stages create. The logged loss is
+        # the real one (the Trainer's NaN filter would log a running mean instead), for NumericsCallback.
+        pin = self.training_args.dataloader_pin_memory and self.training_args.device.type != "cpu"
+        changes = {"push_to_hub": False, "dataloader_pin_memory": pin, "logging_nan_inf_filter": False, **changes}
+        return dataclasses.replace(self.training_args, **changes)
+
+    def train(
+        self, model, name: str, dataset, callbacks=(), compute_loss_func=None, **changes
+    ) -> tuple[Trainer, dict]:
+        """Trains `model` on `dataset` in `output_dir/name`, resuming from its last complete checkpoint there if a
+        run was interrupted (a checkpoint half written when the run was killed is passed over, and written again).
+        Returns the trainer and its metrics, with `train_loss` over the whole run (`whole_run_loss`)."""
+        output_dir = self.output_dir / name
+        trainer = Trainer(
+            model=model,
+            args=self.stage_args(output_dir=str(output_dir), **changes),
+            train_dataset=dataset,
+            callbacks=[NumericsCallback(), *callbacks],
+            compute_loss_func=compute_loss_func,
+        )
+        last, broken = last_complete_checkpoint(output_dir)
+        for folder, problem in broken.items():
+            logger.warning("Passing over %s, half written when a run stopped: %s.", folder, problem)
+        if last:
+            logger.info("Resuming %s from %s", name, last)
+        metrics = trainer.train(resume_from_checkpoint=last).metrics
+        return trainer, {**metrics, **whole_run_loss(trainer, metrics, int(last.rsplit("-", 1)[1]) if last else 0)}
+
+    def evaluate_with(self, model, dataset, compute_metrics, fp16: bool = False) -> dict:
+        """Metrics of `model` (a plain module, never one a Trainer sharded: stages reload what they saved) on
+        `dataset`, in fp16 where `fp16` and a GPU is present; `eval_dtype` says which."""
+        fp16 = fp16 and torch.cuda.is_available()
+        if (fp16 and next(model.parameters()).dtype != torch.float16) or fsdp():
+            # A copy: the Trainer's fp16_full_eval would cast the model itself, which trains on, and FSDP2 shards
+            # the module it evaluates in place.
+            dtype = {"dtype": torch.float16} if fp16 else {}
+            model = copy.deepcopy(model).to(device=self.training_args.device, **dtype)
+        trainer = Trainer(
+            model=model,
+            args=self.stage_args(output_dir=str(self.output_dir / "eval")),
+            eval_dataset=dataset,
+            compute_metrics=compute_metrics,
+        )
+        if fsdp():
+            # Accelerate prepares a model for FSDP2 only together with an optimizer (evaluate() alone is refused):
+            # shard the copy with one that never steps, and the Trainer evaluates it as prepared.
+            trainer.accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))
+        result = {key.removeprefix("eval_"): value for key, value in trainer.evaluate().items()}
+        result["eval_dtype"] = "fp16" if fp16 else str(next(model.parameters()).dtype).removeprefix("torch.")
+        return result
+
+    def trained(self, stage: str, folder: Path) -> bool:
+        """Whether `stage` recorded its training and saved its model in `folder` (a rerun loads it instead)."""
+        return (folder / "config.json").is_file() and self.done(stage, "train_seconds")
+
+    def fine_tune(
+        self, stage: str, model, name: str, dataset, folder: Path, values: dict | None = None, **train_kwargs
+    ):
+        """Trains `model` (`train`, in `output_dir/name`), saves it to `folder` and records under `stage` the seconds
+        it took, the whole run's `train_loss`, the throughput, the peak GPU memory and `values`. Returns the model reloaded
+        from `folder`: under FSDP2 the trained module holds sharded weights, which cannot be copied, pruned as a
+        whole or evaluated in fp16; everywhere, the later stages then start from exactly what was saved."""
+        self.peak_memory()
+        start = time.perf_counter()
+        trainer, metrics = self.train(model, name, dataset, **train_kwargs)
+        trainer.save_model(str(folder))  # every process: FSDP gathers the weights
+        if self.main_process and self.tokenizer is not None:
+            self.tokenizer.save_pretrained(folder)
+        self.barrier()
+        model = self.load_model(folder)
+        self.record(stage, {"train_seconds": time.perf_counter() - start, "train_loss": metrics["train_loss"],
+                            "train_loss_steps": metrics["train_loss_steps"],
+                            "train_samples_per_second": metrics.get("train_samples_per_second"),
+                            **self.peak_memory(), **(values or {})})  # fmt: skip
+        return model
+
+    def peak_memory(self) -> dict:
+        """Peak GPU memory of every rank since the last call (GiB), e.g. to see a sharded teacher."""
+        if self.training_args.device.type != "cuda":
+            return {}
+        peak = torch.cuda.max_memory_allocated(self.training_args.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(self.training_args.device)
+        return {"peak_gpu_memory_gib_by_rank": [round(p, 3) for p in gather_object(peak)]}
+
+
+def set_up_logging(training_args: TrainingArguments, *names: str) -> None:
+    """The script's and the library's progress (loggers `names` and `hf_sparse`) at INFO on the main process;
+    `--log_level` also sets transformers'."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    log_level = training_args.get_process_log_level()
+    transformers.utils.logging.set_verbosity(log_level)
+    if training_args.log_level == "passive" and training_args.should_log:
+        log_level = logging.INFO
+    for name in (*names, "hf_sparse"):
+        logging.getLogger(name).setLevel(log_level)
+
+
+def fsdp() -> bool:
+    """Whether `accelerate launch` started this process to train with FSDP."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
