@@ -55,19 +55,46 @@ __all__ = ["StagePlan", "StagedRun", "check_replicas_agree", "fsdp", "set_up_log
 logger = logging.getLogger(__name__)
 
 
+NOT_RESULT_ARGUMENTS = frozenset({
+    # where output goes and what is logged: not what is trained or measured
+    "output_dir", "logging_strategy", "logging_steps", "logging_first_step", "log_on_each_node",
+    "logging_nan_inf_filter", "include_num_input_tokens_seen", "log_level", "log_level_replica", "disable_tqdm",
+    "report_to", "run_name", "project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id",
+    "skip_memory_metrics",
+    # when checkpoints are written (a resume from any of them continues the same run) and what is pushed
+    "save_strategy", "save_steps", "save_total_limit", "save_on_each_node", "enable_jit_checkpoint", "push_to_hub",
+    "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy", "hub_always_push", "hub_revision",
+    # how batches reach the model (not which), and what the launcher or the process group sets
+    "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
+    "dataloader_multiprocessing_context", "torch_empty_cache_steps", "ddp_timeout", "local_rank",
+    # flags a script reads itself, and use_cpu, recorded by its effect: the device
+    "do_train", "do_eval", "do_predict", "resume_from_checkpoint", "use_cpu",
+})  # fmt: skip
+"""`TrainingArguments` that cannot change what a stage trains or measures. Every other field of a run's argument
+dataclasses is recorded with the stages it can change (never `hub_token`: a report is meant to be shared)."""
+
+_RUN_FACTS = {"processes": "processes (accelerate launch --num_processes)", "device": "device (--use_cpu)"}
+"""What the launch decides rather than a flag, recorded with every stage: name -> how the refusal names it."""
+
+
 @dataclass(frozen=True)
 class StagePlan:
     """The stages of a run in order, and which arguments each one's result depends on.
 
+    Every field of the run's argument dataclasses is recorded with each stage (with the number of processes and the
+    device), except those in `unrecorded`, and those in `first_used` of a later stage.
+
     Args:
         stages: the stages' keys in the report, in the order they run.
-        arguments: per stage, the arguments (dataclass field names) that matter from that stage on; a stage depends
-            on its own and those of every stage before it.
+        first_used: per stage, the arguments that matter from that stage on only (e.g. the pruning criterion); the
+            first stage depends on every other argument, and each stage on those of the stages before it.
+        unrecorded: arguments that cannot change any stage's result (default: `NOT_RESULT_ARGUMENTS`).
         files: what a run writes into its output folder: what starting over deletes.
     """
 
     stages: tuple[str, ...]
-    arguments: dict[str, tuple[str, ...]]
+    first_used: dict[str, tuple[str, ...]]
+    unrecorded: frozenset[str] = NOT_RESULT_ARGUMENTS
     files: tuple[str, ...] = ()
 
     def open(self, configs: Sequence[Any], start_over: bool = False, **fields) -> dict:
@@ -90,13 +117,15 @@ class StagePlan:
     def record(self, stage: str, configs: Sequence[Any]) -> dict[str, Any]:
         """The arguments `stage` (and the stages it builds on) depends on, by flag name, as JSON values, taken from
         `configs` (the run's argument dataclasses, e.g. its `TrainingArguments`)."""
-        names = [n for s in self.stages[: self.stages.index(stage) + 1] for n in self.arguments.get(s, ())]
+        later = {n for s in self.stages[self.stages.index(stage) + 1 :] for n in self.first_used.get(s, ())}
         values = {}
-        for name in names:
-            owner = next((c for c in configs if hasattr(c, name)), None)
-            values[name] = getattr(owner, name, None)
-        values = {k: getattr(v, "value", v) for k, v in values.items()}  # enums (lr_scheduler_type, optim)
-        return json.loads(json.dumps(values, default=str))
+        for config in configs:
+            for f in dataclasses.fields(config):
+                if f.init and f.name not in self.unrecorded and f.name not in later:
+                    values.setdefault(f.name, getattr(config, f.name))
+            if isinstance(config, TrainingArguments):
+                values.update(processes=config.world_size, device=config.device.type)
+        return _as_json(values)
 
     def check(self, report: dict, configs: Sequence[Any], output_dir: Path) -> None:
         """Refuses to continue an earlier run's stages with other arguments: its results would sit beside the new
@@ -108,16 +137,16 @@ class StagePlan:
                 f"{output_dir} holds stages {unrecorded} of an earlier run that did not record its arguments, so they "
                 "cannot be continued safely. Start over with --overwrite_output_dir, or pass a new --output_dir."
             )
-        # an argument added after the earlier run recorded its stages: it ran as the argument's default does
-        added = _defaults(configs)
+        defaults = None
         for stage, before in recorded.items():
             now = self.record(stage, configs)
-            before = {**{k: added[k] for k in now if k not in before and k in added}, **before}
-            differ = {
-                k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)
-            }
+            if any(k not in before for k in now):
+                # recorded before the argument existed (or was recorded): it ran as the argument's default does
+                defaults = _defaults(configs) if defaults is None else defaults
+                before = {**{k: defaults[k] for k in now if k not in before and k in defaults}, **before}
+            differ = {k: (before[k], now.get(k)) for k in before if before[k] != now.get(k)}
             if differ:
-                listed = ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in differ.items())
+                listed = ", ".join(f"{_RUN_FACTS.get(k, '--' + k)} {a!r} -> {b!r}" for k, (a, b) in differ.items())
                 raise SystemExit(
                     f"{output_dir} holds the {stage!r} stage of a run with other arguments ({listed}). Rerun with the "
                     "same arguments to continue it, or start over with --overwrite_output_dir (deletes that run's "
@@ -125,16 +154,28 @@ class StagePlan:
                 )
 
 
+def _as_json(values: dict[str, Any]) -> dict[str, Any]:
+    values = {k: getattr(v, "value", v) for k, v in values.items()}  # enums (lr_scheduler_type, optim)
+    return json.loads(json.dumps(values, default=str))
+
+
 def _defaults(configs: Sequence[Any]) -> dict[str, Any]:
-    """The default of every field of the recipe's own argument dataclasses (not `TrainingArguments`)."""
+    """Every argument of `configs` at its default (as a dataclass built without arguments holds it, after its
+    checks: `TrainingArguments` fills some fields in), as JSON values."""
     defaults = {}
     for config in configs:
-        if isinstance(config, TrainingArguments) or not dataclasses.is_dataclass(config):
-            continue
+        try:
+            fresh = type(config)()
+        except Exception:  # noqa: BLE001 - a dataclass whose checks need arguments: its declared defaults
+            fresh = None
         for f in dataclasses.fields(config):
-            if f.default is not dataclasses.MISSING:
+            if fresh is not None:
+                defaults[f.name] = getattr(fresh, f.name)
+            elif f.default is not dataclasses.MISSING:
                 defaults[f.name] = f.default
-    return defaults
+            elif f.default_factory is not dataclasses.MISSING:
+                defaults[f.name] = f.default_factory()
+    return _as_json(defaults)
 
 
 def _start_over(training_args: TrainingArguments, names: Iterable[str]) -> None:

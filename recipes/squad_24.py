@@ -38,12 +38,11 @@ from transformers import (
 
 import hf_sparse
 import hf_sparse.squad
-from hf_sparse import run_report
+from hf_sparse import run_report, stages
 from hf_sparse.calibration import calibration_sample
 from hf_sparse.inference import semi_structured_support
 from hf_sparse.parser import RecipeParser, check_hub_sources
 from hf_sparse.squad.data import check_squad_inputs
-from hf_sparse.stages import StagedRun, StagePlan, check_replicas_agree, fsdp, set_up_logging, shut_down
 
 logger = logging.getLogger("squad_24")
 
@@ -272,38 +271,35 @@ def new_model(args: RecipeArguments, tokenizer):
 
 # -- what each stage ran with ---------------------------------------------------------------------------------------
 
-_DATA_ARGUMENTS = ("model_name_or_path", "config_overrides", "dense_model_name_or_path", "dataset_name", "train_file",
-                   "validation_file", "version_2_with_negative", "max_seq_length", "doc_stride", "max_train_samples",
-                   "max_eval_samples", "synthetic_train_paragraphs", "synthetic_eval_paragraphs",
-                   "synthetic_facts_per_paragraph", "fp16_eval")  # fmt: skip
-_TRAINING_ARGUMENTS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
-                       "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "seed",
-                       "data_seed", "per_device_train_batch_size", "gradient_accumulation_steps", "fp16", "bf16",
-                       "optim", "label_smoothing_factor")  # fmt: skip
-_RECOVERY_ARGUMENTS = ("recovery_max_steps", "recovery_num_train_epochs", "recovery_learning_rate", "distill",
-                       "distill_hidden_weight", "distill_unanswerable")  # fmt: skip
-_SPARSITY_ARGUMENTS = tuple(f.name for f in dataclasses.fields(hf_sparse.SparsityConfig)
-                            if f.name not in ("log_per_layer", "swap_at_end"))  # fmt: skip
-PLAN = StagePlan(
-    stages=("dense", "pruned", "sparse", "swapped", "fp8", "fp8_dense"),
-    arguments={"dense": _DATA_ARGUMENTS + _TRAINING_ARGUMENTS, "pruned": _SPARSITY_ARGUMENTS,
-               "sparse": _RECOVERY_ARGUMENTS},
+PLAN = stages.StagePlan(
+    stages=("dense", "pruned", "sparse", "swapped", "fp8", "fp8_dense", "timing"),
+    first_used={
+        "pruned": tuple(f.name for f in dataclasses.fields(hf_sparse.SparsityConfig)),
+        "sparse": ("recovery_max_steps", "recovery_num_train_epochs", "recovery_learning_rate", "distill",
+                   "distill_hidden_weight", "distill_unanswerable"),
+        "swapped": ("per_device_eval_batch_size",),  # the token count kernels are tuned at; FP8 calibration batches
+        "timing": ("timing_batch_sizes", "timing_sequence_length", "timing_tune_seconds"),
+    },
+    # Besides the TrainingArguments that cannot change a result: the preset only gives defaults (the values are
+    # recorded), and the sparse model is saved as a plain checkpoint whether or not it is swapped at the end.
+    unrecorded=stages.NOT_RESULT_ARGUMENTS | {"preset", "overwrite_output_dir", "log_per_layer", "swap_at_end"},
     files=("dense", "dense-training", "sparse", "sparse-training", "eval", "report.json", "report.md",
            "f1_by_stage.png", "latency.png"),
 )  # fmt: skip
-"""The stages in order, the arguments each one's result depends on (with those of the stages before it), and what
-the recipe writes into --output_dir (what --overwrite_output_dir deletes)."""
+"""The stages in order; every argument is recorded with the stages it can change (all from the first, except those
+`first_used` later), and checked when a run is continued. `files`: what the recipe writes into --output_dir (what
+--overwrite_output_dir deletes)."""
 
 
 # -- one run -------------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class Run(StagedRun):
+class Run(stages.StagedRun):
     """What every stage reads: the arguments, the tokenized data, and the report it adds to (`hf_sparse.stages`
     records what each stage ran with, and resumes training)."""
 
-    plan: ClassVar[StagePlan] = PLAN
+    plan: ClassVar[stages.StagePlan] = PLAN
     titles: ClassVar[tuple[str, ...]] = STAGES
     args: RecipeArguments = None
     sparsity: hf_sparse.SparsityConfig = None
@@ -410,7 +406,7 @@ def prune_zero_shot(run: Run, dense):
     start = time.perf_counter()
     masks = hf_sparse.prune_(pruned, run.sparsity, calibration_data=calibration)
     seconds = time.perf_counter() - start
-    digests = check_replicas_agree(masks, "after pruning")
+    digests = stages.check_replicas_agree(masks, "after pruning")
     if not run.done("pruned"):
         values = {**run.evaluate(pruned), "prune_seconds": seconds, "mask_digests_by_rank": digests}
         rows = hf_sparse.sparsity_report(pruned, run.sparsity.n, run.sparsity.m, layers=list(masks))
@@ -495,12 +491,13 @@ def swap_and_time(run: Run, sparse) -> None:
 
     run.begin("swapped")
     # Evaluate on the sparse kernels: the answers must match the masked dense model's (fp16 rounding aside).
-    if not run.done("swapped") and fsdp():
+    if not run.done("swapped") and stages.fsdp():
         run.report["skipped"]["sparse-kernel evaluation"] = "under FSDP the Trainer would shard the swapped weights"
     elif not run.done("swapped"):
         run.record("swapped", _evaluate_swapped(run, sparse))
-    if not fp8_problem and not fsdp():
+    if not fp8_problem and not stages.fsdp():
         _evaluate_fp8(run, sparse)
+    run.begin("timing")
     if run.main_process and "timing" not in run.report:
         seq_len = min(run.args.timing_sequence_length, sparse.config.max_position_embeddings)
         if seq_len < run.args.timing_sequence_length:
@@ -573,14 +570,14 @@ def write_card_and_push(run: Run) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args, sparsity, training_args = parse_args(argv)
-    set_up_logging(training_args, "squad_24")
+    stages.set_up_logging(training_args, "squad_24")
     run = prepare(args, sparsity, training_args)
     dense = fine_tune_dense(run)
     pruned, masks = prune_zero_shot(run, dense)
     sparse = recover(run, dense, pruned, masks)
     swap_and_time(run, sparse)
     write_card_and_push(run)
-    shut_down()
+    stages.shut_down()
     return run.report
 
 

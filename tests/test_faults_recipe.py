@@ -57,6 +57,13 @@ CHANGES = {
     "recovery_max_steps": (["--recovery_max_steps", "3"], "sparse"),
     "distill": (["--distill", "true"], "sparse"),
     "recovery_learning_rate": (["--recovery_learning_rate", "1e-4"], "sparse"),
+    # arguments no list named before every argument was recorded: the rerun exited 0 with the old results
+    "neftune_noise_alpha": (["--neftune_noise_alpha", "5"], "dense"),
+    "dataloader_drop_last": (["--dataloader_drop_last", "true"], "dense"),
+    "lr_scheduler_kwargs": (["--lr_scheduler_kwargs", '{"power": 2.0}'], "dense"),
+    "torch_compile": (["--torch_compile", "true"], "dense"),
+    "calibration_samples": (["--calibration_samples", "8"], "pruned"),
+    "mask_update_every": (["--mask_update_every", "5"], "pruned"),
 }
 
 
@@ -73,8 +80,61 @@ def test_rerun_with_other_arguments_is_refused_naming_them_and_how_to_start_over
 
 
 def test_rerun_with_the_same_or_irrelevant_arguments_continues(recipe, started):
-    run = _prepare(recipe, started, "--logging_steps", "1", "--per_device_eval_batch_size", "3")
+    # Where output goes, what is logged, checkpointed or pushed, and how batches are loaded; the evaluation batch
+    # size matters only from the sparse-kernel stages on (the token count kernels are tuned at).
+    run = _prepare(recipe, started, "--logging_steps", "1", "--per_device_eval_batch_size", "3", "--save_steps", "7",
+                   "--report_to", "tensorboard", "--dataloader_num_workers", "1", "--hub_model_id", "me/other",
+                   "--disable_tqdm", "false", "--log_level", "warning")  # fmt: skip
     assert run.done("dense") and run.done("sparse")
+
+
+@pytest.mark.parametrize(
+    "stage, flags, named",
+    [("swapped", ["--per_device_eval_batch_size", "3"], "--per_device_eval_batch_size"),
+     ("timing", ["--timing_batch_sizes", "8"], "--timing_batch_sizes"),
+     ("timing", ["--timing_tune_seconds", "9"], "--timing_tune_seconds")],
+)  # fmt: skip
+def test_the_kernel_stages_record_their_own_arguments(recipe, started, stage, flags, named):
+    run = _prepare(recipe, started)
+    run.begin(stage)
+    with pytest.raises(SystemExit, match=f"holds the {stage!r} stage of a run with other arguments \\({named} "):
+        _prepare(recipe, started, *flags)
+
+
+@pytest.mark.parametrize("fact, value, named", [("device", "cuda", "device (--use_cpu) 'cuda' -> 'cpu'"),
+                                                ("processes", 2, "processes (accelerate launch --num_processes) 2 -> 1")])  # fmt: skip
+def test_a_rerun_on_another_device_or_number_of_processes_is_refused(recipe, started, fact, value, named):
+    report = json.loads((started / "report.json").read_text())
+    report["stage_arguments"]["dense"][fact] = value  # as a run on a GPU, or launched in two processes, recorded it
+    (started / "report.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match=re.escape(named)):
+        _prepare(recipe, started)
+
+
+def test_the_hub_token_is_never_recorded(recipe, tmp_path):
+    run = _prepare(recipe, tmp_path, "--hub_token", "hf_secret_123")
+    run.begin("dense")
+    assert "hf_secret_123" not in (tmp_path / "report.json").read_text()
+
+
+# What the dense stage recorded before every argument was (an explicit list of the recipe's data and training ones).
+_RECORDED_BEFORE = ("model_name_or_path", "config_overrides", "dense_model_name_or_path", "dataset_name", "train_file",
+                    "validation_file", "version_2_with_negative", "max_seq_length", "doc_stride", "max_train_samples",
+                    "max_eval_samples", "synthetic_train_paragraphs", "synthetic_eval_paragraphs",
+                    "synthetic_facts_per_paragraph", "fp16_eval", "learning_rate", "weight_decay", "adam_beta1",
+                    "adam_beta2", "adam_epsilon", "max_grad_norm", "num_train_epochs", "max_steps", "lr_scheduler_type",
+                    "warmup_ratio", "warmup_steps", "seed", "data_seed", "per_device_train_batch_size",
+                    "gradient_accumulation_steps", "fp16", "bf16", "optim", "label_smoothing_factor")  # fmt: skip
+
+
+def test_a_run_recorded_by_an_older_version_continues_where_the_new_arguments_are_at_their_defaults(recipe, started):
+    report = json.loads((started / "report.json").read_text())
+    report["stage_arguments"] = {stage: {k: v for k, v in values.items() if k in _RECORDED_BEFORE or stage != "dense"}
+                                 for stage, values in report["stage_arguments"].items()}  # fmt: skip
+    (started / "report.json").write_text(json.dumps(report))
+    assert _prepare(recipe, started).done("sparse")
+    with pytest.raises(SystemExit, match=r"'dense' stage of a run with other arguments \(--neftune_noise_alpha None"):
+        _prepare(recipe, started, "--neftune_noise_alpha", "5")
 
 
 def test_overwrite_output_dir_starts_over(recipe, started):

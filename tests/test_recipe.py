@@ -112,8 +112,8 @@ def test_embedded_default_in_two_processes_and_resumed(tmp_path):
         report["command"].startswith("accelerate launch --config_file ") and "accelerate_cpu.yaml" in report["command"]
     )
     assert report["command"].endswith(" ".join(SHORT)) and "recipes/squad_24.py" in report["command"]
-    # Started again on a finished run, every training stage is skipped and the measurements are kept.
-    again = run(["--output_dir", str(tmp_path), *SHORT])
+    # Started again the same way on a finished run, every training stage is skipped and the measurements are kept.
+    again = run(["--output_dir", str(tmp_path), "--use_cpu", "true", *SHORT], launcher=launcher)
     assert "already fine-tuned" in again.stderr and "already recovered" in again.stderr
     assert json.loads((tmp_path / "report.json").read_text())["stages"] == report["stages"]
 
