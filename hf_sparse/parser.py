@@ -38,6 +38,9 @@ class RecipeParser(HfArgumentParser):
         presets: preset name -> YAML/JSON file of arguments.
         default_file: with neither preset nor config file, the file of defaults for the flags given (a mapping of
             argument name to value, as parsed from the command line).
+        linked: pairs (leaders, followers) of argument names whose values belong together, e.g. the dense
+            fine-tuning's length and the recovery's: where a file or the command line sets a leader and no follower,
+            the followers a lower layer set are reset to None.
         description, epilog: the `--help` text (the defaults shown are those in effect for the command line).
 
     Example:
@@ -55,11 +58,13 @@ class RecipeParser(HfArgumentParser):
         *,
         presets: Mapping[str, Path],
         default_file: Callable[[dict[str, Any]], Path],
+        linked: Sequence[tuple[Sequence[str], Sequence[str]]] = (),
         description: str | None = None,
         epilog: str | None = None,
     ):
         super().__init__(dataclass_types, description=description, epilog=epilog, formatter_class=_HelpFormatter)
         self._types, self.presets, self.default_file = tuple(dataclass_types), dict(presets), default_file
+        self.linked = tuple(linked)
 
     def given(self, argv: Sequence[str]) -> dict[str, Any]:
         """The arguments `argv` sets explicitly, by the parser's own rules (`--flag=value`, `--flag-name`, ...)."""
@@ -92,7 +97,7 @@ class RecipeParser(HfArgumentParser):
 
     def defaults(self, argv: list[str]) -> dict[str, Any]:
         """The defaults in effect for `argv` (from which a leading config file is taken), lowest first: the preset,
-        the config file, or else the default file."""
+        the config file, or else the default file; then the linked values that `argv`'s flags reset."""
         config = Path(argv.pop(0)).resolve() if argv and argv[0].endswith(CONFIG_SUFFIXES) else None
         given = self.given(argv)
         preset = given.get("preset")
@@ -101,8 +106,16 @@ class RecipeParser(HfArgumentParser):
         files = [f for f in (self.presets.get(preset), config) if f is not None] or [self.default_file(given)]
         defaults: dict[str, Any] = {}
         for path in files:
-            defaults.update(self.read_config(path))
-        return defaults
+            defaults = self._over(defaults, self.read_config(path))
+        return self._over(defaults, given)
+
+    def _over(self, lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
+        """`upper`'s values over `lower`'s, and the followers of a leader `upper` sets alone reset to None."""
+        merged = {**lower, **upper}
+        for leaders, followers in self.linked:
+            if any(k in upper for k in leaders) and not any(k in upper for k in followers):
+                merged.update(dict.fromkeys(followers))
+        return merged
 
     def parse(self, argv: Sequence[str] | None = None) -> tuple:
         """The dataclasses of `argv` (default `sys.argv[1:]`): its flags over the defaults in effect."""

@@ -106,14 +106,18 @@ def markdown(report: dict[str, Any]) -> str:
             f"| latency, batch {row['batch_size']} (ms) | {_fmt(row['dense_ms'])} | {_fmt(row['sparse_ms'])} | "
             f"{_fmt(row['speedup'])}x |"
         )
-    lines += ["", "## Stages", "", "| stage | exact match | F1 | evaluated in | sparsity |", "|---|---|---|---|---|"]
+    note = training_note(report)
+    lines += ["", note] if note else []
+    lines += ["", "## Stages", "", "| stage | exact match | F1 | evaluated in | sparsity | trained |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
     for stage in STAGES:
         if stage in stages:
             s = stages[stage]
-            sparsity = s.get("sparsity")
+            sparsity, steps = s.get("sparsity"), s.get("train_steps")
             lines.append(
                 f"| {STAGE_NAMES[stage]}{_kernels(s)} | {_fmt(s.get('exact_match'))} | {_fmt(s.get('f1'))} | "
-                f"{s.get('eval_dtype', '—')} | {'—' if sparsity is None else f'{sparsity:.2%}'} |"
+                f"{s.get('eval_dtype', '—')} | {'—' if sparsity is None else f'{sparsity:.2%}'} | "
+                f"{'—' if steps is None else f'{steps} steps'} |"
             )
     table = timing_table(report)
     if table:
@@ -128,6 +132,23 @@ def markdown(report: dict[str, Any]) -> str:
     if env:
         lines += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items() if v is not None]
     return "\n".join(lines) + "\n"
+
+
+def training_note(report: dict[str, Any]) -> str | None:
+    """How long the dense and the 2:4 model trained, saying so when the lengths differ (the tutorial compares them
+    at equal training); None before the recovery has trained."""
+    dense, sparse = (report["stages"].get(s, {}).get("train_steps") for s in ("dense", "sparse"))
+    if sparse is None:
+        return None
+    if dense is None:
+        return f"The 2:4 model was pruned from the given dense model and recovered for {sparse} optimizer steps."
+    note = (
+        f"The dense model was fine-tuned for {dense} optimizer steps; the 2:4 model, pruned from it, recovered for "
+        f"{sparse}."
+    )
+    if dense != sparse:
+        note += " The two trained for different lengths, so the delta does not compare them at equal training."
+    return note
 
 
 def _kernels(stage: dict[str, Any]) -> str:
@@ -263,7 +284,7 @@ def _ratio(value: float | None, digits: int) -> str:
 def card_kwargs(report: dict[str, Any], output_dir: str | os.PathLike) -> dict[str, Any]:
     """What the model card of a run's sparse model says, from its report: `hf_sparse.model_card(folder, **kwargs)`.
 
-    Metrics of the dense and recovered stages, the command, the data (a Hub dataset id, or the name of local or
+    Metrics of the dense and recovered stages, how long each trained (`training_note`), the command, the data (a Hub dataset id, or the name of local or
     synthetic data, which get no `model-index`), the base model when it is a Hub id, and the latency table and plot.
     """
     recipe = report.get("arguments", {}).get("recipe", {})
@@ -273,7 +294,7 @@ def card_kwargs(report: dict[str, Any], output_dir: str | os.PathLike) -> dict[s
         for key in ("dense", "sparse")
         if "f1" in stages.get(key, {})
     }
-    card: dict[str, Any] = dict(metrics=metrics, command=report.get("command"))
+    card: dict[str, Any] = dict(metrics=metrics, command=report.get("command"), training=training_note(report))
     dataset = recipe.get("dataset_name", "synthetic")
     if recipe.get("validation_file"):
         card["dataset_name"] = Path(recipe["validation_file"]).name

@@ -328,9 +328,10 @@ class StagedRun:
         self, stage: str, model, name: str, dataset, folder: Path, values: dict | None = None, **train_kwargs
     ):
         """Trains `model` (`train`, in `output_dir/name`), saves it to `folder` and records under `stage` the seconds
-        it took, the whole run's `train_loss`, the throughput, the peak GPU memory and `values`. Returns the model reloaded
-        from `folder`: under FSDP2 the trained module holds sharded weights, which cannot be copied, pruned as a
-        whole or evaluated in fp16; everywhere, the later stages then start from exactly what was saved."""
+        it took, its optimizer steps and epochs, the whole run's `train_loss`, the throughput, the peak GPU memory
+        and `values`. Returns the model reloaded from `folder`: under FSDP2 the trained module holds sharded
+        weights, which cannot be copied, pruned as a whole or evaluated in fp16; everywhere, the later stages then
+        start from exactly what was saved."""
         self.peak_memory()
         start = time.perf_counter()
         trainer, metrics = self.train(model, name, dataset, **train_kwargs)
@@ -340,7 +341,8 @@ class StagedRun:
         self.barrier()
         model = self.load_model(folder)
         self.record(stage, {"train_seconds": time.perf_counter() - start, "train_loss": metrics["train_loss"],
-                            "train_loss_steps": metrics["train_loss_steps"],
+                            "train_loss_steps": metrics["train_loss_steps"], "train_steps": trainer.state.global_step,
+                            "train_epochs": trainer.state.epoch,
                             "train_samples_per_second": metrics.get("train_samples_per_second"),
                             **self.peak_memory(), **(values or {})})  # fmt: skip
         return model

@@ -116,7 +116,8 @@ class RecipeArguments:
     recovery_max_steps: int | None = field(
         default=None,
         metadata={"help": "Optimizer steps of the recovery fine-tuning; unset (None): as many as the dense "
-                  "fine-tuning (--max_steps / --num_train_epochs), as in the tutorial."},
+                  "fine-tuning (--max_steps / --num_train_epochs), as in the tutorial. A --max_steps or "
+                  "--num_train_epochs given without it unsets the defaults file's value."},
     )  # fmt: skip
     recovery_num_train_epochs: float | None = field(
         default=None,
@@ -177,6 +178,8 @@ def parse_args(argv: list[str] | None = None):
     flag names a model or data of your own)."""
     parser = RecipeParser(
         (RecipeArguments, hf_sparse.SparsityConfig, TrainingArguments), presets=PRESETS, default_file=_default_file,
+        # The recovery's length in a file goes with that file's dense length: --max_steps alone sets both.
+        linked=[(("max_steps", "num_train_epochs"), ("recovery_max_steps", "recovery_num_train_epochs"))],
         description=__doc__, epilog="Defaults shown are those in effect for this command line: recipes/offline.yaml, "
         "recipes/real.yaml with a model or data of your own, or the preset with the config file's values over it; "
         "every flag overrides them.",

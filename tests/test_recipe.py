@@ -56,13 +56,18 @@ def check_report(output_dir, min_dense_f1):
     assert len(layers) == 12 and all(is_nm(model.get_submodule(name).weight) for name in layers)
     card = (output_dir / "sparse" / "README.md").read_text()
     assert f"{stages['sparse']['f1']:.2f}" in card and "recipes/squad_24.py" in card
+    # How long each trained, in the report and the card (the offline default recovers 300 steps after 1200 dense).
+    note = f"fine-tuned for {stages['dense']['train_steps']} optimizer steps"
+    assert note in markdown and note in card and f"recovered for {stages['sparse']['train_steps']}." in card
     return report
 
 
 @pytest.mark.slow
 def test_embedded_default_runs_offline_and_reports_every_stage(tmp_path):
     result = run(["--output_dir", str(tmp_path), "--disable_tqdm", "true"])
-    check_report(tmp_path, min_dense_f1=50.0)
+    report = check_report(tmp_path, min_dense_f1=50.0)
+    assert (report["stages"]["dense"]["train_steps"], report["stages"]["sparse"]["train_steps"]) == (1200, 300)
+    assert "different lengths" in (tmp_path / "report.md").read_text()
     check_console(result)
 
 
@@ -319,3 +324,28 @@ def test_a_bad_config_file_is_refused_naming_the_file_and_the_key(tmp_path, text
     with pytest.raises(SystemExit) as err:
         recipe.parse_args([str(config)])
     assert str(err.value).startswith(f"{config}: ") and message in str(err.value), str(err.value)
+
+
+def test_the_recovery_follows_a_dense_length_given_without_its_own():
+    recipe = load_recipe()
+    assert recipe.parse_args([])[0].recovery_max_steps == 300  # offline.yaml: 1200 dense, 300 recovery
+    args, _, training = recipe.parse_args(["--max_steps", "20"])
+    assert (training.max_steps, args.recovery_max_steps, args.recovery_num_train_epochs) == (20, None, None)
+    assert recipe.parse_args(["--max_steps", "20", "--recovery_max_steps", "5"])[0].recovery_max_steps == 5
+    args, _, training = recipe.parse_args(["--model_name_or_path", "m", "--num_train_epochs", "2"])  # real.yaml
+    assert (training.num_train_epochs, args.recovery_num_train_epochs) == (2, None)
+
+
+def test_linked_lengths_follow_through_preset_and_config_file(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_sparse.parser import RecipeParser
+
+    recipe = load_recipe()
+    preset, config = tmp_path / "preset.yaml", tmp_path / "mine.yaml"
+    preset.write_text("max_steps: 100\nrecovery_max_steps: 30\nlearning_rate: 1.0e-4\n")
+    config.write_text("max_steps: 10\n")
+    parser = RecipeParser((recipe.RecipeArguments, TrainingArguments), presets={"p": preset},
+                          default_file=lambda given: preset, linked=[(("max_steps",), ("recovery_max_steps",))])  # fmt: skip
+    args, training = parser.parse([str(config), "--preset", "p"])
+    assert (training.max_steps, args.recovery_max_steps, training.learning_rate) == (10, None, 1e-4)
