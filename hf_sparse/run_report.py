@@ -131,6 +131,9 @@ def markdown(report: dict[str, Any]) -> str:
     env = report.get("environment")
     if env:
         lines += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items() if v is not None]
+    for earlier in report.get("earlier_environments", []):
+        changed = [f"{k}: {v}" for k, v in earlier.items() if env and env.get(k) != v]
+        lines += ["", "Stages kept from an earlier run ran with " + "; ".join(changed) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -302,7 +305,7 @@ def card_kwargs(report: dict[str, Any], output_dir: str | os.PathLike) -> dict[s
         card["dataset_name"] = "synthetic SQuAD-format facts (hf_sparse.squad.synthetic_squad)"
     else:
         card["dataset"] = dataset
-    model = recipe.get("model_name_or_path")
+    model = recipe.get("dense_model_name_or_path") or recipe.get("model_name_or_path")  # what was pruned
     if model and not os.path.exists(model):
         card["base_model"] = model
     timing = report.get("timing")

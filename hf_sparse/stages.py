@@ -100,18 +100,21 @@ class StagePlan:
     def open(self, configs: Sequence[Any], start_over: bool = False, **fields) -> dict:
         """The report of the run in `output_dir` (of the `TrainingArguments` among `configs`), or a new one: an
         earlier run's (refused if its stages ran with other arguments, `check`; deleted first with `start_over`),
-        updated with this run's command, environment, arguments and `fields`."""
+        updated with this run's command, environment (an earlier run's, where its stages are kept and it differs,
+        under `earlier_environments`) and `fields`."""
         training_args = next(c for c in configs if isinstance(c, TrainingArguments))
         output_dir = Path(training_args.output_dir)
         if start_over:
             _start_over(training_args, self.files)
         report = run_report.load_report(output_dir / "report.json")
         self.check(report, configs, output_dir)
-        report.update(
-            command=current_command(),
-            environment={**run_report.environment(), "processes": training_args.world_size},
-            **fields,
-        )
+        environment = {**run_report.environment(), "processes": training_args.world_size}
+        earlier = report.get("environment")
+        if report["stages"] and earlier and earlier != environment:  # the stages kept ran with other versions
+            report["earlier_environments"] = [e for e in report.get("earlier_environments", []) if e != earlier]
+            report["earlier_environments"].append(earlier)
+        # What this run skips, said again by each stage as it runs (an earlier run's reasons may no longer hold).
+        report.update(command=current_command(), environment=environment, skipped={}, **fields)
         return report
 
     def record(self, stage: str, configs: Sequence[Any]) -> dict[str, Any]:
@@ -280,7 +283,8 @@ class StagedRun:
     ) -> tuple[Trainer, dict]:
         """Trains `model` on `dataset` in `output_dir/name`, resuming from its last complete checkpoint there if a
         run was interrupted (a checkpoint half written when the run was killed is passed over, and written again).
-        Returns the trainer and its metrics, with `train_loss` over the whole run (`whole_run_loss`)."""
+        Returns the trainer and its metrics, with `train_loss` over the whole run (`whole_run_loss`) and the step
+        it resumed from (0: from the start; the Trainer's runtime and throughput cover the steps after it)."""
         output_dir = self.output_dir / name
         trainer = Trainer(
             model=model,
@@ -295,7 +299,8 @@ class StagedRun:
         if last:
             logger.info("Resuming %s from %s", name, last)
         metrics = trainer.train(resume_from_checkpoint=last).metrics
-        return trainer, {**metrics, **whole_run_loss(trainer, metrics, int(last.rsplit("-", 1)[1]) if last else 0)}
+        resumed = int(last.rsplit("-", 1)[1]) if last else 0
+        return trainer, {**metrics, **whole_run_loss(trainer, metrics, resumed), "resumed_from_step": resumed}
 
     def evaluate_with(self, model, dataset, compute_metrics, fp16: bool = False) -> dict:
         """Metrics of `model` (a plain module, never one a Trainer sharded: stages reload what they saved) on
@@ -329,7 +334,7 @@ class StagedRun:
     ):
         """Trains `model` (`train`, in `output_dir/name`), saves it to `folder` and records under `stage` the seconds
         it took, its optimizer steps and epochs, the whole run's `train_loss`, the throughput, the peak GPU memory
-        and `values`. Returns the model reloaded from `folder`: under FSDP2 the trained module holds sharded
+        and `values` (after a resume, the seconds and throughput are those of the steps after `resumed_from_step`). Returns the model reloaded from `folder`: under FSDP2 the trained module holds sharded
         weights, which cannot be copied, pruned as a whole or evaluated in fp16; everywhere, the later stages then
         start from exactly what was saved."""
         self.peak_memory()
@@ -342,7 +347,7 @@ class StagedRun:
         model = self.load_model(folder)
         self.record(stage, {"train_seconds": time.perf_counter() - start, "train_loss": metrics["train_loss"],
                             "train_loss_steps": metrics["train_loss_steps"], "train_steps": trainer.state.global_step,
-                            "train_epochs": trainer.state.epoch,
+                            "train_epochs": trainer.state.epoch, "resumed_from_step": metrics["resumed_from_step"],
                             "train_samples_per_second": metrics.get("train_samples_per_second"),
                             **self.peak_memory(), **(values or {})})  # fmt: skip
         return model

@@ -84,8 +84,7 @@ class RecipeArguments:
                   "e.g. 'hidden_size=256,num_hidden_layers=4,initializer_range=0.002'."},
     )  # fmt: skip
     dense_model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "An already fine-tuned dense QA model: skips the dense fine-tuning stage."},
+        default=None, metadata={"help": "An already fine-tuned dense QA model: skips the dense fine-tuning stage."}
     )
     dataset_name: str = field(
         default="synthetic",
@@ -203,9 +202,7 @@ def check_sources(args: RecipeArguments) -> None:
 def check_arguments(args: RecipeArguments) -> None:
     """Fails at once on arguments that cannot work together."""
     if bool(args.train_file) != bool(args.validation_file):
-        given, missing = (
-            ("--train_file", "--validation_file") if args.train_file else ("--validation_file", "--train_file")
-        )
+        given, missing = ("--train_file", "--validation_file")[:: 1 if args.train_file else -1]
         raise SystemExit(
             f"{given} was given without {missing}: pass both (local SQuAD-format JSON files), or neither to use "
             f"--dataset_name ({args.dataset_name!r})."
@@ -227,17 +224,13 @@ def load_data(args: RecipeArguments):
     else:
         train = hf_sparse.squad.load_squad(args.dataset_name, split="train")
         validation = hf_sparse.squad.load_squad(args.dataset_name, split="validation")
-    if args.max_train_samples is not None:
-        train = (
-            train[: args.max_train_samples] if isinstance(train, list) else train.select(range(args.max_train_samples))
-        )
-    if args.max_eval_samples is not None:
-        validation = (
-            validation[: args.max_eval_samples]
-            if isinstance(validation, list)
-            else validation.select(range(args.max_eval_samples))
-        )
-    return train, validation
+    return _first(train, args.max_train_samples), _first(validation, args.max_eval_samples)
+
+
+def _first(questions, count: int | None):
+    if count is None:
+        return questions
+    return questions[:count] if isinstance(questions, list) else questions.select(range(min(count, len(questions))))
 
 
 def load_tokenizer(args: RecipeArguments):
@@ -259,14 +252,8 @@ def new_model(args: RecipeArguments, tokenizer):
     # The offline default: a small BERT, trained from scratch on the synthetic facts. Hidden size 32 so that 2:4
     # pruning costs something visible (at 128 the zero-shot F1 matched the dense one), at lr 1e-3 (offline.yaml) so
     # that a run lands within 1 F1 whatever the thread count (at 3e-3 runs spread over ~10 F1).
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=max(64, args.max_seq_length),
-    )
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=max(64, args.max_seq_length))  # fmt: skip
     if args.config_overrides:
         config.update_from_string(args.config_overrides)
     return BertForQuestionAnswering(config)
@@ -354,15 +341,10 @@ def prepare(args: RecipeArguments, sparsity, training_args: TrainingArguments) -
             distill_only = hf_sparse.squad.distillation_features(
                 hf_sparse.squad.tokenize_squad(unanswered, tokenizer, train=True, **kw), args.max_seq_length
             )
-    report["data"] = {
-        **checked,
-        "train_questions": len(train_examples),
-        "train_features": len(train_features),
-        "unanswerable_train_questions": len(unanswered),
-        "distillation_only_features": 0 if distill_only is None else len(distill_only),
-        "eval_questions": len(eval_examples),
-        "eval_features": len(eval_features),
-    }
+    report["data"] = {**checked, "train_questions": len(train_examples), "train_features": len(train_features),
+                      "unanswerable_train_questions": len(unanswered),
+                      "distillation_only_features": 0 if distill_only is None else len(distill_only),
+                      "eval_questions": len(eval_examples), "eval_features": len(eval_features)}  # fmt: skip
     return Run(training_args, report, args=args, sparsity=sparsity, tokenizer=tokenizer,
                examples=(train_examples, eval_examples), features=(train_features, eval_features),
                distill_only=distill_only)  # fmt: skip
@@ -387,9 +369,8 @@ def fine_tune_dense(run: Run):
         dense = load_model(dense_dir)
     else:
         torch.manual_seed(run.training_args.seed)
-        dense = run.fine_tune(
-            "dense", new_model(run.args, run.tokenizer), "dense-training", run.features[0], dense_dir
-        )
+        dense = new_model(run.args, run.tokenizer)
+        dense = run.fine_tune("dense", dense, "dense-training", run.features[0], dense_dir)
     if not run.done("dense"):
         run.record("dense", run.evaluate(dense))
     return dense
@@ -403,23 +384,27 @@ def prune_zero_shot(run: Run, dense):
                f"{run.sparsity.criterion} and evaluate it without training")  # fmt: skip
     run.begin("pruned")
     pruned = copy.deepcopy(dense).to(run.training_args.device)
-    calibration = None
+    calibration, chosen_by = None, run.sparsity
     if run.sparsity.criterion != "magnitude":
         calibration = calibration_sample(run.features[0], run.sparsity, seed=run.training_args.seed)
+        # config.json and the card record how many features calibrated, not how many were asked for
+        chosen_by = dataclasses.replace(run.sparsity, calibration_samples=len(calibration))
     start = time.perf_counter()
-    masks = hf_sparse.prune_(pruned, run.sparsity, calibration_data=calibration)
+    masks = hf_sparse.prune_(pruned, chosen_by, calibration_data=calibration)
     seconds = time.perf_counter() - start
     digests = stages.check_replicas_agree(masks, "after pruning")
     if not run.done("pruned"):
         values = {**run.evaluate(pruned), "prune_seconds": seconds, "mask_digests_by_rank": digests}
         rows = hf_sparse.sparsity_report(pruned, run.sparsity.n, run.sparsity.m, layers=list(masks))
         values["sparsity"], values["layers"] = hf_sparse.masks.total_sparsity(rows), len(masks)
+        values["calibration_samples"] = 0 if calibration is None else len(calibration)
         run.record("pruned", values)
-    return pruned, masks
+    return pruned, masks, chosen_by
 
 
-def recover(run: Run, dense, pruned, masks):
-    """3. Recovery: fine-tune the pruned model with the masks of the criterion held exactly."""
+def recover(run: Run, dense, pruned, masks, chosen_by):
+    """3. Recovery: fine-tune the pruned model with the masks of the criterion held exactly (`chosen_by`: the config
+    that chose them)."""
     sparse_dir = run.output_dir / "sparse"
     changes = _recovery_changes(run)
     steps = _steps(changes.get("max_steps", run.training_args.max_steps),
@@ -440,7 +425,7 @@ def recover(run: Run, dense, pruned, masks):
                 gradient_accumulation_steps=run.training_args.gradient_accumulation_steps,
             )  # fmt: skip
         # The criterion's own masks, held (so config.json and the card name the criterion that chose them).
-        callback = hf_sparse.SparsityCallback(run.sparsity, masks=masks)
+        callback = hf_sparse.SparsityCallback(chosen_by, masks=masks)
         dataset = run.features[0]
         if loss is not None and run.distill_only is not None:  # unanswerable questions: distillation inputs only
             dataset = hf_sparse.squad.concatenate_features(run.features[0], run.distill_only)
@@ -576,8 +561,8 @@ def main(argv: list[str] | None = None) -> dict:
     stages.set_up_logging(training_args, "squad_24")
     run = prepare(args, sparsity, training_args)
     dense = fine_tune_dense(run)
-    pruned, masks = prune_zero_shot(run, dense)
-    sparse = recover(run, dense, pruned, masks)
+    pruned, masks, chosen_by = prune_zero_shot(run, dense)
+    sparse = recover(run, dense, pruned, masks, chosen_by)
     swap_and_time(run, sparse)
     write_card_and_push(run)
     stages.shut_down()

@@ -271,7 +271,7 @@ def test_a_rerun_resumes_past_a_half_written_checkpoint_and_reports_the_whole_ru
     shutil.copytree(output_dir / "checkpoint-4", folder / "checkpoint-4")
     _truncated_weights(folder / "checkpoint-4")  # the run was killed while writing checkpoint-4
     trainer, metrics = _train_args(recipe, tmp_path).train(_model(), "dense-training", RandomQADataset())
-    assert trainer.state.global_step == 6 and metrics["train_loss_steps"] == 6
+    assert trainer.state.global_step == 6 and metrics["train_loss_steps"] == 6 and metrics["resumed_from_step"] == 2
     # Resumed at step 2, the Trainer's own train_loss covers steps 3-6 only; the recipe's covers all 6.
     assert metrics["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-5)
     assert trainer.state.log_history[-1]["train_loss"] != pytest.approx(uninterrupted["train_loss"], rel=1e-5)
@@ -289,8 +289,7 @@ def _recovered(recipe, output_dir, batch, accumulation):
                    "--warmup_steps", "0")  # fmt: skip
     torch.manual_seed(0)
     dense = recipe.new_model(run.args, run.tokenizer)
-    pruned, masks = recipe.prune_zero_shot(run, dense)
-    recipe.recover(run, dense, pruned, masks)
+    recipe.recover(run, dense, *recipe.prune_zero_shot(run, dense))
     state = json.loads((output_dir / "sparse-training" / "checkpoint-2" / "trainer_state.json").read_text())
     return [e for e in state["log_history"] if "loss" in e], run.report["stages"]["sparse"]["train_loss"]
 
@@ -305,3 +304,34 @@ def test_distilled_recovery_with_gradient_accumulation_matches_the_same_batch_in
         assert b["loss"] == pytest.approx(a["loss"], rel=0.05)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=0.05)
     assert two_loss == pytest.approx(one_loss, rel=0.05)
+
+
+# -- what the report and the card say --------------------------------------------------------------------------------
+
+
+def test_a_rerun_says_only_what_it_skipped_and_keeps_the_earlier_runs_environment(recipe, started):
+    report = json.loads((started / "report.json").read_text())
+    report["skipped"] = {"swap and timing": "an earlier run's reason"}
+    earlier = {**report["environment"], "torch": "2.0.0"}
+    report["environment"] = earlier
+    (started / "report.json").write_text(json.dumps(report))
+    run = _prepare(recipe, started)
+    assert run.report["skipped"] == {} and run.report["earlier_environments"] == [earlier]
+    assert run.report["environment"]["torch"] == torch.__version__
+    from hf_sparse.run_report import markdown
+
+    assert "Stages kept from an earlier run ran with torch: 2.0.0." in markdown(run.report)
+
+
+def test_the_calibration_recorded_is_the_one_used(recipe, tmp_path):
+    """Wanda asks for 128 calibration samples; the training set has fewer features, and the report, config.json and
+    the card say how many calibrated (they said 128)."""
+    run = _prepare(recipe, tmp_path, "--criterion", "wanda", "--use_cpu", "true")
+    torch.manual_seed(0)
+    dense = recipe.new_model(run.args, run.tokenizer)
+    recipe.recover(run, dense, *recipe.prune_zero_shot(run, dense))
+    used = len(run.features[0])
+    assert used < run.sparsity.calibration_samples == 128
+    assert run.report["stages"]["pruned"]["calibration_samples"] == used
+    saved = json.loads((tmp_path / "sparse" / "config.json").read_text())["sparsity"]
+    assert saved["criterion"] == "wanda" and saved["criterion_options"]["calibration_samples"] == used

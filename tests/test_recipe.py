@@ -94,12 +94,15 @@ def _launch(config):
     [("accelerate_cpu.yaml", 2), ("accelerate_gpu.yaml", 1), ("accelerate_ddp.yaml", 2), ("accelerate_fsdp.yaml", 2)],
 )
 def test_each_accelerate_config_starts_its_number_of_processes(tmp_path, config, processes):
-    script = tmp_path / "ranks.py"
-    script.write_text("import os\nprint('rank', os.environ.get('RANK'), 'of', os.environ.get('WORLD_SIZE'))\n")
-    result = subprocess.run([*_launch(config), str(script)], env=subprocess_env(), capture_output=True, text=True,
-                            timeout=HANG_TIMEOUT)  # fmt: skip
+    script = tmp_path / "ranks.py"  # one file per process (their prints to one pipe can interleave)
+    script.write_text("import os, sys, uuid\nrank, size = os.environ.get('RANK'), os.environ.get('WORLD_SIZE')\n"
+                      "open(os.path.join(sys.argv[1], uuid.uuid4().hex), 'w').write(f'rank {rank} of {size}')\n")  # fmt: skip
+    out = tmp_path / "ranks"
+    out.mkdir()
+    result = subprocess.run([*_launch(config), str(script), str(out)], env=subprocess_env(), capture_output=True,
+                            text=True, timeout=HANG_TIMEOUT)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    ranks = sorted(path.read_text() for path in out.iterdir())
     expected = [f"rank {r} of {processes}" for r in range(processes)] if processes > 1 else ["rank None of None"]
     assert ranks == expected, result.stdout + result.stderr[-2000:]
 
@@ -258,7 +261,9 @@ def test_real_files_and_an_fp16_model_with_no_further_flags(tmp_path):
     assert saved["sparsity"]["criterion_options"]["sparsegpt_admm_steps"] == 30
     card = (out / "sparse" / "README.md").read_text()
     chosen = re.search(r"Masks were chosen by `sparsegpt` \(([^)]*)\)", card)
-    assert chosen and {"calibration_samples=128", "sparsegpt_update_bias=True", "sparsegpt_admm_steps=30"} <= set(
+    used = stages["pruned"]["calibration_samples"]  # every training feature: fewer than the 128 asked for
+    assert used == data["train_features"] < 128
+    assert chosen and {f"calibration_samples={used}", "sparsegpt_update_bias=True", "sparsegpt_admm_steps=30"} <= set(
         chosen.group(1).split(", ")
     ), card
 

@@ -87,3 +87,13 @@ def test_the_model_card_says_how_long_each_model_trained(tmp_path):
     hf_sparse.save_pretrained(model, tmp_path / "sparse")
     card = str(model_card(tmp_path / "sparse", **card_kwargs(_trained(20, 300), tmp_path)))
     assert "recovered for 300. The two trained for different lengths" in card
+
+
+def test_the_card_names_the_dense_model_that_was_pruned():
+    from hf_sparse.run_report import card_kwargs
+
+    report = _report({"sparse": 8})
+    report["arguments"] = {"recipe": {"model_name_or_path": "bert-base-cased", "dense_model_name_or_path": "me/qa"}}
+    assert card_kwargs(report, ".")["base_model"] == "me/qa"
+    report["arguments"]["recipe"]["dense_model_name_or_path"] = None
+    assert card_kwargs(report, ".")["base_model"] == "bert-base-cased"
