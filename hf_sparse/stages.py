@@ -1,28 +1,32 @@
 """Stage and resume bookkeeping of a script that runs a workflow as stages (`recipes/squad_24.py`): each stage records
 the arguments it runs with before it writes anything, adds its results to the run's report as they are measured, and
 trains from the last complete checkpoint when started again; a rerun in the same output folder continues only stages
-that ran with the same arguments. The report is written by `hf_sparse.run_report`.
+that ran with the same arguments (every argument but `NOT_RESULT_ARGUMENTS` is recorded). The report is written by
+`hf_sparse.run_report`.
 
 Example:
 
 ```python
 >>> from hf_sparse.stages import StagePlan, StagedRun
->>> PLAN = StagePlan(("dense", "sparse"), {"dense": ("learning_rate", "max_steps"), "sparse": ("criterion",)})
+>>> PLAN = StagePlan(stages=("dense", "pruned"), first_used={"pruned": ("criterion", "sparsity_pattern")},
+...                  files=("dense", "dense-training", "report.json", "report.md", "f1_by_stage.png"))
 
 >>> @dataclass
 ... class Run(StagedRun):
 ...     plan: ClassVar[StagePlan] = PLAN
-...     sparsity: SparsityConfig = None
+...     sparsity: SparsityConfig | None = None
 ...
 ...     def configs(self):
 ...         return (self.sparsity, self.training_args)
+...
+...     def load_model(self, folder):
+...         return AutoModelForQuestionAnswering.from_pretrained(folder)
 
->>> run = Run(training_args, run_report.load_report(out / "report.json"), sparsity=sparsity)
->>> PLAN.check(run.report, run.configs(), out)     # refuses the stages of a run with other arguments
->>> run.begin("dense")                            # records the arguments before anything is written
->>> if not run.done("dense"):
-...     trainer, metrics = run.train(model, "dense-training", dataset)
-...     run.record("dense", {"train_loss": metrics["train_loss"]})
+>>> report = PLAN.open((sparsity, training_args))    # an earlier run's stages only where their arguments match
+>>> run = Run(training_args, report, sparsity=sparsity)
+>>> run.begin("dense")                               # records its arguments before anything is written
+>>> if not run.trained("dense", run.output_dir / "dense"):
+...     model = run.fine_tune("dense", model, "dense-training", train_dataset, run.output_dir / "dense")
 ```
 """
 

@@ -293,7 +293,6 @@ class Run(stages.StagedRun):
     titles: ClassVar[tuple[str, ...]] = STAGES
     args: RecipeArguments = None
     sparsity: hf_sparse.SparsityConfig = None
-    tokenizer: Any = None
     examples: tuple[Any, Any] = (None, None)  # (train, evaluation) questions
     features: tuple[Any, Any] = (None, None)  # (train, evaluation) tokenized features
     distill_only: Any = None  # features of unanswerable training questions, for the recovery's distillation
