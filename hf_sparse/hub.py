@@ -203,6 +203,7 @@ def model_card(
     task: str | None = None,
     license: str | None = None,
     model_name: str | None = None,
+    training: str | None = None,
 ):
     """Renders the model card of a sparse model from what a run measured.
 
@@ -224,6 +225,7 @@ def model_card(
         task: Hub task id for `model-index` (default: from the model's architecture).
         license: license id for the card metadata.
         model_name: the card's title (default: the repo name).
+        training: how the models of `metrics` were trained (e.g. their steps), printed with their results.
 
     Example:
 
@@ -286,7 +288,9 @@ def model_card(
         model_sparsity=meta.get("model_sparsity", 0.0),
         compact=meta.get("format") == "compact",
         results=rows,
-        results_description=f"Measured on {dataset_name or dataset}." if (dataset_name or dataset) else "",
+        results_description=" ".join(
+            t for t in (f"Measured on {dataset_name or dataset}." if (dataset_name or dataset) else "", training) if t
+        ),
         metric_names=metric_names,
         benchmark=benchmark,
         benchmark_columns=benchmark_columns,

@@ -106,14 +106,18 @@ def markdown(report: dict[str, Any]) -> str:
             f"| latency, batch {row['batch_size']} (ms) | {_fmt(row['dense_ms'])} | {_fmt(row['sparse_ms'])} | "
             f"{_fmt(row['speedup'])}x |"
         )
-    lines += ["", "## Stages", "", "| stage | exact match | F1 | evaluated in | sparsity |", "|---|---|---|---|---|"]
+    note = training_note(report)
+    lines += ["", note] if note else []
+    lines += ["", "## Stages", "", "| stage | exact match | F1 | evaluated in | sparsity | trained |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
     for stage in STAGES:
         if stage in stages:
             s = stages[stage]
-            sparsity = s.get("sparsity")
+            sparsity, steps = s.get("sparsity"), s.get("train_steps")
             lines.append(
                 f"| {STAGE_NAMES[stage]}{_kernels(s)} | {_fmt(s.get('exact_match'))} | {_fmt(s.get('f1'))} | "
-                f"{s.get('eval_dtype', '—')} | {'—' if sparsity is None else f'{sparsity:.2%}'} |"
+                f"{s.get('eval_dtype', '—')} | {'—' if sparsity is None else f'{sparsity:.2%}'} | "
+                f"{'—' if steps is None else f'{steps} steps'} |"
             )
     table = timing_table(report)
     if table:
@@ -127,7 +131,27 @@ def markdown(report: dict[str, Any]) -> str:
     env = report.get("environment")
     if env:
         lines += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items() if v is not None]
+    for earlier in report.get("earlier_environments", []):
+        changed = [f"{k}: {v}" for k, v in earlier.items() if env and env.get(k) != v]
+        lines += ["", "Stages kept from an earlier run ran with " + "; ".join(changed) + "."]
     return "\n".join(lines) + "\n"
+
+
+def training_note(report: dict[str, Any]) -> str | None:
+    """How long the dense and the 2:4 model trained, saying so when the lengths differ (the tutorial compares them
+    at equal training); None before the recovery has trained."""
+    dense, sparse = (report["stages"].get(s, {}).get("train_steps") for s in ("dense", "sparse"))
+    if sparse is None:
+        return None
+    if dense is None:
+        return f"The 2:4 model was pruned from the given dense model and recovered for {sparse} optimizer steps."
+    note = (
+        f"The dense model was fine-tuned for {dense} optimizer steps; the 2:4 model, pruned from it, recovered for "
+        f"{sparse}."
+    )
+    if dense != sparse:
+        note += " The two trained for different lengths, so the delta does not compare them at equal training."
+    return note
 
 
 def _kernels(stage: dict[str, Any]) -> str:
@@ -263,7 +287,7 @@ def _ratio(value: float | None, digits: int) -> str:
 def card_kwargs(report: dict[str, Any], output_dir: str | os.PathLike) -> dict[str, Any]:
     """What the model card of a run's sparse model says, from its report: `hf_sparse.model_card(folder, **kwargs)`.
 
-    Metrics of the dense and recovered stages, the command, the data (a Hub dataset id, or the name of local or
+    Metrics of the dense and recovered stages, how long each trained (`training_note`), the command, the data (a Hub dataset id, or the name of local or
     synthetic data, which get no `model-index`), the base model when it is a Hub id, and the latency table and plot.
     """
     recipe = report.get("arguments", {}).get("recipe", {})
@@ -273,7 +297,7 @@ def card_kwargs(report: dict[str, Any], output_dir: str | os.PathLike) -> dict[s
         for key in ("dense", "sparse")
         if "f1" in stages.get(key, {})
     }
-    card: dict[str, Any] = dict(metrics=metrics, command=report.get("command"))
+    card: dict[str, Any] = dict(metrics=metrics, command=report.get("command"), training=training_note(report))
     dataset = recipe.get("dataset_name", "synthetic")
     if recipe.get("validation_file"):
         card["dataset_name"] = Path(recipe["validation_file"]).name
@@ -281,7 +305,7 @@ def card_kwargs(report: dict[str, Any], output_dir: str | os.PathLike) -> dict[s
         card["dataset_name"] = "synthetic SQuAD-format facts (hf_sparse.squad.synthetic_squad)"
     else:
         card["dataset"] = dataset
-    model = recipe.get("model_name_or_path")
+    model = recipe.get("dense_model_name_or_path") or recipe.get("model_name_or_path")  # what was pruned
     if model and not os.path.exists(model):
         card["base_model"] = model
     timing = report.get("timing")
@@ -292,3 +316,19 @@ def card_kwargs(report: dict[str, Any], output_dir: str | os.PathLike) -> dict[s
         if plot.is_file():
             card["benchmark_plot"] = str(plot)
     return card
+
+
+def write_card_and_push(report: dict[str, Any], output_dir: str | os.PathLike, model_dir: str | os.PathLike,
+                        training_args=None) -> None:  # fmt: skip
+    """Saves the report into `output_dir`, renders the model card of `model_dir` from it (`card_kwargs`), and
+    uploads that folder with its card when `training_args.push_to_hub` (to `hub_model_id`, with `hub_token`,
+    `hub_private_repo` and `hub_revision`). Call it on the main process."""
+    from .hub import push_to_hub, write_model_card
+
+    save_report(report, output_dir)
+    card = card_kwargs(report, output_dir)
+    write_model_card(model_dir, **card)
+    args = training_args
+    if args is not None and args.push_to_hub:
+        push_to_hub(model_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo,
+                    revision=getattr(args, "hub_revision", None), **card)  # fmt: skip

@@ -56,13 +56,18 @@ def check_report(output_dir, min_dense_f1):
     assert len(layers) == 12 and all(is_nm(model.get_submodule(name).weight) for name in layers)
     card = (output_dir / "sparse" / "README.md").read_text()
     assert f"{stages['sparse']['f1']:.2f}" in card and "recipes/squad_24.py" in card
+    # How long each trained, in the report and the card (the offline default recovers 300 steps after 1200 dense).
+    note = f"fine-tuned for {stages['dense']['train_steps']} optimizer steps"
+    assert note in markdown and note in card and f"recovered for {stages['sparse']['train_steps']}." in card
     return report
 
 
 @pytest.mark.slow
 def test_embedded_default_runs_offline_and_reports_every_stage(tmp_path):
     result = run(["--output_dir", str(tmp_path), "--disable_tqdm", "true"])
-    check_report(tmp_path, min_dense_f1=50.0)
+    report = check_report(tmp_path, min_dense_f1=50.0)
+    assert (report["stages"]["dense"]["train_steps"], report["stages"]["sparse"]["train_steps"]) == (1200, 300)
+    assert "different lengths" in (tmp_path / "report.md").read_text()
     check_console(result)
 
 
@@ -78,19 +83,45 @@ def check_console(result):
     assert len(warnings) == len(set(warnings)), warnings
 
 
+def _launch(config):
+    # A free port: the default 29500 may be taken by another job's processes on a shared machine.
+    return (sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes" / config),
+            "--main_process_port", "0")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "config, processes",
+    [("accelerate_cpu.yaml", 2), ("accelerate_gpu.yaml", 1), ("accelerate_ddp.yaml", 2), ("accelerate_fsdp.yaml", 2)],
+)
+def test_each_accelerate_config_starts_its_number_of_processes(tmp_path, config, processes):
+    script = tmp_path / "ranks.py"  # one file per process (their prints to one pipe can interleave)
+    script.write_text("import os, sys, uuid\nrank, size = os.environ.get('RANK'), os.environ.get('WORLD_SIZE')\n"
+                      "open(os.path.join(sys.argv[1], uuid.uuid4().hex), 'w').write(f'rank {rank} of {size}')\n")  # fmt: skip
+    out = tmp_path / "ranks"
+    out.mkdir()
+    result = subprocess.run([*_launch(config), str(script), str(out)], env=subprocess_env(), capture_output=True,
+                            text=True, timeout=HANG_TIMEOUT)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = sorted(path.read_text() for path in out.iterdir())
+    expected = [f"rank {r} of {processes}" for r in range(processes)] if processes > 1 else ["rank None of None"]
+    assert ranks == expected, result.stdout + result.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_embedded_default_in_two_processes_and_resumed(tmp_path):
-    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")  # fmt: skip
+    launcher = _launch("accelerate_cpu.yaml")
     result = run(["--output_dir", str(tmp_path), "--use_cpu", "true", *SHORT], launcher=launcher)
     report = check_report(tmp_path, min_dense_f1=10.0)
+    assert report["environment"]["processes"] == 2 and len(report["stages"]["pruned"]["mask_digests_by_rank"]) == 2
     assert result.stdout.count("## Stages") == 1  # printed by the main process only
     assert sum(line.startswith("Stage 1/5") for line in result.stdout.splitlines()) == 1
     # The launcher's command, as typed (python -m accelerate.commands.launch reads `accelerate launch`).
-    assert report["command"].startswith("accelerate launch --multi_gpu --num_processes 2 ")
+    assert (
+        report["command"].startswith("accelerate launch --config_file ") and "accelerate_cpu.yaml" in report["command"]
+    )
     assert report["command"].endswith(" ".join(SHORT)) and "recipes/squad_24.py" in report["command"]
-    # Started again on a finished run, every training stage is skipped and the measurements are kept.
-    again = run(["--output_dir", str(tmp_path), *SHORT])
+    # Started again the same way on a finished run, every training stage is skipped and the measurements are kept.
+    again = run(["--output_dir", str(tmp_path), "--use_cpu", "true", *SHORT], launcher=launcher)
     assert "already fine-tuned" in again.stderr and "already recovered" in again.stderr
     assert json.loads((tmp_path / "report.json").read_text())["stages"] == report["stages"]
 
@@ -230,7 +261,9 @@ def test_real_files_and_an_fp16_model_with_no_further_flags(tmp_path):
     assert saved["sparsity"]["criterion_options"]["sparsegpt_admm_steps"] == 30
     card = (out / "sparse" / "README.md").read_text()
     chosen = re.search(r"Masks were chosen by `sparsegpt` \(([^)]*)\)", card)
-    assert chosen and {"calibration_samples=128", "sparsegpt_update_bias=True", "sparsegpt_admm_steps=30"} <= set(
+    used = stages["pruned"]["calibration_samples"]  # every training feature: fewer than the 128 asked for
+    assert used == data["train_features"] < 128
+    assert chosen and {f"calibration_samples={used}", "sparsegpt_update_bias=True", "sparsegpt_admm_steps=30"} <= set(
         chosen.group(1).split(", ")
     ), card
 
@@ -250,10 +283,74 @@ def test_real_data_defaults_apply_only_to_real_data():
 def test_a_run_recorded_before_an_argument_existed_continues_as_that_arguments_default(tmp_path):
     recipe = load_recipe()
     args, sparsity, training = recipe.parse_args(["--output_dir", str(tmp_path)])
-    recorded = recipe.stage_arguments(args, sparsity, training, "sparse")
+    recorded = recipe.PLAN.record("sparse", (args, sparsity, training))
     older = {k: v for k, v in recorded.items() if k != "distill_unanswerable"}  # before the flag existed
     report = {"stages": {"sparse": {"f1": 80.0}}, "stage_arguments": {"sparse": older}}
-    recipe.check_stage_arguments(report, args, sparsity, training, tmp_path)  # continues
+    recipe.PLAN.check(report, (args, sparsity, training), tmp_path)  # continues
     args.distill_unanswerable = False
     with pytest.raises(SystemExit, match="--distill_unanswerable True -> False"):
-        recipe.check_stage_arguments(report, args, sparsity, training, tmp_path)
+        recipe.PLAN.check(report, (args, sparsity, training), tmp_path)
+
+
+def test_a_config_file_goes_over_the_preset_and_flags_over_both(tmp_path):
+    recipe = load_recipe()
+    config = tmp_path / "mine.yaml"
+    config.write_text("learning_rate: 1.0e-5\nmax_seq_length: 256\ncriterion: wanda\n")
+    args, sparsity, training = recipe.parse_args([str(config), "--preset", "tutorial", "--max_seq_length", "128"])
+    assert (training.learning_rate, sparsity.criterion, args.max_seq_length) == (1e-5, "wanda", 128)  # file, flag
+    assert (args.model_name_or_path, training.per_device_train_batch_size) == ("bert-base-cased", 64)  # preset
+    args, sparsity, training = recipe.parse_args([str(config), "--preset=tutorial"])
+    assert (training.learning_rate, args.max_seq_length, args.dataset_name) == (1e-5, 256, "squad")
+
+
+def test_dataset_name_synthetic_keeps_the_offline_defaults():
+    recipe = load_recipe()
+    offline = recipe.parse_args([])
+    for flags in (["--dataset_name", "synthetic"], ["--dataset_name=synthetic"], ["--dataset-name", "synthetic"]):
+        assert recipe.parse_args(flags) == offline, flags
+    args, sparsity, _ = recipe.parse_args(["--dataset_name", "squad"])
+    assert (args.max_seq_length, sparsity.criterion) == (384, "sparsegpt")  # real data: recipes/real.yaml
+
+
+BAD_CONFIGS = {
+    "misspelt-key": ("max_step: 10\n", "unknown key 'max_step': did you mean 'max_steps'"),
+    "unknown-key": ("zzz_nothing: 1\n", "unknown key 'zzz_nothing': it is no argument of the recipe"),
+    "bad-number": ("learning_rate: fast\n", "learning_rate: 'fast' is not a valid value"),
+    "bad-choice": ("criterion: l1\n", "criterion: 'l1' is not one of ['magnitude', 'wanda', 'sparsegpt']"),
+    "bad-list": ("timing_batch_sizes: [4, many]\n", "timing_batch_sizes: 'many' is not a valid value"),
+}
+
+
+@pytest.mark.parametrize("text, message", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_a_bad_config_file_is_refused_naming_the_file_and_the_key(tmp_path, text, message):
+    recipe = load_recipe()
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"learning_rate: 1.0e-5\n{text}")
+    with pytest.raises(SystemExit) as err:
+        recipe.parse_args([str(config)])
+    assert str(err.value).startswith(f"{config}: ") and message in str(err.value), str(err.value)
+
+
+def test_the_recovery_follows_a_dense_length_given_without_its_own():
+    recipe = load_recipe()
+    assert recipe.parse_args([])[0].recovery_max_steps == 300  # offline.yaml: 1200 dense, 300 recovery
+    args, _, training = recipe.parse_args(["--max_steps", "20"])
+    assert (training.max_steps, args.recovery_max_steps, args.recovery_num_train_epochs) == (20, None, None)
+    assert recipe.parse_args(["--max_steps", "20", "--recovery_max_steps", "5"])[0].recovery_max_steps == 5
+    args, _, training = recipe.parse_args(["--model_name_or_path", "m", "--num_train_epochs", "2"])  # real.yaml
+    assert (training.num_train_epochs, args.recovery_num_train_epochs) == (2, None)
+
+
+def test_linked_lengths_follow_through_preset_and_config_file(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_sparse.parser import RecipeParser
+
+    recipe = load_recipe()
+    preset, config = tmp_path / "preset.yaml", tmp_path / "mine.yaml"
+    preset.write_text("max_steps: 100\nrecovery_max_steps: 30\nlearning_rate: 1.0e-4\n")
+    config.write_text("max_steps: 10\n")
+    parser = RecipeParser((recipe.RecipeArguments, TrainingArguments), presets={"p": preset},
+                          default_file=lambda given: preset, linked=[(("max_steps",), ("recovery_max_steps",))])  # fmt: skip
+    args, training = parser.parse([str(config), "--preset", "p"])
+    assert (training.max_steps, args.recovery_max_steps, training.learning_rate) == (10, None, 1e-4)

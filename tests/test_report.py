@@ -53,3 +53,47 @@ def test_f1_plot_labels_every_bar_and_shows_one_point_differences(tmp_path, monk
     assert sorted(t.get_text() for t in deltas.texts) == sorted(["-0.80", "-1.50", "-1.00", "-1.00"])
     low, high = scores.get_ylim()
     assert low >= 60 and high - low <= 40  # a 1-point gap is at least 1/40 of the axis, not 1/105
+
+
+def _trained(dense_steps, sparse_steps):
+    report = _report({"sparse": 8})
+    report["stages"]["dense"]["train_steps"] = dense_steps
+    report["stages"]["sparse"] = {"exact_match": 80.0, "f1": 85.0, "sparsity": 0.5, "train_steps": sparse_steps}
+    return report
+
+
+def test_the_report_says_how_long_each_model_trained_and_when_the_lengths_differ():
+    text = markdown(_trained(20, 300))
+    assert "fine-tuned for 20 optimizer steps; the 2:4 model, pruned from it, recovered for 300." in text
+    assert "trained for different lengths, so the delta does not compare them at equal training" in text
+    assert "| 2:4, recovered (fine-tuned with masks) | 80.00 | 85.00 | — | 50.00% | 300 steps |" in text
+    assert "| dense (fine-tuned) | 81.00 | 86.00 | — | — | 20 steps |" in text
+    same = markdown(_trained(300, 300))
+    assert "recovered for 300." in same and "different lengths" not in same
+
+
+def test_the_model_card_says_how_long_each_model_trained(tmp_path):
+    import torch
+    from transformers import BertForQuestionAnswering
+
+    import hf_sparse
+    from hf_sparse.hub import model_card
+    from hf_sparse.run_report import card_kwargs
+    from tests.conftest import tiny_bert_config
+
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(tiny_bert_config())
+    hf_sparse.prune_(model, hf_sparse.SparsityConfig())
+    hf_sparse.save_pretrained(model, tmp_path / "sparse")
+    card = str(model_card(tmp_path / "sparse", **card_kwargs(_trained(20, 300), tmp_path)))
+    assert "recovered for 300. The two trained for different lengths" in card
+
+
+def test_the_card_names_the_dense_model_that_was_pruned():
+    from hf_sparse.run_report import card_kwargs
+
+    report = _report({"sparse": 8})
+    report["arguments"] = {"recipe": {"model_name_or_path": "bert-base-cased", "dense_model_name_or_path": "me/qa"}}
+    assert card_kwargs(report, ".")["base_model"] == "me/qa"
+    report["arguments"]["recipe"]["dense_model_name_or_path"] = None
+    assert card_kwargs(report, ".")["base_model"] == "bert-base-cased"
