@@ -29,18 +29,10 @@ from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import (
-    COMPACT_FORMAT,
-    COMPACT_FP8_FORMAT,
-    COMPACT_WEIGHTS_NAME,
-    METADATA_KEY,
-    QUANT_METHOD,
-    SparseCheckpointError,
-    _check_layer,
-    _check_meta,
-    _index_bits,
-    compact_decode,
-)
+from .checkpoint.compact import COMPACT_FORMAT, COMPACT_WEIGHTS_NAME, QUANT_METHOD
+from .checkpoint.compact_fp8 import COMPACT_FP8_FORMAT
+from .checkpoint.metadata import METADATA_KEY, SparseCheckpointError, check_layer, check_meta
+from .checkpoint.packing import compact_decode, index_bits
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -130,7 +122,7 @@ class HfSparseQuantizer(HfQuantizer):
                 f"config.json has a quantization_config of {QUANT_METHOD} but no '{METADATA_KEY}' entry listing the "
                 "sparse layers; the checkpoint's config.json was edited or truncated. Save it again."
             )
-        return _check_meta(meta, Path(str(model.config.name_or_path)) / "config.json")
+        return check_meta(meta, Path(str(model.config.name_or_path)) / "config.json")
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         n, m, layers = self._sparse_layers(model)
@@ -143,7 +135,7 @@ class HfSparseQuantizer(HfQuantizer):
                 ) from None
             weight = layer.weight
             rows, cols = weight.shape
-            packed = math.ceil(rows * cols // m * n * _index_bits(m) / 8)  # n positions per group of m
+            packed = math.ceil(rows * cols // m * n * index_bits(m) / 8)  # n positions per group of m
             del layer.weight
             layer.weight = _CompactWeight(
                 torch.empty(rows, cols * n // m, dtype=weight.dtype, device=weight.device),
@@ -159,7 +151,7 @@ class HfSparseQuantizer(HfQuantizer):
             compact = layer.weight
             values, indices = compact.nm_values, compact.nm_indices
             weight = compact_decode(values.cpu(), indices.cpu(), n, m, name, str(file))
-            _check_layer(name, weight, n, m, info, file)
+            check_layer(name, weight, n, m, info, file)
             del layer.weight
             layer.weight = nn.Parameter(weight.to(values.device), requires_grad=values.dtype.is_floating_point)
         # Dense in memory: a plain save_pretrained writes a standard checkpoint.

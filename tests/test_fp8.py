@@ -438,7 +438,8 @@ def _fp8_checkpoint(folder, static=True):
     """A compact FP8 checkpoint written as save_pretrained writes one for a model swapped with fp8=..., from e4m3
     values quantized here (the CPU has no e4m3 kernels, but it quantizes and stores them)."""
     from hf_sparse import SparsityConfig
-    from hf_sparse.checkpoint import _to_compact, attach_sparsity_metadata
+    from hf_sparse.checkpoint import attach_sparsity_metadata
+    from hf_sparse.checkpoint.compact import write_compact
 
     model = pruned_tiny_model()
     meta = attach_sparsity_metadata(model, SparsityConfig())
@@ -448,7 +449,7 @@ def _fp8_checkpoint(folder, static=True):
         values, scales = quantize_weight(model.get_submodule(name).weight, per_tensor=static)
         fp8[name] = (values, scales, 0.05 if static else None)
         expected[name] = values.float() * scales[:, None]
-    _to_compact(folder, meta, fp8)
+    write_compact(folder, meta, fp8)
     return model, expected
 
 
