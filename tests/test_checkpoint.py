@@ -284,3 +284,22 @@ def test_fast_load_on_gpu_gives_the_dense_answers(saved):
     with torch.no_grad():
         a, b = dense(input_ids=ids), fast(input_ids=ids)
     assert torch.allclose(a.start_logits.float(), b.start_logits.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_a_layer_exporting_fp8_tensors_is_saved_by_the_fp8_codec(saved, tmp_path):
+    """The FP8 codec asks each layer for its tensors (`compact_fp8_tensors()`), not for its internals: any layer
+    that answers is stored as e4m3 values + positions + row scales + input scale, and loads dequantized."""
+    model = hf_sparse.from_pretrained(saved / "dense")
+    weight = model.get_submodule(LAYER).weight.detach()
+    scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 448.0  # per-row scales to e4m3's largest value
+    values = (weight / scales[:, None]).to(torch.float8_e4m3fn)
+    model.get_submodule(LAYER).compact_fp8_tensors = lambda: (values, scales, 0.0625)
+    hf_sparse.save_pretrained(model, tmp_path / "fp8", compact=True)
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert config["quantization_config"]["format"].startswith("compact-nm-fp8-")
+    assert config["sparsity"]["fp8"] == {"activation_scales": "static", "layers": [LAYER]}
+    with safe_open(str(tmp_path / "fp8" / COMPACT_WEIGHTS_NAME), "pt") as f:
+        assert f.get_tensor(f"{LAYER}.weight{VALUES_SUFFIX}").dtype == torch.float8_e4m3fn
+    state, meta = hf_sparse.checkpoint.load_state_dict(tmp_path / "fp8")
+    assert torch.equal(state[f"{LAYER}.weight"], values.float() * scales[:, None])
+    assert meta["fp8"]["input_scales"] == {LAYER: 0.0625}

@@ -19,26 +19,48 @@ FP8_SCALE_SUFFIX = ".fp8_scale"
 FP8_INPUT_SCALE_SUFFIX = ".fp8_input_scale"
 
 
-def fp8_layer_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
-    """Layer name -> (e4m3 weight, float32 row scales, static input scale or None) of every layer the model runs in
-    FP8 (`swap_to_semi_structured_(fp8=...)`); fused layers are split back into their members' rows."""
+Fp8Tensors = tuple[torch.Tensor, torch.Tensor, float | None]
+"""What one FP8 layer exports for saving: its e4m3 weight `[rows, cols]`, float32 row scales `[rows]`, and its static
+input scale (None with dynamic activation scales)."""
+
+
+def fp8_layer_tensors(model: nn.Module) -> dict[str, Fp8Tensors]:
+    """Layer name -> the tensors of every layer the model runs in FP8 (`swap_to_semi_structured_(fp8=...)`), each
+    asked of the layer itself (`layer_fp8_tensors`); a member of a fused q/k/v group gives its own rows."""
+    found = {}
+    for name, module in model.named_modules():
+        tensors = layer_fp8_tensors(module)
+        if tensors is not None:
+            found[name] = tensors
+    return found
+
+
+def layer_fp8_tensors(module: nn.Module) -> Fp8Tensors | None:
+    """The FP8 tensors `module` stores under its own name in a checkpoint, or None if it stores no FP8 weight.
+
+    A layer exports them through a method `compact_fp8_tensors() -> (e4m3 weight, float32 row scales, input scale or
+    None) | None`, on CPU: this codec then needs nothing of the layer's internals. Until the inference layers have
+    that method, the attribute reads below stand in for it (the only place they are made): an `Fp8Linear` that emits
+    its own state gives its weight; a `FusedLinearSlice` of an FP8 fused group gives its rows of the fused weight; the
+    fused layer itself (which emits no state) gives nothing.
+    """
+    export = getattr(module, "compact_fp8_tensors", None)
+    if callable(export):
+        return export()
     from ..inference.fp8 import Fp8Linear
     from ..inference.layers import FusedLinearSlice
 
-    found = {}
-    fused_rows: dict[int, list[tuple[str, slice]]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, FusedLinearSlice) and isinstance(module.fused, Fp8Linear):
-            fused_rows.setdefault(id(module.fused), []).append((name, module.rows))
-    for name, module in model.named_modules():
-        if not isinstance(module, Fp8Linear):
-            continue
-        values, scales = module.e4m3_weight().cpu(), module.weight_scale.cpu()
-        scale = None if module.input_scale is None else float(module.input_scale)
-        members = [(name, slice(None))] if module.emits_state else fused_rows.get(id(module), [])
-        for member, rows in members:
-            found[member] = (values[rows], scales[rows], scale)
-    return found
+    if isinstance(module, FusedLinearSlice) and isinstance(module.fused, Fp8Linear):
+        values, scales, input_scale = _fp8_linear_tensors(module.fused)
+        return values[module.rows], scales[module.rows], input_scale
+    if isinstance(module, Fp8Linear) and module.emits_state:
+        return _fp8_linear_tensors(module)
+    return None
+
+
+def _fp8_linear_tensors(layer) -> Fp8Tensors:
+    scale = None if layer.input_scale is None else float(layer.input_scale)
+    return layer.e4m3_weight().cpu(), layer.weight_scale.cpu(), scale
 
 
 def encode_fp8_layer(key: str, name: str, layer: tuple, n: int, m: int) -> dict[str, torch.Tensor]:
