@@ -10,29 +10,30 @@ plus packed positions in `hf_sparse_model.safetensors`. Its `config.json` carrie
   that shows it, before it builds any layer: a compact folder never loads with randomly initialised layers. With
   hf-sparse imported, the quantizer points it at `hf_sparse_model.safetensors` before transformers resolves files.
 
-Loading: before the weights are read, each sparse `nn.Linear`'s `weight` parameter is replaced by a small module
-named `weight` whose buffers `nm_values` and `nm_indices` have the file's key names and shapes, so transformers
-fills them like any other tensor (dtype casts, devices, sharded files, missing-key checks included). After
-loading, each layer's weight is decoded, checked (exactly N:M, the zeros the metadata records) and put back as a
-plain parameter; the quantizer then removes itself (`dequantize=True`), so the model is an ordinary dense model with
-exact zeros that trains, saves (densely) and pushes like any other.
+Loading: transformers reads each sparse layer's `weight.nm_values` and `weight.nm_indices` from the file (as
+stored, in the file's dtype) and hands them to `_DecodeCompact`, one of transformers' weight conversion operations,
+which decodes them, checks the layer (exactly N:M, the zeros the metadata records) and returns the dense `weight`
+that transformers then places like any other tensor: on its device, in the requested dtype, or offloaded to disk
+with `device_map`. A problem found there is kept and raised, naming the layer and the file, once loading is done
+(transformers would otherwise log it and leave the layer randomly initialised). The quantizer then removes itself
+(`dequantize=True`), so the model is an ordinary dense model with exact zeros that trains, saves (densely) and pushes
+like any other.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .checkpoint.compact import COMPACT_FORMAT, COMPACT_WEIGHTS_NAME, QUANT_METHOD
 from .checkpoint.compact_fp8 import COMPACT_FP8_FORMAT
 from .checkpoint.metadata import METADATA_KEY, SparseCheckpointError, check_layer, check_meta
-from .checkpoint.packing import compact_decode, index_bits
+from .checkpoint.packing import INDICES_SUFFIX, VALUES_SUFFIX, compact_decode
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -63,13 +64,36 @@ class HfSparseConfig(QuantizationConfigMixin):
         return {k: v for k, v in self.__dict__.items() if k != "dequantize"}
 
 
-class _CompactWeight(nn.Module):
-    """Stands in for an N:M layer's `weight` while transformers loads the compact tensors into it."""
+class _DecodeCompact(ConversionOps):
+    """Turns one layer's `nm_values` + `nm_indices`, as stored in the file, into its dense `weight` (checked)."""
 
-    def __init__(self, values: torch.Tensor, indices: torch.Tensor):
-        super().__init__()
-        self.register_buffer("nm_values", values)
-        self.register_buffer("nm_indices", indices)
+    def __init__(self, quantizer: HfSparseQuantizer):
+        self.quantizer = quantizer
+
+    def __deepcopy__(self, memo) -> _DecodeCompact:
+        # transformers deep-copies the converter for every layer; all copies report to the one quantizer.
+        return type(self)(self.quantizer)
+
+    def convert(self, input_dict: dict, full_layer_name: str | None = None, model=None, **kwargs) -> dict:
+        parts = {}  # keyed by the source patterns of get_weight_conversions
+        for pattern, tensors in input_dict.items():
+            parts[VALUES_SUFFIX if "nm_values" in pattern else INDICES_SUFFIX] = (
+                tensors[0] if isinstance(tensors, list) else tensors
+            )
+        target = model.get_parameter(full_layer_name)
+        name = full_layer_name.removesuffix(".weight")
+        try:
+            weight = self.quantizer.decode(name, parts.get(VALUES_SUFFIX), parts.get(INDICES_SUFFIX))
+        except SparseCheckpointError as err:
+            # transformers logs an error raised here and leaves the layer randomly initialised: keep it, and raise it
+            # once loading is done (_process_model_after_weight_loading). The zeros are never used.
+            self.quantizer.errors.append(err)
+            weight = torch.zeros(target.shape)
+        return {full_layer_name: weight.to(dtype=target.dtype)}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        raise NotImplementedError("a model loaded from a compact checkpoint is dense; it saves as a standard one")
 
 
 @register_quantizer(QUANT_METHOD)
@@ -115,6 +139,21 @@ class HfSparseQuantizer(HfQuantizer):
         parent = getattr(super(), "update_ep_plan", None)
         return parent(config) if parent else config
 
+    def get_weight_conversions(self) -> list:
+        # Every `<layer>.weight.nm_values` / `.nm_indices` pair of the file becomes `<layer>.weight` through
+        # _DecodeCompact; transformers keeps the file's dtype for renamed tensors, so the op sees them as stored.
+        # (transformers 5.17 and later call this; the first versions of 5 had no weight conversions.)
+        from transformers.core_model_loading import WeightConverter
+
+        return [
+            WeightConverter(
+                source_patterns=[rf"weight\{VALUES_SUFFIX}$", rf"weight\{INDICES_SUFFIX}$"],
+                target_patterns="weight",
+                operations=[_DecodeCompact(self)],
+                force_cpu=True,  # decoded on CPU (numpy), then moved to the layer's device by transformers
+            )
+        ]
+
     def _sparse_layers(self, model) -> tuple[int, int, dict]:
         meta = getattr(model.config, METADATA_KEY, None)
         if meta is None:
@@ -124,37 +163,51 @@ class HfSparseQuantizer(HfQuantizer):
             )
         return check_meta(meta, Path(str(model.config.name_or_path)) / "config.json")
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
-        n, m, layers = self._sparse_layers(model)
-        for name in layers:
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        self.n, self.m, self.layers = self._sparse_layers(model)
+        self.file = checkpoint_files[0] if checkpoint_files else self.quantization_config.weights
+        self.errors: list[SparseCheckpointError] = []
+        self.decoded: set[str] = set()
+        for name in self.layers:
             try:
-                layer = model.get_submodule(name)
+                model.get_submodule(name).get_parameter("weight")
             except AttributeError:
                 raise SparseCheckpointError(
-                    f"config.json lists the sparse layer {name}, which {type(model).__name__} does not have."
+                    f"config.json lists the sparse layer {name}, which {type(model).__name__} does not have (or it "
+                    "has no weight); pass the model class the checkpoint was saved from."
                 ) from None
-            weight = layer.weight
-            rows, cols = weight.shape
-            packed = math.ceil(rows * cols // m * n * index_bits(m) / 8)  # n positions per group of m
-            del layer.weight
-            layer.weight = _CompactWeight(
-                torch.empty(rows, cols * n // m, dtype=weight.dtype, device=weight.device),
-                torch.empty(packed, dtype=torch.uint8, device=weight.device),
-            )
         return model
 
+    def decode(self, name: str, values: torch.Tensor | None, indices: torch.Tensor | None) -> torch.Tensor:
+        """The checked dense weight of layer `name` from its tensors as stored in the file (on CPU)."""
+        if values is None or indices is None:
+            missing = VALUES_SUFFIX if values is None else INDICES_SUFFIX
+            raise SparseCheckpointError(
+                f"layer {name}: tensor {name}.weight{missing} is missing from {self.file}; the file is incomplete."
+            )
+        weight = compact_decode(values.cpu(), indices.cpu(), self.n, self.m, name, str(self.file))
+        check_layer(name, weight, self.n, self.m, self.layers.get(name), self.file)
+        self.decoded.add(name)
+        return weight
+
     def _process_model_after_weight_loading(self, model, **kwargs):
-        n, m, layers = self._sparse_layers(model)
-        file = Path(str(model.config.name_or_path)) / self.quantization_config.weights
-        for name, info in layers.items():
-            layer = model.get_submodule(name)
-            compact = layer.weight
-            values, indices = compact.nm_values, compact.nm_indices
-            weight = compact_decode(values.cpu(), indices.cpu(), n, m, name, str(file))
-            check_layer(name, weight, n, m, info, file)
-            del layer.weight
-            layer.weight = nn.Parameter(weight.to(values.device), requires_grad=values.dtype.is_floating_point)
-        # Dense in memory: a plain save_pretrained writes a standard checkpoint.
+        if self.errors:
+            raise self.errors[0]
+        missing = [name for name in self.layers if name not in self.decoded]
+        if missing:
+            raise SparseCheckpointError(
+                f"layers {missing[:5]} are listed as sparse in config.json but {self.file} holds no compact tensors "
+                f"for them ({missing[0]}.weight{VALUES_SUFFIX} ...); the file is incomplete. Save it again."
+            )
+        # Dense in memory: a plain save_pretrained writes a standard checkpoint. transformers 5.17 keeps the
+        # conversions a model was loaded with and reverses them when it saves: ours has nothing to reverse.
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions:
+            model._weight_conversions = [
+                c
+                for c in conversions
+                if not any(isinstance(op, _DecodeCompact) for op in getattr(c, "operations", ()))
+            ]
         setattr(model.config, METADATA_KEY, dict(getattr(model.config, METADATA_KEY), format="dense"))
         if hasattr(model.config, "transformers_weights"):
             del model.config.transformers_weights

@@ -96,3 +96,44 @@ def test_trainer_fine_tunes_resumes_and_reloads_best_from_a_compact_load(compact
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
     assert resumed.state.global_step == 4 and resumed.state.best_model_checkpoint is not None
     assert all(is_nm(resumed.model.get_submodule(name).weight) for name in masks)
+
+
+DISK_MAPS = {
+    "all-cpu": {"": "cpu"},
+    "one-block-on-disk": {"bert.embeddings": "cpu", "bert.encoder.layer.0": "cpu", "bert.encoder.layer.1": "disk",
+                          "bert.pooler": "cpu", "qa_outputs": "cpu"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("device_map", DISK_MAPS.values(), ids=DISK_MAPS.keys())
+@pytest.mark.parametrize("loader", ["plain", "hf_sparse"])
+def test_device_map_with_disk_offload_loads_and_runs_the_same_model(compact, tmp_path, loader, device_map):
+    """Offloaded layers are decoded while loading and offloaded dense (before: KeyError '...weight' at the first
+    forward through plain from_pretrained, a meta-tensor error in hf_sparse.from_pretrained)."""
+    model, masks, folder = compact
+    load = AutoModelForQuestionAnswering.from_pretrained if loader == "plain" else hf_sparse.from_pretrained
+    loaded = load(folder, device_map=device_map, offload_folder=str(tmp_path / "offload"))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = model.eval()(input_ids=ids), loaded(input_ids=ids)
+    assert torch.equal(got.start_logits, expected.start_logits) and torch.equal(got.end_logits, expected.end_logits)
+    on_disk = [name for name, p in loaded.named_parameters() if p.device.type == "meta"]
+    assert bool(on_disk) == ("disk" in device_map.values())
+
+
+def test_a_listed_layer_missing_from_the_compact_file_fails_plain_from_pretrained(compact):
+    _, _, folder = compact
+    file = folder / COMPACT_WEIGHTS_NAME
+    tensors = load_file(file)
+    del tensors[f"{LAYER}.weight{VALUES_SUFFIX}"], tensors[f"{LAYER}.weight.nm_indices"]
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(
+        SparseCheckpointError, match=rf"\['{LAYER}'\] are listed as sparse .* holds no compact tensors"
+    ):
+        AutoModelForQuestionAnswering.from_pretrained(folder)
+    del tensors[f"{LAYER.replace('intermediate', 'output')}.weight.nm_indices"]  # values without positions
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(
+        SparseCheckpointError, match=r"layer bert.encoder.layer.1.output.dense: tensor .*nm_indices is "
+    ):
+        AutoModelForQuestionAnswering.from_pretrained(folder)

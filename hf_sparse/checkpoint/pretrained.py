@@ -205,39 +205,58 @@ def from_pretrained(
             f"{file} lacks weights {missing[:5]} that {cls.__name__} needs; the file is incomplete (or pass the "
             "model_class it was saved from)."
         )
-    n, m = parse_pattern(meta["sparsity_pattern"])
-    for name, weight in layer_weights(model, list(meta["layers"])).items():
-        if groups_over(weight, n, m):
-            raise SparseCheckpointError(f"layer {name} is not {n}:{m} after loading {folder} (dtype conversion?).")
+    _check_loaded(model, meta, folder)
     # The model in memory is dense whatever the file was: a plain save_pretrained of it writes a dense checkpoint.
     fp8 = meta.pop("fp8", None)
     model.config.sparsity = dict(meta, format="dense")
     model.eval()
     if fast:
-        try:
-            from ..inference import swap_to_semi_structured_
-        except ImportError as err:
-            raise RuntimeError(
-                f"fast=True needs hf_sparse.inference.swap_to_semi_structured_, which cannot be imported: {err}"
-            ) from err
-        if next(model.parameters()).device.type != "cuda":
-            model.to("cuda")
-        if next(model.parameters()).dtype == torch.float32:
-            # Sparse tensor cores take fp16/bf16; pass dtype=torch.bfloat16 to from_pretrained for bf16.
-            model.half()
-        if fp8:
-            from ..inference.fp8 import Fp8Config, fp8_support_problem
-
-            problem = fp8_support_problem(next(model.parameters()).device)
-            if problem:
-                logger.warning("hf-sparse: %s Running the checkpoint's FP8 layers on fp16 2:4 kernels.", problem)
-                fp8 = None
-        if fp8:  # the layers saved in FP8 run in FP8 again, with their saved input scales
-            swap_to_semi_structured_(
-                model,
-                layers=fp8["layers"],
-                fp8=Fp8Config(fp8["activation_scales"], input_scales=fp8.get("input_scales") or None),
-            )
-        else:
-            swap_to_semi_structured_(model)
+        _swap_fast(model, fp8)
     return model
+
+
+def _check_loaded(model: nn.Module, meta: dict, folder: Path) -> None:
+    """Checks that the sparse layers are still N:M in the model built (a dtype given to from_pretrained converts them).
+    Layers offloaded by a `device_map` (their weight on the meta device) are skipped: accelerate serves them from the
+    state dict that `load_state_dict` checked."""
+    n, m = parse_pattern(meta["sparsity_pattern"])
+    for name, weight in layer_weights(model, list(meta["layers"])).items():
+        if weight.device.type != "meta" and groups_over(weight, n, m):
+            raise SparseCheckpointError(f"layer {name} is not {n}:{m} after loading {folder} (dtype conversion?).")
+
+
+def _swap_fast(model: nn.Module, fp8: dict | None) -> None:
+    """`fast=True`: the sparse layers swapped to semi-structured kernels, those saved in FP8 to FP8 kernels."""
+    try:
+        from ..inference import swap_to_semi_structured_
+    except ImportError as err:
+        raise RuntimeError(
+            f"fast=True needs hf_sparse.inference.swap_to_semi_structured_, which cannot be imported: {err}"
+        ) from err
+    offloaded = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise RuntimeError(
+            f"fast=True swaps the sparse layers to GPU kernels, which need their weights in GPU memory, but "
+            f"{len(offloaded)} weights (e.g. {offloaded[0]}) were offloaded by the device_map; load with a "
+            "device_map that keeps every layer on the GPU, or with fast=False."
+        )
+    if next(model.parameters()).device.type != "cuda":
+        model.to("cuda")
+    if next(model.parameters()).dtype == torch.float32:
+        # Sparse tensor cores take fp16/bf16; pass dtype=torch.bfloat16 to from_pretrained for bf16.
+        model.half()
+    if fp8:
+        from ..inference.fp8 import Fp8Config, fp8_support_problem
+
+        problem = fp8_support_problem(next(model.parameters()).device)
+        if problem:
+            logger.warning("hf-sparse: %s Running the checkpoint's FP8 layers on fp16 2:4 kernels.", problem)
+            fp8 = None
+    if fp8:  # the layers saved in FP8 run in FP8 again, with their saved input scales
+        swap_to_semi_structured_(
+            model,
+            layers=fp8["layers"],
+            fp8=Fp8Config(fp8["activation_scales"], input_scales=fp8.get("input_scales") or None),
+        )
+    else:
+        swap_to_semi_structured_(model)
