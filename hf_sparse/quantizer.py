@@ -30,8 +30,15 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint.compact import COMPACT_FORMAT, COMPACT_WEIGHTS_NAME, QUANT_METHOD
-from .checkpoint.compact_fp8 import COMPACT_FP8_FORMAT
+from .checkpoint.compact import (
+    COMPACT_FORMAT,
+    COMPACT_WEIGHTS_NAME,
+    QUANT_METHOD,
+    loaded_metadata,
+    recorded_checksums,
+    verify_checksum,
+)
+from .checkpoint.compact_fp8 import FP8_FORMATS
 from .checkpoint.metadata import METADATA_KEY, SparseCheckpointError, check_layer, check_meta
 from .checkpoint.packing import INDICES_SUFFIX, VALUES_SUFFIX, compact_decode
 
@@ -41,7 +48,7 @@ class HfSparseConfig(QuantizationConfigMixin):
     """The `quantization_config` of a compact hf-sparse checkpoint (written by `hf_sparse.save_pretrained`).
 
     Args:
-        format: the compact format's version ("compact-nm-v1").
+        format: the compact format's version ("compact-nm-v2"; "compact-nm-v1" has no checksums).
         sparsity_pattern: "N:M" of the sparse layers.
         weights: the safetensors file holding the weights.
     """
@@ -104,7 +111,7 @@ class HfSparseQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: HfSparseConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
-        if getattr(quantization_config, "format", COMPACT_FORMAT) == COMPACT_FP8_FORMAT:
+        if getattr(quantization_config, "format", COMPACT_FORMAT) in FP8_FORMATS:
             raise SparseCheckpointError(
                 "this compact checkpoint holds FP8 (e4m3) layers with their scales (saved from a model swapped with "
                 "fp8=...); load it with hf_sparse.from_pretrained(folder), which dequantizes them (fast=True runs "
@@ -154,17 +161,16 @@ class HfSparseQuantizer(HfQuantizer):
             )
         ]
 
-    def _sparse_layers(self, model) -> tuple[int, int, dict]:
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         meta = getattr(model.config, METADATA_KEY, None)
+        config_file = Path(str(model.config.name_or_path)) / "config.json"
         if meta is None:
             raise SparseCheckpointError(
                 f"config.json has a quantization_config of {QUANT_METHOD} but no '{METADATA_KEY}' entry listing the "
                 "sparse layers; the checkpoint's config.json was edited or truncated. Save it again."
             )
-        return check_meta(meta, Path(str(model.config.name_or_path)) / "config.json")
-
-    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        self.n, self.m, self.layers = self._sparse_layers(model)
+        self.n, self.m, self.layers = check_meta(meta, config_file)
+        self.checksums = recorded_checksums(meta, getattr(self.quantization_config, "format", None), config_file)
         self.file = checkpoint_files[0] if checkpoint_files else self.quantization_config.weights
         self.errors: list[SparseCheckpointError] = []
         self.decoded: set[str] = set()
@@ -186,6 +192,9 @@ class HfSparseQuantizer(HfQuantizer):
                 f"layer {name}: tensor {name}.weight{missing} is missing from {self.file}; the file is incomplete."
             )
         weight = compact_decode(values.cpu(), indices.cpu(), self.n, self.m, name, str(self.file))
+        if self.checksums is not None:  # the tensors as stored: transformers keeps the file's dtype for them
+            parts = {f".weight{VALUES_SUFFIX}": values, f".weight{INDICES_SUFFIX}": indices}
+            verify_checksum(name, parts, self.checksums, self.file)
         check_layer(name, weight, self.n, self.m, self.layers.get(name), self.file)
         self.decoded.add(name)
         return weight
@@ -208,7 +217,7 @@ class HfSparseQuantizer(HfQuantizer):
                 for c in conversions
                 if not any(isinstance(op, _DecodeCompact) for op in getattr(c, "operations", ()))
             ]
-        setattr(model.config, METADATA_KEY, dict(getattr(model.config, METADATA_KEY), format="dense"))
+        setattr(model.config, METADATA_KEY, loaded_metadata(getattr(model.config, METADATA_KEY)))
         if hasattr(model.config, "transformers_weights"):
             del model.config.transformers_weights
         return model

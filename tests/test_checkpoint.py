@@ -303,3 +303,141 @@ def test_a_layer_exporting_fp8_tensors_is_saved_by_the_fp8_codec(saved, tmp_path
     state, meta = hf_sparse.checkpoint.load_state_dict(tmp_path / "fp8")
     assert torch.equal(state[f"{LAYER}.weight"], values.float() * scales[:, None])
     assert meta["fp8"]["input_scales"] == {LAYER: 0.0625}
+
+
+# -- checksums of the compact format -------------------------------------------------------------------------------
+
+LOADERS = {"hf_sparse": hf_sparse.from_pretrained, "plain": AutoModelForQuestionAnswering.from_pretrained}
+PAIRS = [(a, b) for a in range(4) for b in range(a + 1, 4)]  # the 2:4 positions a group may hold
+
+
+def _move_positions(packed):
+    """The first group of a 2:4 layer moved to other (valid, increasing) positions: it still decodes to 2:4 with the
+    same zeros, so only a checksum can tell."""
+    byte = int(packed[0])
+    old = (byte & 3, (byte >> 2) & 3)
+    a, b = next(p for p in PAIRS if p != old)
+    packed[0] = (byte & 0xF0) | a | (b << 2)
+
+
+def _nan_value(values):
+    values[0, 0] = float("nan")  # a NaN is a nonzero: still 2:4, the same zeros
+
+
+def _changed_value(values):
+    values[3, 1] = values[3, 1] * 1.5
+
+
+def _tamper(folder, layer, change, part=VALUES_SUFFIX):
+    file = folder / COMPACT_WEIGHTS_NAME
+    tensors = load_file(file)
+    change(tensors[f"{layer}.weight{part}"])
+    save_file(tensors, file, metadata={"format": "pt"})
+    return file
+
+
+TAMPERS = {
+    "moved-positions": (_move_positions, INDICES_SUFFIX),
+    "nan-value": (_nan_value, VALUES_SUFFIX),
+    "changed-value": (_changed_value, VALUES_SUFFIX),
+}
+
+
+@pytest.mark.parametrize("loader", LOADERS.values(), ids=LOADERS.keys())
+def test_a_loaded_model_keeps_no_checksums_of_the_file_it_came_from(saved, loader, tmp_path):
+    config = json.loads((saved / "compact" / "config.json").read_text())
+    assert set(config["sparsity"]["compact_sha256"]) == set(config["sparsity"]["layers"])
+    loaded = loader(saved / "compact")
+    assert loaded.config.sparsity["format"] == "dense" and "compact_sha256" not in loaded.config.sparsity
+    loaded.save_pretrained(tmp_path / "resaved")  # a standard checkpoint, whose metadata says only that
+    assert "compact_sha256" not in json.loads((tmp_path / "resaved" / "config.json").read_text())["sparsity"]
+
+
+@pytest.mark.parametrize("tamper", TAMPERS.values(), ids=TAMPERS.keys())
+@pytest.mark.parametrize("loader", LOADERS.values(), ids=LOADERS.keys())
+def test_changed_values_or_positions_are_refused_naming_file_and_layer(saved, loader, tamper):
+    change, part = tamper
+    file = _tamper(saved / "compact", LAYER, change, part)  # before checksums: loaded silently by both loaders
+    with pytest.raises(SparseCheckpointError, match=rf"layer {LAYER} in {file}: its stored values.* not those saved"):
+        loader(saved / "compact")
+
+
+@pytest.mark.parametrize("loader", LOADERS.values(), ids=LOADERS.keys())
+def test_a_nan_value_is_refused_even_with_its_checksum_recomputed(saved, loader):
+    from hf_sparse.checkpoint.compact import layer_checksum, layer_parts
+
+    file = _tamper(saved / "compact", LAYER, _nan_value)
+    tensors = load_file(file)
+    config_file = saved / "compact" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["sparsity"]["compact_sha256"][LAYER] = layer_checksum(layer_parts(tensors, tensors.get, LAYER))
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(SparseCheckpointError, match=rf"layer {LAYER} in {file} holds 1 values that are not finite"):
+        loader(saved / "compact")
+
+
+def test_the_fp8_format_refuses_changed_values_positions_and_scales(saved, tmp_path):
+    model = hf_sparse.from_pretrained(saved / "dense")
+    weight = model.get_submodule(LAYER).weight.detach()
+    scales = weight.abs().amax(dim=1) / 448.0
+    values = (weight / scales[:, None]).to(torch.float8_e4m3fn)
+    model.get_submodule(LAYER).compact_fp8_tensors = lambda: (values, scales, 0.0625)
+    hf_sparse.save_pretrained(model, tmp_path / "fp8", compact=True)
+    pristine = load_file(tmp_path / "fp8" / COMPACT_WEIGHTS_NAME)
+
+    def e4m3_bit(v):
+        v.view(torch.uint8)[2, 0] ^= 1  # the lowest mantissa bit of one e4m3 value
+
+    changes = {
+        f"{LAYER}.weight{VALUES_SUFFIX}": e4m3_bit,
+        f"{LAYER}.weight{INDICES_SUFFIX}": _move_positions,
+        f"{LAYER}.weight.fp8_scale": lambda s: s.mul_(2.0),  # still finite and positive
+        f"{LAYER}.fp8_input_scale": lambda s: s.fill_(0.125),
+    }
+    for key, change in changes.items():  # before checksums: each loaded silently
+        tensors = {k: v.clone() for k, v in pristine.items()}
+        change(tensors[key])
+        save_file(tensors, tmp_path / "fp8" / COMPACT_WEIGHTS_NAME)
+        with pytest.raises(SparseCheckpointError, match=rf"layer {LAYER} in .*: its stored values.* not those saved"):
+            hf_sparse.from_pretrained(tmp_path / "fp8")
+
+
+def _as_version_1(folder):
+    """The folder as hf-sparse wrote it before checksums (compact-nm-v1, no compact_sha256)."""
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["sparsity"]["compact_sha256"]
+    config["quantization_config"]["format"] = "compact-nm-v1"
+    config_file.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("loader", LOADERS.values(), ids=LOADERS.keys())
+def test_a_folder_from_before_checksums_loads_with_a_warning(saved, loader, caplog):
+    _as_version_1(saved / "compact")
+    with caplog.at_level("WARNING", logger="hf_sparse"):
+        loaded = loader(saved / "compact")
+    assert "without checksums" in caplog.text and "save_pretrained(model, folder, compact=True)" in caplog.text
+    reference = hf_sparse.from_pretrained(saved / "dense")
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    _tamper(saved / "compact", LAYER, _nan_value)  # what the structure checks still refuse
+    with pytest.raises(SparseCheckpointError, match=rf"layer {LAYER} .* not finite"):
+        loader(saved / "compact")
+
+
+@pytest.mark.parametrize("loader", LOADERS.values(), ids=LOADERS.keys())
+def test_edited_checksum_records_are_refused(saved, loader):
+    config_file = saved / "compact" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["sparsity"]["compact_sha256"][LAYER]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(SparseCheckpointError, match=rf"layer {LAYER}: compact_sha256 .* records no checksum for it"):
+        loader(saved / "compact")
+    del config["sparsity"]["compact_sha256"]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(SparseCheckpointError, match=r"compact-nm-v2 checkpoint records a checksum .* is missing"):
+        loader(saved / "compact")
+    config["quantization_config"]["format"] = "compact-nm-v9"
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(SparseCheckpointError, match=r"format 'compact-nm-v9' is not one this hf-sparse reads"):
+        loader(saved / "compact")

@@ -473,7 +473,7 @@ def test_compact_fp8_checkpoint_stores_e4m3_values_positions_and_scales(tmp_path
     dense_bytes = model.get_submodule(name).weight.numel() * 2  # the fp16 layer
     assert stored / dense_bytes == 0.3125  # e4m3 values (0.25) + 2-bit positions (0.0625), then 4 bytes per row
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["quantization_config"]["format"] == "compact-nm-fp8-v1"
+    assert config["quantization_config"]["format"] == "compact-nm-fp8-v2"
     assert config["sparsity"]["fp8"]["activation_scales"] == ("static" if static else "dynamic")
     state, meta = load_state_dict(tmp_path)
     for layer, weight in expected.items():

@@ -1,4 +1,4 @@
-"""The compact format (`compact-nm-v1`): one safetensors file in which every N:M layer is its kept values plus
+"""The compact format (`compact-nm-v2`): one safetensors file in which every N:M layer is its kept values plus
 their packed positions (`packing`), about 56% of the bytes of the fp16 layer for 2:4, and every other tensor is
 stored as saved. Layers the model runs in FP8 are stored by the FP8 codec (`compact_fp8`) in the same file.
 
@@ -8,7 +8,9 @@ refuse the folder with a message naming hf-sparse."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -25,13 +27,20 @@ from .compact_fp8 import (
     fp8_metadata,
     read_input_scales,
 )
-from .metadata import CONFIG_NAME, METADATA_KEY, SparseCheckpointError, check_layer
+from .metadata import CONFIG_NAME, METADATA_KEY, SparseCheckpointError, check_layer, check_meta
 from .packing import INDICES_SUFFIX, VALUES_SUFFIX, compact_decode, compact_encode
 from .standard import DENSE_INDEX_NAME, open_safetensors, weight_files
 
+logger = logging.getLogger(__name__)
+
 COMPACT_WEIGHTS_NAME = "hf_sparse_model.safetensors"
 """File of a compact checkpoint: N:M layers as values + packed positions, every other tensor as saved."""
-COMPACT_FORMAT = "compact-nm-v1"
+COMPACT_FORMAT = "compact-nm-v2"
+"""Version 2 records a sha256 of every compact layer's stored tensors in `config.json` (`compact_sha256`); version 1
+(hf-sparse before these checksums) has none, and loads with a warning."""
+LEGACY_FORMATS = ("compact-nm-v1", "compact-nm-fp8-v1")
+CHECKSUMS_KEY = "compact_sha256"
+"""Key of the sparsity metadata holding layer name -> sha256 of the layer's tensors as stored (`layer_checksum`)."""
 QUANT_METHOD = "hf-sparse"
 """`quant_method` of a compact checkpoint's `quantization_config`: `import hf_sparse` registers it with transformers
 (`hf_sparse.quantizer`), so plain `AutoModel*.from_pretrained` loads compact checkpoints."""
@@ -41,6 +50,13 @@ MISSING_LIBRARY_MESSAGE = (
 )
 """`transformers_weights` of a compact checkpoint's config.json: without hf-sparse, transformers refuses the value
 (it does not end in .safetensors) with an error that shows it, before building any layer."""
+
+
+def loaded_metadata(meta: dict) -> dict:
+    """The sparsity metadata of a model loaded from a checkpoint: dense in memory whatever the file was, so without
+    what described only the compact file (its checksums, its FP8 layers). A plain save_pretrained of the model then
+    writes a standard checkpoint whose metadata says so."""
+    return {k: v for k, v in meta.items() if k not in (CHECKSUMS_KEY, "fp8")} | {"format": "dense"}
 
 
 def write_compact(folder: Path, meta: dict, fp8: dict | None = None) -> None:
@@ -80,6 +96,9 @@ def write_compact(folder: Path, meta: dict, fp8: dict | None = None) -> None:
     )
     config_json = json.loads((folder / CONFIG_NAME).read_text())
     config_json[METADATA_KEY]["format"] = "compact"
+    config_json[METADATA_KEY][CHECKSUMS_KEY] = {
+        name: layer_checksum(layer_parts(out, out.get, name)) for name in meta["layers"]
+    }
     if fp8:
         config_json[METADATA_KEY]["fp8"] = fp8_metadata(fp8)
     config_json["quantization_config"] = {
@@ -95,18 +114,27 @@ def write_compact(folder: Path, meta: dict, fp8: dict | None = None) -> None:
             file.unlink()
 
 
-def read_compact(
-    folder: Path, config_file: Path, n: int, m: int, layers: dict, input_scales: dict | None = None
-) -> dict[str, torch.Tensor]:
-    """The dense state dict of a compact checkpoint, every listed layer decoded and checked (FP8 layers
-    dequantized; their static input scales, if any, go into `input_scales`)."""
-    input_scales = {} if input_scales is None else input_scales
+def read_compact(folder: Path, config_file: Path, meta: dict, fmt: str | None = None) -> tuple[dict, dict]:
+    """The dense state dict of a compact checkpoint and the static input scales of its FP8 layers (layer -> scale).
+
+    Every listed layer is verified against its recorded checksum (`recorded_checksums`: a version 1 folder has none),
+    decoded, dequantized if FP8, and checked (`check_layer`).
+
+    Args:
+        folder: the checkpoint folder.
+        config_file: its `config.json`, for messages.
+        meta: the sparsity metadata of `config.json`.
+        fmt: the compact format `config.json`'s `quantization_config` names (default: the weights file's header).
+    """
+    n, m, layers = check_meta(meta, config_file)
     state: dict[str, torch.Tensor] = {}
     file = folder / COMPACT_WEIGHTS_NAME
     if not file.is_file():
         raise SparseCheckpointError(f"{config_file} describes a compact checkpoint but {file} does not exist.")
     with open_safetensors(file) as f:
         keys = set(f.keys())
+        checksums = recorded_checksums(meta, fmt or (f.metadata() or {}).get("hf_sparse_format"), config_file)
+        input_scales = read_input_scales(f, keys, file)
         for name, info in layers.items():
             key = f"{name}.weight"
             for part in (key + VALUES_SUFFIX, key + INDICES_SUFFIX):
@@ -115,20 +143,105 @@ def read_compact(
                         f"layer {name}: tensor {part} is missing from {file}; the file is incomplete."
                     )
             try:
-                values, packed = f.get_tensor(key + VALUES_SUFFIX), f.get_tensor(key + INDICES_SUFFIX)
+                parts = layer_parts(keys, f.get_tensor, name)
             except Exception as err:
                 raise SparseCheckpointError(f"layer {name}: {file} cannot be read ({err}); it is damaged.") from err
+            values, packed = parts[".weight" + VALUES_SUFFIX], parts[".weight" + INDICES_SUFFIX]
+            # Decoding names malformed positions or scales precisely; the checksum then catches any other change;
+            # check_layer refuses what a checksum cannot (a NaN saved as such, or checksums recomputed).
             if values.dtype == torch.float8_e4m3fn:  # an FP8 layer: e4m3 values times its row scales
                 weight = decode_fp8_layer(f, keys, key, name, values, packed, n, m, file)
             else:
                 weight = compact_decode(values, packed, n, m, name, str(file))
+            if checksums is not None:
+                verify_checksum(name, parts, checksums, file)
             check_layer(name, weight, n, m, info, file)
             state[key] = weight
-        input_scales.update(read_input_scales(f, keys, file))
         for key in keys:
             if not key.endswith((VALUES_SUFFIX, INDICES_SUFFIX, FP8_SCALE_SUFFIX, FP8_INPUT_SCALE_SUFFIX)):
                 state[key] = f.get_tensor(key)
     stray = [k for k in keys if k.endswith(VALUES_SUFFIX) and k[: -len(VALUES_SUFFIX)] not in state]
     if stray:
         raise SparseCheckpointError(f"{file} holds compact layers {stray[:5]} that {config_file} does not list.")
-    return state
+    return state, input_scales
+
+
+PART_SUFFIXES = (
+    ".weight" + VALUES_SUFFIX,
+    ".weight" + INDICES_SUFFIX,
+    ".weight" + FP8_SCALE_SUFFIX,
+    FP8_INPUT_SCALE_SUFFIX,
+)
+"""What a compact layer stores, after its name: values and positions and, for an FP8 layer, row and input scales."""
+
+
+def layer_parts(keys, get, name: str) -> dict[str, torch.Tensor]:
+    """The stored tensors of compact layer `name`, keyed by their suffix (`PART_SUFFIXES`), from the tensor names
+    `keys` of a file or state dict and `get(key)`, which reads one."""
+    return {suffix: get(name + suffix) for suffix in PART_SUFFIXES if name + suffix in keys}
+
+
+def layer_checksum(parts: dict[str, torch.Tensor]) -> str:
+    """sha256 of a compact layer's stored tensors (`layer_parts`): each one's suffix, dtype and shape, then its bytes,
+    in suffix order. A value, a position or a scale changed after saving changes it."""
+    digest = hashlib.sha256()
+    for suffix in sorted(parts):
+        tensor = parts[suffix].detach().cpu().contiguous()
+        digest.update(f"{suffix}|{tensor.dtype}|{list(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def recorded_checksums(meta: dict, fmt: str | None, config_file: Path) -> dict | None:
+    """The layer checksums a compact checkpoint records, or None for a version 1 folder (hf-sparse before checksums),
+    which loads with a warning: its layers are still checked to be N:M, finite and to have the recorded zeros, but a
+    value or position changed within those bounds cannot be seen.
+
+    Args:
+        meta: the sparsity metadata of `config.json`.
+        fmt: the compact format `config.json`'s `quantization_config` (or the weights file's header) names.
+        config_file: the `config.json`, for messages.
+    """
+    if fmt is not None and fmt not in (COMPACT_FORMAT, COMPACT_FP8_FORMAT, *LEGACY_FORMATS):
+        raise SparseCheckpointError(
+            f"{config_file}: the compact format {fmt!r} is not one this hf-sparse reads ({COMPACT_FORMAT}, "
+            f"{COMPACT_FP8_FORMAT} and, without checksums, {', '.join(LEGACY_FORMATS)}); upgrade hf-sparse."
+        )
+    checksums = meta.get(CHECKSUMS_KEY)
+    if checksums is None and fmt in (COMPACT_FORMAT, COMPACT_FP8_FORMAT):
+        raise SparseCheckpointError(
+            f"{config_file}: a {fmt} checkpoint records a checksum of every compact layer in "
+            f"'{METADATA_KEY}.{CHECKSUMS_KEY}', which is missing; config.json was edited. Save the checkpoint again."
+        )
+    if checksums is None:
+        logger.warning(
+            "hf-sparse: %s is a compact checkpoint of an earlier hf-sparse (%s) without checksums: its layers are "
+            "checked to be N:M, finite and to have the recorded zeros, but a value or position changed within those "
+            "bounds cannot be detected. Save it again with hf_sparse.save_pretrained(model, folder, compact=True) to "
+            "record checksums.",
+            config_file,
+            fmt or LEGACY_FORMATS[0],
+        )
+        return None
+    if not isinstance(checksums, dict):
+        raise SparseCheckpointError(
+            f"{config_file}: '{METADATA_KEY}.{CHECKSUMS_KEY}' must be an object; got {checksums!r}."
+        )
+    return checksums
+
+
+def verify_checksum(name: str, parts: dict[str, torch.Tensor], checksums: dict, file: Path | str) -> None:
+    """Refuses layer `name` if its stored tensors are not those saved (their sha256 differs from the recorded one)."""
+    expected = checksums.get(name)
+    if expected is None:
+        raise SparseCheckpointError(
+            f"layer {name}: {CHECKSUMS_KEY} in the config.json beside {file} records no checksum for it; config.json "
+            "was edited. Save the checkpoint again."
+        )
+    found = layer_checksum(parts)
+    if found != expected:
+        raise SparseCheckpointError(
+            f"layer {name} in {file}: its stored values, positions or scales are not those saved (sha256 "
+            f"{found[:12]}..., recorded {str(expected)[:12]}...); the file was changed or damaged after saving. "
+            "Download or save it again."
+        )

@@ -1,4 +1,4 @@
-"""The compact FP8 codec (`compact-nm-fp8-v1`): a layer the model runs in FP8 (`swap_to_semi_structured_(fp8=...)`)
+"""The compact FP8 codec (`compact-nm-fp8-v2`): a layer the model runs in FP8 (`swap_to_semi_structured_(fp8=...)`)
 is stored as its e4m3 kept values and their positions (`packing`), its float32 row scales and, with static
 activation scales, its input scale. Loading dequantizes it (values times row scales)."""
 
@@ -13,8 +13,10 @@ from torch import nn
 from .metadata import SparseCheckpointError
 from .packing import INDICES_SUFFIX, VALUES_SUFFIX, compact_decode, compact_encode
 
-COMPACT_FP8_FORMAT = "compact-nm-fp8-v1"
+COMPACT_FP8_FORMAT = "compact-nm-fp8-v2"
 """Compact checkpoint of a model swapped to FP8 layers: e4m3 kept values, their positions, and float32 scales."""
+FP8_FORMATS = (COMPACT_FP8_FORMAT, "compact-nm-fp8-v1")
+"""Every version of the compact FP8 format (version 1: without checksums)."""
 FP8_SCALE_SUFFIX = ".fp8_scale"
 FP8_INPUT_SCALE_SUFFIX = ".fp8_input_scale"
 

@@ -170,6 +170,8 @@ def check_meta(meta: Any, config_file: Path) -> tuple[int, int, dict]:
 
 
 def check_layer(name: str, weight: torch.Tensor, n: int, m: int, info: Any, file: Path) -> None:
+    """Checks a sparse layer as loaded: exactly N:M, the zeros the metadata records, and finite. A NaN or inf weight
+    is refused whatever a checksum says: no training run means to save one (`NumericsCallback` stops before)."""
     over = groups_over(weight, n, m)
     if over:
         what = f"{over} group(s) of {m} hold more than {n} nonzeros" if over > 0 else f"shape {tuple(weight.shape)}"
@@ -183,4 +185,12 @@ def check_layer(name: str, weight: torch.Tensor, n: int, m: int, info: Any, file
         raise SparseCheckpointError(
             f"layer {name} in {file} has {zeros} zeros but the metadata records {expected}; the weights or the "
             "metadata were changed after saving."
+        )
+    finite = torch.isfinite(weight)
+    if not bool(finite.all()):
+        where = [int(i) for i in (~finite).nonzero()[0]]
+        raise SparseCheckpointError(
+            f"layer {name} in {file} holds {int((~finite).sum())} values that are not finite (NaN or inf; the first "
+            f"at {where}); the weights diverged before saving or the file was changed. Load an earlier checkpoint, or "
+            "re-save from a model whose weights are finite."
         )

@@ -15,7 +15,7 @@ from torch import nn
 from .._distributed import unwrap_model
 from ..config import SparsityConfig, parse_pattern
 from ..masks import groups_over
-from .compact import COMPACT_WEIGHTS_NAME, read_compact, write_compact
+from .compact import COMPACT_WEIGHTS_NAME, loaded_metadata, read_compact, write_compact
 from .compact_fp8 import fp8_layer_tensors
 from .files import install
 from .metadata import (
@@ -128,8 +128,8 @@ def load_state_dict(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         raise SparseCheckpointError(f"{config_file} has no '{METADATA_KEY}' entry; the checkpoint is not sparse.")
     n, m, layers = check_meta(meta, config_file)
     if meta.get("format", "dense") == "compact":
-        input_scales: dict[str, float] = {}
-        state = read_compact(folder, config_file, n, m, layers, input_scales)
+        fmt = (config_json.get("quantization_config") or {}).get("format")
+        state, input_scales = read_compact(folder, config_file, meta, fmt)
         if isinstance(meta.get("fp8"), dict):
             meta["fp8"]["input_scales"] = input_scales
         return state, meta
@@ -207,8 +207,8 @@ def from_pretrained(
         )
     _check_loaded(model, meta, folder)
     # The model in memory is dense whatever the file was: a plain save_pretrained of it writes a dense checkpoint.
-    fp8 = meta.pop("fp8", None)
-    model.config.sparsity = dict(meta, format="dense")
+    fp8 = meta.get("fp8")
+    model.config.sparsity = loaded_metadata(meta)
     model.eval()
     if fast:
         _swap_fast(model, fp8)
