@@ -36,6 +36,7 @@ from .checkpoint.compact import (
     QUANT_METHOD,
     loaded_metadata,
     recorded_checksums,
+    unlisted_layers_error,
     verify_checksum,
 )
 from .checkpoint.compact_fp8 import FP8_FORMATS
@@ -174,6 +175,8 @@ class HfSparseQuantizer(HfQuantizer):
         self.file = checkpoint_files[0] if checkpoint_files else self.quantization_config.weights
         self.errors: list[SparseCheckpointError] = []
         self.decoded: set[str] = set()
+        self.unlisted: list[str] = []
+        self.config_file = config_file
         for name in self.layers:
             try:
                 model.get_submodule(name).get_parameter("weight")
@@ -186,6 +189,9 @@ class HfSparseQuantizer(HfQuantizer):
 
     def decode(self, name: str, values: torch.Tensor | None, indices: torch.Tensor | None) -> torch.Tensor:
         """The checked dense weight of layer `name` from its tensors as stored in the file (on CPU)."""
+        if name not in self.layers:
+            self.unlisted.append(name)
+            raise unlisted_layers_error(self.file, [name], self.config_file)
         if values is None or indices is None:
             missing = VALUES_SUFFIX if values is None else INDICES_SUFFIX
             raise SparseCheckpointError(
@@ -200,6 +206,8 @@ class HfSparseQuantizer(HfQuantizer):
         return weight
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.unlisted:
+            raise unlisted_layers_error(self.file, self.unlisted, self.config_file)
         if self.errors:
             raise self.errors[0]
         missing = [name for name in self.layers if name not in self.decoded]

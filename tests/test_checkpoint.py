@@ -441,3 +441,15 @@ def test_edited_checksum_records_are_refused(saved, loader):
     config_file.write_text(json.dumps(config))
     with pytest.raises(SparseCheckpointError, match=r"format 'compact-nm-v9' is not one this hf-sparse reads"):
         loader(saved / "compact")
+
+
+@pytest.mark.parametrize("loader", LOADERS.values(), ids=LOADERS.keys())
+def test_a_compact_layer_the_metadata_omits_is_refused_naming_it(saved, loader):
+    """Before: plain from_pretrained left the omitted layer randomly initialised (only its load report said so)."""
+    config_file = saved / "compact" / "config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("layers", "compact_sha256"):
+        del config["sparsity"][key][LAYER]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(SparseCheckpointError, match=rf"holds compact layers \['{LAYER}'\] that .*does not list"):
+        loader(saved / "compact")

@@ -160,10 +160,20 @@ def read_compact(folder: Path, config_file: Path, meta: dict, fmt: str | None = 
         for key in keys:
             if not key.endswith((VALUES_SUFFIX, INDICES_SUFFIX, FP8_SCALE_SUFFIX, FP8_INPUT_SCALE_SUFFIX)):
                 state[key] = f.get_tensor(key)
-    stray = [k for k in keys if k.endswith(VALUES_SUFFIX) and k[: -len(VALUES_SUFFIX)] not in state]
+    stray = {k.rsplit(".weight.", 1)[0] for k in keys if k.endswith((VALUES_SUFFIX, INDICES_SUFFIX))} - set(layers)
     if stray:
-        raise SparseCheckpointError(f"{file} holds compact layers {stray[:5]} that {config_file} does not list.")
+        raise unlisted_layers_error(file, sorted(stray), config_file)
     return state, input_scales
+
+
+def unlisted_layers_error(file: Path | str, names: list[str], config_file: Path | str) -> SparseCheckpointError:
+    """The error for compact layers in the file that the metadata does not list: without it they would load as
+    missing weights (randomly initialised) or unchecked."""
+    return SparseCheckpointError(
+        f"{file} holds compact layers {names[:5]}{' ...' if len(names) > 5 else ''} that {config_file} does not "
+        f"list as sparse ('{METADATA_KEY}.layers'); config.json was edited or belongs to another checkpoint. Save "
+        "the checkpoint again from the model."
+    )
 
 
 PART_SUFFIXES = (
