@@ -3,8 +3,10 @@
 A compact checkpoint (`hf_sparse.save_pretrained(model, folder, compact=True)`) stores each N:M layer as kept values
 plus packed positions in `hf_sparse_model.safetensors`. Its `config.json` carries
 
-- `"quantization_config": {"quant_method": "hf-sparse", ...}`: `import hf_sparse` registers `HfSparseConfig` and
-  `HfSparseQuantizer` under that name, so transformers hands the loading to them;
+- `"quantization_config": {"quant_method": "hf-sparse: install hf-sparse and ...", ...}`: `import hf_sparse` registers
+  `HfSparseConfig` and `HfSparseQuantizer` under that name (and the earlier "hf-sparse"), so transformers hands the
+  loading to them. Without hf-sparse, transformers' first output is a warning that quotes the name, which is why the
+  name is hf-sparse's advice;
 - `"transformers_weights"`: the file transformers should read. Without hf-sparse the value is a sentence that says
   to install and import hf-sparse; transformers rejects it (it does not end in `.safetensors`) with a `ValueError`
   that shows it, before it builds any layer: a compact folder never loads with randomly initialised layers. With
@@ -33,6 +35,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .checkpoint.compact import (
     COMPACT_FORMAT,
     COMPACT_WEIGHTS_NAME,
+    LEGACY_QUANT_METHODS,
     QUANT_METHOD,
     loaded_metadata,
     recorded_checksums,
@@ -44,7 +47,6 @@ from .checkpoint.metadata import METADATA_KEY, SparseCheckpointError, check_laye
 from .checkpoint.packing import INDICES_SUFFIX, VALUES_SUFFIX, compact_decode
 
 
-@register_quantization_config(QUANT_METHOD)
 class HfSparseConfig(QuantizationConfigMixin):
     """The `quantization_config` of a compact hf-sparse checkpoint (written by `hf_sparse.save_pretrained`).
 
@@ -104,7 +106,6 @@ class _DecodeCompact(ConversionOps):
         raise NotImplementedError("a model loaded from a compact checkpoint is dense; it saves as a standard one")
 
 
-@register_quantizer(QUANT_METHOD)
 class HfSparseQuantizer(HfQuantizer):
     """Loads compact hf-sparse checkpoints in `PreTrainedModel.from_pretrained` (see the module docstring)."""
 
@@ -167,7 +168,7 @@ class HfSparseQuantizer(HfQuantizer):
         config_file = Path(str(model.config.name_or_path)) / "config.json"
         if meta is None:
             raise SparseCheckpointError(
-                f"config.json has a quantization_config of {QUANT_METHOD} but no '{METADATA_KEY}' entry listing the "
+                f"config.json has a quantization_config of hf-sparse but no '{METADATA_KEY}' entry listing the "
                 "sparse layers; the checkpoint's config.json was edited or truncated. Save it again."
             )
         self.n, self.m, self.layers = check_meta(meta, config_file)
@@ -236,3 +237,8 @@ class HfSparseQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+
+for _name in (QUANT_METHOD, *LEGACY_QUANT_METHODS):
+    register_quantization_config(_name)(HfSparseConfig)
+    register_quantizer(_name)(HfSparseQuantizer)

@@ -33,7 +33,7 @@ def compact(tmp_path):
 def test_plain_from_pretrained_loads_a_compact_checkpoint_with_identical_tensors(compact):
     model, masks, folder = compact
     config = json.loads((folder / "config.json").read_text())
-    assert config["quantization_config"]["quant_method"] == "hf-sparse"
+    assert config["quantization_config"]["quant_method"].startswith("hf-sparse")
     loaded, info = AutoModelForQuestionAnswering.from_pretrained(folder, output_loading_info=True)
     assert type(loaded) is BertForQuestionAnswering
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -62,6 +62,11 @@ def test_without_hf_sparse_the_load_fails_naming_hf_sparse(compact):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LOADED" not in result.stdout
     assert "hf-sparse" in result.stdout and "import hf_sparse" in result.stdout, result.stdout
+    # transformers first warns (stderr) that it does not know the quant_method and advises deleting
+    # quantization_config, which would not help: the warning must give hf-sparse's advice before its own.
+    (warning,) = [line for line in result.stderr.splitlines() if "Unknown quantization type" in line]
+    assert "install hf-sparse and `import hf_sparse`" in warning, warning
+    assert warning.index("import hf_sparse") < warning.index("delete the quantization_config"), warning
 
 
 def test_damaged_compact_file_fails_plain_from_pretrained_naming_the_layer(compact):
@@ -137,3 +142,12 @@ def test_a_listed_layer_missing_from_the_compact_file_fails_plain_from_pretraine
         SparseCheckpointError, match=r"layer bert.encoder.layer.1.output.dense: tensor .*nm_indices is "
     ):
         AutoModelForQuestionAnswering.from_pretrained(folder)
+
+
+def test_a_folder_saved_with_the_earlier_quant_method_name_still_loads(compact):
+    model, _, folder = compact
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["quant_method"] = "hf-sparse"  # the name before it carried the advice
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForQuestionAnswering.from_pretrained(folder)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())

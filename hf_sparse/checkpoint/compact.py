@@ -41,9 +41,14 @@ COMPACT_FORMAT = "compact-nm-v2"
 LEGACY_FORMATS = ("compact-nm-v1", "compact-nm-fp8-v1")
 CHECKSUMS_KEY = "compact_sha256"
 """Key of the sparsity metadata holding layer name -> sha256 of the layer's tensors as stored (`layer_checksum`)."""
-QUANT_METHOD = "hf-sparse"
+QUANT_METHOD = "hf-sparse: install hf-sparse and `import hf_sparse` before from_pretrained"
 """`quant_method` of a compact checkpoint's `quantization_config`: `import hf_sparse` registers it with transformers
-(`hf_sparse.quantizer`), so plain `AutoModel*.from_pretrained` loads compact checkpoints."""
+(`hf_sparse.quantizer`), so plain `AutoModel*.from_pretrained` loads compact checkpoints. Without hf-sparse,
+transformers' first words on such a folder are a warning that quotes this name ("Unknown quantization type, got
+<name> ... you can delete the quantization_config"), then the error of `transformers_weights`: the name is the advice,
+so that the user reads hf-sparse's before transformers' (deleting quantization_config would not help)."""
+LEGACY_QUANT_METHODS = ("hf-sparse",)
+"""Earlier names of the `quant_method`, still registered so that folders saved with them load."""
 MISSING_LIBRARY_MESSAGE = (
     "this is a compact N:M sparse checkpoint written by hf-sparse (its sparse layers are stored as values plus "
     "positions in hf_sparse_model.safetensors): install hf-sparse and run `import hf_sparse` before from_pretrained"
