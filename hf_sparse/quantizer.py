@@ -43,7 +43,7 @@ from .checkpoint.compact import (
     verify_checksum,
 )
 from .checkpoint.compact_fp8 import FP8_FORMATS
-from .checkpoint.metadata import METADATA_KEY, SparseCheckpointError, check_layer, check_meta
+from .checkpoint.metadata import METADATA_KEY, SparseCheckpointError, check_layer, check_meta, with_module_names
 from .checkpoint.packing import INDICES_SUFFIX, VALUES_SUFFIX, compact_decode
 
 
@@ -171,6 +171,9 @@ class HfSparseQuantizer(HfQuantizer):
                 f"config.json has a quantization_config of hf-sparse but no '{METADATA_KEY}' entry listing the "
                 "sparse layers; the checkpoint's config.json was edited or truncated. Save it again."
             )
+        check_meta(meta, config_file)
+        meta = with_module_names(meta)  # names recorded on a torch.compile'd model carry _orig_mod.
+        setattr(model.config, METADATA_KEY, meta)
         self.n, self.m, self.layers = check_meta(meta, config_file)
         self.checksums = recorded_checksums(meta, getattr(self.quantization_config, "format", None), config_file)
         self.file = checkpoint_files[0] if checkpoint_files else self.quantization_config.weights

@@ -453,3 +453,30 @@ def test_a_compact_layer_the_metadata_omits_is_refused_naming_it(saved, loader):
     config_file.write_text(json.dumps(config))
     with pytest.raises(SparseCheckpointError, match=rf"holds compact layers \['{LAYER}'\] that .*does not list"):
         loader(saved / "compact")
+
+
+def _compile_prefixed(layers):
+    """Layer names as a torch.compile'd model records them (its modules live under `_orig_mod`)."""
+    return {f"_orig_mod.{name}": info for name, info in layers.items()}
+
+
+def test_layer_names_recorded_through_torch_compile_load_and_save_compact(saved, tmp_path):
+    """Before: hf_sparse.from_pretrained refused such a folder (tensor _orig_mod....weight missing), compact saving
+    failed (no module named _orig_mod....) and plain from_pretrained of a compact one named a layer it lacks."""
+    for fmt in ("dense", "compact"):
+        config_file = saved / fmt / "config.json"
+        config = json.loads(config_file.read_text())
+        names = set(config["sparsity"]["layers"])
+        config["sparsity"]["layers"] = _compile_prefixed(config["sparsity"]["layers"])
+        if fmt == "compact":
+            config["sparsity"]["compact_sha256"] = _compile_prefixed(config["sparsity"]["compact_sha256"])
+        config_file.write_text(json.dumps(config))
+        for load in LOADERS.values() if fmt == "compact" else [hf_sparse.from_pretrained]:
+            loaded = load(saved / fmt)
+            assert set(loaded.config.sparsity["layers"]) == names  # as the model names them
+    model = hf_sparse.from_pretrained(saved / "dense")
+    model.config.sparsity["layers"] = _compile_prefixed(model.config.sparsity["layers"])  # as the callback recorded
+    meta = hf_sparse.save_pretrained(model, tmp_path / "compact", compact=True)
+    assert set(meta["layers"]) == names
+    written = json.loads((tmp_path / "compact" / "config.json").read_text())["sparsity"]
+    assert set(written["layers"]) == set(written["compact_sha256"]) == names

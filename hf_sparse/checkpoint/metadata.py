@@ -83,7 +83,7 @@ def sparsity_metadata(
     n, m = parse_pattern(pattern)
     if layers is None:
         if config is None:
-            layers = list(existing.get("layers", {}))
+            layers = [module_name(name) for name in existing.get("layers", {})]
         else:
             from ..selection import select_layers
 
@@ -149,6 +149,28 @@ def attach_sparsity_metadata(
     setattr(model.config, METADATA_KEY, meta)
     if hasattr(model, "add_model_tags"):  # the Trainer's own model card lists these tags
         model.add_model_tags(["hf-sparse", f"{meta['sparsity_pattern']}-sparsity"])
+    return meta
+
+
+COMPILE_WRAPPER = "_orig_mod"
+"""The attribute under which a `torch.compile`d module keeps the original one: names taken from a compiled model
+(`named_modules()`) carry it as a path component (`_orig_mod.bert.encoder...`); the saved tensors do not."""
+
+
+def module_name(name: str) -> str:
+    """A layer's name as the model itself names it: without the `_orig_mod.` components of `torch.compile`."""
+    return ".".join(part for part in name.split(".") if part != COMPILE_WRAPPER)
+
+
+def with_module_names(meta: dict) -> dict:
+    """`meta` (checked by `check_meta`) with every layer name it records as the model itself names it (`module_name`):
+    metadata recorded on a `torch.compile`d model names the same layers, under `_orig_mod.`."""
+    meta = dict(meta)
+    for key in ("layers", "compact_sha256"):
+        if isinstance(meta.get(key), dict):
+            meta[key] = {module_name(name): value for name, value in meta[key].items()}
+    if isinstance(meta.get("fp8"), dict) and isinstance(meta["fp8"].get("layers"), list):
+        meta["fp8"] = dict(meta["fp8"], layers=[module_name(name) for name in meta["fp8"]["layers"]])
     return meta
 
 

@@ -25,6 +25,7 @@ from .metadata import (
     attach_sparsity_metadata,
     check_meta,
     layer_weights,
+    with_module_names,
 )
 from .standard import DENSE_INDEX_NAME, DENSE_WEIGHTS_NAME, read_standard, weight_files
 
@@ -126,7 +127,9 @@ def load_state_dict(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     meta = config_json.get(METADATA_KEY)
     if meta is None:
         raise SparseCheckpointError(f"{config_file} has no '{METADATA_KEY}' entry; the checkpoint is not sparse.")
-    n, m, layers = check_meta(meta, config_file)
+    n, m, _ = check_meta(meta, config_file)
+    meta = with_module_names(meta)
+    layers = meta["layers"]
     if meta.get("format", "dense") == "compact":
         fmt = (config_json.get("quantization_config") or {}).get("format")
         state, input_scales = read_compact(folder, config_file, meta, fmt)
