@@ -93,6 +93,7 @@ def test_compact_round_trip_and_size(trained, tmp_path):
     hf_sparse.save_pretrained(half, tmp_path / "dense")
     meta = hf_sparse.save_pretrained(half, tmp_path / "compact", compact=True)
     assert meta["format"] == "compact"
+    assert meta == json.loads((tmp_path / "compact" / "config.json").read_text())["sparsity"]  # what it wrote
     assert sorted(p.name for p in (tmp_path / "compact").iterdir()) == ["config.json", COMPACT_WEIGHTS_NAME]
 
     dense_bytes, compact_bytes = 0, 0

@@ -64,9 +64,10 @@ def loaded_metadata(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if k not in (CHECKSUMS_KEY, "fp8")} | {"format": "dense"}
 
 
-def write_compact(folder: Path, meta: dict, fp8: dict | None = None) -> None:
+def write_compact(folder: Path, meta: dict, fp8: dict | None = None) -> dict:
     """Turns the standard checkpoint in `folder` into the compact one: N:M layers as values + positions (FP8 layers
-    as their e4m3 values + positions + scales, from `fp8`, see `compact_fp8.fp8_layer_tensors`)."""
+    as their e4m3 values + positions + scales, from `fp8`, see `compact_fp8.fp8_layer_tensors`). Returns the sparsity
+    metadata written into `config.json` (with the layers' checksums and the FP8 layers)."""
     fp8 = fp8 or {}
     n, m = parse_pattern(meta["sparsity_pattern"])
     dense_files = weight_files(folder)
@@ -117,6 +118,7 @@ def write_compact(folder: Path, meta: dict, fp8: dict | None = None) -> None:
     for file in dense_files + [folder / DENSE_INDEX_NAME]:
         if file.exists():
             file.unlink()
+    return config_json[METADATA_KEY]
 
 
 def read_compact(folder: Path, config_file: Path, meta: dict, fmt: str | None = None) -> tuple[dict, dict]:

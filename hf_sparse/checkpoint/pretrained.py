@@ -78,12 +78,12 @@ def save_pretrained(
         tmp = Path(tmp)
         model.save_pretrained(tmp, **kwargs)
         if compact:
-            write_compact(tmp, meta, fp8)
+            meta = write_compact(tmp, meta, fp8)
         # Old weights of the other format or other shard names would shadow or mix with the new ones.
         stale = [p for p in weight_files(save_directory) + [save_directory / DENSE_INDEX_NAME] if p.exists()]
         stale.append(save_directory / COMPACT_WEIGHTS_NAME)
         install(tmp, save_directory, stale)
-    return dict(meta, format="compact") if compact else meta
+    return meta
 
 
 def _resolve(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> Path:
