@@ -481,3 +481,14 @@ def test_layer_names_recorded_through_torch_compile_load_and_save_compact(saved,
     assert set(meta["layers"]) == names
     written = json.loads((tmp_path / "compact" / "config.json").read_text())["sparsity"]
     assert set(written["layers"]) == set(written["compact_sha256"]) == names
+
+
+def test_save_refuses_a_config_that_contradicts_the_recorded_metadata(tiny_qa_model, tmp_path):
+    """Before: the config's criterion silently replaced the recorded one in config.json (and so in the card)."""
+    prune_(tiny_qa_model)
+    tiny_qa_model.config.sparsity["criterion"] = "sparsegpt"  # as recorded by a SparseGPT prune_
+    with pytest.raises(ValueError, match=r"records criterion='sparsegpt' .* says 'magnitude'; nothing was saved"):
+        hf_sparse.save_pretrained(tiny_qa_model, tmp_path, config=SparsityConfig())
+    assert not (tmp_path / "config.json").exists() and tiny_qa_model.config.sparsity["criterion"] == "sparsegpt"
+    meta = hf_sparse.save_pretrained(tiny_qa_model, tmp_path, config=SparsityConfig(criterion="sparsegpt"))
+    assert meta["criterion"] == "sparsegpt"

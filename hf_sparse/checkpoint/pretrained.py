@@ -51,7 +51,8 @@ def save_pretrained(
         model: the sparse model (squashed by `SparsityCallback`, pruned by `prune_`, or loaded by `from_pretrained`).
         save_directory: folder to write (created if needed).
         compact: write the compact format.
-        config: the `SparsityConfig` the model was pruned with, when it carries no metadata yet.
+        config: the `SparsityConfig` the model was pruned with, when it carries no metadata yet (if it does, the
+            config must agree with its pattern and criterion).
         kwargs: passed to `model.save_pretrained` (e.g. `max_shard_size`).
 
     Returns:
@@ -68,6 +69,7 @@ def save_pretrained(
     if kwargs.get("push_to_hub"):
         raise ValueError("save_pretrained(push_to_hub=True) is not supported here; use hf_sparse.push_to_hub.")
     model = unwrap_model(model)
+    _check_config_agrees(model, config)
     meta = attach_sparsity_metadata(model, config)
     fp8 = fp8_layer_tensors(model) if compact else {}
     save_directory = Path(save_directory)
@@ -84,6 +86,23 @@ def save_pretrained(
         stale.append(save_directory / COMPACT_WEIGHTS_NAME)
         install(tmp, save_directory, stale)
     return meta
+
+
+def _check_config_agrees(model: nn.Module, config: SparsityConfig | None) -> None:
+    """Refuses a `config` whose pattern or criterion differs from what the model's metadata records (written when it
+    was pruned): saving would record the config's instead, which may not be what happened."""
+    recorded = getattr(getattr(model, "config", None), METADATA_KEY, None)
+    if config is None or not isinstance(recorded, dict):
+        return
+    given = {"sparsity_pattern": config.sparsity_pattern, "criterion": config.criterion}
+    differ = {k: v for k, v in given.items() if recorded.get(k) is not None and recorded[k] != v}
+    if differ:
+        field = next(iter(differ))
+        raise ValueError(
+            f"{type(model).__name__}.config.{METADATA_KEY} records {field}={recorded[field]!r} (how it was pruned) "
+            f"but the config passed to save_pretrained says {differ[field]!r}; nothing was saved. Pass no config to "
+            "save the recorded metadata, or prune again with this config."
+        )
 
 
 def _resolve(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> Path:
