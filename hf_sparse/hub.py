@@ -176,6 +176,15 @@ def _eval_results(sparse_metrics: dict[str, float], task: str | None, dataset: s
     ]
 
 
+def _fp8_description(meta: dict) -> dict | None:
+    """What the card says of a compact checkpoint's FP8 layers (None: it has none): how many, and whether they keep
+    a static input scale."""
+    fp8 = meta.get("fp8") if meta.get("format") == "compact" else None
+    if not isinstance(fp8, dict) or not fp8.get("layers"):
+        return None
+    return {"layers": len(fp8["layers"]), "static": fp8.get("activation_scales") == "static"}
+
+
 def _benchmark_table(benchmark: list[dict[str, Any]] | None, plot) -> tuple[list[str], list[dict[str, str]] | None]:
     """(columns, rows as strings) of the latency table; checks the plot that goes with it."""
     if plot is not None and not benchmark:
@@ -285,6 +294,7 @@ def model_card(
         total_sparsity=meta.get("total_sparsity", 0.0),
         model_sparsity=meta.get("model_sparsity", 0.0),
         compact=meta.get("format") == "compact",
+        fp8=_fp8_description(meta),
         results=rows,
         results_description=f"Measured on {dataset_name or dataset}." if (dataset_name or dataset) else "",
         metric_names=metric_names,

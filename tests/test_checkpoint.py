@@ -287,14 +287,21 @@ def test_fast_load_on_gpu_gives_the_dense_answers(saved):
     assert torch.allclose(a.start_logits.float(), b.start_logits.float(), atol=2e-2, rtol=2e-2)
 
 
+def export_fp8(layer, input_scale=0.0625):
+    """Makes `layer` answer the FP8 codec as an FP8 layer does (`compact_fp8_tensors()`): its weight quantized to
+    e4m3 with one scale per row (the CPU quantizes and stores e4m3; only FP8 GEMMs need the GPU)."""
+    weight = layer.weight.detach()
+    scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 448.0  # per-row scales to e4m3's largest value
+    values = (weight / scales[:, None]).to(torch.float8_e4m3fn)
+    layer.compact_fp8_tensors = lambda: (values, scales, input_scale)
+    return values, scales
+
+
 def test_a_layer_exporting_fp8_tensors_is_saved_by_the_fp8_codec(saved, tmp_path):
     """The FP8 codec asks each layer for its tensors (`compact_fp8_tensors()`), not for its internals: any layer
     that answers is stored as e4m3 values + positions + row scales + input scale, and loads dequantized."""
     model = hf_sparse.from_pretrained(saved / "dense")
-    weight = model.get_submodule(LAYER).weight.detach()
-    scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 448.0  # per-row scales to e4m3's largest value
-    values = (weight / scales[:, None]).to(torch.float8_e4m3fn)
-    model.get_submodule(LAYER).compact_fp8_tensors = lambda: (values, scales, 0.0625)
+    values, scales = export_fp8(model.get_submodule(LAYER))
     hf_sparse.save_pretrained(model, tmp_path / "fp8", compact=True)
     config = json.loads((tmp_path / "fp8" / "config.json").read_text())
     assert config["quantization_config"]["format"].startswith("compact-nm-fp8-")
@@ -379,10 +386,7 @@ def test_a_nan_value_is_refused_even_with_its_checksum_recomputed(saved, loader)
 
 def test_the_fp8_format_refuses_changed_values_positions_and_scales(saved, tmp_path):
     model = hf_sparse.from_pretrained(saved / "dense")
-    weight = model.get_submodule(LAYER).weight.detach()
-    scales = weight.abs().amax(dim=1) / 448.0
-    values = (weight / scales[:, None]).to(torch.float8_e4m3fn)
-    model.get_submodule(LAYER).compact_fp8_tensors = lambda: (values, scales, 0.0625)
+    export_fp8(model.get_submodule(LAYER))
     hf_sparse.save_pretrained(model, tmp_path / "fp8", compact=True)
     pristine = load_file(tmp_path / "fp8" / COMPACT_WEIGHTS_NAME)
 
