@@ -43,7 +43,14 @@ from .checkpoint.compact import (
     verify_checksum,
 )
 from .checkpoint.compact_fp8 import FP8_FORMATS
-from .checkpoint.metadata import METADATA_KEY, SparseCheckpointError, check_layer, check_meta, with_module_names
+from .checkpoint.metadata import (
+    METADATA_KEY,
+    SparseCheckpointError,
+    check_converted,
+    check_layer,
+    check_meta,
+    with_module_names,
+)
 from .checkpoint.packing import INDICES_SUFFIX, VALUES_SUFFIX, compact_decode
 
 
@@ -78,11 +85,13 @@ class _DecodeCompact(ConversionOps):
     """Turns one layer's `nm_values` + `nm_indices`, as stored in the file, into its dense `weight` (checked)."""
 
     def __init__(self, quantizer: HfSparseQuantizer):
-        self.quantizer = quantizer
+        # The attribute's name is transformers' sign of an op that loads stored tensors itself: they reach it
+        # uncast (HfQuantizer.get_new_dtype), as the checksums need.
+        self.hf_quantizer = quantizer
 
     def __deepcopy__(self, memo) -> _DecodeCompact:
         # transformers deep-copies the converter for every layer; all copies report to the one quantizer.
-        return type(self)(self.quantizer)
+        return type(self)(self.hf_quantizer)
 
     def convert(self, input_dict: dict, full_layer_name: str | None = None, model=None, **kwargs) -> dict:
         parts = {}  # keyed by the source patterns of get_weight_conversions
@@ -93,13 +102,13 @@ class _DecodeCompact(ConversionOps):
         target = model.get_parameter(full_layer_name)
         name = full_layer_name.removesuffix(".weight")
         try:
-            weight = self.quantizer.decode(name, parts.get(VALUES_SUFFIX), parts.get(INDICES_SUFFIX))
+            weight = self.hf_quantizer.decode(name, parts.get(VALUES_SUFFIX), parts.get(INDICES_SUFFIX), target.dtype)
         except SparseCheckpointError as err:
             # transformers logs an error raised here and leaves the layer randomly initialised: keep it, and raise it
             # once loading is done (_process_model_after_weight_loading). The zeros are never used.
-            self.quantizer.errors.append(err)
-            weight = torch.zeros(target.shape)
-        return {full_layer_name: weight.to(dtype=target.dtype)}
+            self.hf_quantizer.errors.append(err)
+            weight = torch.zeros(target.shape, dtype=target.dtype)
+        return {full_layer_name: weight}
 
     @property
     def reverse_op(self) -> ConversionOps:
@@ -163,6 +172,13 @@ class HfSparseQuantizer(HfQuantizer):
             )
         ]
 
+    def get_new_dtype(self, converter, param, dtype):
+        # transformers >= 5.2x asks which dtype to read each stored tensor in: _DecodeCompact's as stored (the
+        # checksums are of the stored bytes; it casts the decoded weight itself). 5.17 keeps a renamed key's dtype.
+        if any(isinstance(op, _DecodeCompact) for op in getattr(converter, "operations", ())):
+            return None
+        return super().get_new_dtype(converter, param, dtype)
+
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         meta = getattr(model.config, METADATA_KEY, None)
         config_file = Path(str(model.config.name_or_path)) / "config.json"
@@ -191,8 +207,10 @@ class HfSparseQuantizer(HfQuantizer):
                 ) from None
         return model
 
-    def decode(self, name: str, values: torch.Tensor | None, indices: torch.Tensor | None) -> torch.Tensor:
-        """The checked dense weight of layer `name` from its tensors as stored in the file (on CPU)."""
+    def decode(
+        self, name: str, values: torch.Tensor | None, indices: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The checked dense weight of layer `name`, in `dtype`, from its tensors as stored in the file (on CPU)."""
         if name not in self.layers:
             self.unlisted.append(name)
             raise unlisted_layers_error(self.file, [name], self.config_file)
@@ -206,8 +224,10 @@ class HfSparseQuantizer(HfQuantizer):
             parts = {f".weight{VALUES_SUFFIX}": values, f".weight{INDICES_SUFFIX}": indices}
             verify_checksum(name, parts, self.checksums, self.file)
         check_layer(name, weight, self.n, self.m, self.layers.get(name), self.file)
+        converted = weight.to(dtype)
+        check_converted(name, converted, weight.dtype, self.file)
         self.decoded.add(name)
-        return weight
+        return converted
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.unlisted:

@@ -496,3 +496,19 @@ def test_save_refuses_a_config_that_contradicts_the_recorded_metadata(tiny_qa_mo
     assert not (tmp_path / "config.json").exists() and tiny_qa_model.config.sparsity["criterion"] == "sparsegpt"
     meta = hf_sparse.save_pretrained(tiny_qa_model, tmp_path, config=SparsityConfig(criterion="sparsegpt"))
     assert meta["criterion"] == "sparsegpt"
+
+
+@pytest.mark.parametrize("loader", LOADERS.values(), ids=LOADERS.keys())
+def test_a_value_that_overflows_the_requested_dtype_is_refused(tiny_qa_model, tmp_path, loader):
+    """Before: a bf16 weight beyond float16's range loaded as inf with dtype=torch.float16, through both loaders."""
+    model = tiny_qa_model.to(torch.bfloat16)
+    prune_(model)
+    with torch.no_grad():
+        weight = model.get_submodule(LAYER).weight
+        weight[0, weight[0] != 0] = 1e5  # bf16 holds it; float16 (max 65504) does not
+    hf_sparse.save_pretrained(model, tmp_path, compact=True)
+    assert loader(tmp_path).get_submodule(LAYER).weight.dtype == torch.bfloat16  # as saved: fine
+    # another dtype that holds the values: fine too (the checksums are of the tensors as stored, whatever dtype= says)
+    assert loader(tmp_path, dtype=torch.float32).get_submodule(LAYER).weight[0].abs().max() == 99840  # bf16 1e5
+    with pytest.raises(SparseCheckpointError, match=rf"layer {LAYER} in .*: 32 of its values are beyond the range of"):
+        loader(tmp_path, dtype=torch.float16)

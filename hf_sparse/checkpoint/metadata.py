@@ -216,3 +216,14 @@ def check_layer(name: str, weight: torch.Tensor, n: int, m: int, info: Any, file
             f"at {where}); the weights diverged before saving or the file was changed. Load an earlier checkpoint, or "
             "re-save from a model whose weights are finite."
         )
+
+
+def check_converted(name: str, weight: torch.Tensor, stored: torch.dtype, file: Path | str) -> None:
+    """Refuses a sparse layer that a dtype conversion at load (`from_pretrained(dtype=...)`) made non-finite: a value
+    beyond the new dtype's range (float16: 65504) becomes inf."""
+    finite = torch.isfinite(weight)
+    if not bool(finite.all()):
+        raise SparseCheckpointError(
+            f"layer {name} in {file}: {int((~finite).sum())} of its values are beyond the range of {weight.dtype} "
+            f"and became inf when loaded as {weight.dtype} from {stored}; load with dtype={stored} or torch.float32."
+        )

@@ -23,6 +23,7 @@ from .metadata import (
     METADATA_KEY,
     SparseCheckpointError,
     attach_sparsity_metadata,
+    check_converted,
     check_meta,
     layer_weights,
     with_module_names,
@@ -227,7 +228,7 @@ def from_pretrained(
             f"{file} lacks weights {missing[:5]} that {cls.__name__} needs; the file is incomplete (or pass the "
             "model_class it was saved from)."
         )
-    _check_loaded(model, meta, folder)
+    _check_loaded(model, meta, state, folder)
     # The model in memory is dense whatever the file was: a plain save_pretrained of it writes a dense checkpoint.
     fp8 = meta.get("fp8")
     model.config.sparsity = loaded_metadata(meta)
@@ -237,14 +238,17 @@ def from_pretrained(
     return model
 
 
-def _check_loaded(model: nn.Module, meta: dict, folder: Path) -> None:
-    """Checks that the sparse layers are still N:M in the model built (a dtype given to from_pretrained converts them).
-    Layers offloaded by a `device_map` (their weight on the meta device) are skipped: accelerate serves them from the
-    state dict that `load_state_dict` checked."""
+def _check_loaded(model: nn.Module, meta: dict, state: dict, folder: Path) -> None:
+    """Checks that the sparse layers are still N:M and finite in the model built from `state` (a dtype given to
+    from_pretrained converts them). Layers offloaded by a `device_map` (their weight on the meta device) are skipped:
+    accelerate serves them from the state dict that `load_state_dict` checked."""
     n, m = parse_pattern(meta["sparsity_pattern"])
     for name, weight in layer_weights(model, list(meta["layers"])).items():
-        if weight.device.type != "meta" and groups_over(weight, n, m):
+        if weight.device.type == "meta":
+            continue
+        if groups_over(weight, n, m):
             raise SparseCheckpointError(f"layer {name} is not {n}:{m} after loading {folder} (dtype conversion?).")
+        check_converted(name, weight, state[f"{name}.weight"].dtype, folder)
 
 
 def _swap_fast(model: nn.Module, fp8: dict | None) -> None:
