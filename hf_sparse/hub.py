@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from .checkpoint import CONFIG_NAME, METADATA_KEY, load_state_dict, save_pretrained
+from .checkpoint import CONFIG_NAME, METADATA_KEY, atomic_path, load_state_dict, save_pretrained
 from .config import parse_pattern
 
 logger = logging.getLogger(__name__)
@@ -323,9 +323,13 @@ def write_model_card(folder: str | os.PathLike, **card_kwargs) -> Path:
     folder = Path(folder)
     card = model_card(folder, **card_kwargs)
     plot = card_kwargs.get("benchmark_plot")
+    # Written beside and moved in whole (atomic_path): a failure never leaves a half-written card or plot in place
+    # of the ones the folder had.
     if plot is not None and Path(plot).resolve() != (folder / Path(plot).name).resolve():
-        shutil.copy(plot, folder / Path(plot).name)
-    card.save(str(folder / CARD_NAME))
+        with atomic_path(folder / Path(plot).name) as tmp:
+            shutil.copyfile(plot, tmp)
+    with atomic_path(folder / CARD_NAME) as tmp:
+        card.save(tmp)
     return folder / CARD_NAME
 
 

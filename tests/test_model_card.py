@@ -158,3 +158,18 @@ def test_local_or_generated_data_gets_the_table_but_no_model_index(folder):
     _no_placeholders(text)
     assert "## Evaluation" in text and "synthetic SQuAD-format facts" in text and "87.12" in text
     assert "model-index" not in text and card.data.eval_results is None
+
+
+def test_a_failed_card_write_leaves_the_folder_card_as_it_was(folder, monkeypatch):
+    (folder / "README.md").write_text("the card the folder had\n")
+
+    def fail(self, path):
+        with open(path, "w") as f:
+            f.write("---\nhalf a card")  # a partial write, then the failure
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ModelCard, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_model_card(folder, repo_id="alice/c")
+    assert (folder / "README.md").read_text() == "the card the folder had\n"
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no temporary left behind
