@@ -8,10 +8,11 @@ This package adds:
   pattern, the sparse layers, the criterion, per-layer and total sparsity and the library version;
 - `save_pretrained(model, path, compact=True)` (`pretrained.py`): stores every N:M layer as its kept values plus the
   positions of those values (2 bits each for 2:4), about 56% of the bytes of the fp16 layer, in one safetensors file
-  (`compact.py`; FP8 layers by `compact_fp8.py`), with a `quantization_config` that lets plain `from_pretrained` read
-  it after `import hf_sparse` (see `hf_sparse/quantizer.py`);
+  (`compact.py`; FP8 layers by `compact_fp8.py`) with a sha256 of each layer in `config.json`, and a
+  `quantization_config` that lets plain `from_pretrained` read it after `import hf_sparse` (`hf_sparse/quantizer.py`);
 - `from_pretrained` (`pretrained.py`): loads either format (`standard.py`, `compact.py`) from a folder or a Hub repo
-  and checks that every layer the metadata calls sparse really is N:M, naming the layer and the file when it is not;
+  and checks that every layer the metadata calls sparse really is N:M, finite and, if compact, as saved (its
+  checksum), naming the layer and the file when it is not;
 - `files.py`: saves that never leave a checkpoint half written, and the Trainer checkpoint a run can resume from.
 """
 

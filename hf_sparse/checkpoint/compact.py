@@ -2,9 +2,10 @@
 their packed positions (`packing`), about 56% of the bytes of the fp16 layer for 2:4, and every other tensor is
 stored as saved. Layers the model runs in FP8 are stored by the FP8 codec (`compact_fp8`) in the same file.
 
-`config.json` gets a `quantization_config` that lets plain `from_pretrained` read the file after `import
-hf_sparse` (`hf_sparse.quantizer`), and a `transformers_weights` entry that makes transformers without hf-sparse
-refuse the folder with a message naming hf-sparse."""
+`config.json` records a sha256 of each compact layer's stored tensors (`compact_sha256`), which both loaders verify,
+a `quantization_config` that lets plain `from_pretrained` read the file after `import hf_sparse`
+(`hf_sparse.quantizer`), and a `transformers_weights` entry that makes transformers without hf-sparse refuse the
+folder with a message naming hf-sparse."""
 
 from __future__ import annotations
 
