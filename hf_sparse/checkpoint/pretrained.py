@@ -131,8 +131,9 @@ def load_state_dict(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     """Reads and checks a sparse checkpoint folder (either format) into a dense state dict and its metadata.
 
     Raises:
-        SparseCheckpointError: a sparse layer is missing, not N:M, damaged or disagrees with the metadata (the error
-            names the layer and the file), or a file is truncated.
+        SparseCheckpointError: a sparse layer is missing, not N:M, not finite, changed since saving (compact: its
+            checksum) or disagrees with the metadata (the error names the layer and the file), or a file is
+            truncated.
     """
     folder = Path(folder)
     config_file = folder / CONFIG_NAME
@@ -185,7 +186,9 @@ def from_pretrained(
     """Loads a sparse checkpoint (standard or compact) from a folder or a Hub repo, checking every sparse layer.
 
     Every layer that `config.json`'s sparsity metadata lists is checked to be exactly N:M with the recorded number of
-    zeros; a tampered, truncated or incomplete file raises `SparseCheckpointError` naming the layer and the file.
+    zeros and finite (also after a `dtype` conversion), and a compact layer to match its recorded sha256; a tampered,
+    truncated or incomplete file raises `SparseCheckpointError` naming the layer and the file. A `device_map` may
+    offload layers (to "cpu" or, with `offload_folder`, to "disk").
 
     Args:
         path_or_repo_id: a local folder, or a Hub repo id (downloaded with `huggingface_hub.snapshot_download`).
