@@ -159,8 +159,7 @@ class HfSparseQuantizer(HfQuantizer):
 
     def get_weight_conversions(self) -> list:
         # Every `<layer>.weight.nm_values` / `.nm_indices` pair of the file becomes `<layer>.weight` through
-        # _DecodeCompact; transformers keeps the file's dtype for renamed tensors, so the op sees them as stored.
-        # (transformers 5.17 and later call this; the first versions of 5 had no weight conversions.)
+        # _DecodeCompact, which sees them as stored (see get_new_dtype). transformers 5.17 and later call this.
         from transformers.core_model_loading import WeightConverter
 
         return [
