@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from .checkpoint import CONFIG_NAME, METADATA_KEY, load_state_dict, save_pretrained
+from .checkpoint import CONFIG_NAME, METADATA_KEY, atomic_path, load_state_dict, save_pretrained
 from .config import parse_pattern
 
 logger = logging.getLogger(__name__)
@@ -176,6 +176,15 @@ def _eval_results(sparse_metrics: dict[str, float], task: str | None, dataset: s
     ]
 
 
+def _fp8_description(meta: dict) -> dict | None:
+    """What the card says of a compact checkpoint's FP8 layers (None: it has none): how many, and whether they keep
+    a static input scale."""
+    fp8 = meta.get("fp8") if meta.get("format") == "compact" else None
+    if not isinstance(fp8, dict) or not fp8.get("layers"):
+        return None
+    return {"layers": len(fp8["layers"]), "static": fp8.get("activation_scales") == "static"}
+
+
 def _benchmark_table(benchmark: list[dict[str, Any]] | None, plot) -> tuple[list[str], list[dict[str, str]] | None]:
     """(columns, rows as strings) of the latency table; checks the plot that goes with it."""
     if plot is not None and not benchmark:
@@ -287,6 +296,7 @@ def model_card(
         total_sparsity=meta.get("total_sparsity", 0.0),
         model_sparsity=meta.get("model_sparsity", 0.0),
         compact=meta.get("format") == "compact",
+        fp8=_fp8_description(meta),
         results=rows,
         results_description=" ".join(
             t for t in (f"Measured on {dataset_name or dataset}." if (dataset_name or dataset) else "", training) if t
@@ -317,9 +327,13 @@ def write_model_card(folder: str | os.PathLike, **card_kwargs) -> Path:
     folder = Path(folder)
     card = model_card(folder, **card_kwargs)
     plot = card_kwargs.get("benchmark_plot")
+    # Written beside and moved in whole (atomic_path): a failure never leaves a half-written card or plot in place
+    # of the ones the folder had.
     if plot is not None and Path(plot).resolve() != (folder / Path(plot).name).resolve():
-        shutil.copy(plot, folder / Path(plot).name)
-    card.save(str(folder / CARD_NAME))
+        with atomic_path(folder / Path(plot).name) as tmp:
+            shutil.copyfile(plot, tmp)
+    with atomic_path(folder / CARD_NAME) as tmp:
+        card.save(tmp)
     return folder / CARD_NAME
 
 

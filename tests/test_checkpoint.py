@@ -93,6 +93,7 @@ def test_compact_round_trip_and_size(trained, tmp_path):
     hf_sparse.save_pretrained(half, tmp_path / "dense")
     meta = hf_sparse.save_pretrained(half, tmp_path / "compact", compact=True)
     assert meta["format"] == "compact"
+    assert meta == json.loads((tmp_path / "compact" / "config.json").read_text())["sparsity"]  # what it wrote
     assert sorted(p.name for p in (tmp_path / "compact").iterdir()) == ["config.json", COMPACT_WEIGHTS_NAME]
 
     dense_bytes, compact_bytes = 0, 0
@@ -284,3 +285,230 @@ def test_fast_load_on_gpu_gives_the_dense_answers(saved):
     with torch.no_grad():
         a, b = dense(input_ids=ids), fast(input_ids=ids)
     assert torch.allclose(a.start_logits.float(), b.start_logits.float(), atol=2e-2, rtol=2e-2)
+
+
+def export_fp8(layer, input_scale=0.0625):
+    """Makes `layer` answer the FP8 codec as an FP8 layer does (`compact_fp8_tensors()`): its weight quantized to
+    e4m3 with one scale per row (the CPU quantizes and stores e4m3; only FP8 GEMMs need the GPU)."""
+    weight = layer.weight.detach()
+    scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 448.0  # per-row scales to e4m3's largest value
+    values = (weight / scales[:, None]).to(torch.float8_e4m3fn)
+    layer.compact_fp8_tensors = lambda: (values, scales, input_scale)
+    return values, scales
+
+
+def test_a_layer_exporting_fp8_tensors_is_saved_by_the_fp8_codec(saved, tmp_path):
+    """The FP8 codec asks each layer for its tensors (`compact_fp8_tensors()`), not for its internals: any layer
+    that answers is stored as e4m3 values + positions + row scales + input scale, and loads dequantized."""
+    model = hf_sparse.from_pretrained(saved / "dense")
+    values, scales = export_fp8(model.get_submodule(LAYER))
+    hf_sparse.save_pretrained(model, tmp_path / "fp8", compact=True)
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert config["quantization_config"]["format"].startswith("compact-nm-fp8-")
+    assert config["sparsity"]["fp8"] == {"activation_scales": "static", "layers": [LAYER]}
+    with safe_open(str(tmp_path / "fp8" / COMPACT_WEIGHTS_NAME), "pt") as f:
+        assert f.get_tensor(f"{LAYER}.weight{VALUES_SUFFIX}").dtype == torch.float8_e4m3fn
+    state, meta = hf_sparse.checkpoint.load_state_dict(tmp_path / "fp8")
+    assert torch.equal(state[f"{LAYER}.weight"], values.float() * scales[:, None])
+    assert meta["fp8"]["input_scales"] == {LAYER: 0.0625}
+
+
+# -- checksums of the compact format -------------------------------------------------------------------------------
+
+LOADERS = {"hf_sparse": hf_sparse.from_pretrained, "plain": AutoModelForQuestionAnswering.from_pretrained}
+PAIRS = [(a, b) for a in range(4) for b in range(a + 1, 4)]  # the 2:4 positions a group may hold
+
+
+def _move_positions(packed):
+    """The first group of a 2:4 layer moved to other (valid, increasing) positions: it still decodes to 2:4 with the
+    same zeros, so only a checksum can tell."""
+    byte = int(packed[0])
+    old = (byte & 3, (byte >> 2) & 3)
+    a, b = next(p for p in PAIRS if p != old)
+    packed[0] = (byte & 0xF0) | a | (b << 2)
+
+
+def _nan_value(values):
+    values[0, 0] = float("nan")  # a NaN is a nonzero: still 2:4, the same zeros
+
+
+def _changed_value(values):
+    values[3, 1] = values[3, 1] * 1.5
+
+
+def _tamper(folder, layer, change, part=VALUES_SUFFIX):
+    file = folder / COMPACT_WEIGHTS_NAME
+    tensors = load_file(file)
+    change(tensors[f"{layer}.weight{part}"])
+    save_file(tensors, file, metadata={"format": "pt"})
+    return file
+
+
+TAMPERS = {
+    "moved-positions": (_move_positions, INDICES_SUFFIX),
+    "nan-value": (_nan_value, VALUES_SUFFIX),
+    "changed-value": (_changed_value, VALUES_SUFFIX),
+}
+
+
+@pytest.mark.parametrize("loader", LOADERS.values(), ids=LOADERS.keys())
+def test_a_loaded_model_keeps_no_checksums_of_the_file_it_came_from(saved, loader, tmp_path):
+    config = json.loads((saved / "compact" / "config.json").read_text())
+    assert set(config["sparsity"]["compact_sha256"]) == set(config["sparsity"]["layers"])
+    loaded = loader(saved / "compact")
+    assert loaded.config.sparsity["format"] == "dense" and "compact_sha256" not in loaded.config.sparsity
+    loaded.save_pretrained(tmp_path / "resaved")  # a standard checkpoint, whose metadata says only that
+    assert "compact_sha256" not in json.loads((tmp_path / "resaved" / "config.json").read_text())["sparsity"]
+
+
+@pytest.mark.parametrize("tamper", TAMPERS.values(), ids=TAMPERS.keys())
+@pytest.mark.parametrize("loader", LOADERS.values(), ids=LOADERS.keys())
+def test_changed_values_or_positions_are_refused_naming_file_and_layer(saved, loader, tamper):
+    change, part = tamper
+    file = _tamper(saved / "compact", LAYER, change, part)  # before checksums: loaded silently by both loaders
+    with pytest.raises(SparseCheckpointError, match=rf"layer {LAYER} in {file}: its stored values.* not those saved"):
+        loader(saved / "compact")
+
+
+@pytest.mark.parametrize("loader", LOADERS.values(), ids=LOADERS.keys())
+def test_a_nan_value_is_refused_even_with_its_checksum_recomputed(saved, loader):
+    from hf_sparse.checkpoint.compact import layer_checksum, layer_parts
+
+    file = _tamper(saved / "compact", LAYER, _nan_value)
+    tensors = load_file(file)
+    config_file = saved / "compact" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["sparsity"]["compact_sha256"][LAYER] = layer_checksum(layer_parts(tensors, tensors.get, LAYER))
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(SparseCheckpointError, match=rf"layer {LAYER} in {file} holds 1 values that are not finite"):
+        loader(saved / "compact")
+
+
+def test_the_fp8_format_refuses_changed_values_positions_and_scales(saved, tmp_path):
+    model = hf_sparse.from_pretrained(saved / "dense")
+    export_fp8(model.get_submodule(LAYER))
+    hf_sparse.save_pretrained(model, tmp_path / "fp8", compact=True)
+    pristine = load_file(tmp_path / "fp8" / COMPACT_WEIGHTS_NAME)
+
+    def e4m3_bit(v):
+        v.view(torch.uint8)[2, 0] ^= 1  # the lowest mantissa bit of one e4m3 value
+
+    changes = {
+        f"{LAYER}.weight{VALUES_SUFFIX}": e4m3_bit,
+        f"{LAYER}.weight{INDICES_SUFFIX}": _move_positions,
+        f"{LAYER}.weight.fp8_scale": lambda s: s.mul_(2.0),  # still finite and positive
+        f"{LAYER}.fp8_input_scale": lambda s: s.fill_(0.125),
+    }
+    for key, change in changes.items():  # before checksums: each loaded silently
+        tensors = {k: v.clone() for k, v in pristine.items()}
+        change(tensors[key])
+        save_file(tensors, tmp_path / "fp8" / COMPACT_WEIGHTS_NAME)
+        with pytest.raises(SparseCheckpointError, match=rf"layer {LAYER} in .*: its stored values.* not those saved"):
+            hf_sparse.from_pretrained(tmp_path / "fp8")
+
+
+def _as_version_1(folder):
+    """The folder as hf-sparse wrote it before checksums (compact-nm-v1, no compact_sha256)."""
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["sparsity"]["compact_sha256"]
+    config["quantization_config"]["format"] = "compact-nm-v1"
+    config_file.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("loader", LOADERS.values(), ids=LOADERS.keys())
+def test_a_folder_from_before_checksums_loads_with_a_warning(saved, loader, caplog):
+    _as_version_1(saved / "compact")
+    with caplog.at_level("WARNING", logger="hf_sparse"):
+        loaded = loader(saved / "compact")
+    assert "without checksums" in caplog.text and "save_pretrained(model, folder, compact=True)" in caplog.text
+    reference = hf_sparse.from_pretrained(saved / "dense")
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    _tamper(saved / "compact", LAYER, _nan_value)  # what the structure checks still refuse
+    with pytest.raises(SparseCheckpointError, match=rf"layer {LAYER} .* not finite"):
+        loader(saved / "compact")
+
+
+@pytest.mark.parametrize("loader", LOADERS.values(), ids=LOADERS.keys())
+def test_edited_checksum_records_are_refused(saved, loader):
+    config_file = saved / "compact" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["sparsity"]["compact_sha256"][LAYER]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(SparseCheckpointError, match=rf"layer {LAYER}: compact_sha256 .* records no checksum for it"):
+        loader(saved / "compact")
+    del config["sparsity"]["compact_sha256"]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(SparseCheckpointError, match=r"compact-nm-v2 checkpoint records a checksum .* is missing"):
+        loader(saved / "compact")
+    config["quantization_config"]["format"] = "compact-nm-v9"
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(SparseCheckpointError, match=r"format 'compact-nm-v9' is not one this hf-sparse reads"):
+        loader(saved / "compact")
+
+
+@pytest.mark.parametrize("loader", LOADERS.values(), ids=LOADERS.keys())
+def test_a_compact_layer_the_metadata_omits_is_refused_naming_it(saved, loader):
+    """Before: plain from_pretrained left the omitted layer randomly initialised (only its load report said so)."""
+    config_file = saved / "compact" / "config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("layers", "compact_sha256"):
+        del config["sparsity"][key][LAYER]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(SparseCheckpointError, match=rf"holds compact layers \['{LAYER}'\] that .*does not list"):
+        loader(saved / "compact")
+
+
+def _compile_prefixed(layers):
+    """Layer names as a torch.compile'd model records them (its modules live under `_orig_mod`)."""
+    return {f"_orig_mod.{name}": info for name, info in layers.items()}
+
+
+def test_layer_names_recorded_through_torch_compile_load_and_save_compact(saved, tmp_path):
+    """Before: hf_sparse.from_pretrained refused such a folder (tensor _orig_mod....weight missing), compact saving
+    failed (no module named _orig_mod....) and plain from_pretrained of a compact one named a layer it lacks."""
+    for fmt in ("dense", "compact"):
+        config_file = saved / fmt / "config.json"
+        config = json.loads(config_file.read_text())
+        names = set(config["sparsity"]["layers"])
+        config["sparsity"]["layers"] = _compile_prefixed(config["sparsity"]["layers"])
+        if fmt == "compact":
+            config["sparsity"]["compact_sha256"] = _compile_prefixed(config["sparsity"]["compact_sha256"])
+        config_file.write_text(json.dumps(config))
+        for load in LOADERS.values() if fmt == "compact" else [hf_sparse.from_pretrained]:
+            loaded = load(saved / fmt)
+            assert set(loaded.config.sparsity["layers"]) == names  # as the model names them
+    model = hf_sparse.from_pretrained(saved / "dense")
+    model.config.sparsity["layers"] = _compile_prefixed(model.config.sparsity["layers"])  # as the callback recorded
+    meta = hf_sparse.save_pretrained(model, tmp_path / "compact", compact=True)
+    assert set(meta["layers"]) == names
+    written = json.loads((tmp_path / "compact" / "config.json").read_text())["sparsity"]
+    assert set(written["layers"]) == set(written["compact_sha256"]) == names
+
+
+def test_save_refuses_a_config_that_contradicts_the_recorded_metadata(tiny_qa_model, tmp_path):
+    """Before: the config's criterion silently replaced the recorded one in config.json (and so in the card)."""
+    prune_(tiny_qa_model)
+    tiny_qa_model.config.sparsity["criterion"] = "sparsegpt"  # as recorded by a SparseGPT prune_
+    with pytest.raises(ValueError, match=r"records criterion='sparsegpt' .* says 'magnitude'; nothing was saved"):
+        hf_sparse.save_pretrained(tiny_qa_model, tmp_path, config=SparsityConfig())
+    assert not (tmp_path / "config.json").exists() and tiny_qa_model.config.sparsity["criterion"] == "sparsegpt"
+    meta = hf_sparse.save_pretrained(tiny_qa_model, tmp_path, config=SparsityConfig(criterion="sparsegpt"))
+    assert meta["criterion"] == "sparsegpt"
+
+
+@pytest.mark.parametrize("loader", LOADERS.values(), ids=LOADERS.keys())
+def test_a_value_that_overflows_the_requested_dtype_is_refused(tiny_qa_model, tmp_path, loader):
+    """Before: a bf16 weight beyond float16's range loaded as inf with dtype=torch.float16, through both loaders."""
+    model = tiny_qa_model.to(torch.bfloat16)
+    prune_(model)
+    with torch.no_grad():
+        weight = model.get_submodule(LAYER).weight
+        weight[0, weight[0] != 0] = 1e5  # bf16 holds it; float16 (max 65504) does not
+    hf_sparse.save_pretrained(model, tmp_path, compact=True)
+    assert loader(tmp_path).get_submodule(LAYER).weight.dtype == torch.bfloat16  # as saved: fine
+    # another dtype that holds the values: fine too (the checksums are of the tensors as stored, whatever dtype= says)
+    assert loader(tmp_path, dtype=torch.float32).get_submodule(LAYER).weight[0].abs().max() == 99840  # bf16 1e5
+    with pytest.raises(SparseCheckpointError, match=rf"layer {LAYER} in .*: 32 of its values are beyond the range of"):
+        loader(tmp_path, dtype=torch.float16)

@@ -53,7 +53,7 @@ def _fail_encode(monkeypatch, model):
     def fail(*args, **kwargs):
         raise Failure("encode")
 
-    monkeypatch.setattr(checkpoint, "compact_encode", fail)
+    monkeypatch.setattr(checkpoint.compact, "compact_encode", fail)
 
 
 def _fail_save_file(monkeypatch, model):
@@ -61,7 +61,7 @@ def _fail_save_file(monkeypatch, model):
         Path(path).write_bytes(b"half")
         raise Failure("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", fail)
+    monkeypatch.setattr(checkpoint.compact, "save_file", fail)
 
 
 def _fail_moving(name):

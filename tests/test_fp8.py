@@ -438,7 +438,8 @@ def _fp8_checkpoint(folder, static=True):
     """A compact FP8 checkpoint written as save_pretrained writes one for a model swapped with fp8=..., from e4m3
     values quantized here (the CPU has no e4m3 kernels, but it quantizes and stores them)."""
     from hf_sparse import SparsityConfig
-    from hf_sparse.checkpoint import _to_compact, attach_sparsity_metadata
+    from hf_sparse.checkpoint import attach_sparsity_metadata
+    from hf_sparse.checkpoint.compact import write_compact
 
     model = pruned_tiny_model()
     meta = attach_sparsity_metadata(model, SparsityConfig())
@@ -448,7 +449,7 @@ def _fp8_checkpoint(folder, static=True):
         values, scales = quantize_weight(model.get_submodule(name).weight, per_tensor=static)
         fp8[name] = (values, scales, 0.05 if static else None)
         expected[name] = values.float() * scales[:, None]
-    _to_compact(folder, meta, fp8)
+    write_compact(folder, meta, fp8)
     return model, expected
 
 
@@ -472,7 +473,7 @@ def test_compact_fp8_checkpoint_stores_e4m3_values_positions_and_scales(tmp_path
     dense_bytes = model.get_submodule(name).weight.numel() * 2  # the fp16 layer
     assert stored / dense_bytes == 0.3125  # e4m3 values (0.25) + 2-bit positions (0.0625), then 4 bytes per row
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["quantization_config"]["format"] == "compact-nm-fp8-v1"
+    assert config["quantization_config"]["format"] == "compact-nm-fp8-v2"
     assert config["sparsity"]["fp8"]["activation_scales"] == ("static" if static else "dynamic")
     state, meta = load_state_dict(tmp_path)
     for layer, weight in expected.items():

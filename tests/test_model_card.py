@@ -114,6 +114,26 @@ def test_card_links_and_code_work_as_written(folder, tmp_path):
                 assert torch.equal(loaded.state_dict()[key], tensor), (path, key)
 
 
+def test_an_fp8_compact_card_loads_it_the_one_way_that_works(folder, tmp_path):
+    """Before: the card of an FP8 compact folder showed plain from_pretrained after `import hf_sparse`, which
+    refuses FP8 folders, and described the layers as kept values plus positions only."""
+    from tests.test_checkpoint import LAYER, export_fp8
+
+    model = hf_sparse.from_pretrained(folder)
+    export_fp8(model.get_submodule(LAYER))
+    hf_sparse.save_pretrained(model, tmp_path / "fp8", compact=True)
+    expected = hf_sparse.from_pretrained(tmp_path / "fp8").state_dict()
+    text = str(model_card(tmp_path / "fp8", repo_id=str(tmp_path / "fp8")))
+    _no_placeholders(text)
+    assert "1 of them in FP8" in text and "e4m3" in text and "scale per row" in text
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks and not any("from transformers import" in block for block in blocks)
+    for block in blocks:  # every snippet of the card runs as written
+        namespace: dict = {}
+        exec(block.replace(", fast=True)", ")  # fast=True: GPU only"), namespace)  # noqa: S102
+        assert all(torch.equal(namespace["model"].state_dict()[k], v) for k, v in expected.items())
+
+
 def test_bad_inputs_are_named(folder, tmp_path):
     with pytest.raises(ValueError, match=r"metrics\['sparse'\]\['f1'\] must be a finite number; got 'high'"):
         model_card(folder, dataset="d", metrics={"sparse": {"f1": "high"}})
@@ -138,3 +158,18 @@ def test_local_or_generated_data_gets_the_table_but_no_model_index(folder):
     _no_placeholders(text)
     assert "## Evaluation" in text and "synthetic SQuAD-format facts" in text and "87.12" in text
     assert "model-index" not in text and card.data.eval_results is None
+
+
+def test_a_failed_card_write_leaves_the_folder_card_as_it_was(folder, monkeypatch):
+    (folder / "README.md").write_text("the card the folder had\n")
+
+    def fail(self, path):
+        with open(path, "w") as f:
+            f.write("---\nhalf a card")  # a partial write, then the failure
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ModelCard, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_model_card(folder, repo_id="alice/c")
+    assert (folder / "README.md").read_text() == "the card the folder had\n"
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no temporary left behind
