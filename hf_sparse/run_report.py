@@ -45,6 +45,7 @@ def environment() -> dict[str, Any]:
         "huggingface_hub": huggingface_hub.__version__,
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "gpu": None,
     }
     if torch.cuda.is_available():

@@ -158,6 +158,8 @@ class RecipeArguments:
     fp16_eval: bool = field(
         default=True, metadata={"help": "Evaluate in fp16 on a GPU, as the tutorial does (fp32 on a CPU)."}
     )
+    cpu_threads: int | None = field(default=None, metadata={"help": "torch's CPU threads (torch.set_num_threads, over "
+                                    "OMP_NUM_THREADS); offline.yaml: 1. Default: torch's choice."})  # fmt: skip
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start over: delete the stages, checkpoints and report an earlier run left in --output_dir "
@@ -316,6 +318,8 @@ def prepare(args: RecipeArguments, sparsity, training_args: TrainingArguments) -
     any, whose stages must have run with the same arguments)."""
     check_arguments(args)
     check_sources(args)
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
     report = PLAN.open((args, sparsity, training_args), start_over=args.overwrite_output_dir,
                        title=f"2:4 sparsity, {_data_name(args)}",
                        arguments={"recipe": dataclasses.asdict(args), "sparsity": sparsity.to_dict()})  # fmt: skip

@@ -28,10 +28,11 @@ def load_recipe():
     return module
 
 
-def run(args, launcher=(sys.executable,)):
+def run(args, launcher=(sys.executable,), **env):
     result = subprocess.run(
-        [*launcher, str(RECIPE), *args], env=subprocess_env(), capture_output=True, text=True, timeout=HANG_TIMEOUT
-    )
+        [*launcher, str(RECIPE), *args], env={**subprocess_env(), **env}, capture_output=True, text=True,
+        timeout=HANG_TIMEOUT,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
 
@@ -64,8 +65,9 @@ def check_report(output_dir, min_dense_f1):
 
 @pytest.mark.slow
 def test_embedded_default_runs_offline_and_reports_every_stage(tmp_path):
-    result = run(["--output_dir", str(tmp_path), "--disable_tqdm", "true"])
+    result = run(["--output_dir", str(tmp_path), "--disable_tqdm", "true"], OMP_NUM_THREADS="2")
     report = check_report(tmp_path, min_dense_f1=50.0)
+    assert report["environment"]["torch_threads"] == 1  # offline.yaml's cpu_threads, over OMP_NUM_THREADS
     assert (report["stages"]["dense"]["train_steps"], report["stages"]["sparse"]["train_steps"]) == (1200, 300)
     assert "different lengths" in (tmp_path / "report.md").read_text()
     check_console(result)
@@ -183,6 +185,7 @@ def test_offline_defaults_come_from_offline_yaml():
     args, sparsity, training = recipe.parse_args([])
     assert (training.max_steps, training.learning_rate, args.recovery_max_steps) == (1200, 1e-3, 300)
     assert (args.max_seq_length, args.doc_stride, training.output_dir) == (48, 16, "runs/squad_24")
+    assert args.cpu_threads == 1
 
 
 def test_tutorial_preset_offline_fails_at_once_saying_what_to_pass(tmp_path):
