@@ -7,10 +7,7 @@ import torch.nn.functional as F
 
 from hf_sparse.inference import cusparselt
 from hf_sparse.masks import nm_mask
-
-needs_gpu = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs an NVIDIA GPU with cuSPARSELt (2:4 kernels do not run on the CPU)"
-)
+from tests.conftest import needs_gpu
 
 
 def test_binding_is_unavailable_without_a_gpu_and_import_stays_cheap():
@@ -42,7 +39,6 @@ def rel_error(a, b):
 
 
 @needs_gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(768, 768), (2304, 768), (768, 3072)])
@@ -64,7 +60,6 @@ def test_plans_equal_torch_bit_for_bit_and_the_masked_dense_layer(dtype, bias, s
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_an_algorithm_id_past_the_last_is_refused_before_it_runs():
     w, x, b, packed = problem(768, 768, 64)
     last = cusparselt.max_alg_id(768, 768, 64, torch.float16, bias=b)
@@ -76,7 +71,6 @@ def test_an_algorithm_id_past_the_last_is_refused_before_it_runs():
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_many_shapes_in_one_process_and_plans_are_kept():
     cache = cusparselt.PlanCache(max_plans=8)
     for i, (out_f, in_f) in enumerate([(64, 64), (128, 64), (64, 256), (768, 768), (3072, 768), (768, 3072)]):
@@ -94,7 +88,6 @@ def test_many_shapes_in_one_process_and_plans_are_kept():
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_swapped_model_eager_graphs_and_compile_agree(tmp_path):
     from hf_sparse import cuda_graphs, restore_dense_, swap_to_semi_structured_
     from hf_sparse.inference import Autotuner
@@ -128,7 +121,6 @@ def test_swapped_model_eager_graphs_and_compile_agree(tmp_path):
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_an_algorithm_that_faults_costs_the_child_not_this_process(tmp_path, monkeypatch, caplog):
     from hf_sparse.inference import Autotuner, tuning
 

@@ -12,7 +12,7 @@ from hf_sparse.inference import cutlass
 from hf_sparse.inference.autotune import GemmChoice, Plan
 from hf_sparse.inference.fp8 import GeluInEpilogue, is_exact_gelu
 from hf_sparse.inference.swap import _cutlass_units, _decide, _decide_cutlass, _units, restore_dense_
-from tests.conftest import tiny_bert_config
+from tests.conftest import needs_cutlass, tiny_bert_config
 from tests.test_autotune import FakeTimings
 
 
@@ -166,11 +166,6 @@ def test_without_a_gpu_the_library_is_refused_before_anything_compiles(monkeypat
 
 # -- the kernels (sm_90 GPU) -----------------------------------------------------------------------------------------
 
-_PROBLEM = cutlass.device_problem() if torch.cuda.is_available() else "no CUDA GPU"
-needs_cutlass = pytest.mark.skipif(
-    _PROBLEM is not None, reason=f"needs an sm_90 GPU (H100, H200), nvcc and nvidia-cutlass: {_PROBLEM}"
-)
-
 
 def two_four(out_features, in_features, seed=0):
     from hf_sparse.masks import nm_mask
@@ -185,7 +180,6 @@ def rel_error(a, b):
 
 
 @needs_cutlass
-@pytest.mark.gpu
 @pytest.mark.parametrize("gelu", [False, True])
 def test_every_configuration_matches_the_masked_dense_gemm(gelu):
     w, b = two_four(512, 256)
@@ -204,7 +198,6 @@ def test_every_configuration_matches_the_masked_dense_gemm(gelu):
 
 
 @needs_cutlass
-@pytest.mark.gpu
 def test_layer_runs_fused_and_dense_plans_graphs_compile_and_checkpoints():
     from hf_sparse.inference.cutlass_linear import CutlassSparseLinear
 
@@ -244,7 +237,6 @@ def test_layer_runs_fused_and_dense_plans_graphs_compile_and_checkpoints():
 
 
 @needs_cutlass
-@pytest.mark.gpu
 @pytest.mark.parametrize("on_cutlass", [True, False])
 def test_swap_runs_gelu_in_the_epilogue_and_restores_exactly(on_cutlass):
     model = bert().to("cuda", torch.float16)
@@ -276,7 +268,6 @@ def test_swap_runs_gelu_in_the_epilogue_and_restores_exactly(on_cutlass):
 
 
 @needs_cutlass
-@pytest.mark.gpu
 @pytest.mark.parametrize("isolate", [False, True])
 def test_autotuner_times_the_configurations_against_dense_and_gelu(tmp_path, isolate):
     from hf_sparse.inference import Autotuner

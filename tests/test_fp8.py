@@ -10,12 +10,8 @@ from hf_sparse.inference.fp8 import Fp8Config, GeluInEpilogue, calibrate_input_s
 from hf_sparse.inference.quantization import E4M3, quantize_rows, quantize_static, quantize_weight
 from hf_sparse.inference.swap import DEFAULT_FUSE_GROUPS, _decide_fp8, _decide_gelu, _gelu_blocks, _units
 from hf_sparse.masks import is_nm
+from tests.conftest import needs_fp8_gpu
 from tests.test_inference import assert_untouched, pruned_tiny_model, rel_error, snapshot
-
-needs_fp8_gpu = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
-    reason="needs an NVIDIA GPU of compute capability 8.9 or newer (FP8 tensor cores); none here",
-)
 
 # -- CPU: numerics, configuration, choices ----------------------------------------------------------------------------
 
@@ -263,7 +259,6 @@ def _inputs(batch=2, seq=64, seed=0):
 
 
 @needs_fp8_gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("static", [False, True])
 def test_fp8_layer_matches_the_masked_dense_layer(sparse, static):
@@ -292,7 +287,6 @@ def test_fp8_layer_matches_the_masked_dense_layer(sparse, static):
 
 
 @needs_fp8_gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("activation_scales", ["dynamic", "static"])
 def test_fp8_swap_graphs_compile_and_checkpoint(tmp_path, activation_scales):
     from tests.test_inference import quick_tuner
@@ -355,7 +349,6 @@ def test_fp8_swap_graphs_compile_and_checkpoint(tmp_path, activation_scales):
 
 
 @needs_fp8_gpu
-@pytest.mark.gpu
 def test_gelu_in_the_epilogue_writes_the_next_layers_e4m3_input():
     from hf_sparse.inference.fp8 import Fp8Linear
     from hf_sparse.masks import nm_mask
@@ -398,7 +391,6 @@ def test_gelu_in_the_epilogue_writes_the_next_layers_e4m3_input():
 
 
 @needs_fp8_gpu
-@pytest.mark.gpu
 def test_the_autotuner_times_fp8_2_4_dense_fp8_and_fp16_in_a_child_process(tmp_path):
     from hf_sparse.inference import Autotuner
 
@@ -507,7 +499,6 @@ def test_compact_fp8_checkpoint_damage_is_named_and_plain_from_pretrained_refuse
 
 
 @needs_fp8_gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("activation_scales", ["static", "dynamic"])
 def test_an_fp8_model_saves_compact_and_loads_fast_as_the_same_model(tmp_path, activation_scales):
     import hf_sparse
@@ -542,7 +533,6 @@ def test_an_fp8_model_saves_compact_and_loads_fast_as_the_same_model(tmp_path, a
 
 
 @needs_fp8_gpu
-@pytest.mark.gpu
 def test_new_weights_after_a_capture_run_with_their_new_scales():
     # Not yet run on a GPU (written after the session's device time was spent): static scales live in the
     # captured launch as a host value, so loading new weights must drop the graphs that hold the old one.

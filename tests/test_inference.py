@@ -20,12 +20,8 @@ from hf_sparse.inference.swap import (
     _times,
     _units,
 )
-from tests.conftest import tiny_bert_config
+from tests.conftest import needs_gpu, tiny_bert_config
 from tests.test_autotune import FakeTimings
-
-needs_gpu = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs an NVIDIA GPU with cuSPARSELt (2:4 kernels do not run on the CPU)"
-)
 
 
 def pruned_tiny_model(**overrides):
@@ -327,7 +323,6 @@ def rel_error(a, b):
 
 
 @needs_gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("fallback", ["copy", "none"])
@@ -366,7 +361,6 @@ def _dense_twin(model):
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_compressed_weights_decompress_exactly_and_use_less_memory(tmp_path):
     model = gpu_model()
     dense = {k: v.clone() for k, v in model.state_dict().items()}
@@ -379,7 +373,6 @@ def test_compressed_weights_decompress_exactly_and_use_less_memory(tmp_path):
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_swapped_model_saves_an_ordinary_checkpoint(tmp_path):
     from safetensors.torch import load_file
     from transformers import BertForQuestionAnswering
@@ -406,7 +399,6 @@ def test_swapped_model_saves_an_ordinary_checkpoint(tmp_path):
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_autotune_runs_dense_when_dense_is_faster(tmp_path):
     import torch.nn.functional as F
 
@@ -430,7 +422,6 @@ def test_autotune_runs_dense_when_dense_is_faster(tmp_path):
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_cuda_graphs_match_eager(tmp_path):
     from hf_sparse import cuda_graphs
 
@@ -450,7 +441,6 @@ def test_cuda_graphs_match_eager(tmp_path):
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_compiled_swapped_model_has_no_graph_breaks_and_matches_eager(tmp_path):
     from torch._dynamo.utils import counters
 
@@ -471,7 +461,6 @@ def test_compiled_swapped_model_has_no_graph_breaks_and_matches_eager(tmp_path):
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_fp32_gpu_model_is_refused_and_left_usable():
     model = pruned_tiny_model(**GPU_CONFIG).to("cuda")
     before = snapshot(model)
@@ -481,7 +470,6 @@ def test_fp32_gpu_model_is_refused_and_left_usable():
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_swap_at_end_swaps_on_a_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_SPARSE_CACHE", str(tmp_path / "tune.json"))
     import hf_sparse.inference.autotune as autotune
@@ -504,7 +492,6 @@ def test_swap_at_end_swaps_on_a_gpu(tmp_path, monkeypatch):
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_a_swapped_model_graphs_its_own_inference_calls_safely(tmp_path, caplog):
     from hf_sparse import cuda_graphs
 
@@ -546,7 +533,6 @@ def test_a_swapped_model_graphs_its_own_inference_calls_safely(tmp_path, caplog)
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_a_forward_that_cannot_be_captured_runs_plainly_with_a_warning(caplog):
     class Syncs(nn.Module):
         def __init__(self):
