@@ -10,8 +10,9 @@ from torch import nn
 from hf_sparse import prune_, swap_to_semi_structured_
 from hf_sparse.inference import cutlass
 from hf_sparse.inference.autotune import GemmChoice, Plan
-from hf_sparse.inference.fp8 import GeluInEpilogue, is_exact_gelu
-from hf_sparse.inference.swap import _cutlass_units, _decide, _decide_cutlass, _units, restore_dense_
+from hf_sparse.inference.layers import GeluInEpilogue
+from hf_sparse.inference.swap import _cutlass_units, _decide, _decide_cutlass, restore_dense_
+from hf_sparse.inference.units import find_units, is_exact_gelu
 from tests.conftest import needs_cutlass, tiny_bert_config
 from tests.test_autotune import FakeTimings
 
@@ -49,7 +50,7 @@ def bert(hidden_act="gelu", **overrides):
 
 def intermediate_unit(model):
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    units, _ = _units(model, linears, [])
+    units, _ = find_units(model, linears, [])
     index = next(i for i, u in enumerate(units) if u.name.endswith("0.intermediate.dense"))
     return index, units
 

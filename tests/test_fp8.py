@@ -6,9 +6,11 @@ from torch import nn
 
 from hf_sparse import swap_to_semi_structured_
 from hf_sparse.inference.autotune import GemmChoice, Plan
-from hf_sparse.inference.fp8 import Fp8Config, GeluInEpilogue, calibrate_input_scales, fp8_support_problem
+from hf_sparse.inference.fp8 import Fp8Config, calibrate_input_scales, fp8_support_problem
+from hf_sparse.inference.layers import GeluInEpilogue
 from hf_sparse.inference.quantization import E4M3, quantize_rows, quantize_static, quantize_weight
-from hf_sparse.inference.swap import DEFAULT_FUSE_GROUPS, _decide_fp8, _decide_gelu, _gelu_blocks, _units
+from hf_sparse.inference.swap import _decide_fp8, _decide_gelu, _gelu_blocks
+from hf_sparse.inference.units import DEFAULT_FUSE_GROUPS, find_units
 from hf_sparse.masks import is_nm
 from tests.conftest import needs_fp8_gpu
 from tests.test_inference import assert_untouched, pruned_tiny_model, rel_error, snapshot
@@ -115,7 +117,7 @@ class _Measured:
 def test_each_layer_takes_the_fastest_of_fp8_2_4_fp8_dense_and_fp16(times, status):
     model = pruned_tiny_model(hidden_size=64, intermediate_size=128)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith("intermediate.dense")}
-    units, _ = _units(model, linears, ())
+    units, _ = find_units(model, linears, ())
     decision = _decide_fp8(units[0], _Measured(times), list(times), Fp8Config("dynamic"))
     assert decision.status == status
     assert "GEMM speed over fp16 by tokens" in decision.reason and "1536: 2:4" in decision.reason
@@ -132,14 +134,14 @@ def test_a_layer_whose_fp8_timings_are_missing_stays_fp16_and_says_why():
 
     model = pruned_tiny_model(hidden_size=64, intermediate_size=128)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith("output.dense")}
-    units, _ = _units(model, linears, ())
+    units, _ = find_units(model, linears, ())
     decision = _decide_fp8(units[0], _Died({}), [1536, 6144], Fp8Config("dynamic"))
     assert decision.status == "dense" and "not measured (tuning process died)" in decision.reason
 
 
 def _blocks(model):
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    units, _ = _units(model, linears, DEFAULT_FUSE_GROUPS)
+    units, _ = find_units(model, linears, DEFAULT_FUSE_GROUPS)
     return units, _gelu_blocks(model, units)
 
 

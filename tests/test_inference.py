@@ -11,15 +11,8 @@ from hf_sparse.inference.autotune import Plan
 from hf_sparse.inference.cuda_graphs import EagerGraphs, _clone_output, _signature
 from hf_sparse.inference.cutlass_linear import CutlassSparseLinear
 from hf_sparse.inference.layers import SemiStructuredLinear, support_problem
-from hf_sparse.inference.swap import (
-    DEFAULT_FUSE_GROUPS,
-    LayerSwap,
-    SwapReport,
-    _budget_dense_copies,
-    _decide,
-    _times,
-    _units,
-)
+from hf_sparse.inference.swap import LayerSwap, SwapReport, _budget_dense_copies, _decide, _times
+from hf_sparse.inference.units import DEFAULT_FUSE_GROUPS, find_units
 from tests.conftest import needs_gpu, tiny_bert_config
 from tests.test_autotune import FakeTimings
 
@@ -112,7 +105,7 @@ def test_units_fuse_query_key_value_of_2_4_layers_only():
     with torch.no_grad():
         model.bert.encoder.layer[1].attention.self.key.weight.fill_(1.0)  # breaks 2:4: no fusion in layer 1
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    units, not_nm = _units(model, linears, [("query", "key", "value")])
+    units, not_nm = find_units(model, linears, [("query", "key", "value")])
     names = [u.name for u in units]
     assert names[0] == "bert.encoder.layer.0.attention.self.{query,key,value}"
     assert units[0].shape == (192, 64)
@@ -126,7 +119,7 @@ def test_units_fuse_query_key_value_of_2_4_layers_only():
 def test_decisions_follow_the_timings():
     model = pruned_tiny_model(hidden_size=64, intermediate_size=128)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    units, _ = _units(model, linears, [])
+    units, _ = find_units(model, linears, [])
     unit = units[0]  # 64x64
     tuner = FakeTimings(cache_path=False, sparse_from=4096)  # dense below 4096 tokens, sparse from there on
 
@@ -155,7 +148,7 @@ def test_decisions_follow_the_timings():
 def test_auto_fallback_keeps_dense_copies_within_the_dense_bytes():
     model = pruned_tiny_model(hidden_size=64, intermediate_size=128)  # per layer: 192x64, 64x64, 128x64, 64x128
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    units, _ = _units(model, linears, DEFAULT_FUSE_GROUPS)
+    units, _ = find_units(model, linears, DEFAULT_FUSE_GROUPS)
     tuner = FakeTimings(cache_path=False, sparse_from=4096)  # every unit: dense wins at 1536 tokens, sparse at 98304
     decisions = [_decide(u, tuner, [1536, 98304], "auto") for u in units]
     assert all(d.mixed for d in decisions)
@@ -178,7 +171,7 @@ def test_decisions_keep_misaligned_shapes_dense():
     layer = nn.Linear(40, 24)  # 24 output rows: not a multiple of 16
     with torch.no_grad():
         layer.weight.mul_(torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(10))
-    units, _ = _units(nn.Sequential(layer), {"0": layer}, [])
+    units, _ = find_units(nn.Sequential(layer), {"0": layer}, [])
     decision = _decide(units[0], FakeTimings(cache_path=False), [64], "copy")
     assert decision.status == "dense" and "multiples of 16" in decision.reason and "24x40" in decision.reason
 

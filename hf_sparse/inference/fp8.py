@@ -427,41 +427,6 @@ class Fp8Linear(SwappedLinear):
         GENERATION[0] += 1  # a CUDA graph holds the old alpha (a host value baked into the captured launch)
 
 
-GELU_TYPES = frozenset(
-    {"GELU", "GELUActivation", "NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation",
-     "AccurateGELUActivation"}
-)  # fmt: skip
-"""Activation module types that are GELU (exact or tanh-approximated: in an e4m3 output, whose rounding step is 6%,
-the two differ by at most 5e-4): the ones whose layer can run them in its epilogue."""
-
-
-def is_gelu(module: nn.Module) -> bool:
-    """Whether `module` is a GELU activation (`GELU_TYPES`; not clipped or sigmoid-approximated variants)."""
-    return type(module).__name__ in GELU_TYPES and not isinstance(module, GeluInEpilogue)
-
-
-class GeluInEpilogue(nn.Module):
-    """Stands where a GELU module was, after a layer that applies GELU in its GEMM's epilogue. After an `Fp8Linear`
-    it passes that layer's e4m3 output through unchanged and applies the original activation to anything else (so a
-    call that does not come from the fused layer stays right); after a `CutlassSparseLinear` (`passes_all`), whose output
-    is float16, it passes every input through (the block calls it only on that layer's output). `restore_dense_` puts
-    the original back."""
-
-    def __init__(self, original: nn.Module, passes_all: bool = False):
-        super().__init__()
-        self.original = original
-        self.passes_all = passes_all
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x if (self.passes_all or x.dtype == E4M3) else self.original(x)
-
-
-def is_exact_gelu(module: nn.Module) -> bool:
-    """Whether `module` is the exact (erf) GELU, the one the CUTLASS kernel computes in its epilogue (an fp16 output
-    would show the tanh approximation's difference)."""
-    return type(module).__name__ in ("GELU", "GELUActivation") and getattr(module, "approximate", "none") == "none"
-
-
 def _compress(values: torch.Tensor) -> torch.Tensor:
     # cuSPARSELt reads the memory as a row-major matrix whatever the strides: a transposed view would be scrambled
     return torch._cslt_compress(values.contiguous())

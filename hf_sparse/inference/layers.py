@@ -18,6 +18,7 @@ from ..masks import is_nm
 from . import cusparselt
 from .autotune import DENSE, Autotuner, Plan, dtype_name, token_bucket
 from .cuda_graphs import GENERATION
+from .quantization import E4M3
 
 logger = logging.getLogger(__name__)
 
@@ -504,6 +505,22 @@ class _FusedGroup:
         if len(self._served) == len(self.names):
             self._input = self._output = None  # every member served: hold no activations
         return out
+
+
+class GeluInEpilogue(nn.Module):
+    """Stands where a GELU module was, after a layer that applies GELU in its GEMM's epilogue. After an `Fp8Linear`
+    it passes that layer's e4m3 output through unchanged and applies the original activation to anything else (so a
+    call that does not come from the fused layer stays right); after a `CutlassSparseLinear` (`passes_all`), whose output
+    is float16, it passes every input through (the block calls it only on that layer's output). `restore_dense_` puts
+    the original back."""
+
+    def __init__(self, original: nn.Module, passes_all: bool = False):
+        super().__init__()
+        self.original = original
+        self.passes_all = passes_all
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if (self.passes_all or x.dtype == E4M3) else self.original(x)
 
 
 class FusedLinearSlice(nn.Module):

@@ -38,46 +38,31 @@ import torch
 from torch import nn
 
 from ..config import SparsityConfig
-from ..masks import is_nm
 from ..selection import select_layers
 from . import cutlass as cutlass_kernels
 from .autotune import Autotuner, GemmChoice, Plan, default_tuner, token_bucket
 from .cuda_graphs import GENERATION, CudaGraphModel, EagerGraphs, remove_cuda_graphs
 from .cusparselt import split_k_supported
 from .cutlass_linear import CutlassSparseLinear
-from .fp8 import (
-    E4M3,
-    FP8_ALIGN,
-    Fp8Config,
-    Fp8Linear,
-    GeluInEpilogue,
-    calibrate_input_scales,
-    fp8_shape_fits,
-    fp8_support_problem,
+from .fp8 import E4M3, FP8_ALIGN, Fp8Config, Fp8Linear, calibrate_input_scales, fp8_shape_fits, fp8_support_problem
+from .layers import ALIGN, FusedLinearSlice, GeluInEpilogue, SemiStructuredLinear, _FusedGroup, semi_structured_support
+from .units import (
+    DEFAULT_FUSE_GROUPS,
+    Unit,
+    block_names,
+    find_units,
+    fusable,
     is_exact_gelu,
     is_gelu,
-)
-from .layers import (
-    ALIGN,
-    FusedLinearSlice,
-    SemiStructuredLinear,
-    _FusedGroup,
-    semi_structured_support,
+    named_linears,
+    parent_of,
 )
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_FUSE_GROUPS: tuple[tuple[str, ...], ...] = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
-"""Sibling `nn.Linear` names fused into one GEMM by default (self-attention projections reading one input)."""
 DEFAULT_TOKEN_COUNTS: tuple[int, ...] = (512, 2048, 8192, 32768, 131072)
 """Token counts (batch x sequence length) tuned at swap time when none are given."""
 FALLBACKS = ("auto", "copy", "none")
-GELU_BLOCKS: tuple[tuple[str, str, str], ...] = (
-    ("intermediate.dense", "intermediate.intermediate_act_fn", "output.dense"),  # BERT, RoBERTa, ELECTRA, ViT, ...
-    ("lin1", "activation", "lin2"),  # DistilBERT's feed-forward block
-)
-"""Feed-forward blocks whose GELU a swap runs in the first layer's epilogue (FP8: cuSPARSELt, fp16: CUTLASS): (first
-layer, its activation, the layer that reads the activation), as suffixes of module names under one block."""
 SWAPPED = ("sparse", "sparse+dense", "fp8 2:4", "fp8 dense")
 _SWAPPED_TYPES = (SemiStructuredLinear, Fp8Linear, CutlassSparseLinear)  # a layer (or fused group) the swap installed
 
@@ -188,145 +173,6 @@ class SwapReport(list):
 # -- choosing what to swap -------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Unit:
-    """One GEMM to decide on: a single layer, or sibling layers fused along the output dimension."""
-
-    parent: nn.Module
-    parent_name: str
-    attrs: list[str]
-    layers: list[nn.Linear]
-
-    @property
-    def name(self) -> str:
-        base = f"{self.parent_name}." if self.parent_name else ""
-        if len(self.attrs) == 1:
-            return base + self.attrs[0]
-        return base + "{" + ",".join(self.attrs) + "}"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return sum(m.out_features for m in self.layers), self.layers[0].in_features
-
-    @property
-    def has_bias(self) -> bool:
-        return self.layers[0].bias is not None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        if len(self.layers) == 1:
-            return self.layers[0].weight.detach()
-        return torch.cat([m.weight.detach() for m in self.layers], dim=0)
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        if not self.has_bias:
-            return None
-        if len(self.layers) == 1:
-            return self.layers[0].bias.detach()
-        return torch.cat([m.bias.detach() for m in self.layers], dim=0)
-
-    @property
-    def dense_bytes(self) -> int:
-        return sum(m.weight.numel() * m.weight.element_size() for m in self.layers)
-
-
-def _named_linears(model: nn.Module, layers) -> tuple[dict[str, nn.Linear], bool]:
-    """The candidate layers, and whether the user named them (then every one must be 2:4)."""
-    modules = dict(model.named_modules())
-    if layers is None:
-        return {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}, False
-    if isinstance(layers, SparsityConfig):
-        if (layers.n, layers.m) != (2, 4):
-            raise ValueError(
-                f"semi-structured kernels run 2:4 sparsity only; the config's sparsity_pattern is "
-                f"{layers.sparsity_pattern!r}."
-            )
-        return dict(select_layers(model, layers).targets), True
-    if isinstance(layers, str):
-        layers = [layers]
-    names = list(layers)
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise ValueError(f"no module named {missing[:5]} in {type(model).__name__}.")
-    not_linear = [n for n in names if not isinstance(modules[n], nn.Linear)]
-    if not_linear:
-        raise ValueError(
-            f"modules {not_linear[:5]} are not nn.Linear ({type(modules[not_linear[0]]).__name__}); "
-            "only nn.Linear layers can be swapped."
-        )
-    return {n: modules[n] for n in names}, True
-
-
-def _split(name: str) -> tuple[str, str]:
-    parent, _, attr = name.rpartition(".")
-    return parent, attr
-
-
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """The module holding the submodule `name` of `model`, and its attribute name there."""
-    parent_name, attr = _split(name)
-    return (model.get_submodule(parent_name) if parent_name else model), attr
-
-
-def _fusable(model: nn.Module, linears: dict[str, nn.Linear], fuse_groups: Sequence[Sequence[str]]) -> list[_Unit]:
-    """The one q/k/v grouping rule: siblings named by one of `fuse_groups` (all present, in that order) under the
-    same parent, reading one input of the same size, dtype and device, all with or all without bias. Parents of
-    cross-attention read two inputs (query from one, key/value from another) and are never fused."""
-    modules = dict(model.named_modules())
-    by_parent: dict[str, dict[str, nn.Linear]] = {}
-    for name, layer in linears.items():
-        parent_name, attr = _split(name)
-        by_parent.setdefault(parent_name, {})[attr] = layer
-    units = []
-    for parent_name, attrs in by_parent.items():
-        parent = modules[parent_name] if parent_name else model
-        if "cross" in type(parent).__name__.lower():
-            continue
-        for group in fuse_groups:
-            if not all(a in attrs for a in group):
-                continue
-            members = [attrs[a] for a in group]
-            first = members[0]
-            same = all(
-                m.in_features == first.in_features
-                and m.weight.dtype == first.weight.dtype
-                and m.weight.device == first.weight.device
-                and (m.bias is None) == (first.bias is None)
-                for m in members
-            )
-            if same:
-                units.append(_Unit(parent, parent_name, list(group), members))
-    return units
-
-
-def _units(
-    model: nn.Module, linears: dict[str, nn.Linear], fuse_groups: Sequence[Sequence[str]]
-) -> tuple[list[_Unit], list[_Unit]]:
-    """Splits the 2:4 candidates into units (fusing sibling groups) and the layers that are not 2:4."""
-    modules = dict(model.named_modules())
-    nm = {name: is_nm(layer.weight.detach(), 2, 4) for name, layer in linears.items()}
-    units = _fusable(model, {n: layer for n, layer in linears.items() if nm[n]}, fuse_groups)
-    taken = {f"{u.parent_name}.{a}" if u.parent_name else a for u in units for a in u.attrs}
-    for name, layer in linears.items():
-        if name in taken or not nm[name]:
-            continue
-        parent_name, attr = _split(name)
-        units.append(_Unit(modules[parent_name] if parent_name else model, parent_name, [attr], [layer]))
-    not_nm = [
-        _Unit(modules[_split(n)[0]] if _split(n)[0] else model, _split(n)[0], [_split(n)[1]], [layer])
-        for n, layer in linears.items()
-        if not nm[n]
-    ]
-    order = {name: i for i, name in enumerate(linears)}
-
-    def position(unit: _Unit) -> int:
-        base = f"{unit.parent_name}." if unit.parent_name else ""
-        return order[base + unit.attrs[0]]
-
-    return sorted(units, key=position), sorted(not_nm, key=position)
-
-
 def _fmt_speedups(choices: dict[int, GemmChoice], buckets: list[int]) -> str:
     parts = []
     for b in buckets:
@@ -351,7 +197,7 @@ class _Decision:
 
 
 def _decide(
-    unit: _Unit, tuner: Autotuner | None, token_counts: Sequence[int], fallback: str, epilogue: str = ""
+    unit: Unit, tuner: Autotuner | None, token_counts: Sequence[int], fallback: str, epilogue: str = ""
 ) -> _Decision:
     """What one unit becomes; with fallback "auto", a mixed unit is settled later by `_budget_dense_copies`.
     `epilogue="gelu"`: from the timings of the GEMM followed by GELU (dense, then GELU; CUTLASS with GELU fused)."""
@@ -400,7 +246,7 @@ def _speed_text(choices: dict[int, GemmChoice]) -> str:
     return f"sparse/dense speed-up by tokens: {_fmt_speedups(choices, sorted(choices))}"
 
 
-def _budget_dense_copies(units: list[_Unit], decisions: list[_Decision]) -> list[_Decision]:
+def _budget_dense_copies(units: list[Unit], decisions: list[_Decision]) -> list[_Decision]:
     """dense_fallback="auto": what each mixed unit holds, with the swapped layers within their dense bytes.
 
     A mixed unit (sparse faster at some tuned token counts, dense at others) can keep a dense copy (the faster kernel
@@ -469,7 +315,7 @@ def _budget_dense_copies(units: list[_Unit], decisions: list[_Decision]) -> list
     return decided
 
 
-def _compressed_bytes(unit: _Unit) -> int:
+def _compressed_bytes(unit: Unit) -> int:
     return unit.dense_bytes * 9 // 16  # cuSPARSELt's compressed fp16/bf16 2:4 weight: values plus metadata
 
 
@@ -483,7 +329,7 @@ def _times(decision: _Decision) -> dict[int, tuple[float | None, float | None]]:
     return times
 
 
-def _decide_fp8(unit: _Unit, tuner: Autotuner | None, token_counts: Sequence[int], config: Fp8Config) -> _Decision:
+def _decide_fp8(unit: Unit, tuner: Autotuner | None, token_counts: Sequence[int], config: Fp8Config) -> _Decision:
     """What one unit becomes in FP8: the e4m3 2:4 kernel, the dense FP8 GEMM, or the fp16 layer it was, whichever
     the autotuner measured fastest over the named token counts (each weighed relative to its fp16 time). One weight
     format per layer, so the weights never take more bytes than the fastest choice needs."""
@@ -533,7 +379,7 @@ def _fp8_times(decision: _Decision) -> dict[int, tuple[float | None, float | Non
     return times
 
 
-def _input_scales(model: nn.Module, units: list[_Unit], config: Fp8Config) -> dict[str, float]:
+def _input_scales(model: nn.Module, units: list[Unit], config: Fp8Config) -> dict[str, float]:
     """Static e4m3 input scales per unit (a fused unit's members read one input: the largest of theirs), given
     (`config.input_scales`) or calibrated."""
     if config.activation_scales != "static":
@@ -566,16 +412,7 @@ class _GeluFusion:
     reason: str = ""
 
 
-def _block_names(name: str) -> list[tuple[str, str]]:
-    """(the activation's name, the next layer's name) of each `GELU_BLOCKS` block that layer `name` starts."""
-    return [
-        (name[: len(name) - len(first)] + act, name[: len(name) - len(first)] + second)
-        for first, act, second in GELU_BLOCKS
-        if name == first or name.endswith("." + first)
-    ]
-
-
-def _gelu_blocks(model: nn.Module, units: list[_Unit]) -> list[_GeluFusion]:
+def _gelu_blocks(model: nn.Module, units: list[Unit]) -> list[_GeluFusion]:
     """The `GELU_BLOCKS` of the model whose two layers are single-layer fp16 units of shapes the e4m3 kernels take
     (with an e4m3 output, cuSPARSELt reads the bias in the type of C, which must be fp16: bf16 models keep GELU a
     separate step)."""
@@ -583,7 +420,7 @@ def _gelu_blocks(model: nn.Module, units: list[_Unit]) -> list[_GeluFusion]:
     modules = dict(model.named_modules())
     found = []
     for name, i in index.items():
-        for activation, second in _block_names(name):
+        for activation, second in block_names(name):
             consumer = index.get(second)
             if consumer is None or not is_gelu(modules.get(activation, nn.Identity())):
                 continue
@@ -594,7 +431,7 @@ def _gelu_blocks(model: nn.Module, units: list[_Unit]) -> list[_GeluFusion]:
 
 
 def _decide_gelu(
-    fusion: _GeluFusion, decisions: list[_Decision], units: list[_Unit], tuner: Autotuner | None, counts: list[int]
+    fusion: _GeluFusion, decisions: list[_Decision], units: list[Unit], tuner: Autotuner | None, counts: list[int]
 ) -> None:
     """Whether the producer runs GELU in its epilogue: it must be an e4m3 2:4 layer feeding an FP8 layer, and the
     fused kernel (GELU and e4m3 output included) must be measured no slower, over the named token counts, than what
@@ -635,7 +472,7 @@ def _decide_gelu(
     fusion.reason = f"fp16 GEMM + GELU over this, by tokens: {speed}"
 
 
-def _cutlass_units(model: nn.Module, units: list[_Unit]) -> tuple[dict[int, str], str | None]:
+def _cutlass_units(model: nn.Module, units: list[Unit]) -> tuple[dict[int, str], str | None]:
     """The single-layer fp16 units in shapes the CUTLASS kernel takes (unit index -> the name of the exact GELU after
     it when it starts a `GELU_BLOCKS` block, else ""), and why the kernel cannot run here (None when it can: it is
     built now if need be)."""
@@ -646,7 +483,7 @@ def _cutlass_units(model: nn.Module, units: list[_Unit]) -> tuple[dict[int, str]
         if len(unit.layers) != 1 or cutlass_kernels.shape_problem(*unit.shape, weight.dtype):
             continue
         found[index] = ""
-        for activation, _ in _block_names(unit.name):
+        for activation, _ in block_names(unit.name):
             if is_exact_gelu(modules.get(activation, nn.Identity())):
                 found[index] = activation
     if not found:
@@ -659,7 +496,7 @@ def _cutlass_units(model: nn.Module, units: list[_Unit]) -> tuple[dict[int, str]
 
 
 def _decide_cutlass(
-    unit: _Unit, plain: _Decision, tuner: Autotuner | None, counts: list[int], fallback: str, gelu: bool
+    unit: Unit, plain: _Decision, tuner: Autotuner | None, counts: list[int], fallback: str, gelu: bool
 ) -> _Decision:
     """The unit's decision over the CUTLASS kernel's timings (`gelu`: with GELU in its epilogue, against the dense
     GEMM followed by GELU) when, over the named token counts, it runs at least 1% faster than `plain` (the unit's
@@ -798,8 +635,8 @@ def swap_to_semi_structured_(
     if any(t < 1 for t in counts):
         raise ValueError(f"token_counts must be positive integers; got {list(token_counts)}.")
 
-    linears, named = _named_linears(model, layers)
-    units, not_nm = _units(model, linears, fuse_groups)
+    linears, named = named_linears(model, layers)
+    units, not_nm = find_units(model, linears, fuse_groups)
     if named and not_nm:
         names = [u.name for u in not_nm]
         raise ValueError(
@@ -902,7 +739,7 @@ def swap_to_semi_structured_(
             if fusion is not None and fusion.fused:
                 consumer = units[fusion.consumer]
                 new.fuse_gelu_(scales[consumer.name], {b: c.sparse.alg_id for b, c in fusion.choices.items()})
-                parent, attr = _parent(model, fusion.activation)
+                parent, attr = parent_of(model, fusion.activation)
                 setattr(parent, attr, GeluInEpilogue(getattr(parent, attr)))
                 reason = (
                     f"{reason}; GELU and {consumer.name}'s e4m3 quantization run in its epilogue ({fusion.reason})"
@@ -931,7 +768,7 @@ def swap_to_semi_structured_(
             )
             _install(unit, new)
             if activation:
-                parent, attr = _parent(model, activation)
+                parent, attr = parent_of(model, activation)
                 setattr(parent, attr, GeluInEpilogue(getattr(parent, attr), passes_all=True))
             configs, gelu = cutlass_kernels.library().configs, " + GELU" if activation else ""
             described = {
@@ -1010,7 +847,7 @@ def guard_casts(model: nn.Module) -> None:
         model._apply = _CastGuard(model)
 
 
-def _install(unit: _Unit, new: SemiStructuredLinear | Fp8Linear) -> None:
+def _install(unit: Unit, new: SemiStructuredLinear | Fp8Linear) -> None:
     GENERATION[0] += 1  # graphs captured over the layers replaced here are stale
     if len(unit.attrs) == 1:
         setattr(unit.parent, unit.attrs[0], new)
@@ -1037,7 +874,7 @@ def fuse_qkv_(model: nn.Module, groups: Sequence[Sequence[str]] = DEFAULT_FUSE_G
     ```
     """
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    fused_units = _fusable(model, linears, groups)
+    fused_units = fusable(model, linears, groups)
     for unit in fused_units:
         new = SemiStructuredLinear(unit.weight, unit.bias, sparse=False, name=unit.name, emits_state=False)
         _install(unit, new)
@@ -1065,13 +902,13 @@ def restore_dense_(model: nn.Module) -> list[str]:
                 linear.weight.copy_(weight)
                 if bias is not None:
                     linear.bias.copy_(bias)
-            setattr(*_parent(model, name), linear)
+            setattr(*parent_of(model, name), linear)
             restored.append(name)
     for name, module in list(model.named_modules()):
         if isinstance(module, _SWAPPED_TYPES) and not module.emits_state:
-            delattr(*_parent(model, name))
+            delattr(*parent_of(model, name))
         elif isinstance(module, GeluInEpilogue):  # the GELU a layer ran in its epilogue
-            setattr(*_parent(model, name), module.original)
+            setattr(*parent_of(model, name), module.original)
     return restored
 
 
