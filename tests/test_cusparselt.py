@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_sparse.inference import cusparselt
+from hf_sparse.inference.kernels.base import GemmRequest
 from hf_sparse.masks import nm_mask
 from tests.conftest import needs_gpu
 
@@ -128,10 +129,11 @@ def test_an_algorithm_that_faults_costs_the_child_not_this_process(tmp_path, mon
     monkeypatch.setenv(tuning.FAULT_ENV, "1")  # the child makes a real, sticky CUDA fault when it reaches algorithm 1
     tuner = Autotuner(cache_path=tmp_path / "tune.json", reps=2, max_algorithms=4, time_budget_s=5.0)
     with caplog.at_level("WARNING", logger="hf_sparse.inference.tuning"):
-        choice = tuner.choice(768, 768, torch.float16, True, 1536, "cuda")
-    assert "cuSPARSELt algorithm 1 of 768x768 float16 at 1536 tokens killed the tuning process" in caplog.text
+        timing = tuner.timing(GemmRequest("cusparselt", 768, 768, torch.float16, True, 1536), "cuda")
+    assert "configuration 1 of 768x768 float16 on cusparselt at 1536 tokens killed the tuning process" in caplog.text
     # settled from algorithm 0, verified and timed before the fault; later sweeps on this GPU stop below 1
-    assert choice.sparse.alg_id == 0 and choice.candidates == 1 and choice.sparse_ms and choice.dense_ms
-    assert choice.note == "sweep ended by a fault at algorithm 1" and tuning.FAULT_FLOOR == {(0, "float16"): 1}
+    assert timing.config == (0, 1, -1) and timing.candidates == 1 and timing.ms
+    assert timing.note == "sweep ended by a fault at configuration 1"
+    assert tuning.FAULT_FLOOR == {(0, "cusparselt|float16"): 1}
     w, x, b, packed = problem(768, 768, 64)  # this process's CUDA context is untouched
-    assert rel_error(cusparselt.sparse_linear(x, packed, b, 768, choice.sparse.alg_id), F.linear(x, w, b)) < 5e-3
+    assert rel_error(cusparselt.sparse_linear(x, packed, b, 768, timing.config[0]), F.linear(x, w, b)) < 5e-3

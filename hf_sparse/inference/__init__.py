@@ -20,7 +20,8 @@ from .autotune import Autotuner
 from .cuda_graphs import EagerGraphs, cuda_graphs, remove_cuda_graphs
 from .cutlass_linear import CutlassSparseLinear
 from .fp8 import Fp8Config, Fp8Linear
-from .layers import FusedLinearSlice, SemiStructuredLinear, semi_structured_support
+from .kernels.cusparselt import semi_structured_support
+from .layers import FusedLinearSlice, SemiStructuredLinear
 from .swap import LayerSwap, SwapReport, fuse_qkv_, restore_dense_, swap_to_semi_structured_
 
 __all__ = [

@@ -70,12 +70,6 @@ ALIGN_OUT, ALIGN_IN = 64, 128
 and one compressed weight serves every configuration's tile), any token count; fp16 weights and activations."""
 
 
-def uses_cutlass(dtype: torch.dtype, epilogue: str) -> bool:
-    """Whether a tuning request `(..., dtype, ..., epilogue)` measures these kernels: float16 with "gelu" (GELU in the
-    epilogue) or "cutlass" (the bias alone). Their ids are configurations of this build, not cuSPARSELt algorithms."""
-    return dtype == torch.float16 and epilogue in ("gelu", "cutlass")
-
-
 class CutlassError(RuntimeError):
     """A CUTLASS kernel refused a problem or failed to launch."""
 

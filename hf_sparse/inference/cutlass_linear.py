@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from . import cutlass
-from .autotune import Plan, dtype_name, token_bucket
 from .cuda_graphs import GENERATION
-from .layers import SwappedLinear, _probe, copy_bias, custom_op, nearest_bucket, new_weight
+from .kernels.base import dtype_name, token_bucket
+from .layers import Plan, SwappedLinear, _probe, copy_bias, custom_op, nearest_bucket, new_weight
 
 
 def cutlass_linear_op():

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from . import cusparselt
-from .autotune import token_bucket
 from .cuda_graphs import GENERATION
+from .kernels.base import token_bucket
 from .layers import SwappedLinear, _probe, copy_bias, custom_op, nearest_bucket, new_weight
 from .quantization import _TINY, E4M3, E4M3_MAX, quantize_rows, quantize_static, quantize_weight
 
@@ -40,12 +40,6 @@ _KEPT = {"packed": E4M3, "weight_fp8": E4M3, "weight_scale": torch.float32, "inp
          "tensor_scale": torch.float32}  # fmt: skip
 """The buffers of an `Fp8Linear` that no cast may change, with their dtypes (they must stay on the GPU too)."""
 FP8_CAPABILITY = (8, 9)
-FP8_ALIGN = 32  # both dimensions of an e4m3 GEMM's weight are multiples of this
-
-
-def fp8_shape_fits(shape: tuple[int, int]) -> bool:
-    """Whether the e4m3 kernels take a weight of this `(out_features, in_features)` shape."""
-    return not (shape[0] % FP8_ALIGN or shape[1] % FP8_ALIGN)
 
 
 # -- configuration ---------------------------------------------------------------------------------------------------

@@ -44,14 +44,30 @@ def is_exact_gelu(module: nn.Module) -> bool:
     return type(module).__name__ in ("GELU", "GELUActivation") and getattr(module, "approximate", "none") == "none"
 
 
+@dataclass(frozen=True)
+class GeluAfter:
+    """The GELU after a layer that starts a `GELU_BLOCKS` block: its module's name, whether it is the exact (erf)
+    GELU, and the name of the layer that reads it."""
+
+    activation: str
+    exact: bool
+    next_layer: str
+
+
 @dataclass
 class Unit:
-    """One GEMM to decide on: a single layer, or sibling layers fused along the output dimension."""
+    """One GEMM to decide on: a single layer, or sibling layers fused along the output dimension; `gelu`: the GELU
+    after a single layer that starts a feed-forward block."""
 
     parent: nn.Module
     parent_name: str
     attrs: list[str]
     layers: list[nn.Linear]
+    gelu: GeluAfter | None = None
+
+    @property
+    def single(self) -> bool:
+        return len(self.layers) == 1
 
     @property
     def name(self) -> str:
@@ -183,7 +199,14 @@ def find_units(
 
     def single(name: str, layer: nn.Linear) -> Unit:
         parent_name, attr = _split(name)
-        return Unit(modules[parent_name] if parent_name else model, parent_name, [attr], [layer])
+        return Unit(modules[parent_name] if parent_name else model, parent_name, [attr], [layer], _gelu_after(name))
+
+    def _gelu_after(name: str) -> GeluAfter | None:
+        for activation, next_layer in block_names(name):
+            module = modules.get(activation)
+            if module is not None and is_gelu(module):
+                return GeluAfter(activation, is_exact_gelu(module), next_layer)
+        return None
 
     units += [single(n, layer) for n, layer in linears.items() if nm[n] and n not in taken]
     not_nm = [single(n, layer) for n, layer in linears.items() if not nm[n]]
