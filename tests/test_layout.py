@@ -111,6 +111,14 @@ def test_the_swap_policy_imports_no_kernel_binding():
     assert not [m for m in modules if m.is_file() and "ctypes" in m.read_text()]
 
 
+def test_the_inference_room_reaches_no_training_or_report_module():
+    graph = _import_graph(PACKAGE)
+    above = ("pruning", "criteria", "calibration", "callback", "checkpoint", "hub", "run_report", "distillation")
+    for module in [m for m in graph if m.startswith("hf_sparse.inference")]:
+        reached = {m for m in _closure(graph, module) if m.removeprefix("hf_sparse.").split(".")[0] in above}
+        assert not reached, f"{module} reaches {sorted(reached)}"
+
+
 def test_each_kernel_is_one_file_and_one_entry():
     from hf_sparse.inference.kernels import KERNELS
 

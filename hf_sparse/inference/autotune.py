@@ -57,13 +57,27 @@ def cache_key(request: GemmRequest, version: str = "") -> str:
     return key + "|gelu" if request.gelu else key
 
 
-def device_key(device: torch.device | str | None = None) -> str:
-    """What a cached timing depends on: the GPU model and the PyTorch, CUDA and cuSPARSELt versions."""
+def device_facts(device: torch.device | str | None = None) -> dict:
+    """What a timing on `device` depends on: the GPU (name, compute capability) and the PyTorch, CUDA and cuSPARSELt
+    versions."""
     device = torch.device(device if device is not None else "cuda")
-    name = torch.cuda.get_device_name(device)
     major, minor = torch.cuda.get_device_capability(device)
     cusparselt = torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None
-    return format_device_key(name, (major, minor), torch.__version__, torch.version.cuda, cusparselt)
+    return {
+        "gpu": torch.cuda.get_device_name(device),
+        "capability": [major, minor],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cusparselt": cusparselt,
+    }
+
+
+def device_key(device: torch.device | str | None = None) -> str:
+    """The cache's key for `device_facts`: a timing measured on one machine is never used on another."""
+    facts = device_facts(device)
+    return format_device_key(
+        facts["gpu"], tuple(facts["capability"]), facts["torch"], facts["cuda"], facts["cusparselt"]
+    )
 
 
 def format_device_key(
