@@ -63,10 +63,8 @@ class Fp8Config:
             "help": "How activations are scaled to e4m3 before each GEMM: 'static' (default: one scale per layer, "
             "the largest |input| seen on the `calibration` batches; the scales and the bias then run inside the "
             "sparse GEMM's epilogue) or 'dynamic' (one scale per token, computed on every call; no data needed, "
-            "but a reduction before and a scaling pass after each GEMM). Measured on an H100 (BERT-base QA, seq "
-            "384, compile mode, batch 256): static 1.70x over fp16 dense (1.38x with GELU a separate step), "
-            "dynamic 0.93x (an earlier run, before the GELU epilogue); on a real model (all-MiniLM-L6-v2 on "
-            "XQuAD-en) static and dynamic were within 0.1 F1 of the fp16 2:4 model."
+            "but a reduction before and a scaling pass after each GEMM: slower, see the README's FP8 benchmark, "
+            "which also compares their F1)."
         },
     )
     calibration: Iterable[dict] | None = field(
@@ -174,8 +172,8 @@ _COMPILED: dict = {}
 
 def _fused(fn):
     """`fn` for eager calls compiled once (dynamic shapes) into one fused kernel, instead of several passes with
-    float32 temporaries (measured on an H100: eager per-token quantization made the FP8 model 5x slower than fp16
-    under CUDA graphs). Inside `torch.compile` it is traced as written, so inductor fuses it with its neighbours."""
+    float32 temporaries (eager per-token quantization made the FP8 model several times slower than fp16 under CUDA
+    graphs). Inside `torch.compile` it is traced as written, so inductor fuses it with its neighbours."""
 
     def call(*args):
         if torch.compiler.is_compiling():
