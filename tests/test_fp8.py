@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from hf_sparse import swap_to_semi_structured_
-from hf_sparse.inference import policy
+from hf_sparse.inference import fp8_policy, policy
 from hf_sparse.inference.fp8 import Fp8Config, calibrate_input_scales, fp8_support_problem
 from hf_sparse.inference.kernels import CUSPARSELT, CUTLASS, DENSE, FP8, FP8_DENSE
 from hf_sparse.inference.kernels.base import GemmRequest, Timing
@@ -156,7 +156,7 @@ def _blocks(model):
     units, _ = find_units(model, linears, DEFAULT_FUSE_GROUPS)
     options = policy.Options(fp8=policy.Fp8Options(fuse_gelu=True))
     by_name = {u.name: u for u in units}
-    blocks = policy.fp8_gelu_blocks(units, policy.Kernels(FP8_KERNELS), options)
+    blocks = fp8_policy.gelu_blocks(units, policy.Kernels(FP8_KERNELS), options)
     return [(name, by_name[name].gelu.activation, by_name[name].gelu.next_layer) for name in blocks]
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from hf_sparse import SparsityCallback, SparsityConfig, prune_, swap_to_semi_structured_
-from hf_sparse.inference import policy
+from hf_sparse.inference import fp8_policy, policy
 from hf_sparse.inference.cuda_graphs import EagerGraphs, _clone_output, _signature
 from hf_sparse.inference.cutlass_linear import CutlassSparseLinear
 from hf_sparse.inference.kernels import CUSPARSELT, CUTLASS, DENSE
@@ -131,9 +131,10 @@ def decide(units, tuner, counts, fallback="auto", kernels=FP16_KERNELS, fp8=None
     min_speedup = tuner.min_speedup if tuner is not None else policy.MIN_SPEEDUP
     options = policy.Options(policy.DenseFallback(fallback), min_speedup, buckets, fp8)
     in_play = policy.Kernels(kernels, lambda kernel, unit: (unavailable or {}).get(kernel.name))
-    needed = policy.requests(units, in_play, options)
+    rules = policy if fp8 is None else fp8_policy
+    needed = rules.requests(units, in_play, options)
     timings = dict(zip(needed, tuner.timings(needed, "cpu"))) if needed else {}
-    return policy.decide(units, in_play, timings, options)
+    return rules.decide(units, in_play, timings, options)
 
 
 def test_decisions_follow_the_timings():

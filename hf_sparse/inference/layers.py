@@ -19,7 +19,7 @@ from torch import nn
 from ..masks import is_nm
 from . import cusparselt
 from .cuda_graphs import GENERATION
-from .kernels.base import SUPPORTED_DTYPES, GemmRequest, Tuner, dtype_name, token_bucket
+from .kernels.base import DENSE_NAME, SUPPORTED_DTYPES, GemmRequest, Tuner, dtype_name, token_bucket
 from .quantization import E4M3
 
 logger = logging.getLogger(__name__)
@@ -294,7 +294,7 @@ class SemiStructuredLinear(SwappedLinear):
         from .policy import bucket_run
 
         gemm = GemmRequest(KERNEL, self.out_features, self.in_features, self.dtype, self.bias is not None, tokens)
-        dense, own = self.tuner.timings([gemm.on("dense"), gemm], self.packed.device)
+        dense, own = self.tuner.timings([gemm.on(DENSE_NAME), gemm], self.packed.device)
         run = bucket_run(KERNEL, dense, own, self.tuner.min_speedup, self.dense_weight is not None)
         self.plans[bucket] = Plan("sparse", *run.config) if run.kernel == KERNEL else _DENSE_PLAN
         return self.plans[bucket]

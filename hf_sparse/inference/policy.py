@@ -16,20 +16,16 @@ The rules, for a swap in the model's dtype (fp16, bf16):
   both ways). A kernel that can run the GELU after the layer in its epilogue is timed and compared with it, against
   the others plus the separate GELU step.
 
-For an FP8 swap: each layer takes the fastest of its fp16 self and the e4m3 kernels over the tuned token counts
-(each weighed relative to its fp16 time; an e4m3 kernel must beat fp16, and a later one the earlier, by
-`min_speedup`; one weight format per layer), then a 2:4 layer whose GELU feeds another FP8 layer runs GELU and that
-layer's e4m3 quantization in its epilogue where that measures no slower than the GEMM plus the separate GELU.
+An FP8 swap follows the rules of `fp8_policy.py`, with the types and helpers of this module.
 """
 
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .kernels.base import Gelu, GemmRequest, Kernel, Run, Timing, Weights
+from .kernels.base import DENSE_NAME, Gelu, GemmRequest, Kernel, Run, Timing, Weights
 from .units import Unit
 
 MIN_SPEEDUP = 1.03
@@ -49,6 +45,24 @@ class DenseFallback(enum.StrEnum):
     """A dense copy for every such layer."""
     NONE = "none"
     """The compressed weight only."""
+
+
+class Holds(enum.StrEnum):
+    """What a swapped layer keeps: its kernel's weight and a dense copy (each bucket runs the faster), its kernel's
+    weight only, or the dense weight only (the layer stays dense)."""
+
+    COPY = "copy"
+    COMPRESSED = "compressed"
+    DENSE = "dense"
+
+
+class Outcome(enum.StrEnum):
+    """How a kernel did against the dense GEMM over the tuned buckets: dense won at every one, the kernel at every
+    one, or each at some."""
+
+    DENSE = "dense"
+    SPARSE = "sparse"
+    MIXED = "mixed"
 
 
 @dataclass(frozen=True)
@@ -169,7 +183,7 @@ def bucket_run(kernel: Kernel | str, dense: Timing, own: Timing, min_speedup: fl
     holds a dense weight, else the kernel anyway (dense only where the kernel has no timing at all)."""
     name = kernel if isinstance(kernel, str) else kernel.name
     if not wins(dense, own, min_speedup) and (has_dense or own.ms is None):
-        return Run("dense")
+        return Run(DENSE_NAME)
     return Run(name, own.config)
 
 
@@ -177,27 +191,26 @@ def bucket_run(kernel: Kernel | str, dense: Timing, own: Timing, min_speedup: fl
 
 
 def requests(units: Sequence[Unit], kernels: Kernels, options: Options) -> list[GemmRequest]:
-    """Every timing `decide` reads: per unit and tuned token count, the dense GEMM and each kernel that could run it;
-    with the GELU after the layer where a kernel can run it in its epilogue (then the dense GEMM followed by GELU
-    too). Nothing for an untuned swap, or an FP8 swap to dense FP8 everywhere."""
-    if not options.tuned or (options.fp8 is not None and not options.fp8.sparse):
-        return []
-    blocks = fp8_gelu_blocks(units, kernels, options) if options.fp8 is not None else {}
+    """Every timing `decide` reads: per unit and tuned token count, the dense GEMM and each kernel that could run it
+    (a kernel that can run the GELU after the layer in its epilogue with it, as it would run, and then the dense GEMM
+    followed by GELU too). Nothing for an untuned swap."""
+    _check_not_fp8(options)
     found: list[GemmRequest] = []
-    for unit in units:
-        fitting = kernels.fitting(unit, options.fp8)
+    for unit in units if options.tuned else ():
+        fitting = kernels.fitting(unit, None)
         if not fitting:
             continue
-        if options.fp8 is None:  # a kernel that can run the GELU is timed with it only (as it would run)
-            plain = [k for k in fitting if not fuses(k, unit)]
-            with_gelu = [k for k in fitting if fuses(k, unit)]
-        else:  # FP8: every kernel plain (the layer's choice), then GELU on top where a block could fuse it
-            plain, with_gelu = fitting, blocks.get(unit.name, [])
+        plain, with_gelu = [k for k in fitting if not fuses(k, unit)], [k for k in fitting if fuses(k, unit)]
         for tokens in options.buckets.values():
             found += [request(unit, k, tokens) for k in [kernels.dense, *plain]]
             if with_gelu:
                 found += [request(unit, k, tokens, gelu=True) for k in [kernels.dense, *with_gelu]]
     return found
+
+
+def _check_not_fp8(options: Options) -> None:
+    if options.fp8 is not None:
+        raise ValueError("an FP8 swap follows other rules: ask fp8_policy.requests and fp8_policy.decide.")
 
 
 # -- the swap in the model's dtype ---------------------------------------------------------------------------------------
@@ -207,8 +220,7 @@ def decide(
     units: Sequence[Unit], kernels: Kernels, timings: Mapping[GemmRequest, Timing], options: Options
 ) -> list[LayerPlan]:
     """One `LayerPlan` per unit, from the timings of `requests(units, kernels, options)`."""
-    if options.fp8 is not None:
-        return _decide_fp8(units, kernels, timings, options)
+    _check_not_fp8(options)
     verdicts = [_choose_kernel(unit, kernels, timings, options) if options.tuned else None for unit in units]
     holds = _holds(units, verdicts, options.fallback)
     return [_plan(unit, verdict, held, kernels, options) for unit, verdict, held in zip(units, verdicts, holds)]
@@ -231,11 +243,10 @@ class Verdict:
     """Why the layer runs on this kernel and not on the first one that takes it."""
 
     @property
-    def status(self) -> str:
-        """ "dense" (dense wins at every bucket), "sparse" (the kernel at every bucket) or "mixed"."""
+    def status(self) -> Outcome:
         if not any(self.wins.values()):
-            return "dense"
-        return "sparse" if all(self.wins.values()) else "mixed"
+            return Outcome.DENSE
+        return Outcome.SPARSE if all(self.wins.values()) else Outcome.MIXED
 
     def speed(self) -> str:
         parts = []
@@ -272,7 +283,7 @@ def _as_run(side: Verdict, other: Verdict, bucket: int, gelu_ms: float) -> dict[
     """The milliseconds of `side` at `bucket` as its layer would run: {with a dense copy: ..., compressed only: ...},
     plus the separate GELU step where `other` runs GELU in its epilogue and `side` does not."""
     dense, own = side.dense[bucket].ms, side.own[bucket].ms
-    if side.status == "dense" or not own:
+    if side.status is Outcome.DENSE or not own:
         own = dense  # the layer stays dense
     extra = gelu_ms if other.gelu and not side.gelu else 0.0
     return {True: min(dense, own) + extra, False: own + extra}
@@ -288,7 +299,7 @@ def _challenge(held: Verdict, new: Verdict, options: Options) -> Verdict:
             held.notes.append(why)
         return held
 
-    if new.status == "dense":
+    if new.status is Outcome.DENSE:
         return keep(f"dense GEMM + GELU beat the {new.kernel.label} with GELU")
     views = {DenseFallback.COPY: (True,), DenseFallback.NONE: (False,)}.get(options.fallback, (True, False))
     on_new, on_held = dict.fromkeys(views, 0.0), dict.fromkeys(views, 0.0)
@@ -316,25 +327,24 @@ def _challenge(held: Verdict, new: Verdict, options: Options) -> Verdict:
     return new
 
 
-def _holds(units: Sequence[Unit], verdicts: Sequence[Verdict | None], fallback: DenseFallback) -> list[str | None]:
-    """What each unit holds: "copy" (the kernel's weight and a dense copy), "compressed" (the kernel's weight),
-    "dense", or None (no verdict)."""
-    held: list[str | None] = []
+def _holds(units: Sequence[Unit], verdicts: Sequence[Verdict | None], fallback: DenseFallback) -> list[Holds | None]:
+    """What each unit holds (None: no verdict)."""
+    held: list[Holds | None] = []
     for verdict in verdicts:
         if verdict is None:
             held.append(None)
-        elif verdict.status != "mixed":
-            held.append("dense" if verdict.status == "dense" else "compressed")
+        elif verdict.status is not Outcome.MIXED:
+            held.append(Holds.DENSE if verdict.status is Outcome.DENSE else Holds.COMPRESSED)
         else:
-            held.append("compressed" if fallback is DenseFallback.NONE else "copy")
+            held.append(Holds.COMPRESSED if fallback is DenseFallback.NONE else Holds.COPY)
     if fallback is DenseFallback.AUTO:
         held = budget_dense_copies(units, verdicts, held)
     return held
 
 
 def budget_dense_copies(
-    units: Sequence[Unit], verdicts: Sequence[Verdict | None], held: Sequence[str | None]
-) -> list[str | None]:
+    units: Sequence[Unit], verdicts: Sequence[Verdict | None], held: Sequence[Holds | None]
+) -> list[Holds | None]:
     """`DenseFallback.AUTO`: what each mixed unit holds, with the swapped layers within their dense bytes.
 
     A mixed unit (its kernel faster at some tuned token counts, dense at others) can keep a dense copy (the faster
@@ -350,33 +360,33 @@ def budget_dense_copies(
         for bucket, timing in (verdict.dense if verdict else {}).items():
             totals[bucket] = totals.get(bucket, 0.0) + (timing.ms or 0.0)
 
-    def gain(index: int, holds: str) -> float:
+    def gain(index: int, holds: Holds) -> float:
         total, verdict = 0.0, verdicts[index]
         for bucket, own in verdict.own.items():
             dense, sparse = verdict.dense[bucket].ms, own.ms
             if not (dense and sparse and totals.get(bucket)):
                 continue
-            ran = {"copy": min(dense, sparse), "compressed": sparse, "dense": dense}[holds]
+            ran = {Holds.COPY: min(dense, sparse), Holds.COMPRESSED: sparse, Holds.DENSE: dense}[holds]
             total += (dense - ran) / totals[bucket]
         return total
 
-    def extra_bytes(index: int, holds: str) -> int:
+    def extra_bytes(index: int, holds: Holds) -> int:
         """Bytes over the unit's dense bytes."""
         unit = units[index]
         compressed = verdicts[index].kernel.weight_bytes(unit.shape, unit.dtype)
-        return {"copy": compressed, "compressed": compressed - unit.dense_bytes, "dense": 0}[holds]
+        return {Holds.COPY: compressed, Holds.COMPRESSED: compressed - unit.dense_bytes, Holds.DENSE: 0}[holds]
 
-    mixed = {i: "copy" for i, v in enumerate(verdicts) if v is not None and v.status == "mixed"}
+    mixed = {i: Holds.COPY for i, v in enumerate(verdicts) if v is not None and v.status is Outcome.MIXED}
     over = sum(extra_bytes(i, h) for i, h in mixed.items())
-    over += sum(extra_bytes(i, "compressed") for i, v in enumerate(verdicts) if v is not None and v.status == "sparse")
+    over += sum(extra_bytes(i, Holds.COMPRESSED) for i, v in enumerate(verdicts) if v and v.status is Outcome.SPARSE)
     moved: list[int] = []
     while over > 0:
         moves = [
-            ((gain(i, "copy") - gain(i, to)) / saved, i, to, saved)
+            ((gain(i, Holds.COPY) - gain(i, to)) / saved, i, to, saved)
             for i, h in mixed.items()
-            if h == "copy"
-            for to in ("compressed", "dense")
-            if (saved := extra_bytes(i, "copy") - extra_bytes(i, to)) > 0
+            if h is Holds.COPY
+            for to in (Holds.COMPRESSED, Holds.DENSE)
+            if (saved := extra_bytes(i, Holds.COPY) - extra_bytes(i, to)) > 0
         ]
         if not moves:
             break
@@ -385,14 +395,14 @@ def budget_dense_copies(
         over -= saved
         moved.append(index)
     for index in reversed(moved):  # the last moves may have saved more than needed: take back what still fits
-        cost = extra_bytes(index, "copy") - extra_bytes(index, mixed[index])
+        cost = extra_bytes(index, Holds.COPY) - extra_bytes(index, mixed[index])
         if over + cost <= 0:
-            mixed[index] = "copy"
+            mixed[index] = Holds.COPY
             over += cost
     return [mixed.get(i, h) for i, h in enumerate(held)]
 
 
-def _unswappable(unit: Unit, kernels: Kernels, fp8: Fp8Options | None) -> str:
+def unswappable(unit: Unit, kernels: Kernels, fp8: Fp8Options | None) -> str:
     """Why no kernel of the swap takes this unit, in the words of the first one."""
     kernel = kernels.swapping(fp8)[0]
     if not (kernel.groups or unit.single):
@@ -400,7 +410,7 @@ def _unswappable(unit: Unit, kernels: Kernels, fp8: Fp8Options | None) -> str:
     return kernel.shape_problem(unit.shape, unit.dtype) or kernels.reason(kernel, unit) or "no kernel takes it"
 
 
-def _untuned(unit: Unit, kernels: Kernels, fp8: Fp8Options | None) -> LayerPlan:
+def untuned(unit: Unit, kernels: Kernels, fp8: Fp8Options | None) -> LayerPlan:
     """A unit of an untuned swap: the first kernel that takes it, in its default configuration."""
     for kernel in kernels.swapping(fp8):
         if kernel.sparse != (fp8 is None or fp8.sparse) or not fits(kernel, unit) or kernels.reason(kernel, unit):
@@ -410,43 +420,43 @@ def _untuned(unit: Unit, kernels: Kernels, fp8: Fp8Options | None) -> LayerPlan:
                 unit, (kernel,), status=kernel.status, reason="dense FP8 for every layer (Fp8Config(sparse=False))"
             )
         return LayerPlan(unit, (kernel,), status=kernel.status, reason=f"not tuned (autotune off): {kernel.untuned}")
-    return LayerPlan(unit, (kernels.dense,), reason=_unswappable(unit, kernels, fp8))
+    return LayerPlan(unit, (kernels.dense,), reason=unswappable(unit, kernels, fp8))
 
 
 _WHY = {
-    ("copy", DenseFallback.AUTO): "within the dense weights' bytes",
-    ("copy", DenseFallback.COPY): "dense_fallback='copy'",
-    ("compressed", DenseFallback.AUTO): "a dense copy would take the swapped layers over their dense bytes",
-    ("compressed", DenseFallback.NONE): "dense_fallback='none'",
+    (Holds.COPY, DenseFallback.AUTO): "within the dense weights' bytes",
+    (Holds.COPY, DenseFallback.COPY): "dense_fallback='copy'",
+    (Holds.COMPRESSED, DenseFallback.AUTO): "a dense copy would take the swapped layers over their dense bytes",
+    (Holds.COMPRESSED, DenseFallback.NONE): "dense_fallback='none'",
 }
 
 
-def _base_reason(verdict: Verdict, held: str, fallback: DenseFallback) -> str:
+def _base_reason(verdict: Verdict, held: Holds, fallback: DenseFallback) -> str:
     speed = verdict.speed()
-    if verdict.status == "dense":
+    if verdict.status is Outcome.DENSE:
         return f"dense is faster at every tuned token count ({speed})"
-    if verdict.status == "sparse":
+    if verdict.status is Outcome.SPARSE:
         return f"sparse is faster at every tuned token count ({speed})"
-    if held == "dense":
+    if held is Holds.DENSE:
         return (
             "kept dense: its sparse gains were worth less per byte than other layers' within the dense weights' "
             f"bytes, and sparse alone would be slower at some token counts ({speed})"
         )
-    if held == "copy":
+    if held is Holds.COPY:
         return f"dense copy kept for the token counts where dense is faster, {_WHY[held, fallback]} ({speed})"
     return f"compressed weight only ({_WHY[held, fallback]}): sparse runs where dense would be faster ({speed})"
 
 
-def _plan(unit: Unit, verdict: Verdict | None, held: str | None, kernels: Kernels, options: Options) -> LayerPlan:
+def _plan(unit: Unit, verdict: Verdict | None, held: Holds | None, kernels: Kernels, options: Options) -> LayerPlan:
     if verdict is None:
         if options.tuned:
-            return LayerPlan(unit, (kernels.dense,), reason=_unswappable(unit, kernels, None))
-        return _untuned(unit, kernels, None)
+            return LayerPlan(unit, (kernels.dense,), reason=unswappable(unit, kernels, None))
+        return untuned(unit, kernels, None)
     dense, kernel = kernels.dense, verdict.kernel
-    holds = {"copy": (kernel, dense), "compressed": (kernel,), "dense": (dense,)}[held]
+    holds = {Holds.COPY: (kernel, dense), Holds.COMPRESSED: (kernel,), Holds.DENSE: (dense,)}[held]
     runs = {
-        b: Run(dense.name) if held == "dense" else bucket_run(kernel, verdict.dense[b], own, options.min_speedup,
-                                                             has_dense=held == "copy")
+        b: Run(dense.name) if held is Holds.DENSE else bucket_run(kernel, verdict.dense[b], own, options.min_speedup,
+                                                                  has_dense=held is Holds.COPY)
         for b, own in verdict.own.items()
     }  # fmt: skip
     times = {
@@ -454,132 +464,8 @@ def _plan(unit: Unit, verdict: Verdict | None, held: str | None, kernels: Kernel
         for b, run in sorted(runs.items())
     }
     reason = _base_reason(verdict, held, options.fallback)
-    if held != "dense" and verdict.moved:
+    if held is not Holds.DENSE and verdict.moved:
         reason += f"; {verdict.moved}"
     reason += "".join(f"; GELU stays a separate step ({note})" for note in verdict.notes)
-    status = "dense" if held == "dense" else kernel.status + ("+dense" if held == "copy" else "")
-    return LayerPlan(unit, holds, runs, verdict.gelu and held != "dense", status, reason, times)
-
-
-# -- the FP8 swap ------------------------------------------------------------------------------------------------------
-
-
-def fp8_gelu_blocks(units: Sequence[Unit], kernels: Kernels, options: Options) -> dict[str, list[Kernel]]:
-    """The units whose GELU could run in their FP8 kernel's epilogue (unit name -> the kernels that can), writing
-    e4m3 for the next layer: a single layer followed by GELU and by a single layer that an e4m3 kernel takes."""
-    if options.fp8 is None or not (options.fp8.fuse_gelu and options.fp8.sparse):
-        return {}
-    by_name = {u.name: u for u in units if u.single}
-    swapping = kernels.swapping(options.fp8)
-    found = {}
-    for unit in units:
-        after = by_name.get(unit.gelu.next_layer) if unit.single and unit.gelu else None
-        if after is None or not any(fits(k, after) for k in swapping):
-            continue
-        fusing = [k for k in swapping if fits(k, unit) and fuses(k, unit) and kernels.reason(k, unit) is None]
-        if fusing:
-            found[unit.name] = fusing
-    return found
-
-
-def _decide_fp8(units: Sequence[Unit], kernels: Kernels, timings, options: Options) -> list[LayerPlan]:
-    plans = [_fp8_plan(unit, kernels, timings, options) for unit in units]
-    by_name = {plan.unit.name: plan for plan in plans}
-    for name, fusing in fp8_gelu_blocks(units, kernels, options).items():
-        producer = by_name[name]
-        _fuse_gelu(producer, by_name[producer.unit.gelu.next_layer], fusing, kernels, timings, options)
-    return plans
-
-
-def _fp8_plan(unit: Unit, kernels: Kernels, timings, options: Options) -> LayerPlan:
-    """What one unit becomes in FP8: its fp16 self or an e4m3 kernel, whichever the autotuner measured fastest over the
-    named token counts (each weighed relative to its fp16 time). One weight format per layer, so the weights never take
-    more bytes than the fastest choice needs."""
-    fitting = kernels.fitting(unit, options.fp8) if options.tuned and options.fp8.sparse else []
-    if not fitting:
-        return _untuned(unit, kernels, options.fp8)
-    dense, buckets = kernels.dense, options.buckets
-    base = {b: timings[request(unit, dense, t)] for b, t in buckets.items()}
-    own = {k: {b: timings[request(unit, k, t)] for b, t in buckets.items()} for k in fitting}
-    measured = [b for b in buckets if base[b].ms]
-    if not any(own[k][b].ms for k in fitting for b in measured):  # the tuning process died before timing them
-        notes = {t.note for t in [*base.values(), *(t for k in fitting for t in own[k].values())] if t.note}
-        why = "; ".join(sorted(notes)) or "no timings"
-        runs, times = (
-            {b: Run(dense.name) for b in buckets},
-            {buckets[b]: (base[b].ms, base[b].ms) for b in sorted(buckets)},
-        )
-        return LayerPlan(
-            unit, (dense,), runs, reason=f"left fp16: its FP8 GEMMs were not measured ({why})", times=times
-        )
-    relative = {k: sum((own[k][b].ms or math.inf) / base[b].ms for b in measured) for k in fitting}
-    best = dense
-    if min(relative.values()) * options.min_speedup <= len(measured):  # an e4m3 kernel beats fp16
-        best = fitting[0]
-        for kernel in fitting[1:]:  # a later kernel must beat the earlier by the margin too
-            if relative[kernel] * options.min_speedup <= relative[best]:
-                best = kernel
-    ordered = sorted(fitting, key=lambda k: not k.sparse)  # the 2:4 kernels first
-
-    def speed(b: int) -> str:
-        if not (base[b].ms and all(own[k][b].ms for k in ordered)):
-            return f"{buckets[b]}: n/a"
-        return f"{buckets[b]}: " + ", ".join(f"{k.label} {base[b].ms / own[k][b].ms:.2f}x" for k in ordered)
-
-    what = "fp16 is fastest" if best is dense else f"{best.label} is fastest"
-    speeds = ", ".join(speed(b) for b in sorted(buckets))
-    ran = base if best is dense else own[best]
-    return LayerPlan(
-        unit,
-        (best,),
-        runs={b: Run(best.name, () if best is dense else ran[b].config) for b in buckets},
-        status=best.status,
-        reason=f"{what} over the tuned token counts (GEMM speed over fp16 by tokens: {speeds})",
-        times={buckets[b]: (base[b].ms, ran[b].ms) for b in sorted(buckets)},
-    )
-
-
-def _fuse_gelu(
-    producer: LayerPlan, consumer: LayerPlan, fusing: list[Kernel], kernels: Kernels, timings, options: Options
-) -> None:
-    """Whether `producer` runs the GELU after it in its epilogue: it must be on a kernel that can, feeding an FP8
-    layer, and the fused kernel (GELU and e4m3 output included) must be measured no slower, over the named token
-    counts, than what it replaces: the plain GEMM plus the separate GELU step (the dense GEMM followed by GELU, less
-    the dense GEMM alone)."""
-    kernel, unit = producer.kernel, producer.unit
-    if kernel not in fusing or consumer.kernel.weights is not Weights.E4M3:
-        if kernel in fusing:
-            producer.reason += (
-                "; GELU stays a separate step: this layer and the next are not both FP8 with this one 2:4"
-            )
-        return
-    fused: dict[int, Timing] = {}
-    if options.tuned:
-        score, plain = 0.0, 0.0
-        for b, tokens in options.buckets.items():
-            fused[b] = timings[request(unit, kernel, tokens, gelu=True)]
-            alone, base = timings[request(unit, kernel, tokens)], timings[request(unit, kernels.dense, tokens)]
-            base_gelu = timings[request(unit, kernels.dense, tokens, gelu=True)]
-            if not (fused[b].ms and alone.ms and base.ms):
-                producer.reason += (
-                    "; GELU stays a separate step: the fused kernel was not measured at every token count"
-                )
-                return
-            score += fused[b].ms / base.ms
-            plain += (alone.ms + max(0.0, (base_gelu.ms or 0.0) - base.ms)) / base.ms
-        if score > plain:
-            producer.reason += (
-                f"; GELU stays a separate step: the fused kernel was slower than the plain one and GELU "
-                f"({score / plain:.2f}x their time)"
-            )
-            return
-        gelu = {b: timings[request(unit, kernels.dense, t, gelu=True)] for b, t in options.buckets.items()}
-        why = "fp16 GEMM + GELU over this, by tokens: " + ", ".join(
-            f"{options.buckets[b]}: {gelu[b].ms / fused[b].ms:.2f}x" for b in sorted(fused) if gelu[b].ms
-        )
-        producer.runs = {b: Run(kernel.name, t.config) for b, t in fused.items()}
-        producer.times = {options.buckets[b]: (gelu[b].ms, fused[b].ms) for b in sorted(fused)}
-    else:
-        why = f"not tuned (autotune off): {kernel.untuned}"
-    producer.gelu = True
-    producer.reason += f"; GELU and {consumer.unit.name}'s e4m3 quantization run in its epilogue ({why})"
+    status = "dense" if held is Holds.DENSE else kernel.status + ("+dense" if held is Holds.COPY else "")
+    return LayerPlan(unit, holds, runs, verdict.gelu and held is not Holds.DENSE, status, reason, times)

@@ -27,8 +27,8 @@ from torch import nn
 
 from ..config import SparsityConfig
 from ..selection import select_layers
+from . import fp8_policy, policy
 from . import kernels as kernel_registry
-from . import policy
 from .autotune import Autotuner, default_tuner
 from .cuda_graphs import GENERATION, CudaGraphModel, EagerGraphs, remove_cuda_graphs
 from .fp8 import Fp8Config, calibrate_input_scales
@@ -272,9 +272,10 @@ def swap_to_semi_structured_(
         policy.DenseFallback(dense_fallback), tuner.min_speedup if tuner else policy.MIN_SPEEDUP, buckets, fp8_options
     )
     # Decide everything before changing anything, so a failure leaves the model as it was.
-    needed = policy.requests(units, kernels, options)
+    rules = policy if fp8_options is None else fp8_policy  # an FP8 swap follows its own rules
+    needed = rules.requests(units, kernels, options)
     timings = dict(zip(needed, tuner.timings(needed, units[0].device))) if needed else {}
-    plans = policy.decide(units, kernels, timings, options)
+    plans = rules.decide(units, kernels, timings, options)
 
     report = SwapReport(_install_plan(model, plan, kernels, tuner, scales) for plan in plans)
     for unit in not_nm:

@@ -22,6 +22,9 @@ from torch import nn
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 """The layer dtypes the 2:4 kernels here take."""
 
+DENSE_NAME = "dense"
+"""The dense GEMM's name in `KERNELS` and in `Run`s: what a layer runs where it runs dense."""
+
 Config = tuple[int, ...]
 """One configuration of a kernel, as the kernel names it (cuSPARSELt: algorithm id, split-k, split-k mode;
 CUTLASS: the index of a compiled tile shape; dense: nothing)."""

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Config, Gelu, GemmInputs, GemmRequest, LayerSpec, Problem, SweepSettings, Weights
+from .base import DENSE_NAME, Config, Gelu, GemmInputs, GemmRequest, LayerSpec, Problem, SweepSettings, Weights
 
 
 class DenseKernel:
-    name = "dense"
+    name = DENSE_NAME
     label = "dense"
     status = "dense"
     untuned = "dense"
