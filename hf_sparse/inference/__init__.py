@@ -3,7 +3,8 @@
 - `swap.py`: `swap_to_semi_structured_`, the mechanism (find the units, time, ask the policy, install), its report
   (`SwapReport`) and `restore_dense_`.
 - `units.py`: the GEMMs a swap decides on (single layers, fused query/key/value groups, the GELU after a layer).
-- `policy.py`: which kernel each layer runs at each token count, what it holds and why: pure decisions from timings.
+- `policy.py`: which kernel each layer runs at each token count, what it holds and why: pure decisions from timings
+  (`fp8_policy.py`: the FP8 swap's rules).
 - `kernels/`: one file per kernel (dense, cuSPARSELt 2:4, CUTLASS 2:4 with GELU in its epilogue, FP8 2:4, dense FP8)
   and `kernels.KERNELS`, the list of them; `kernels/base.py` is the `Kernel` interface.
 - `autotune.py`: the `Autotuner`, timings per kernel, GEMM shape and token count, cached on disk; `tuning.py`: the
