@@ -4,6 +4,7 @@ where it should not be, and a recipe that reads top to bottom."""
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -175,9 +176,13 @@ def test_recipe_functions_are_short():
 
 @pytest.mark.slow
 def test_wheel_ships_the_library_only(tmp_path):
+    # built from a copy without build outputs: a build/ folder left in the checkout would ship what it holds
+    source = tmp_path / "source"
+    outputs = ("build", "dist", "*.egg-info", ".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".venv")
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*outputs))
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-         str(REPO)],
+         str(source)],
         capture_output=True, text=True, timeout=HANG_TIMEOUT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -187,4 +192,7 @@ def test_wheel_ships_the_library_only(tmp_path):
     assert top == {"hf_sparse", next(t for t in top if t.endswith(".dist-info"))}, top
     assert "hf_sparse/model_cards/sparse_model_card.md" in names
     assert "hf_sparse/squad/evaluate_modules/squad/squad.py" in names
+    assert (
+        "hf_sparse/inference/kernels/cutlass.py" in names and "hf_sparse/inference/csrc/sm90_sparse_gemm.cu" in names
+    )
     assert not [n for n in names if "benchmarks" in n or "/tests/" in n or "reference" in n]
