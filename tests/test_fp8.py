@@ -546,3 +546,28 @@ def test_new_weights_after_a_capture_run_with_their_new_scales():
         model.forward.enabled = False
         plain = model(**inputs).start_logits
     assert torch.equal(graphed, plain)
+
+
+def test_each_fp8_layer_exports_what_a_compact_checkpoint_stores():
+    # dense FP8 layers are built and read on the CPU (the 2:4 ones need cuSPARSELt to compress)
+    from hf_sparse.inference.fp8 import Fp8Linear
+    from hf_sparse.inference.layers import FusedLinearSlice, SemiStructuredLinear, _FusedGroup
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(64, 32, dtype=torch.float16), torch.randn(64, dtype=torch.float16)
+    layer = Fp8Linear(weight, bias, sparse=False, input_scale=0.05, name="ffn")
+    values, scales, input_scale = layer.compact_fp8_tensors()
+    assert values.dtype == E4M3 and torch.equal(values.float(), layer.e4m3_weight().float())
+    assert torch.equal(scales, layer.weight_scale) and input_scale == pytest.approx(0.05)
+    fused = Fp8Linear(weight, bias, sparse=False, name="{q,k}", emits_state=False)  # dynamic scales
+    assert fused.compact_fp8_tensors() is None  # its members store their rows
+    group = _FusedGroup(fused, ["q", "k"])
+    k = FusedLinearSlice(group, 1, slice(48, 64))
+    values, scales, input_scale = k.compact_fp8_tensors()
+    assert torch.equal(values.float(), fused.e4m3_weight()[48:64].float()) and torch.equal(
+        scales, fused.weight_scale[48:]
+    )
+    assert input_scale is None
+    dense = SemiStructuredLinear(weight, bias, sparse=False, name="d", emits_state=False)
+    assert dense.compact_fp8_tensors() is None  # an fp16 layer: its dense weight is what is saved
+    assert FusedLinearSlice(_FusedGroup(dense, ["a"]), 0, slice(0, 64)).compact_fp8_tensors() is None

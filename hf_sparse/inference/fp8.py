@@ -303,6 +303,17 @@ class Fp8Linear(SwappedLinear):
             return self.weight_fp8
         return _decompress_fp8(self.packed, self.out_features, self.in_features)
 
+    def e4m3_tensors(self) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        """What a compact FP8 checkpoint stores of the whole layer, on the CPU: the e4m3 weight, the float32 scale
+        of each output feature, and the static input scale (None with dynamic scales)."""
+        scale = None if self.input_scale is None else float(self.input_scale)
+        return self.e4m3_weight().cpu(), self.weight_scale.cpu(), scale
+
+    def compact_fp8_tensors(self) -> tuple[torch.Tensor, torch.Tensor, float | None] | None:
+        """`e4m3_tensors()`, for the compact FP8 checkpoint to store under this layer's name; None for a fused group,
+        whose members store their own rows (`FusedLinearSlice.compact_fp8_tensors`)."""
+        return self.e4m3_tensors() if self.emits_state else None
+
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized dense weight, in the model's dtype (computed on each access: use it sparingly)."""

@@ -159,6 +159,11 @@ class SwappedLinear(nn.Module):
         of every swapped layer before a swapped model casts anything (see `swap.guard_casts`)."""
         return None
 
+    def compact_fp8_tensors(self) -> tuple[torch.Tensor, torch.Tensor, float | None] | None:
+        """What a compact FP8 checkpoint stores under this layer's name (e4m3 weight, float32 row scales, static input
+        scale or None; see `Fp8Linear`), or None: this layer holds no FP8 weight (its dense `weight` is saved)."""
+        return None
+
     def check_input_dtype(self, x: torch.Tensor) -> None:
         if x.dtype != self.dtype:
             raise TypeError(
@@ -512,6 +517,15 @@ class FusedLinearSlice(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rows {self.rows.start}:{self.rows.stop} of {self.fused.name}"
+
+    def compact_fp8_tensors(self) -> tuple[torch.Tensor, torch.Tensor, float | None] | None:
+        """This member's rows of its FP8 fused group's `e4m3_tensors()`, for a compact FP8 checkpoint; None when the
+        group is not FP8."""
+        whole = getattr(self.fused, "e4m3_tensors", None)
+        if whole is None:
+            return None
+        values, scales, input_scale = whole()
+        return values[self.rows], scales[self.rows], input_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._group.output(x, self.index, self.rows)
