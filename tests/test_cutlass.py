@@ -287,3 +287,26 @@ def test_autotuner_times_the_configurations_against_dense_and_gelu(tmp_path, iso
     assert (
         f"cutlass@{cutlass.kernel_id()}|512x256|float16|bias|tokens<=4096|gelu" in (tmp_path / "tune.json").read_text()
     )
+
+
+def test_why_gelu_stays_a_separate_step_is_kept_when_a_later_kernel_takes_the_layer(monkeypatch):
+    from hf_sparse.inference import kernels
+    from tests.test_inference import FP16_KERNELS, TileKernel
+
+    tile = TileKernel()
+    monkeypatch.setattr(kernels, "KERNELS", (*kernels.KERNELS, tile))
+
+    class Timings(FusedTimings):  # the tile kernel: 0.8 ms from 4096 tokens on, else 1.5 (cuSPARSELt: 1.0 and 1.5)
+        def measure(self, request):
+            if request.kernel == "tile":
+                return Timing(0.8 if request.tokens >= self.sparse_from else 1.5, (7,), request.tokens, 3)
+            return super().measure(request)
+
+    index, units = intermediate_unit(bert().half())
+    tuner = Timings(cache_path=False, fused_ms=1.5)  # CUTLASS with GELU loses (3.1 ms against 3.0)
+    (plan,) = decide(units[index : index + 1], tuner, [1536, 98304], "copy", kernels=(*FP16_KERNELS, tile))
+    assert plan.kernel is tile and not plan.gelu
+    assert "runs on the tile kernel (bias in its epilogue): 1.10x the cuSPARSELt GEMM" in plan.reason
+    assert plan.reason.endswith(
+        "; GELU stays a separate step (the CUTLASS kernel with GELU took 1.03x the time of this GEMM and GELU)"
+    )

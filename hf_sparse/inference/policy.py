@@ -324,6 +324,8 @@ def _challenge(held: Verdict, new: Verdict, options: Options) -> Verdict:
         f"runs on the {new.kernel.label} {what}: {ratio:.2f}x the {held.kernel.label} GEMM{gelu} over the tuned "
         "token counts"
     )
+    if not new.gelu:  # why GELU stays a separate step still holds on the new kernel
+        new.notes[:0] = held.notes
     return new
 
 
