@@ -23,6 +23,42 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 HANG_TIMEOUT = 3600
 
 
+def _gpu_test(problem: str | None):
+    """A decorator that marks a test `gpu` and skips it, saying why, where `problem` (why it cannot run here) is set."""
+
+    def mark(test):
+        return pytest.mark.gpu(pytest.mark.skipif(problem is not None, reason=problem or "")(test))
+
+    return mark
+
+
+def _capability() -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+def _cutlass_problem() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    from hf_sparse.inference import cutlass
+
+    return cutlass.device_problem()
+
+
+# The GPU markers of the inference tests: each marks a test `gpu` and skips it with a reason where it cannot run.
+needs_gpu = _gpu_test(
+    None if _capability() else "needs an NVIDIA GPU with cuSPARSELt (2:4 kernels do not run on the CPU)"
+)
+needs_fp8_gpu = _gpu_test(
+    None
+    if (_capability() or (0, 0)) >= (8, 9)
+    else "needs an NVIDIA GPU of compute capability 8.9 or newer (FP8 tensor cores); none here"
+)
+_CUTLASS_PROBLEM = _cutlass_problem()
+needs_cutlass = _gpu_test(
+    _CUTLASS_PROBLEM and f"needs an sm_90 GPU (H100, H200), nvcc and nvidia-cutlass: {_CUTLASS_PROBLEM}"
+)
+
+
 def shared_data(*parts: str) -> Path:
     """Path of a file in `../shared/data`. Skips the test where it is absent (a user's clone); fails in CI,
     which always has it."""

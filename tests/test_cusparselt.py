@@ -6,11 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from hf_sparse.inference import cusparselt
+from hf_sparse.inference.kernels.base import GemmRequest
 from hf_sparse.masks import nm_mask
-
-needs_gpu = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs an NVIDIA GPU with cuSPARSELt (2:4 kernels do not run on the CPU)"
-)
+from tests.conftest import needs_gpu
 
 
 def test_binding_is_unavailable_without_a_gpu_and_import_stays_cheap():
@@ -42,7 +40,6 @@ def rel_error(a, b):
 
 
 @needs_gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(768, 768), (2304, 768), (768, 3072)])
@@ -64,7 +61,6 @@ def test_plans_equal_torch_bit_for_bit_and_the_masked_dense_layer(dtype, bias, s
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_an_algorithm_id_past_the_last_is_refused_before_it_runs():
     w, x, b, packed = problem(768, 768, 64)
     last = cusparselt.max_alg_id(768, 768, 64, torch.float16, bias=b)
@@ -76,7 +72,6 @@ def test_an_algorithm_id_past_the_last_is_refused_before_it_runs():
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_many_shapes_in_one_process_and_plans_are_kept():
     cache = cusparselt.PlanCache(max_plans=8)
     for i, (out_f, in_f) in enumerate([(64, 64), (128, 64), (64, 256), (768, 768), (3072, 768), (768, 3072)]):
@@ -94,7 +89,6 @@ def test_many_shapes_in_one_process_and_plans_are_kept():
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_swapped_model_eager_graphs_and_compile_agree(tmp_path):
     from hf_sparse import cuda_graphs, restore_dense_, swap_to_semi_structured_
     from hf_sparse.inference import Autotuner
@@ -128,7 +122,6 @@ def test_swapped_model_eager_graphs_and_compile_agree(tmp_path):
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_an_algorithm_that_faults_costs_the_child_not_this_process(tmp_path, monkeypatch, caplog):
     from hf_sparse.inference import Autotuner, tuning
 
@@ -136,10 +129,11 @@ def test_an_algorithm_that_faults_costs_the_child_not_this_process(tmp_path, mon
     monkeypatch.setenv(tuning.FAULT_ENV, "1")  # the child makes a real, sticky CUDA fault when it reaches algorithm 1
     tuner = Autotuner(cache_path=tmp_path / "tune.json", reps=2, max_algorithms=4, time_budget_s=5.0)
     with caplog.at_level("WARNING", logger="hf_sparse.inference.tuning"):
-        choice = tuner.choice(768, 768, torch.float16, True, 1536, "cuda")
-    assert "cuSPARSELt algorithm 1 of 768x768 float16 at 1536 tokens killed the tuning process" in caplog.text
+        timing = tuner.timing(GemmRequest("cusparselt", 768, 768, torch.float16, True, 1536), "cuda")
+    assert "configuration 1 of 768x768 float16 on cusparselt at 1536 tokens killed the tuning process" in caplog.text
     # settled from algorithm 0, verified and timed before the fault; later sweeps on this GPU stop below 1
-    assert choice.sparse.alg_id == 0 and choice.candidates == 1 and choice.sparse_ms and choice.dense_ms
-    assert choice.note == "sweep ended by a fault at algorithm 1" and tuning.FAULT_FLOOR == {(0, "float16"): 1}
+    assert timing.config == (0, 1, -1) and timing.candidates == 1 and timing.ms
+    assert timing.note == "sweep ended by a fault at configuration 1"
+    assert tuning.FAULT_FLOOR == {(0, "cusparselt|float16"): 1}
     w, x, b, packed = problem(768, 768, 64)  # this process's CUDA context is untouched
-    assert rel_error(cusparselt.sparse_linear(x, packed, b, 768, choice.sparse.alg_id), F.linear(x, w, b)) < 5e-3
+    assert rel_error(cusparselt.sparse_linear(x, packed, b, 768, timing.config[0]), F.linear(x, w, b)) < 5e-3

@@ -5,17 +5,17 @@ import torch
 from torch import nn
 
 from hf_sparse import swap_to_semi_structured_
-from hf_sparse.inference.autotune import GemmChoice, Plan
-from hf_sparse.inference.fp8 import Fp8Config, GeluInEpilogue, calibrate_input_scales, fp8_support_problem
+from hf_sparse.inference import fp8_policy, policy
+from hf_sparse.inference.fp8 import Fp8Config, calibrate_input_scales, fp8_support_problem
+from hf_sparse.inference.kernels import CUSPARSELT, CUTLASS, DENSE, FP8, FP8_DENSE
+from hf_sparse.inference.kernels.base import GemmRequest, Timing
+from hf_sparse.inference.layers import GeluInEpilogue
 from hf_sparse.inference.quantization import E4M3, quantize_rows, quantize_static, quantize_weight
-from hf_sparse.inference.swap import DEFAULT_FUSE_GROUPS, _decide_fp8, _decide_gelu, _gelu_blocks, _units
+from hf_sparse.inference.units import DEFAULT_FUSE_GROUPS, find_units
 from hf_sparse.masks import is_nm
-from tests.test_inference import assert_untouched, pruned_tiny_model, rel_error, snapshot
-
-needs_fp8_gpu = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
-    reason="needs an NVIDIA GPU of compute capability 8.9 or newer (FP8 tensor cores); none here",
-)
+from tests.conftest import needs_fp8_gpu
+from tests.test_autotune import FakeTimings
+from tests.test_inference import assert_untouched, decide, pruned_tiny_model, rel_error, snapshot
 
 # -- CPU: numerics, configuration, choices ----------------------------------------------------------------------------
 
@@ -93,19 +93,29 @@ def test_cpu_and_old_gpus_are_refused_for_fp8_and_nothing_changes():
         swap_to_semi_structured_(model, fp8="e4m3")
 
 
-class _Measured:
-    """What an autotuner would have measured for e4m3 GEMMs: fp16, dense FP8 and 2:4 FP8 times per token count."""
+FP8_KERNELS = (DENSE, FP8_DENSE, FP8)
 
-    min_speedup = 1.03
 
-    def __init__(self, times):
-        self.times = times  # tokens -> (fp16 ms, fp8 dense ms, fp8 2:4 ms)
+class Measured(FakeTimings):
+    """What an autotuner would have measured: per GEMM shape, tokens -> (fp16 ms, fp8 dense ms, fp8 2:4 ms)
+    (`default` for shapes not listed; the e4m3 2:4 kernel's algorithm 5); with GELU after the GEMM, fp16 takes 0.3x
+    more and the 2:4 kernel with GELU and e4m3 output in its epilogue `fused` ms (algorithm 9)."""
 
-    def choice(self, out_features, in_features, dtype, bias, tokens, device):
-        assert dtype == E4M3
-        fp16, dense, sparse = self.times[tokens]
-        return GemmChoice("sparse" if sparse < dense else "dense", Plan("sparse", 5), dense, sparse, tokens, 3,
-                          fp16_ms=fp16)  # fmt: skip
+    def __init__(self, times, default=None, fused=None):
+        super().__init__(cache_path=False)
+        self.times, self.default, self.fused = times, default, fused or {}
+
+    def measure(self, request):
+        fp16, dense, sparse = self.times.get(request.shape, self.default)[request.tokens]
+        if request.gelu:
+            ms, config = {"dense": (1.3 * fp16, ()), "fp8": (self.fused.get(request.tokens), (9,))}[request.kernel]
+            return Timing(ms, config, request.tokens, 2)
+        ms, config = {"dense": (fp16, ()), "fp8-dense": (dense, ()), "fp8": (sparse, (5,))}[request.kernel]
+        return Timing(ms, config, request.tokens, 3)
+
+
+def decide_fp8(units, tuner, counts, sparse=True, fuse_gelu=False):
+    return decide(units, tuner, counts, kernels=FP8_KERNELS, fp8=policy.Fp8Options(sparse, fuse_gelu))
 
 
 @pytest.mark.parametrize(
@@ -119,48 +129,49 @@ class _Measured:
 def test_each_layer_takes_the_fastest_of_fp8_2_4_fp8_dense_and_fp16(times, status):
     model = pruned_tiny_model(hidden_size=64, intermediate_size=128)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith("intermediate.dense")}
-    units, _ = _units(model, linears, ())
-    decision = _decide_fp8(units[0], _Measured(times), list(times), Fp8Config("dynamic"))
-    assert decision.status == status
-    assert "GEMM speed over fp16 by tokens" in decision.reason and "1536: 2:4" in decision.reason
+    units, _ = find_units(model, linears, ())
+    plan = decide_fp8(units[:1], Measured({}, times), list(times))[0]
+    assert plan.status == status
+    assert "GEMM speed over fp16 by tokens" in plan.reason and "1536: e4m3 2:4" in plan.reason
     if status == "fp8 2:4":
-        assert {p.alg_id for p in decision.plans.values()} == {5}
-    baseline = _decide_fp8(units[0], _Measured(times), list(times), Fp8Config("dynamic", sparse=False))
-    assert baseline.status == "fp8 dense"
+        assert {r.config for r in plan.runs.values()} == {(5,)}
+    (baseline,) = decide_fp8(units[:1], Measured({}, times), list(times), sparse=False)
+    assert baseline.status == "fp8 dense" and "Fp8Config(sparse=False)" in baseline.reason
 
 
 def test_a_layer_whose_fp8_timings_are_missing_stays_fp16_and_says_why():
-    class _Died(_Measured):
-        def choice(self, out_features, in_features, dtype, bias, tokens, device):
-            return GemmChoice("dense", tokens=tokens, note="tuning process died")  # what a dead child leaves
+    class Died(FakeTimings):
+        def measure(self, request):
+            return Timing(None, (), request.tokens, 0, "tuning process died")  # what a dead child leaves
 
     model = pruned_tiny_model(hidden_size=64, intermediate_size=128)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith("output.dense")}
-    units, _ = _units(model, linears, ())
-    decision = _decide_fp8(units[0], _Died({}), [1536, 6144], Fp8Config("dynamic"))
-    assert decision.status == "dense" and "not measured (tuning process died)" in decision.reason
+    units, _ = find_units(model, linears, ())
+    (plan,) = decide_fp8(units[:1], Died(cache_path=False), [1536, 6144])
+    assert plan.status == "dense" and "not measured (tuning process died)" in plan.reason
 
 
 def _blocks(model):
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    units, _ = _units(model, linears, DEFAULT_FUSE_GROUPS)
-    return units, _gelu_blocks(model, units)
+    units, _ = find_units(model, linears, DEFAULT_FUSE_GROUPS)
+    options = policy.Options(fp8=policy.Fp8Options(fuse_gelu=True))
+    by_name = {u.name: u for u in units}
+    blocks = fp8_policy.gelu_blocks(units, policy.Kernels(FP8_KERNELS), options)
+    return [(name, by_name[name].gelu.activation, by_name[name].gelu.next_layer) for name in blocks]
 
 
 def test_feed_forward_blocks_whose_gelu_can_run_in_the_epilogue_are_found():
-    units, blocks = _blocks(pruned_tiny_model(hidden_size=64, intermediate_size=128).half())
+    blocks = _blocks(pruned_tiny_model(hidden_size=64, intermediate_size=128).half())
     layer = "bert.encoder.layer.{}."
-    assert [(units[b.producer].name, b.activation, units[b.consumer].name) for b in blocks] == [
+    assert blocks == [
         (layer.format(i) + "intermediate.dense", layer.format(i) + "intermediate.intermediate_act_fn",
          layer.format(i) + "output.dense")
         for i in range(2)
     ]  # fmt: skip
-    assert _blocks(pruned_tiny_model(hidden_size=64, intermediate_size=128, hidden_act="relu").half())[1] == []
-    assert (
-        _blocks(pruned_tiny_model(hidden_size=64, intermediate_size=112).half())[1] == []
-    )  # no e4m3 kernel takes 112
+    assert _blocks(pruned_tiny_model(hidden_size=64, intermediate_size=128, hidden_act="relu").half()) == []
+    assert _blocks(pruned_tiny_model(hidden_size=64, intermediate_size=112).half()) == []  # no e4m3 kernel takes 112
     # a bf16 model keeps GELU separate: with an e4m3 output cuSPARSELt reads the bias as fp16
-    assert _blocks(pruned_tiny_model(hidden_size=64, intermediate_size=128).to(torch.bfloat16))[1] == []
+    assert _blocks(pruned_tiny_model(hidden_size=64, intermediate_size=128).to(torch.bfloat16)) == []
 
     from transformers import DistilBertConfig, DistilBertForQuestionAnswering
 
@@ -171,26 +182,8 @@ def test_feed_forward_blocks_whose_gelu_can_run_in_the_epilogue_are_found():
         DistilBertConfig(vocab_size=100, dim=64, hidden_dim=128, n_layers=1, n_heads=2, max_position_embeddings=64)
     )
     prune_(distil)
-    units, blocks = _blocks(distil.half())
     ffn = "distilbert.transformer.layer.0.ffn."
-    assert [(units[b.producer].name, b.activation, units[b.consumer].name) for b in blocks] == [
-        (ffn + "lin1", ffn + "activation", ffn + "lin2")
-    ]
-
-
-class _MeasuredGelu(_Measured):
-    def __init__(self, times, fused):
-        super().__init__(times)
-        self.fused = fused  # tokens -> ms of the 2:4 kernel with GELU and e4m3 output in its epilogue
-
-    def choice(self, out_features, in_features, dtype, bias, tokens, device, epilogue=""):
-        if not epilogue:
-            return super().choice(out_features, in_features, dtype, bias, tokens, device)
-        fp16, dense, _ = self.times[tokens]
-        gelu = 0.3 * fp16  # the separate GELU step, timed after each dense GEMM
-        return GemmChoice(
-            "sparse", Plan("sparse", 9), dense + gelu, self.fused[tokens], tokens, 2, fp16_ms=fp16 + gelu
-        )
+    assert _blocks(distil.half()) == [(ffn + "lin1", ffn + "activation", ffn + "lin2")]
 
 
 @pytest.mark.parametrize(
@@ -207,20 +200,19 @@ def test_gelu_runs_in_the_epilogue_only_where_measured_no_slower_and_the_next_la
     fused_ms, consumer_times, fuses
 ):
     producer_times = {1536: (1.0, 0.9, 0.8), 98304: (10.0, 7.0, 5.0)}
-    units, blocks = _blocks(pruned_tiny_model(hidden_size=64, intermediate_size=128).half())
-    block = blocks[0]
-    decisions = [None] * len(units)
-    decisions[block.producer] = _decide_fp8(units[block.producer], _Measured(producer_times), [1536, 98304],
-                                            Fp8Config("dynamic"))  # fmt: skip
-    decisions[block.consumer] = _decide_fp8(units[block.consumer], _Measured(consumer_times), [1536, 98304],
-                                            Fp8Config("dynamic"))  # fmt: skip
-    _decide_gelu(block, decisions, units, _MeasuredGelu(producer_times, fused_ms), [1536, 98304])
-    assert block.fused == fuses, block.reason
+    model = pruned_tiny_model(hidden_size=64, intermediate_size=128).half()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    units, _ = find_units(model, linears, DEFAULT_FUSE_GROUPS)
+    tuner = Measured({(128, 64): producer_times, (64, 128): consumer_times}, producer_times, fused_ms)
+    plans = {p.unit.name: p for p in decide_fp8(units, tuner, [1536, 98304], fuse_gelu=True)}
+    producer = plans["bert.encoder.layer.0.intermediate.dense"]
+    assert producer.status == "fp8 2:4" and producer.gelu == fuses, producer.reason
     if fuses:
-        assert {c.sparse.alg_id for c in block.choices.values()} == {9}
-        assert "fp16 GEMM + GELU over this, by tokens: 1536: " in block.reason
+        assert {r.config for r in producer.runs.values()} == {(9,)}
+        assert "fp16 GEMM + GELU over this, by tokens: 1536: " in producer.reason
+        assert "bert.encoder.layer.0.output.dense's e4m3 quantization run in its epilogue" in producer.reason
     else:
-        assert block.reason.startswith("GELU stays a separate step")
+        assert "; GELU stays a separate step" in producer.reason
 
 
 def test_the_gelu_left_in_place_passes_the_fused_layers_e4m3_output_through_and_restores():
@@ -239,13 +231,13 @@ def test_the_gelu_left_in_place_passes_the_fused_layers_e4m3_output_through_and_
     assert block.intermediate_act_fn is original
 
 
-def test_the_gelu_epilogue_is_for_e4m3_and_float16_gemms_only():
-    from hf_sparse.inference.tuning import _encode, sweep
+def test_the_gelu_epilogue_is_for_the_kernels_and_dtypes_that_have_one():
+    from hf_sparse.inference.tuning import sweep
 
-    with pytest.raises(ValueError, match="'gelu' for float8_e4m3fn and float16 only"):
-        sweep(3072, 768, torch.bfloat16, True, 1536, "cpu", epilogue="gelu")
-    assert _encode((3072, 768, E4M3, True, 1536, "gelu")) == [3072, 768, "float8_e4m3fn", True, 1536, "gelu"]
-    assert _encode((3072, 768, E4M3, True, 1536)) == [3072, 768, "float8_e4m3fn", True, 1536]
+    for kernel, dtype in ((CUTLASS, torch.bfloat16), (FP8, torch.bfloat16), (CUSPARSELT, torch.float16)):
+        request = GemmRequest(kernel.name, 3072, 768, dtype, True, 1536, gelu=True)
+        with pytest.raises(ValueError, match=f"runs no GELU in its epilogue for {str(dtype)[6:]}"):
+            sweep(kernel, request, "cpu")  # refused before anything runs
 
 
 # -- GPU ---------------------------------------------------------------------------------------------------------------
@@ -263,7 +255,6 @@ def _inputs(batch=2, seq=64, seed=0):
 
 
 @needs_fp8_gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("static", [False, True])
 def test_fp8_layer_matches_the_masked_dense_layer(sparse, static):
@@ -292,7 +283,6 @@ def test_fp8_layer_matches_the_masked_dense_layer(sparse, static):
 
 
 @needs_fp8_gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("activation_scales", ["dynamic", "static"])
 def test_fp8_swap_graphs_compile_and_checkpoint(tmp_path, activation_scales):
     from tests.test_inference import quick_tuner
@@ -355,7 +345,6 @@ def test_fp8_swap_graphs_compile_and_checkpoint(tmp_path, activation_scales):
 
 
 @needs_fp8_gpu
-@pytest.mark.gpu
 def test_gelu_in_the_epilogue_writes_the_next_layers_e4m3_input():
     from hf_sparse.inference.fp8 import Fp8Linear
     from hf_sparse.masks import nm_mask
@@ -398,18 +387,18 @@ def test_gelu_in_the_epilogue_writes_the_next_layers_e4m3_input():
 
 
 @needs_fp8_gpu
-@pytest.mark.gpu
 def test_the_autotuner_times_fp8_2_4_dense_fp8_and_fp16_in_a_child_process(tmp_path):
     from hf_sparse.inference import Autotuner
 
     tuner = Autotuner(cache_path=tmp_path / "tune.json", reps=3, max_algorithms=4)
-    choice = tuner.choice(3072, 768, E4M3, True, 24576, "cuda")
-    assert choice.fp16_ms and choice.dense_ms and choice.sparse_ms and choice.candidates >= 1, choice
-    assert choice.backend in ("sparse", "dense")
-    print(f"3072x768 at 24576 tokens: fp16 {choice.fp16_ms:.4f} ms, dense FP8 {choice.dense_ms:.4f} ms, "
-          f"FP8 2:4 {choice.sparse_ms:.4f} ms (alg {choice.sparse.alg_id})")  # fmt: skip
-    again = Autotuner(cache_path=tmp_path / "tune.json").cached(3072, 768, E4M3, True, 24576, "cuda")
-    assert again is not None and again.fp16_ms == choice.fp16_ms  # cached with its fp16 time
+    gemm = GemmRequest("fp8", 3072, 768, torch.float16, True, 24576)
+    requests = [gemm.on("dense"), gemm.on("fp8-dense"), gemm]
+    fp16, dense, sparse = tuner.timings(requests, "cuda")  # in one child process
+    assert fp16.ms and dense.ms and sparse.ms and sparse.candidates >= 1, (fp16, dense, sparse)
+    print(f"3072x768 at 24576 tokens: fp16 {fp16.ms:.4f} ms, dense FP8 {dense.ms:.4f} ms, "
+          f"FP8 2:4 {sparse.ms:.4f} ms (alg {sparse.config[0]})")  # fmt: skip
+    again = Autotuner(cache_path=tmp_path / "tune.json")
+    assert [again.cached(r, "cuda") for r in requests] == [fp16, dense, sparse]  # cached, measured once
 
 
 def test_the_kernels_are_custom_ops_that_torch_compile_traces_by_their_output_shape():
@@ -508,7 +497,6 @@ def test_compact_fp8_checkpoint_damage_is_named_and_plain_from_pretrained_refuse
 
 
 @needs_fp8_gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("activation_scales", ["static", "dynamic"])
 def test_an_fp8_model_saves_compact_and_loads_fast_as_the_same_model(tmp_path, activation_scales):
     import hf_sparse
@@ -543,7 +531,6 @@ def test_an_fp8_model_saves_compact_and_loads_fast_as_the_same_model(tmp_path, a
 
 
 @needs_fp8_gpu
-@pytest.mark.gpu
 def test_new_weights_after_a_capture_run_with_their_new_scales():
     # Not yet run on a GPU (written after the session's device time was spent): static scales live in the
     # captured launch as a host value, so loading new weights must drop the graphs that hold the old one.
@@ -560,3 +547,28 @@ def test_new_weights_after_a_capture_run_with_their_new_scales():
         model.forward.enabled = False
         plain = model(**inputs).start_logits
     assert torch.equal(graphed, plain)
+
+
+def test_each_fp8_layer_exports_what_a_compact_checkpoint_stores():
+    # dense FP8 layers are built and read on the CPU (the 2:4 ones need cuSPARSELt to compress)
+    from hf_sparse.inference.fp8 import Fp8Linear
+    from hf_sparse.inference.layers import FusedLinearSlice, SemiStructuredLinear, _FusedGroup
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(64, 32, dtype=torch.float16), torch.randn(64, dtype=torch.float16)
+    layer = Fp8Linear(weight, bias, sparse=False, input_scale=0.05, name="ffn")
+    values, scales, input_scale = layer.compact_fp8_tensors()
+    assert values.dtype == E4M3 and torch.equal(values.float(), layer.e4m3_weight().float())
+    assert torch.equal(scales, layer.weight_scale) and input_scale == pytest.approx(0.05)
+    fused = Fp8Linear(weight, bias, sparse=False, name="{q,k}", emits_state=False)  # dynamic scales
+    assert fused.compact_fp8_tensors() is None  # its members store their rows
+    group = _FusedGroup(fused, ["q", "k"])
+    k = FusedLinearSlice(group, 1, slice(48, 64))
+    values, scales, input_scale = k.compact_fp8_tensors()
+    assert torch.equal(values.float(), fused.e4m3_weight()[48:64].float()) and torch.equal(
+        scales, fused.weight_scale[48:]
+    )
+    assert input_scale is None
+    dense = SemiStructuredLinear(weight, bias, sparse=False, name="d", emits_state=False)
+    assert dense.compact_fp8_tensors() is None  # an fp16 layer: its dense weight is what is saved
+    assert FusedLinearSlice(_FusedGroup(dense, ["a"]), 0, slice(0, 64)).compact_fp8_tensors() is None

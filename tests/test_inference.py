@@ -7,25 +7,17 @@ import torch
 from torch import nn
 
 from hf_sparse import SparsityCallback, SparsityConfig, prune_, swap_to_semi_structured_
-from hf_sparse.inference.autotune import Plan
+from hf_sparse.inference import fp8_policy, policy
 from hf_sparse.inference.cuda_graphs import EagerGraphs, _clone_output, _signature
 from hf_sparse.inference.cutlass_linear import CutlassSparseLinear
-from hf_sparse.inference.layers import SemiStructuredLinear, support_problem
-from hf_sparse.inference.swap import (
-    DEFAULT_FUSE_GROUPS,
-    LayerSwap,
-    SwapReport,
-    _budget_dense_copies,
-    _decide,
-    _times,
-    _units,
-)
-from tests.conftest import tiny_bert_config
+from hf_sparse.inference.kernels import CUSPARSELT, CUTLASS, DENSE
+from hf_sparse.inference.kernels.base import Gelu, GemmRequest, Run, Timing, Weights, token_bucket
+from hf_sparse.inference.kernels.cusparselt import support_problem
+from hf_sparse.inference.layers import Plan, SemiStructuredLinear
+from hf_sparse.inference.swap import LayerSwap, SwapReport
+from hf_sparse.inference.units import DEFAULT_FUSE_GROUPS, find_units
+from tests.conftest import needs_gpu, tiny_bert_config
 from tests.test_autotune import FakeTimings
-
-needs_gpu = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs an NVIDIA GPU with cuSPARSELt (2:4 kernels do not run on the CPU)"
-)
 
 
 def pruned_tiny_model(**overrides):
@@ -116,7 +108,7 @@ def test_units_fuse_query_key_value_of_2_4_layers_only():
     with torch.no_grad():
         model.bert.encoder.layer[1].attention.self.key.weight.fill_(1.0)  # breaks 2:4: no fusion in layer 1
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    units, not_nm = _units(model, linears, [("query", "key", "value")])
+    units, not_nm = find_units(model, linears, [("query", "key", "value")])
     names = [u.name for u in units]
     assert names[0] == "bert.encoder.layer.0.attention.self.{query,key,value}"
     assert units[0].shape == (192, 64)
@@ -127,64 +119,172 @@ def test_units_fuse_query_key_value_of_2_4_layers_only():
     assert torch.equal(units[0].weight[64:128], model.bert.encoder.layer[0].attention.self.key.weight)
 
 
+FP16_KERNELS = (DENSE, CUSPARSELT, CUTLASS)
+
+
+def decide(units, tuner, counts, fallback="auto", kernels=FP16_KERNELS, fp8=None, unavailable=None):
+    """What the swap decides for `units` with `tuner`'s (fake) timings at `counts`: the policy's plans, through the
+    same calls the swap makes (every kernel runs here, but those named in `unavailable`: name -> why not)."""
+    buckets = {}
+    for tokens in counts if tuner is not None else ():
+        buckets.setdefault(token_bucket(tokens), tokens)
+    min_speedup = tuner.min_speedup if tuner is not None else policy.MIN_SPEEDUP
+    options = policy.Options(policy.DenseFallback(fallback), min_speedup, buckets, fp8)
+    in_play = policy.Kernels(kernels, lambda kernel, unit: (unavailable or {}).get(kernel.name))
+    rules = policy if fp8 is None else fp8_policy
+    needed = rules.requests(units, in_play, options)
+    timings = dict(zip(needed, tuner.timings(needed, "cpu"))) if needed else {}
+    return rules.decide(units, in_play, timings, options)
+
+
 def test_decisions_follow_the_timings():
     model = pruned_tiny_model(hidden_size=64, intermediate_size=128)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    units, _ = _units(model, linears, [])
-    unit = units[0]  # 64x64
+    units, _ = find_units(model, linears, [])
+    unit = units[:1]  # 64x64
     tuner = FakeTimings(cache_path=False, sparse_from=4096)  # dense below 4096 tokens, sparse from there on
 
-    decision = _decide(unit, tuner, [1536, 98304], "copy")
-    assert decision.status == "sparse+dense" and "dense copy kept" in decision.reason
-    assert "1536: 0.80x, 98304: 1.20x" in decision.reason
-    assert decision.plans == {2048: Plan("dense"), 131072: Plan("sparse", 3, 1, -1)}
-    assert _times(decision) == {1536: (1.2, 1.2), 98304: (1.2, 1.0)}
+    (plan,) = decide(unit, tuner, [1536, 98304], "copy")
+    assert plan.status == "sparse+dense" and "dense copy kept" in plan.reason
+    assert "1536: 0.80x, 98304: 1.20x" in plan.reason
+    assert plan.runs == {2048: Run("dense"), 131072: Run("cusparselt", (3, 1, -1))}
+    assert plan.holds == (CUSPARSELT, DENSE) and plan.keep_dense
+    assert plan.times == {1536: (1.2, 1.2), 98304: (1.2, 1.0)}
 
-    decision = _decide(unit, tuner, [1536, 98304], "none")
-    assert decision.status == "sparse" and "dense_fallback='none'" in decision.reason
-    assert decision.plans == {2048: Plan("sparse", 3, 1, -1), 131072: Plan("sparse", 3, 1, -1)}
-    assert _times(decision) == {1536: (1.2, 1.5), 98304: (1.2, 1.0)}  # runs sparse where dense is faster
+    (plan,) = decide(unit, tuner, [1536, 98304], "none")
+    assert plan.status == "sparse" and "dense_fallback='none'" in plan.reason
+    assert plan.runs == {2048: Run("cusparselt", (3, 1, -1)), 131072: Run("cusparselt", (3, 1, -1))}
+    assert plan.times == {1536: (1.2, 1.5), 98304: (1.2, 1.0)}  # runs sparse where dense is faster
 
-    decision = _decide(unit, tuner, [8192, 98304], "copy")
-    assert decision.status == "sparse" and "faster at every tuned token count" in decision.reason
+    (plan,) = decide(unit, tuner, [8192, 98304], "copy")
+    assert plan.status == "sparse" and "faster at every tuned token count" in plan.reason
 
-    decision = _decide(unit, tuner, [512, 1536], "none")
-    assert decision.status == "dense" and "dense is faster at every tuned token count" in decision.reason
-    assert decision.plans == {512: Plan("dense"), 2048: Plan("dense")}
+    (plan,) = decide(unit, tuner, [512, 1536], "none")
+    assert plan.status == "dense" and "dense is faster at every tuned token count" in plan.reason
+    assert plan.runs == {512: Run("dense"), 2048: Run("dense")} and plan.holds == (DENSE,)
 
-    decision = _decide(unit, None, [512], "copy")
-    assert decision.status == "sparse" and "autotune off" in decision.reason and decision.plans == {}
+    (plan,) = decide(unit, None, [512], "copy")
+    assert plan.status == "sparse" and "autotune off" in plan.reason and plan.runs == {}
 
 
 def test_auto_fallback_keeps_dense_copies_within_the_dense_bytes():
     model = pruned_tiny_model(hidden_size=64, intermediate_size=128)  # per layer: 192x64, 64x64, 128x64, 64x128
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    units, _ = _units(model, linears, DEFAULT_FUSE_GROUPS)
+    units, _ = find_units(model, linears, DEFAULT_FUSE_GROUPS)
     tuner = FakeTimings(cache_path=False, sparse_from=4096)  # every unit: dense wins at 1536 tokens, sparse at 98304
-    decisions = [_decide(u, tuner, [1536, 98304], "auto") for u in units]
-    assert all(d.mixed for d in decisions)
-    decided = _budget_dense_copies(units, decisions)
-    kept = [u.name.split("layer.")[1] for u, d in zip(units, decided) if d.status == "sparse+dense"]
+    assert {p.status for p in decide(units, tuner, [1536, 98304], "copy")} == {"sparse+dense"}  # all mixed
+    decided = decide(units, tuner, [1536, 98304], "auto")
+    kept = [p.unit.name.split("layer.")[1] for p in decided if p.status == "sparse+dense"]
     # The same loss per call for every unit: the largest units give up least per byte, so they drop their copies
     # first, until the swapped layers fit in their dense bytes; the smallest keep theirs.
     assert kept == ["0.attention.output.dense", "1.attention.output.dense", "1.intermediate.dense", "1.output.dense"]
     dense = sum(u.dense_bytes for u in units)
-    after = sum(
-        u.dense_bytes * 9 // 16 + (u.dense_bytes if d.status == "sparse+dense" else 0) for u, d in zip(units, decided)
-    )
-    assert after <= dense < after + min(u.dense_bytes for u, d in zip(units, decided) if d.status == "sparse")
-    for d in decided:
-        assert ("within the dense weights' bytes" in d.reason) == (d.status == "sparse+dense")
-        assert ("would take the swapped layers over their dense bytes" in d.reason) == (d.status == "sparse")
+    after = sum(p.unit.dense_bytes * 9 // 16 + (p.unit.dense_bytes if p.keep_dense else 0) for p in decided)
+    assert after <= dense < after + min(p.unit.dense_bytes for p in decided if p.status == "sparse")
+    for p in decided:
+        assert ("within the dense weights' bytes" in p.reason) == (p.status == "sparse+dense")
+        assert ("would take the swapped layers over their dense bytes" in p.reason) == (p.status == "sparse")
 
 
 def test_decisions_keep_misaligned_shapes_dense():
     layer = nn.Linear(40, 24)  # 24 output rows: not a multiple of 16
     with torch.no_grad():
         layer.weight.mul_(torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(10))
-    units, _ = _units(nn.Sequential(layer), {"0": layer}, [])
-    decision = _decide(units[0], FakeTimings(cache_path=False), [64], "copy")
-    assert decision.status == "dense" and "multiples of 16" in decision.reason and "24x40" in decision.reason
+    units, _ = find_units(nn.Sequential(layer), {"0": layer}, [])
+    (plan,) = decide(units, FakeTimings(cache_path=False), [64], "copy")
+    assert plan.status == "dense" and "multiples of 16" in plan.reason and "24x40" in plan.reason
+
+
+class TileKernel:
+    """A 2:4 kernel a test adds: one class (the members of `kernels.base.Kernel`) and one entry in `KERNELS`. It runs
+    anywhere (its layer computes densely) and takes layers of at least 128 output features."""
+
+    name, label, status, untuned = "tile", "tile kernel", "sparse", "the tile kernel's first tile"
+    weights, sparse, gelu, gelu_dtypes, groups, row_align = Weights.MODEL, True, Gelu.NONE, (), True, 8
+
+    def unsupported_reason(self, device, dtype, layer=""):
+        return None
+
+    def shape_problem(self, shape, dtype):
+        return None if shape[0] >= 128 else f"the tile kernel needs 128 output features or more; got {shape[0]}"
+
+    def weight_bytes(self, shape, dtype):
+        return shape[0] * shape[1] * dtype.itemsize * 9 // 16
+
+    def version(self):
+        return "v1"
+
+    def problem(self, request, inputs, settings):
+        raise AssertionError("timed by the test's autotuner, never swept")
+
+    def layer(self, spec):
+        layer = SemiStructuredLinear(
+            spec.weight, spec.bias, sparse=False, name=spec.name, emits_state=spec.emits_state
+        )
+        layer.kernel = self.name
+        return layer
+
+    def describe(self, config, gelu):
+        return f"tile {config[0]}"
+
+
+class TileTimings(FakeTimings):
+    """`FakeTimings`, and the tile kernel: 0.9 ms on the fused query/key/value GEMM, 1.6 ms elsewhere."""
+
+    def measure(self, request):
+        if request.kernel == "tile":
+            return Timing(0.9 if request.out_features == 192 else 1.6, (7,), request.tokens, 3)
+        return super().measure(request)
+
+
+def test_a_kernel_added_by_one_class_and_one_line_runs_where_its_timings_win(monkeypatch):
+    from hf_sparse import restore_dense_
+    from hf_sparse.inference import kernels
+
+    monkeypatch.setattr(kernels, "KERNELS", (*kernels.KERNELS, TileKernel()))  # the one line
+    model = pruned_tiny_model(hidden_size=64, intermediate_size=128)  # on the CPU: cuSPARSELt cannot run here
+    inputs = {"input_ids": torch.randint(0, 128, (2, 16))}
+    with torch.no_grad():
+        expected = model(**inputs).start_logits
+    tuner = TileTimings(cache_path=False)
+    report = swap_to_semi_structured_(model, token_counts=[1536, 98304], autotune=tuner, dense_fallback="copy")
+    rows = {r.name.removeprefix("bert.encoder.layer.0."): r for r in report}
+    qkv = rows["attention.self.{query,key,value}"]
+    assert qkv.status == "sparse" and qkv.plans == {2048: "tile 7", 131072: "tile 7"}  # 1.2 ms dense against 0.9
+    assert qkv.times == {1536: (1.2, 0.9), 98304: (1.2, 0.9)}
+    assert model.bert.encoder.layer[0].attention.self.hf_sparse_fused_query_key_value.kernel == "tile"
+    assert rows["intermediate.dense"].status == "dense"  # 1.6 ms: dense wins there
+    assert "dense is faster at every tuned token count" in rows["intermediate.dense"].reason
+    assert rows["output.dense"].status == "dense" and "cuSPARSELt" in rows["output.dense"].reason  # too few rows
+    assert type(model.bert.encoder.layer[0].intermediate.dense) is nn.Linear
+    assert {r.kernel for r in tuner.calls} == {"dense", "tile"}  # cuSPARSELt and CUTLASS cannot run on the CPU
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).start_logits, expected, atol=1e-5)
+    assert restore_dense_(model) and all(not isinstance(m, SemiStructuredLinear) for m in model.modules())
+
+
+def test_a_later_kernel_replaces_an_earlier_one_only_where_it_is_at_least_1_percent_faster(monkeypatch):
+    from hf_sparse.inference import kernels
+
+    tile = TileKernel()
+    monkeypatch.setattr(kernels, "KERNELS", (*kernels.KERNELS, tile))
+
+    class Timings(FakeTimings):  # cuSPARSELt 1.0 ms; the tile kernel 0.9 on query/key/value, 0.995 on the rest
+        def measure(self, request):
+            if request.kernel == "tile":
+                return Timing(0.9 if request.out_features == 384 else 0.995, (7,), request.tokens, 3)
+            return super().measure(request)
+
+    model = pruned_tiny_model(hidden_size=128, intermediate_size=128)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    units, _ = find_units(model, linears, DEFAULT_FUSE_GROUPS)
+    plans = decide(units, Timings(cache_path=False), [8192], "copy", kernels=(*FP16_KERNELS, tile))
+    by_name = {p.unit.name.removeprefix("bert.encoder.layer.0."): p for p in plans}
+    qkv = by_name["attention.self.{query,key,value}"]  # 384x128
+    assert qkv.kernel.name == "tile" and qkv.runs == {8192: Run("tile", (7,))}
+    assert "runs on the tile kernel (bias in its epilogue): 1.11x the cuSPARSELt GEMM" in qkv.reason
+    near = by_name["intermediate.dense"]  # 1.005x: a near tie stays on the kernel listed first
+    assert near.kernel.name == "cusparselt" and "tile" not in near.reason
 
 
 def test_report_memory_and_table():
@@ -327,7 +427,6 @@ def rel_error(a, b):
 
 
 @needs_gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("fallback", ["copy", "none"])
@@ -366,7 +465,6 @@ def _dense_twin(model):
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_compressed_weights_decompress_exactly_and_use_less_memory(tmp_path):
     model = gpu_model()
     dense = {k: v.clone() for k, v in model.state_dict().items()}
@@ -379,7 +477,6 @@ def test_compressed_weights_decompress_exactly_and_use_less_memory(tmp_path):
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_swapped_model_saves_an_ordinary_checkpoint(tmp_path):
     from safetensors.torch import load_file
     from transformers import BertForQuestionAnswering
@@ -406,7 +503,6 @@ def test_swapped_model_saves_an_ordinary_checkpoint(tmp_path):
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_autotune_runs_dense_when_dense_is_faster(tmp_path):
     import torch.nn.functional as F
 
@@ -416,8 +512,9 @@ def test_autotune_runs_dense_when_dense_is_faster(tmp_path):
     bias = model.bert.encoder.layer[0].intermediate.dense.bias.detach().clone()
     report = swap_to_semi_structured_(model, fuse_qkv=False, token_counts=[128], autotune=tuner)
     assert {r.status for r in report if r.status != "not 2:4"} == {"dense"}
-    choice = tuner.cached(1024, 256, torch.float16, True, 128, "cuda")
-    assert choice.backend == "dense" and choice.dense_ms > 0 and choice.sparse_ms > 0 and choice.candidates >= 1
+    gemm = GemmRequest("cusparselt", 1024, 256, torch.float16, True, 128)
+    dense, sparse = tuner.cached(gemm.on("dense"), "cuda"), tuner.cached(gemm, "cuda")
+    assert dense.ms > 0 and sparse.ms > 0 and sparse.candidates >= 1 and not policy.wins(dense, sparse, 1e9)
     layer = model.bert.encoder.layer[0].intermediate.dense
     assert type(layer) is nn.Linear  # nothing swapped where dense is faster
 
@@ -430,7 +527,6 @@ def test_autotune_runs_dense_when_dense_is_faster(tmp_path):
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_cuda_graphs_match_eager(tmp_path):
     from hf_sparse import cuda_graphs
 
@@ -450,7 +546,6 @@ def test_cuda_graphs_match_eager(tmp_path):
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_compiled_swapped_model_has_no_graph_breaks_and_matches_eager(tmp_path):
     from torch._dynamo.utils import counters
 
@@ -471,7 +566,6 @@ def test_compiled_swapped_model_has_no_graph_breaks_and_matches_eager(tmp_path):
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_fp32_gpu_model_is_refused_and_left_usable():
     model = pruned_tiny_model(**GPU_CONFIG).to("cuda")
     before = snapshot(model)
@@ -481,7 +575,6 @@ def test_fp32_gpu_model_is_refused_and_left_usable():
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_swap_at_end_swaps_on_a_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_SPARSE_CACHE", str(tmp_path / "tune.json"))
     import hf_sparse.inference.autotune as autotune
@@ -504,7 +597,6 @@ def test_swap_at_end_swaps_on_a_gpu(tmp_path, monkeypatch):
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_a_swapped_model_graphs_its_own_inference_calls_safely(tmp_path, caplog):
     from hf_sparse import cuda_graphs
 
@@ -546,7 +638,6 @@ def test_a_swapped_model_graphs_its_own_inference_calls_safely(tmp_path, caplog)
 
 
 @needs_gpu
-@pytest.mark.gpu
 def test_a_forward_that_cannot_be_captured_runs_plainly_with_a_warning(caplog):
     class Syncs(nn.Module):
         def __init__(self):

@@ -1,14 +1,18 @@
-"""Fast 2:4 inference: swap exactly-2:4 `nn.Linear` layers for cuSPARSELt kernels, never slower than dense.
+"""Fast 2:4 inference: swap exactly-2:4 `nn.Linear` layers for sparse kernels, never slower than dense.
 
-- `swap.py`: `swap_to_semi_structured_` decides, layer by layer, what runs sparse, and reports it (`SwapReport`).
-- `layers.py`: the layers it installs (`SemiStructuredLinear`, fused q/k/v) and `semi_structured_support`.
-- `fp8.py`: FP8 (e4m3) layers, 2:4 or dense (`swap_to_semi_structured_(fp8=...)`); `quantization.py`: their e4m3 scaling.
-- `cutlass_linear.py`: `CutlassSparseLinear`, a layer on the CUTLASS sm90 2:4 kernel (H100, H200), with GELU in its
-  epilogue where the layer starts a feed-forward block; `cutlass.py`: that kernel, compiled on first use, and its
-  ctypes binding (`csrc/sm90_sparse_gemm.cu`).
-- `cusparselt.py`: cuSPARSELt plans kept per shape and token count (a ctypes binding to PyTorch's own library).
-- `autotune.py`: dense against sparse per GEMM shape and token count, cached on disk.
-- `tuning.py`: the measuring behind it: verified algorithm sweeps, in a child process that a GPU fault cannot spread from.
+- `swap.py`: `swap_to_semi_structured_`, the mechanism (find the units, time, ask the policy, install), its report
+  (`SwapReport`) and `restore_dense_`.
+- `units.py`: the GEMMs a swap decides on (single layers, fused query/key/value groups, the GELU after a layer).
+- `policy.py`: which kernel each layer runs at each token count, what it holds and why: pure decisions from timings
+  (`fp8_policy.py`: the FP8 swap's rules).
+- `kernels/`: one file per kernel (dense, cuSPARSELt 2:4, CUTLASS 2:4 with GELU in its epilogue, FP8 2:4, dense FP8)
+  and `kernels.KERNELS`, the list of them; `kernels/base.py` is the `Kernel` interface.
+- `autotune.py`: the `Autotuner`, timings per kernel, GEMM shape and token count, cached on disk; `tuning.py`: the
+  measuring behind it, one generic sweep, in a child process that a GPU fault cannot spread from.
+- the layers: `layers.py` (`SemiStructuredLinear`, fused q/k/v), `cutlass_linear.py` (`CutlassSparseLinear`),
+  `fp8.py` (`Fp8Linear`, `Fp8Config`; `quantization.py`: their e4m3 scaling).
+- the bindings: `cusparselt.py` (cuSPARSELt plans kept per shape and token count, bound with ctypes to PyTorch's own
+  library), `cutlass.py` (the CUTLASS sm90 kernel, compiled on first use from `csrc/sm90_sparse_gemm.cu`).
 - `cuda_graphs.py`: `cuda_graphs(model)` replays captured forwards per input shape; `EagerGraphs` does it for a
   swapped model's own inference calls.
 - `benchmark.py`: the latency benchmark (`python -m hf_sparse.inference.benchmark`, or `hf-sparse-bench`).
@@ -20,7 +24,8 @@ from .autotune import Autotuner
 from .cuda_graphs import EagerGraphs, cuda_graphs, remove_cuda_graphs
 from .cutlass_linear import CutlassSparseLinear
 from .fp8 import Fp8Config, Fp8Linear
-from .layers import FusedLinearSlice, SemiStructuredLinear, semi_structured_support
+from .kernels.cusparselt import semi_structured_support
+from .layers import FusedLinearSlice, SemiStructuredLinear
 from .swap import LayerSwap, SwapReport, fuse_qkv_, restore_dense_, swap_to_semi_structured_
 
 __all__ = [

@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import inspect
 import json
 import logging
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -57,83 +59,81 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 logger = logging.getLogger(__name__)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hf-sparse-bench",
-        description="Dense vs 2:4 sparse inference latency of a question-answering model on one NVIDIA GPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--model",
+@dataclass
+class BenchmarkArguments:
+    """What the benchmark times and how: the command line of `hf-sparse-bench` (each field is an option, `--seq-len`
+    for `seq_len`), or `options(...)` for a Python caller."""
+
+    model: str | None = field(
         default=None,
-        help="Model path or Hub id (AutoModelForQuestionAnswering, else AutoModel). Default: BERT-base QA with "
-        "random weights, built from a BertConfig (speed does not depend on the values). Not-2:4 models are "
-        "magnitude-pruned to 2:4 first.",
+        metadata={
+            "help": "Model path or Hub id (AutoModelForQuestionAnswering, else AutoModel). Default: BERT-base QA with "
+            "random weights, built from a BertConfig (speed does not depend on the values). Not-2:4 models are "
+            "magnitude-pruned to 2:4 first."
+        },
     )
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16, 64, 256], help="Batch sizes to time.")
-    parser.add_argument("--seq-len", type=int, default=384, help="Sequence length (tokens per example).")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="Weight and activation dtype.")
-    parser.add_argument(
-        "--modes",
-        nargs="+",
-        choices=MODES,
-        default=list(MODES),
-        help="Execution modes, each timed for every variant: 'eager' (plain calls), 'graphs' (CUDA graphs per batch "
-        "size, hf_sparse.cuda_graphs), 'compile' (torch.compile, then CUDA graphs; inductor fuses the bias adds, "
-        "GELU, residuals and LayerNorms, GEMMs stay cuBLAS / cuSPARSELt).",
+    batch_sizes: list[int] = field(default_factory=lambda: [4, 16, 64, 256], metadata={"help": "Batch sizes to time."})
+    seq_len: int = field(default=384, metadata={"help": "Sequence length (tokens per example)."})
+    dtype: str = field(default="float16", metadata={"choices": sorted(DTYPES), "help": "Weight and activation dtype."})
+    modes: list[str] = field(
+        default_factory=lambda: list(MODES),
+        metadata={
+            "choices": MODES,
+            "help": "Execution modes, each timed for every variant: 'eager' (plain calls), 'graphs' (CUDA graphs per "
+            "batch size, hf_sparse.cuda_graphs), 'compile' (torch.compile, then CUDA graphs; inductor fuses the bias "
+            "adds, GELU, residuals and LayerNorms, GEMMs stay cuBLAS / cuSPARSELt / CUTLASS).",
+        },
     )
-    parser.add_argument(
-        "--variants",
-        nargs="+",
-        choices=VARIANTS,
-        default=list(DEFAULT_VARIANTS),
-        help="What to time ('dense' is always timed: it is the baseline).",
+    variants: list[str] = field(
+        default_factory=lambda: list(DEFAULT_VARIANTS),
+        metadata={"choices": VARIANTS, "help": "What to time ('dense' is always timed: it is the baseline)."},
     )
-    parser.add_argument("--reps", type=int, default=10, help="Timed calls per variant per round.")
-    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds (variants alternate).")
-    parser.add_argument("--no-fuse-qkv", action="store_true", help="Do not fuse query/key/value (dense nor sparse).")
-    parser.add_argument(
-        "--attention-mask",
-        action="store_true",
-        help="Also pass an all-ones attention_mask (default: none, i.e. every sequence is full length).",
+    reps: int = field(default=10, metadata={"help": "Timed calls per variant per round."})
+    rounds: int = field(default=3, metadata={"help": "Interleaved rounds (variants alternate)."})
+    no_fuse_qkv: bool = field(default=False, metadata={"help": "Do not fuse query/key/value (dense nor sparse)."})
+    attention_mask: bool = field(
+        default=False,
+        metadata={"help": "Also pass an all-ones attention_mask (default: none, i.e. every sequence is full length)."},
     )
-    parser.add_argument("--output-dir", default="hf_sparse_bench", help="Where bench.json and bench.png go.")
-    parser.add_argument(
-        "--cache",
+    output_dir: str = field(default="hf_sparse_bench", metadata={"help": "Where bench.json and bench.png go."})
+    cache: str | None = field(
         default=None,
-        help="Autotuning cache file (default: $HF_SPARSE_CACHE or ~/.cache/hf_sparse/autotune.json).",
+        metadata={"help": "Autotuning cache file (default: $HF_SPARSE_CACHE or ~/.cache/hf_sparse/autotune.json)."},
     )
-    parser.add_argument(
-        "--max-algorithms", type=int, default=64, help="cuSPARSELt algorithm ids tried per GEMM shape (autotuning)."
+    max_algorithms: int = field(
+        default=64, metadata={"help": "Configuration ids tried per kernel and GEMM shape (autotuning)."}
     )
-    parser.add_argument(
-        "--tune-seconds", type=float, default=10.0, help="Autotuning time budget per GEMM shape and token count."
+    tune_seconds: float = field(
+        default=10.0, metadata={"help": "Autotuning time budget per kernel, GEMM shape and token count."}
     )
-    parser.add_argument(
-        "--sdpa-backend",
-        choices=["default", "flash", "efficient", "cudnn", "math"],
+    sdpa_backend: str = field(
         default="default",
-        help="Force one scaled-dot-product-attention backend for every variant (captures included), to compare "
-        "attention kernels.",
+        metadata={
+            "choices": ["default", "flash", "efficient", "cudnn", "math"],
+            "help": "Force one scaled-dot-product-attention backend for every variant (captures included), to "
+            "compare attention kernels.",
+        },
     )
-    parser.add_argument(
-        "--swap-per-batch",
-        action="store_true",
-        help="Swap a fresh copy of the model for each batch size, naming only that batch size's token count (a "
-        "deployment that serves one batch size). Default: one swap that names the token counts of every batch size.",
+    swap_per_batch: bool = field(
+        default=False,
+        metadata={
+            "help": "Swap a fresh copy of the model for each batch size, naming only that batch size's token count "
+            "(a deployment that serves one batch size). Default: one swap that names the token counts of every batch "
+            "size."
+        },
     )
-    parser.add_argument(
-        "--fp8-scales",
-        choices=["static", "dynamic"],
+    fp8_scales: str = field(
         default="static",
-        help="Activation scales of the fp8 variants: one per layer calibrated on 4 random batches, or per token at "
-        "run time (hf_sparse.inference.fp8.Fp8Config).",
+        metadata={
+            "choices": ["static", "dynamic"],
+            "help": "Activation scales of the fp8 variants: one per layer calibrated on 4 random batches, or per "
+            "token at run time (hf_sparse.inference.fp8.Fp8Config).",
+        },
     )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights and inputs.")
-    return parser
+    seed: int = field(default=0, metadata={"help": "Seed of the random weights and inputs."})
 
 
-def _checked(args: argparse.Namespace, error) -> argparse.Namespace:
+def _checked(args: BenchmarkArguments, error) -> BenchmarkArguments:
     if any(b < 1 for b in args.batch_sizes):
         error(f"--batch-sizes must be positive integers; got {args.batch_sizes}.")
     if args.seq_len < 1:
@@ -154,13 +154,21 @@ def _checked(args: argparse.Namespace, error) -> argparse.Namespace:
     return args
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> BenchmarkArguments:
     """Parses and checks the benchmark's command line (exits with a message on bad values)."""
-    parser = build_parser()
-    return _checked(parser.parse_args(argv), parser.error)
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(
+        BenchmarkArguments,
+        prog="hf-sparse-bench",
+        description="Dense vs 2:4 sparse inference latency of a question-answering model on one NVIDIA GPU.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    return _checked(args, parser.error)
 
 
-def options(**overrides) -> argparse.Namespace:
+def options(**overrides) -> BenchmarkArguments:
     """The benchmark's settings for a Python caller: the command line's defaults with `overrides` (the option
     names with underscores, e.g. `seq_len=256, variants=["dense", "2:4"]`), checked as the command line is.
 
@@ -170,22 +178,21 @@ def options(**overrides) -> argparse.Namespace:
     >>> result = run(options(model="out/sparse", batch_sizes=[16, 64], variants=["dense", "2:4"]))
     ```
     """
-    args = build_parser().parse_args([])
-    unknown = set(overrides) - set(vars(args))
+    known = {f.name for f in fields(BenchmarkArguments)}
+    unknown = set(overrides) - known
     if unknown:
-        raise TypeError(f"unknown benchmark option(s) {sorted(unknown)}; known: {sorted(vars(args))}.")
-    vars(args).update(overrides)
+        raise TypeError(f"unknown benchmark option(s) {sorted(unknown)}; known: {sorted(known)}.")
 
     def error(message: str):
         raise ValueError(message)
 
-    return _checked(args, error)
+    return _checked(BenchmarkArguments(**overrides), error)
 
 
 # -- building the variants -------------------------------------------------------------------------------------------
 
 
-def build_model(args: argparse.Namespace) -> nn.Module:
+def build_model(args: BenchmarkArguments) -> nn.Module:
     from transformers import AutoModel, AutoModelForQuestionAnswering, BertConfig, BertForQuestionAnswering
 
     dtype = DTYPES[args.dtype]
@@ -202,16 +209,17 @@ def build_model(args: argparse.Namespace) -> nn.Module:
 
 
 def prune_to_2_4(model: nn.Module) -> list[str]:
-    """Magnitude-prunes the transformer blocks' linear layers to 2:4 unless they already are; returns their names."""
+    """Magnitude-prunes the transformer blocks' linear layers to 2:4 unless they already are (the 2 largest |w| of
+    every 4 kept); returns their names."""
     from ..config import SparsityConfig
-    from ..masks import is_nm
-    from ..pruning import prune_
+    from ..masks import is_nm, nm_mask
     from ..selection import select_layers
 
-    config = SparsityConfig()
-    layers = select_layers(model, config).targets
+    layers = select_layers(model, SparsityConfig()).targets
     if not all(is_nm(layer.weight, 2, 4) for layer in layers.values()):
-        prune_(model, config)
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.weight.mul_(nm_mask(layer.weight, name=name))
         print(f"magnitude-pruned {len(layers)} linear layers to 2:4", flush=True)
     return list(layers)
 
@@ -259,10 +267,13 @@ def weight_bytes(layers: list[nn.Module]) -> int:
 # -- the run ---------------------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: BenchmarkArguments) -> dict:
     """Builds every variant, times them batch size by batch size, and returns everything measured."""
-    from ..run_report import environment
-    from .layers import semi_structured_support
+    import transformers
+
+    from .. import __version__
+    from .autotune import device_facts
+    from .kernels.cusparselt import semi_structured_support
 
     problem = semi_structured_support("cuda", DTYPES[args.dtype])
     if problem is None and any(v.startswith("fp8") for v in args.variants):
@@ -271,14 +282,15 @@ def run(args: argparse.Namespace) -> dict:
         problem = fp8_support_problem("cuda")
     if problem:
         raise SystemExit(f"hf-sparse-bench: {problem}")
-    env = environment()
-    print(f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, cuSPARSELt {env['cusparselt']}; "
-          f"{args.dtype}, seq {args.seq_len}, modes {' '.join(args.modes)}", flush=True)  # fmt: skip
+    # what the numbers depend on (a recipe's report records the whole environment beside them)
+    env = dict(device_facts(), transformers=transformers.__version__, hf_sparse=__version__)
+    print(f"{env['gpu']} (compute capability {env['capability'][0]}.{env['capability'][1]}), torch {env['torch']}, "
+          f"CUDA {env['cuda']}, cuSPARSELt {env['cusparselt']}; {args.dtype}, seq {args.seq_len}, modes "
+          f"{' '.join(args.modes)}", flush=True)  # fmt: skip
     base = build_model(args)
     names = prune_to_2_4(base)
     if args.swap_per_batch:
-        built = {b: build_variants(argparse.Namespace(**dict(vars(args), batch_sizes=[b])), base, names)
-                 for b in args.batch_sizes}  # fmt: skip
+        built = {b: build_variants(dataclasses.replace(args, batch_sizes=[b]), base, names) for b in args.batch_sizes}
     else:
         shared = build_variants(args, base, names)
         built = {b: shared for b in args.batch_sizes}
@@ -305,13 +317,13 @@ def run(args: argparse.Namespace) -> dict:
             notes[mode] += f", {sum(counters['graph_break'].values())} graph breaks"
         print(f"{mode} mode: {notes[mode]}", flush=True)
     return {
-        "device": torch.cuda.get_device_name(),
-        "capability": list(torch.cuda.get_device_capability()),
+        "device": env["gpu"],
+        "capability": env["capability"],
         "torch": env["torch"],
         "cuda": env["cuda"],
         "cusparselt": env["cusparselt"],
         "environment": env,
-        "args": {k: v for k, v in vars(args).items()},
+        "args": dataclasses.asdict(args),
         "variants": [v for v in args.variants if v in models],
         "modes": list(args.modes),
         "rows": rows,
@@ -325,7 +337,7 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def build_variants(args: argparse.Namespace, base: nn.Module, names: list[str]) -> tuple[dict, dict, dict]:
+def build_variants(args: BenchmarkArguments, base: nn.Module, names: list[str]) -> tuple[dict, dict, dict]:
     """(models, weight memory, swap reports) of every variant in `args.variants`, each a copy of `base`."""
     from .autotune import Autotuner
     from .fp8 import Fp8Config

@@ -114,8 +114,8 @@ def attention_masks_skippable_while_capturing():
     transformers 5.17 decides whether the mask of a batch without padding can be dropped with
     `is_tracing(padding_mask)`, which is true during CUDA graph capture even when there is no padding mask at all.
     It then builds an explicit mask whose last dimension has stride 0; every fused SDPA kernel (flash, cuDNN,
-    memory-efficient) refuses it, and attention falls back to the math path with fp32 matrix products: measured on
-    an H200, BERT-base at batch 64 took 44.1 ms as a graph against 11.6 ms eagerly. Newer transformers only ask
+    memory-efficient) refuses it, and attention falls back to the math path with fp32 matrix products, several times
+    slower than eagerly (the README has the measurement). Newer transformers only ask
     `is_tracing` about a mask that exists, since without one there is nothing data-dependent to avoid; this applies
     that rule while capturing. A padding mask that is given is still treated as traced (the graph keeps it).
     """
@@ -249,8 +249,8 @@ class EagerGraphs(CudaGraphModel):
     """A swapped model's own forward (installed by `swap_to_semi_structured_(eager_graphs=True)`, the default): an
     ordinary `model(**batch)` at inference runs through CUDA graphs, one per input signature, so a plain eager call
     is as fast as a graphed one. Eager PyTorch pays host time per kernel launch, and a BERT-base forward at a few
-    thousand tokens is bound by it (measured on an H100: 10.0 ms eagerly against 1.1 ms as a graph at batch 4); a
-    cuSPARSELt call costs more host time than a dense one, so without graphs the swapped model loses there.
+    thousand tokens is bound by it (the README's benchmark has eager against graphed times); a cuSPARSELt call costs
+    more host time than a dense one, so without graphs the swapped model loses there.
 
     A call runs the plain forward instead whenever a graph would not be safe or not pay: in training mode, with
     gradients enabled, inside `torch.compile` or another capture, with inputs off the GPU or of a type a graph
@@ -316,8 +316,8 @@ class EagerGraphs(CudaGraphModel):
 
     def _facts_now(self) -> tuple[list[dict], set]:
         """Every submodule's forward-hook dicts (registering a hook adds to them) and the devices of the model's
-        tensors, gathered again whenever swapped layers change: walking BERT-base's 227 modules took 0.34 ms,
-        checking their 454 hook dicts 15 us (a loaded 2-core CPU)."""
+        tensors, gathered again only when swapped layers change (walking every module per call would cost more host
+        time than checking the hook dicts)."""
         found = self.__dict__.get("_facts")
         if found is None or found[0] != GENERATION[0]:
             hooks = [d for m in self.model.modules() for d in (m._forward_hooks, m._forward_pre_hooks)]

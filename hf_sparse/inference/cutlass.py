@@ -2,15 +2,16 @@
 
 cuSPARSELt 0.8.0 applies GELU in its epilogue only for e4m3 outputs: for float16 or bfloat16 it refuses the
 attribute. So an fp16 2:4 layer followed by GELU (BERT's intermediate layers, the widest output of the model) pays a
-separate element-wise pass that reads and writes that output again: at 98,304 tokens on an H100 the 3072x768 GEMM
-took 0.704 ms dense and the GELU after it 0.46 ms. This module runs that layer as one kernel: CUTLASS's sm90 sparse
+separate element-wise pass that reads and writes that output again, which costs a large part of the GEMM's own time
+(the README has the measurement). This module runs that layer as one kernel: CUTLASS's sm90 sparse
 tensor-core GEMM (`csrc/sm90_sparse_gemm.cu`) with `y = gelu(x @ W.T + bias)` in its epilogue.
 
 The kernels are compiled on first use with the CUDA toolkit's `nvcc` against the CUTLASS headers of the
 `nvidia-cutlass` package (`pip install nvidia-cutlass`), once per machine: the library is cached under
 `~/.cache/hf_sparse/cutlass/<hash of the source and flags>/` (`$HF_SPARSE_CUTLASS_DIR` to put it elsewhere, or
 `$HF_SPARSE_CUTLASS_LIB` to load a library built before). Where it cannot be built or run (not an sm_90 GPU, no
-`nvcc`, no headers), `unavailable_reason()` says why and the swap keeps cuSPARSELt with GELU a separate step.
+`nvcc`, no headers), `device_problem()` says why and the swap keeps cuSPARSELt with GELU a separate step. The kernel
+as the swap and the autotuner see it is `kernels/cutlass.py`.
 
 CUTLASS's sm90 kernels take only their first operand sparse, so a layer computes `y.T = W @ x.T`: the 2:4 weight
 is operand A, the activations operand B read K-major, and the output is written in `y`'s row-major layout. The
@@ -68,12 +69,6 @@ FLAGS = (
 ALIGN_OUT, ALIGN_IN = 64, 128
 """What the kernels take: out_features a multiple of 64 and in_features of 128 (so the metadata is never padded,
 and one compressed weight serves every configuration's tile), any token count; fp16 weights and activations."""
-
-
-def uses_cutlass(dtype: torch.dtype, epilogue: str) -> bool:
-    """Whether a tuning request `(..., dtype, ..., epilogue)` measures these kernels: float16 with "gelu" (GELU in the
-    epilogue) or "cutlass" (the bias alone). Their ids are configurations of this build, not cuSPARSELt algorithms."""
-    return dtype == torch.float16 and epilogue in ("gelu", "cutlass")
 
 
 class CutlassError(RuntimeError):

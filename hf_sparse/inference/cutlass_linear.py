@@ -3,15 +3,15 @@ epilogue where the layer starts a feed-forward block.
 
 A BERT-family feed-forward block computes `gelu(intermediate.dense(x))`. Swapped to cuSPARSELt, the layer's output
 (the widest of the model: 3072 features in BERT-base) is written, then read and written again by a separate GELU
-kernel: at 98,304 tokens on an H100 that step took 0.46 ms next to 0.54 ms for the 2:4 GEMM. With `gelu=True`,
+kernel, nearly as slow as the 2:4 GEMM itself (the README has the measurement). With `gelu=True`,
 `CutlassSparseLinear` runs `gelu(x @ W.T + b)` as one CUTLASS sm90 2:4 GEMM with the bias and GELU in its epilogue
 (`cutlass.py`), and the GELU module after it becomes a `GeluInEpilogue` that passes its input through. Without GELU
-it is the same kernel with the bias alone, which on the H100 beat cuSPARSELt 0.8.0 on some shapes (768x3072 at
-98,304 tokens: 0.509 against 0.556 ms). Where dense wins (few tokens) and the layer keeps a dense copy, that token
+it is the same kernel with the bias alone, which beats cuSPARSELt on some shapes. Where dense wins (few tokens) and
+the layer keeps a dense copy, that token
 count runs `F.linear` (and GELU) instead.
 
 `swap_to_semi_structured_` installs it where the autotuner measures it faster than the cuSPARSELt layer (plus the
-separate GELU step); this module only runs it.
+separate GELU step; `policy.py`); `kernels/cutlass.py` builds it; this module only runs it.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from . import cutlass
-from .autotune import Plan, dtype_name, token_bucket
 from .cuda_graphs import GENERATION
-from .layers import SwappedLinear, _probe, copy_bias, custom_op, nearest_bucket, new_weight
+from .kernels.base import dtype_name, token_bucket
+from .layers import Plan, SwappedLinear, _probe, copy_bias, custom_op, nearest_bucket, new_weight
 
 
 def cutlass_linear_op():

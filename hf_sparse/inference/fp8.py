@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from . import cusparselt
-from .autotune import token_bucket
 from .cuda_graphs import GENERATION
+from .kernels.base import token_bucket
 from .layers import SwappedLinear, _probe, copy_bias, custom_op, nearest_bucket, new_weight
 from .quantization import _TINY, E4M3, E4M3_MAX, quantize_rows, quantize_static, quantize_weight
 
@@ -40,12 +40,6 @@ _KEPT = {"packed": E4M3, "weight_fp8": E4M3, "weight_scale": torch.float32, "inp
          "tensor_scale": torch.float32}  # fmt: skip
 """The buffers of an `Fp8Linear` that no cast may change, with their dtypes (they must stay on the GPU too)."""
 FP8_CAPABILITY = (8, 9)
-FP8_ALIGN = 32  # both dimensions of an e4m3 GEMM's weight are multiples of this
-
-
-def fp8_shape_fits(shape: tuple[int, int]) -> bool:
-    """Whether the e4m3 kernels take a weight of this `(out_features, in_features)` shape."""
-    return not (shape[0] % FP8_ALIGN or shape[1] % FP8_ALIGN)
 
 
 # -- configuration ---------------------------------------------------------------------------------------------------
@@ -69,10 +63,8 @@ class Fp8Config:
             "help": "How activations are scaled to e4m3 before each GEMM: 'static' (default: one scale per layer, "
             "the largest |input| seen on the `calibration` batches; the scales and the bias then run inside the "
             "sparse GEMM's epilogue) or 'dynamic' (one scale per token, computed on every call; no data needed, "
-            "but a reduction before and a scaling pass after each GEMM). Measured on an H100 (BERT-base QA, seq "
-            "384, compile mode, batch 256): static 1.70x over fp16 dense (1.38x with GELU a separate step), "
-            "dynamic 0.93x (an earlier run, before the GELU epilogue); on a real model (all-MiniLM-L6-v2 on "
-            "XQuAD-en) static and dynamic were within 0.1 F1 of the fp16 2:4 model."
+            "but a reduction before and a scaling pass after each GEMM: slower, see the README's FP8 benchmark, "
+            "which also compares their F1)."
         },
     )
     calibration: Iterable[dict] | None = field(
@@ -180,8 +172,8 @@ _COMPILED: dict = {}
 
 def _fused(fn):
     """`fn` for eager calls compiled once (dynamic shapes) into one fused kernel, instead of several passes with
-    float32 temporaries (measured on an H100: eager per-token quantization made the FP8 model 5x slower than fp16
-    under CUDA graphs). Inside `torch.compile` it is traced as written, so inductor fuses it with its neighbours."""
+    float32 temporaries (eager per-token quantization made the FP8 model several times slower than fp16 under CUDA
+    graphs). Inside `torch.compile` it is traced as written, so inductor fuses it with its neighbours."""
 
     def call(*args):
         if torch.compiler.is_compiling():
@@ -311,6 +303,17 @@ class Fp8Linear(SwappedLinear):
             return self.weight_fp8
         return _decompress_fp8(self.packed, self.out_features, self.in_features)
 
+    def e4m3_tensors(self) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        """What a compact FP8 checkpoint stores of the whole layer, on the CPU: the e4m3 weight, the float32 scale
+        of each output feature, and the static input scale (None with dynamic scales)."""
+        scale = None if self.input_scale is None else float(self.input_scale)
+        return self.e4m3_weight().cpu(), self.weight_scale.cpu(), scale
+
+    def compact_fp8_tensors(self) -> tuple[torch.Tensor, torch.Tensor, float | None] | None:
+        """`e4m3_tensors()`, for the compact FP8 checkpoint to store under this layer's name; None for a fused group,
+        whose members store their own rows (`FusedLinearSlice.compact_fp8_tensors`)."""
+        return self.e4m3_tensors() if self.emits_state else None
+
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized dense weight, in the model's dtype (computed on each access: use it sparingly)."""
@@ -425,41 +428,6 @@ class Fp8Linear(SwappedLinear):
                 self.alpha = float(self.input_scale) * float(scales[0])
             copy_bias(self, bias, rows)
         GENERATION[0] += 1  # a CUDA graph holds the old alpha (a host value baked into the captured launch)
-
-
-GELU_TYPES = frozenset(
-    {"GELU", "GELUActivation", "NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation",
-     "AccurateGELUActivation"}
-)  # fmt: skip
-"""Activation module types that are GELU (exact or tanh-approximated: in an e4m3 output, whose rounding step is 6%,
-the two differ by at most 5e-4): the ones whose layer can run them in its epilogue."""
-
-
-def is_gelu(module: nn.Module) -> bool:
-    """Whether `module` is a GELU activation (`GELU_TYPES`; not clipped or sigmoid-approximated variants)."""
-    return type(module).__name__ in GELU_TYPES and not isinstance(module, GeluInEpilogue)
-
-
-class GeluInEpilogue(nn.Module):
-    """Stands where a GELU module was, after a layer that applies GELU in its GEMM's epilogue. After an `Fp8Linear`
-    it passes that layer's e4m3 output through unchanged and applies the original activation to anything else (so a
-    call that does not come from the fused layer stays right); after a `CutlassSparseLinear` (`passes_all`), whose output
-    is float16, it passes every input through (the block calls it only on that layer's output). `restore_dense_` puts
-    the original back."""
-
-    def __init__(self, original: nn.Module, passes_all: bool = False):
-        super().__init__()
-        self.original = original
-        self.passes_all = passes_all
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x if (self.passes_all or x.dtype == E4M3) else self.original(x)
-
-
-def is_exact_gelu(module: nn.Module) -> bool:
-    """Whether `module` is the exact (erf) GELU, the one the CUTLASS kernel computes in its epilogue (an fp16 output
-    would show the tanh approximation's difference)."""
-    return type(module).__name__ in ("GELU", "GELUActivation") and getattr(module, "approximate", "none") == "none"
 
 
 def _compress(values: torch.Tensor) -> torch.Tensor:

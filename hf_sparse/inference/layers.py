@@ -1,6 +1,7 @@
-"""The layers a swapped model runs: `SemiStructuredLinear` (a 2:4 weight compressed for cuSPARSELt, with a dense
-fallback per token count), `FusedLinearSlice` (one of several sibling layers fused into one GEMM), the custom op
-that calls the sparse kernel, and the one check of whether 2:4 kernels can run here (`semi_structured_support`).
+"""The layers a swapped model runs: `SwappedLinear` (what every swapped layer shares), `SemiStructuredLinear` (a
+2:4 weight compressed for cuSPARSELt, with a dense fallback per token count), `FusedLinearSlice` (one of several
+sibling layers fused into one GEMM), `GeluInEpilogue` (where a GELU was whose layer now runs it), and the custom op
+that calls the cuSPARSELt kernel. The FP8 and CUTLASS layers are in `fp8.py` and `cutlass_linear.py`.
 
 `swap_to_semi_structured_` (in `swap.py`) decides which layers become these; this module only runs them.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,80 +18,15 @@ from torch import nn
 
 from ..masks import is_nm
 from . import cusparselt
-from .autotune import DENSE, Autotuner, Plan, dtype_name, token_bucket
 from .cuda_graphs import GENERATION
+from .kernels.base import DENSE_NAME, SUPPORTED_DTYPES, GemmRequest, Tuner, dtype_name, token_bucket
+from .quantization import E4M3
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-ALIGN = 16  # cuSPARSELt needs both weight dimensions to be multiples of 16 for fp16/bf16
-
-
-# -- support ---------------------------------------------------------------------------------------------------------
-
-
-def support_problem(
-    device_type: str,
-    dtype: torch.dtype,
-    capability: tuple[int, int] | None = None,
-    gpu_name: str = "",
-    cusparselt_available: bool = True,
-    layer: str = "",
-) -> str | None:
-    """Why 2:4 kernels cannot run for weights of `dtype` on this device, or None when they can."""
-    where = f" ({layer})" if layer else ""
-    if device_type != "cuda":
-        return (
-            f"2:4 semi-structured kernels (cuSPARSELt) need an NVIDIA GPU of compute capability 8.0 or newer; the "
-            f"weights{where} are on {device_type}. Move the model to the GPU first (model.to('cuda')), or keep "
-            "the dense model."
-        )
-    if not cusparselt_available:
-        return (
-            "this PyTorch build has no cuSPARSELt (torch.backends.cusparselt.is_available() is False); install a "
-            "CUDA build of PyTorch from pytorch.org, or keep the dense model."
-        )
-    if capability is not None and tuple(capability) < (8, 0):
-        return (
-            f"2:4 semi-structured kernels need a GPU of compute capability 8.0 or newer; found "
-            f"{capability[0]}.{capability[1]}{f' ({gpu_name})' if gpu_name else ''}. Keep the dense model, or run "
-            "on an A100/H100/H200-class GPU."
-        )
-    if dtype not in SUPPORTED_DTYPES:
-        return (
-            f"2:4 kernels here take float16 or bfloat16 weights; the weights{where} are {dtype_name(dtype)}. "
-            "Convert the model first (model.half() or model.to(torch.bfloat16); the zeros stay exact)."
-        )
-    return None
-
-
-def semi_structured_support(device: torch.device | str, dtype: torch.dtype, layer: str = "") -> str | None:
-    """Why 2:4 kernels cannot run for `dtype` weights on `device`, or None when they can.
-
-    Example:
-
-    ```python
-    >>> semi_structured_support("cpu", torch.float16)
-    '2:4 semi-structured kernels (cuSPARSELt) need an NVIDIA GPU of compute capability 8.0 or newer; ...'
-    ```
-    """
-    device = torch.device(device)
-    if device.type != "cuda":
-        return support_problem(device.type, dtype, layer=layer)
-    if not torch.cuda.is_available():
-        return (
-            "2:4 semi-structured kernels (cuSPARSELt) need an NVIDIA GPU of compute capability 8.0 or newer; no "
-            "CUDA GPU is visible here. Keep the dense model, or run on a machine with one."
-        )
-    return support_problem(
-        "cuda",
-        dtype,
-        torch.cuda.get_device_capability(device),
-        torch.cuda.get_device_name(device),
-        torch.backends.cusparselt.is_available(),
-        layer,
-    )
-
+KERNEL = "cusparselt"
+"""The kernel (`kernels/cusparselt.py`) whose timings a `SemiStructuredLinear` asks for at a token count it meets
+after the swap."""
 
 # -- the layers ------------------------------------------------------------------------------------------------------
 
@@ -100,7 +37,23 @@ def _probe(fn, tensor: torch.Tensor) -> tuple[torch.dtype, torch.device]:
     return out.dtype, out.device
 
 
-_DENSE_PLAN = DENSE
+class Plan(NamedTuple):
+    """How a `SemiStructuredLinear` or `CutlassSparseLinear` runs one token-count bucket: dense (`F.linear`), or its
+    2:4 kernel with these settings (cuSPARSELt: algorithm id and split-k; CUTLASS: `alg_id` is the configuration)."""
+
+    backend: str  # "sparse" or "dense"
+    alg_id: int = 0
+    split_k: int = 1
+    split_k_mode: int = -1
+
+    def describe(self) -> str:
+        if self.backend == "dense":
+            return "dense"
+        extra = f", split-k {self.split_k}/{self.split_k_mode}" if self.split_k != 1 else ""
+        return f"sparse (alg {self.alg_id}{extra})"
+
+
+_DENSE_PLAN = Plan("dense")
 _OPS: dict = {}
 
 
@@ -201,6 +154,16 @@ class SwappedLinear(nn.Module):
         """The layer's name, or its class where it has none, to begin messages with."""
         return self.name or type(self).__name__
 
+    def cast_problem(self, fn) -> str | None:
+        """Why `model._apply(fn)` (`.to()`, `.float()`, `.cpu()`, ...) would be refused by this layer, or None: asked
+        of every swapped layer before a swapped model casts anything (see `swap.guard_casts`)."""
+        return None
+
+    def compact_fp8_tensors(self) -> tuple[torch.Tensor, torch.Tensor, float | None] | None:
+        """What a compact FP8 checkpoint stores under this layer's name (e4m3 weight, float32 row scales, static input
+        scale or None; see `Fp8Linear`), or None: this layer holds no FP8 weight (its dense `weight` is saved)."""
+        return None
+
     def check_input_dtype(self, x: torch.Tensor) -> None:
         if x.dtype != self.dtype:
             raise TypeError(
@@ -222,7 +185,7 @@ class SemiStructuredLinear(SwappedLinear):
         bias: the bias, or None.
         plans: token-count bucket -> `Plan`; buckets not listed are tuned on first use (see `Autotuner`).
         keep_dense: also keep the dense weight, for buckets where dense is faster.
-        tuner: the `Autotuner` consulted for new buckets; None runs the nearest known plan.
+        tuner: the autotuner (`Autotuner`) consulted for new buckets; None runs the nearest known plan.
         name: the layer's name, for messages.
         emits_state: whether `state_dict()` holds this layer's `weight`/`bias` (False for a fused group, whose
             member layers emit their own slices).
@@ -236,7 +199,7 @@ class SemiStructuredLinear(SwappedLinear):
         sparse: bool = True,
         plans: dict[int, Plan] | None = None,
         keep_dense: bool = False,
-        tuner: Autotuner | None = None,
+        tuner: Tuner | None = None,
         name: str = "",
         emits_state: bool = True,
     ):
@@ -271,8 +234,7 @@ class SemiStructuredLinear(SwappedLinear):
         return result
 
     def cast_problem(self, fn) -> str | None:
-        """Why `model._apply(fn)` (`.to()`, `.float()`, `.cpu()`, ...) would be refused by this layer, or None: asked
-        of every swapped layer before a swapped model casts anything (see `swap.guard_casts`)."""
+        """Why `model._apply(fn)` would be refused by this layer, or None (see `SwappedLinear.cast_problem`)."""
         if self.packed is None:
             return None
         dtype, device = _probe(fn, self.packed)
@@ -334,10 +296,12 @@ class SemiStructuredLinear(SwappedLinear):
                 return Plan("sparse")
             near = self.plans[nearest_bucket(self.plans, bucket)]
             return near if (near.backend == "sparse" or self.dense_weight is not None) else Plan("sparse")
-        choice = self.tuner.choice(
-            self.out_features, self.in_features, self.dtype, self.bias is not None, tokens, self.packed.device
-        )
-        self.plans[bucket] = choice.plan(self.dense_weight is not None)
+        from .policy import bucket_run
+
+        gemm = GemmRequest(KERNEL, self.out_features, self.in_features, self.dtype, self.bias is not None, tokens)
+        dense, own = self.tuner.timings([gemm.on(DENSE_NAME), gemm], self.packed.device)
+        run = bucket_run(KERNEL, dense, own, self.tuner.min_speedup, self.dense_weight is not None)
+        self.plans[bucket] = Plan("sparse", *run.config) if run.kernel == KERNEL else _DENSE_PLAN
         return self.plans[bucket]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -506,6 +470,22 @@ class _FusedGroup:
         return out
 
 
+class GeluInEpilogue(nn.Module):
+    """Stands where a GELU module was, after a layer that applies GELU in its GEMM's epilogue. After an `Fp8Linear`
+    it passes that layer's e4m3 output through unchanged and applies the original activation to anything else (so a
+    call that does not come from the fused layer stays right); after a `CutlassSparseLinear` (`passes_all`), whose output
+    is float16, it passes every input through (the block calls it only on that layer's output). `restore_dense_` puts
+    the original back."""
+
+    def __init__(self, original: nn.Module, passes_all: bool = False):
+        super().__init__()
+        self.original = original
+        self.passes_all = passes_all
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if (self.passes_all or x.dtype == E4M3) else self.original(x)
+
+
 class FusedLinearSlice(nn.Module):
     """One of several sibling layers fused into a single GEMM (e.g. `key` of query/key/value).
 
@@ -537,6 +517,15 @@ class FusedLinearSlice(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rows {self.rows.start}:{self.rows.stop} of {self.fused.name}"
+
+    def compact_fp8_tensors(self) -> tuple[torch.Tensor, torch.Tensor, float | None] | None:
+        """This member's rows of its FP8 fused group's `e4m3_tensors()`, for a compact FP8 checkpoint; None when the
+        group is not FP8."""
+        whole = getattr(self.fused, "e4m3_tensors", None)
+        if whole is None:
+            return None
+        values, scales, input_scale = whole()
+        return values[self.rows], scales[self.rows], input_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._group.output(x, self.index, self.rows)

@@ -1,5 +1,5 @@
 """e4m3 quantization of weights (one scale per output feature) and activations (one scale per token, or one
-calibrated scale), shared by the FP8 layers (`fp8.py`) and the autotuner's FP8 timings (`tuning.py`)."""
+calibrated scale), shared by the FP8 layers (`fp8.py`) and the FP8 kernels' sweeps (`kernels/fp8.py`)."""
 
 from __future__ import annotations
 
