@@ -273,8 +273,10 @@ PLAN = stages.StagePlan(
         "timing": ("timing_batch_sizes", "timing_sequence_length", "timing_tune_seconds"),
     },
     # Besides the TrainingArguments that cannot change a result: the preset only gives defaults (the values are
-    # recorded), and the sparse model is saved as a plain checkpoint whether or not it is swapped at the end.
-    unrecorded=stages.NOT_RESULT_ARGUMENTS | {"preset", "overwrite_output_dir", "log_per_layer", "swap_at_end"},
+    # recorded), the sparse model is saved as a plain checkpoint whether or not it is swapped at the end, and the
+    # CPU threads change results no more than another CPU does (the report's environment records them).
+    unrecorded=stages.NOT_RESULT_ARGUMENTS | {"preset", "overwrite_output_dir", "log_per_layer", "swap_at_end",
+                                              "cpu_threads"},
     files=("dense", "dense-training", "sparse", "sparse-training", "eval", "report.json", "report.md",
            "f1_by_stage.png", "latency.png"),
 )  # fmt: skip
