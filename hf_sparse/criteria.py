@@ -20,7 +20,7 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from ._distributed import broadcast_masks, broadcast_weights_, is_sharded, local_tensor, rank, world_size
-from .calibration import _groups, block_statistics, calibration_batches, model_inputs, stats_device
+from .calibration import _groups, block_statistics, calibration_batches, prepare_batch, stats_device
 from .config import SparsityConfig
 from .masks import nm_mask, nm_mask_from_scores
 
@@ -419,7 +419,7 @@ def _calibrated_masks(model, layers, config, calibration_data, device) -> dict[s
     pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     batches = calibration_batches(calibration_data, config, pad_token_id)
     model_device = next(model.parameters()).device
-    batches = [model_inputs(model, batch, model_device) for batch in batches]
+    batches = [prepare_batch(model, batch, model_device) for batch in batches]
     on = stats_device(model, device)
     # Calibrated criteria prune block by block: a failure in block k (or an interrupt) would leave blocks < k
     # pruned. Keep the selected weights (on the CPU) until every mask is computed, and put them back on any error.

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import BertForQuestionAnswering, Trainer, TrainingArguments
 
 from hf_sparse import SparsityCallback, SparsityConfig, prune_, sparsity_report
-from hf_sparse.calibration import _input_groups, block_statistics, calibration_batches
+from hf_sparse.calibration import _input_groups, block_statistics, calibration_batches, prepare_batch
 from hf_sparse.criteria import admm_mask, compute_masks, output_error, refit_kept, sparsegpt_prune_, wanda_mask
 from hf_sparse.masks import nm_mask
 from hf_sparse.selection import select_layers
@@ -285,7 +285,8 @@ def test_sequential_calibration_sees_the_earlier_groups_of_the_block_pruned():
     model = BertForQuestionAnswering(tiny_bert_config()).eval()
     layers = select_layers(model, SparsityConfig()).targets
     batches = [{"input_ids": torch.randint(0, 128, (2, 16))}]
-    groups = block_statistics(model, layers, batches, hessian=True, device=torch.device("cpu"), sequential=True)
+    calibration = [prepare_batch(model, batches[0], torch.device("cpu"))]
+    groups = block_statistics(model, layers, calibration, hessian=True, device=torch.device("cpu"), sequential=True)
     first = next(groups)
     assert sorted(first) == sorted(n for n in layers if n.startswith("bert.encoder.layer.0.attention.self"))
     for name in first:
@@ -317,9 +318,8 @@ def test_sparsegpt_options_prune_a_bert_to_exact_24_and_change_only_its_layers(r
     )
     data = [{"input_ids": torch.randint(0, 128, (16,)).tolist()} for _ in range(8)]
     layers = select_layers(model, config).targets
-    stats = block_statistics(
-        model, layers, calibration_batches(data, config), True, torch.device("cpu"), True, constant_input=True
-    )
+    batches = [prepare_batch(model, batch, torch.device("cpu")) for batch in calibration_batches(data, config)]
+    stats = block_statistics(model, layers, batches, True, torch.device("cpu"), True, constant_input=True)
     assert all(s.hessian.shape == (65, 65) for s in next(stats).values())  # hidden 64, plus the constant input
     stats.close()
     masks = prune_(model, config, calibration_data=data)

@@ -1,0 +1,114 @@
+"""Calibration: what the activation-aware criteria run through the model, and what they record about it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    T5Config,
+    T5ForConditionalGeneration,
+    Trainer,
+    TrainingArguments,
+)
+
+from hf_sparse import SparsityCallback, SparsityConfig, prune_
+from hf_sparse.selection import select_layers
+
+
+def _tiny_seq2seq(kind: str):
+    torch.manual_seed(0)
+    if kind == "bart":
+        config = BartConfig(
+            vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+        )  # fmt: skip
+        return BartForConditionalGeneration(config)
+    config = T5Config(
+        vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2,
+        decoder_start_token_id=0,
+    )  # fmt: skip
+    return T5ForConditionalGeneration(config)
+
+
+class Seq2SeqData(torch.utils.data.Dataset):
+    """Source and target tokens of their own lengths; the targets' padding is -100, as a seq2seq collator leaves it."""
+
+    def __init__(self, size: int = 8, source: int = 12, target: int = 7, padded: int = 2, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.source = torch.randint(4, 64, (size, source), generator=g)
+        self.labels = torch.randint(4, 64, (size, target), generator=g)
+        self.labels[::2, target - padded :] = -100
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        return {
+            "input_ids": self.source[i],
+            "attention_mask": torch.ones_like(self.source[i]),
+            "labels": self.labels[i],
+        }
+
+
+def _masks(model, config) -> dict[str, torch.Tensor]:
+    return {name: layer.weight != 0 for name, layer in select_layers(model, config).targets.items()}
+
+
+def _differ(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    assert sorted(a) == sorted(b)
+    return [name for name in a if not torch.equal(a[name], b[name])]
+
+
+@pytest.mark.parametrize("kind", ["bart", "t5"])
+def test_encoder_decoder_under_the_trainer_calibrates_its_decoder_on_the_targets(tmp_path, kind):
+    model = _tiny_seq2seq(kind)
+    initial = copy.deepcopy(model)
+    data = Seq2SeqData()
+    config = SparsityConfig(criterion="wanda", calibration_samples=8)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1, learning_rate=0.0, report_to="none",
+        save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[SparsityCallback(config)]).train()
+    trained = _masks(model, config)
+
+    # The same data with the decoder inputs shifted from the labels by hand, and their padding marked
+    by_hand = copy.deepcopy(initial)
+    targets = {
+        "input_ids": data.source,
+        "attention_mask": torch.ones_like(data.source),
+        "decoder_input_ids": initial.prepare_decoder_input_ids_from_labels(labels=data.labels),
+        "decoder_attention_mask": (data.labels != -100).long(),
+    }
+    prune_(by_hand, config, calibration_data=[targets])
+    assert _differ(trained, _masks(by_hand, config)) == []
+    decoder = [name for name in trained if name.startswith(("model.decoder", "decoder"))]
+    assert len(decoder) == 10  # self-attention, cross-attention, feed-forward
+    # The decoder's masks are not those of calibrating it on the source tokens (what Bart did with labels dropped)
+    on_source = copy.deepcopy(initial)
+    source = dict(targets, decoder_input_ids=initial.prepare_decoder_input_ids_from_labels(labels=data.source))
+    source.pop("decoder_attention_mask")
+    prune_(on_source, config, calibration_data=[source])
+    assert set(_differ(trained, _masks(on_source, config))) & set(decoder)
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_decoder_padding_is_left_out_when_the_decoder_has_as_many_tokens_as_the_encoder(criterion):
+    # Targets of 5 real tokens padded (-100) to the source's 8: statistics must come from the 5 real ones, as with
+    # targets cut to 5. The decoder is causal, so its real positions compute the same either way.
+    model = _tiny_seq2seq("bart")
+    config = SparsityConfig(criterion=criterion, calibration_samples=4)
+    g = torch.Generator().manual_seed(1)
+    source, labels = torch.randint(4, 64, (4, 8), generator=g), torch.randint(4, 64, (4, 5), generator=g)
+    padded = torch.cat([labels, torch.full((4, 3), -100)], dim=1)
+    results = {}
+    for name, targets in {"padded": padded, "cut": labels}.items():
+        pruned = copy.deepcopy(model)
+        prune_(pruned, config, calibration_data=[{"input_ids": source, "labels": targets}])
+        results[name] = {n: p.detach() for n, p in pruned.named_parameters()}
+    for name, value in results["cut"].items():
+        torch.testing.assert_close(results["padded"][name], value, msg=name)
