@@ -208,7 +208,7 @@ class CalibrationBatch:
     token_masks: list[torch.Tensor] = field(default_factory=list)
 
 
-def prepare_batch(model: nn.Module, batch: Mapping, device: torch.device) -> CalibrationBatch:
+def prepare_batch(model: nn.Module, batch: Mapping, device: torch.device, index: int = 0) -> CalibrationBatch:
     """The entries of `batch` that `model.forward` takes, labels left out, tensors moved to `device`, and the masks
     of the real tokens.
 
@@ -216,7 +216,7 @@ def prepare_batch(model: nn.Module, batch: Mapping, device: torch.device) -> Cal
     `decoder_input_ids` shifted from the labels by the model itself (`prepare_decoder_input_ids_from_labels`, as
     transformers' `DataCollatorForSeq2Seq` does), or keeps `labels` for a model without that method (its forward
     shifts them, as in training). The decoder's real tokens are those of `decoder_attention_mask`, else those whose
-    label is not -100.
+    label is not -100. A float input with a NaN or inf is refused, naming the batch (`index`) and the key.
     """
     params = inspect.signature(model.forward).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -227,10 +227,21 @@ def prepare_batch(model: nn.Module, batch: Mapping, device: torch.device) -> Cal
         inputs[key] = value.to(device) if isinstance(value, torch.Tensor) else value
     if not inputs:
         raise ValueError(f"calibration batch keys {sorted(batch)} are not inputs of {type(model).__name__}.forward.")
+    _check_finite_inputs(inputs, index)
     masks = [_token_mask(batch.get("attention_mask"), inputs.get("input_ids"))]
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         masks.append(_decoder_inputs_(model, batch, inputs, masks[0], device))
     return CalibrationBatch(inputs, [mask for mask in masks if mask is not None])
+
+
+def _check_finite_inputs(inputs: dict, index: int) -> None:
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            count = int((~torch.isfinite(value)).sum())
+            raise ValueError(
+                f"calibration batch {index}: {key!r} holds {count} NaN or inf value(s); calibration needs finite "
+                "data. Clean or drop those examples (nothing was pruned)."
+            )
 
 
 def _token_mask(mask, ids) -> torch.Tensor | None:
@@ -353,6 +364,29 @@ class _InputStats:
         else:
             self.sq_norms += (x * x).sum(dim=0)
 
+    def finite(self) -> bool:
+        """Whether the statistics are finite: a NaN or inf input (at a real token), or inputs whose squares overflow
+        float32, make the sums of squares (Wanda's norms, the Hessian's diagonal) non-finite."""
+        squares = self.sq_norms if self.hessian is None else torch.diagonal(self.hessian)
+        return bool(torch.isfinite(squares).all())
+
+
+def _non_finite_message(name: str, index: int, stat: _InputStats, calls: list, masks: list) -> str:
+    """Why the statistics of layer `name` stopped being finite on calibration batch `index`."""
+    inputs = [stat._tokens(x, masks) for x in calls]
+    where = f"the calibration inputs of {name} on calibration batch {index}"
+    if all(bool(torch.isfinite(x).all()) for x in inputs):
+        largest = max(float(x.abs().max()) for x in inputs if x.numel())
+        return (
+            f"{where} are so large (up to {largest:.3g}) that their squares overflow float32: scale the data, or "
+            "check the model's weights and normalisation layers before this layer. Nothing was pruned."
+        )
+    return (
+        f"{where} hold NaN or inf values, the first layer (in forward order) whose inputs do; the calibration data is "
+        f"finite, so the model produced them ({calls[0].dtype} activations): non-finite weights before this layer, or "
+        "an overflow of its dtype (run calibration in float32). Nothing was pruned."
+    )
+
 
 def stats_device(model: nn.Module, device=None) -> torch.device:
     """Where statistics and solves run: `device`, else the model's accelerator, else CUDA if any, else the CPU."""
@@ -397,11 +431,13 @@ def block_statistics(
                 name: _InputStats(layer.in_features, hessian, device, constant_input and layer.bias is not None)
                 for name, layer in targets.items()
             }
-            for batch in batches:
+            for index, batch in enumerate(batches):
                 seen = _group_inputs(model, targets, block, modules.get(block), batch.inputs, sequential)
-                for name, calls in seen.items():
+                for name, calls in seen.items():  # in forward order
                     for x in calls:
                         stats[name].add(x, batch.token_masks)
+                    if not stats[name].finite():
+                        raise ValueError(_non_finite_message(name, index, stats[name], calls, batch.token_masks))
             for name in names:
                 if stats[name].tokens == 0:
                     raise ValueError(

@@ -385,6 +385,7 @@ def compute_masks(
     ```
     """
     replicated = world_size() > 1 and not any(is_sharded(layer.weight) for layer in layers.values())
+    _check_finite_weights(layers)
     if config.criterion not in CALIBRATED_CRITERIA:
         masks = {
             name: nm_mask(local_tensor(layer.weight, f"{name}.weight"), config.n, config.m, name)
@@ -414,12 +415,25 @@ def compute_masks(
     return masks
 
 
+def _check_finite_weights(layers: dict[str, nn.Linear]) -> None:
+    """Masks chosen from NaN or inf weights would be meaningless (and Wanda's and SparseGPT's statistics would blame a
+    later layer, whose inputs the bad weights spoil): name the layer at fault before anything is changed."""
+    for name, layer in layers.items():
+        weight = local_tensor(layer.weight, f"{name}.weight")
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(
+                f"{name}.weight holds {int((~torch.isfinite(weight)).sum())} NaN or inf value(s) before pruning: "
+                "masks cannot be chosen from non-finite weights (a diverged run or a damaged checkpoint?). Load or "
+                "train finite weights first; nothing was pruned."
+            )
+
+
 @torch.no_grad()
 def _calibrated_masks(model, layers, config, calibration_data, device) -> dict[str, torch.Tensor]:
     pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     batches = calibration_batches(calibration_data, config, pad_token_id)
     model_device = next(model.parameters()).device
-    batches = [prepare_batch(model, batch, model_device) for batch in batches]
+    batches = [prepare_batch(model, batch, model_device, index) for index, batch in enumerate(batches)]
     on = stats_device(model, device)
     # Calibrated criteria prune block by block: a failure in block k (or an interrupt) would leave blocks < k
     # pruned. Keep the selected weights (on the CPU) until every mask is computed, and put them back on any error.

@@ -112,3 +112,72 @@ def test_decoder_padding_is_left_out_when_the_decoder_has_as_many_tokens_as_the_
         results[name] = {n: p.detach() for n, p in pruned.named_parameters()}
     for name, value in results["cut"].items():
         torch.testing.assert_close(results["padded"][name], value, msg=name)
+
+
+def _bert():
+    from transformers import BertForQuestionAnswering
+
+    from tests.conftest import tiny_bert_config
+
+    torch.manual_seed(0)
+    return BertForQuestionAnswering(tiny_bert_config())
+
+
+def _unchanged(model, before) -> bool:
+    return all(torch.allclose(before[k], v, rtol=0, atol=0, equal_nan=True) for k, v in model.state_dict().items())
+
+
+IDS = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_non_finite_calibration_data_is_named_by_batch_and_key(criterion):
+    model = _bert()
+    before = copy.deepcopy(model.state_dict())
+    embeds = model.bert.embeddings.word_embeddings(IDS[1]).detach()
+    embeds[1, 3, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"calibration batch 1: 'inputs_embeds' holds 1 NaN or inf value\(s\)"):
+        prune_(
+            model,
+            SparsityConfig(criterion=criterion),
+            calibration_data=[{"input_ids": IDS[0]}, {"inputs_embeds": embeds}],
+        )
+    assert _unchanged(model, before)
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_non_finite_activations_name_the_first_layer_and_batch_that_sees_them(criterion):
+    # A NaN in a normalisation layer mid-block 1: the feed-forward input is the first selected layer to see NaN
+    model = _bert()
+    with torch.no_grad():
+        model.bert.encoder.layer[1].attention.output.LayerNorm.weight[0] = float("nan")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError) as err:
+        prune_(model, SparsityConfig(criterion=criterion), calibration_data=[{"input_ids": ids} for ids in IDS])
+    assert "calibration inputs of bert.encoder.layer.1.intermediate.dense on calibration batch 0 hold NaN" in str(
+        err.value
+    )
+    assert "the calibration data is finite, so the model produced them" in str(err.value)
+    assert _unchanged(model, before)  # block 0 had been pruned
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_weight_is_named_before_anything_is_pruned(criterion, value):
+    model = _bert()
+    with torch.no_grad():
+        model.bert.encoder.layer[1].intermediate.dense.weight[3, 5] = value
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.1\.intermediate\.dense\.weight holds 1 NaN or inf"):
+        prune_(model, SparsityConfig(criterion=criterion), calibration_data=[{"input_ids": ids} for ids in IDS])
+    assert _unchanged(model, before)
+
+
+def test_inputs_whose_squares_overflow_float32_are_named():
+    from tests.test_criteria import Stack
+
+    x = torch.full((1, 4, 8), 1e20)  # finite, but 1e40 is not a float32
+    with pytest.raises(
+        ValueError, match=r"inputs of layers\.0\.fc on calibration batch 0 are so large \(up to 1e\+20\)"
+    ):
+        prune_(Stack([8, 8]), SparsityConfig(criterion="sparsegpt"), calibration_data=[{"x": x}])
