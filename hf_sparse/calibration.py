@@ -289,6 +289,11 @@ def _one_more_decoder_position_(inputs: dict, mask: torch.Tensor, pad_token_id: 
     return torch.cat([mask, mask.new_zeros(mask.shape[0], 1)], dim=1)
 
 
+def calibration_samples(batches: list[CalibrationBatch]) -> int:
+    """The number of sequences in `batches`."""
+    return sum(_batch_size(batch.inputs) for batch in batches)
+
+
 # -- block by block --------------------------------------------------------------------------------------------------
 
 

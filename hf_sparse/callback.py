@@ -72,6 +72,7 @@ class SparsityCallback(TrainerCallback):
         self.config = config or SparsityConfig()
         self.calibration_data = calibration_data
         self.initial_masks = dict(masks) if masks is not None else None
+        self.calibration = getattr(masks, "calibration", None)  # what prune_'s calibration used, for the metadata
         self.masks: dict[str, torch.Tensor] = {}
         self.layers: dict[str, nn.Linear] = {}
         # Values the pruned weights had when pruned, kept only while a mask recomputation is still scheduled.
@@ -204,7 +205,7 @@ class SparsityCallback(TrainerCallback):
             if getattr(target, "config", None) is not None:
                 from .checkpoint import attach_sparsity_metadata
 
-                attach_sparsity_metadata(target, self.config, layers=layers)
+                attach_sparsity_metadata(target, self.config, layers=layers, calibration=self.calibration)
         self.masks, self.pruned_values = {}, {}
 
     def report(self):
@@ -252,7 +253,7 @@ class SparsityCallback(TrainerCallback):
         except BaseException:
             apply_masks_(self.layers, self.masks)  # zero the pruned values again: the weights are as they were
             raise
-        self.masks = masks
+        self.masks, self.calibration = masks, masks.calibration
         if self.config.updates_after(step):
             with torch.no_grad():
                 self.pruned_values = {

@@ -20,7 +20,14 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from ._distributed import broadcast_masks, broadcast_weights_, is_sharded, local_tensor, rank, world_size
-from .calibration import _groups, block_statistics, calibration_batches, prepare_batch, stats_device
+from .calibration import (
+    _groups,
+    block_statistics,
+    calibration_batches,
+    calibration_samples,
+    prepare_batch,
+    stats_device,
+)
 from .config import SparsityConfig
 from .masks import nm_mask, nm_mask_from_scores
 
@@ -28,6 +35,20 @@ logger = logging.getLogger(__name__)
 
 CALIBRATED_CRITERIA = ("wanda", "sparsegpt")
 """Criteria that need calibration data."""
+
+
+class Masks(dict):
+    """The N:M masks by layer name, as `compute_masks` returns them, with `calibration`: what the calibration of
+    Wanda or SparseGPT actually used (`None` for magnitude), as the checkpoint metadata records it over the configured
+    values (`attach_sparsity_metadata(..., calibration=masks.calibration)`): `calibration_samples` (the sequences run,
+    which may be fewer than configured), `calibration_tokens` (the real tokens the statistics came from: the fewest
+    any layer saw, e.g. an encoder-decoder's targets) and, for SparseGPT,
+    `sparsegpt_update_bias` (whether any layer had a bias to update).
+    """
+
+    def __init__(self, masks=(), calibration: dict | None = None):
+        super().__init__(masks)
+        self.calibration = calibration
 
 
 def wanda_mask(
@@ -354,7 +375,7 @@ def compute_masks(
     config: SparsityConfig,
     calibration_data=None,
     device: torch.device | str | None = None,
-) -> dict[str, torch.Tensor]:
+) -> Masks:
     """The N:M masks of `layers` (local shards under FSDP2) by `config.criterion`, by layer name.
 
     Magnitude reads the weights only. Wanda and SparseGPT calibrate block by block and prune each block before
@@ -373,8 +394,8 @@ def compute_masks(
         model: the model whose forward takes the calibration batches (unused by magnitude).
         layers: the layers, as `select_layers(model, config).targets` returns them.
         config: criterion, pattern and calibration settings.
-        calibration_data: for "wanda" / "sparsegpt", see `hf_sparse.calibration.calibration_batches`; a list of
-            batches is used as it is.
+        calibration_data: for "wanda" / "sparsegpt", see `hf_sparse.calibration.calibration_batches`: its first
+            `config.calibration_samples` sequences.
         device: where statistics and the SparseGPT solve run; default the model's accelerator, else CUDA when
             available, else the CPU.
 
@@ -391,17 +412,19 @@ def compute_masks(
             name: nm_mask(local_tensor(layer.weight, f"{name}.weight"), config.n, config.m, name)
             for name, layer in layers.items()
         }
-        return broadcast_masks(masks) if replicated else masks
+        return Masks(broadcast_masks(masks) if replicated else masks)
     if not replicated:
         return _calibrated_masks(model, layers, config, calibration_data, device)
     started = time.perf_counter()
     if rank() == 0:
         masks = _calibrated_masks(model, layers, config, calibration_data, device)
     else:  # placeholders of the right shapes: the broadcast fills them with rank 0's masks
-        masks = {name: torch.zeros_like(layer.weight, dtype=torch.bool) for name, layer in layers.items()}
+        masks = Masks({name: torch.zeros_like(layer.weight, dtype=torch.bool) for name, layer in layers.items()})
     calibrated = time.perf_counter()
     broadcast_weights_(layers)
-    masks = broadcast_masks(masks)
+    record = [masks.calibration]
+    torch.distributed.broadcast_object_list(record, src=0)
+    masks = Masks(broadcast_masks(masks), record[0])
     logger.log(
         logging.INFO if rank() == 0 else logging.DEBUG,
         "hf-sparse: %s masks calibrated on rank 0 in %.2fs; its masks and weights of %d layer(s) broadcast to %d "
@@ -429,20 +452,37 @@ def _check_finite_weights(layers: dict[str, nn.Linear]) -> None:
 
 
 @torch.no_grad()
-def _calibrated_masks(model, layers, config, calibration_data, device) -> dict[str, torch.Tensor]:
+def _calibrated_masks(model, layers, config, calibration_data, device) -> Masks:
     pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     batches = calibration_batches(calibration_data, config, pad_token_id)
     model_device = next(model.parameters()).device
     batches = [prepare_batch(model, batch, model_device, index) for index, batch in enumerate(batches)]
+    samples = calibration_samples(batches)
+    if samples < config.calibration_samples:
+        logger.warning(
+            "hf-sparse: calibration_samples=%d, but the calibration data holds %d sequence(s): %s calibrates on "
+            "those, and the checkpoint records %d.",
+            config.calibration_samples, samples, config.criterion, samples,
+        )  # fmt: skip
     on = stats_device(model, device)
     # Calibrated criteria prune block by block: a failure in block k (or an interrupt) would leave blocks < k
     # pruned. Keep the selected weights (on the CPU) until every mask is computed, and put them back on any error.
     snapshot = _snapshot(layers)
     try:
-        return _prune_block_by_block(model, layers, config, batches, on)
+        masks, biases, tokens = _prune_block_by_block(model, layers, config, batches, on)
     except BaseException:
         _restore_(layers, snapshot)
         raise
+    record = {"calibration_samples": samples, "calibration_tokens": tokens}
+    if config.criterion == "sparsegpt":
+        record["sparsegpt_update_bias"] = bool(biases)
+        if config.sparsegpt_update_bias and not biases:
+            logger.warning(
+                "hf-sparse: sparsegpt_update_bias=True, but none of the %d selected layers has a bias: no bias was "
+                "updated, and the checkpoint records sparsegpt_update_bias=False.",
+                len(layers),
+            )
+    return Masks(masks, record)
 
 
 def _snapshot(layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
@@ -462,11 +502,13 @@ def _restore_(layers: dict[str, nn.Linear], snapshot: dict[str, torch.Tensor]) -
         local_tensor(getattr(layers[name], kind)).copy_(saved)
 
 
-def _prune_block_by_block(model, layers, config: SparsityConfig, batches: list, on: torch.device) -> dict:
-    """Wanda / SparseGPT masks, pruning each block (or group of layers) of `layers` before the next is calibrated."""
+def _prune_block_by_block(model, layers, config: SparsityConfig, batches: list, on: torch.device) -> tuple:
+    """Wanda / SparseGPT masks, pruning each block (or group of layers) of `layers` before the next is calibrated;
+    the names of the layers whose bias SparseGPT updated; and the fewest calibration tokens any layer saw."""
     hessian = config.criterion == "sparsegpt"
     update_bias = hessian and config.sparsegpt_update_bias
     masks: dict[str, torch.Tensor] = {}
+    biases, tokens = [], []
     started = time.perf_counter()
     groups = block_statistics(
         model,
@@ -504,6 +546,9 @@ def _prune_block_by_block(model, layers, config: SparsityConfig, batches: list, 
                 mask = wanda_mask(weight, stat.sq_norms, config.n, config.m, name)
             weight.mul_(mask)
             masks[name] = mask
+            if hessian and stat.constant_input:
+                biases.append(name)
+            tokens.append(stat.tokens)
     logger.info(
         "hf-sparse: %s pruned %d layer(s) with %d calibration batch(es) in %.1fs (statistics on %s).",
         config.criterion,
@@ -512,4 +557,4 @@ def _prune_block_by_block(model, layers, config: SparsityConfig, batches: list, 
         time.perf_counter() - started,
         on,
     )
-    return masks
+    return masks, biases, min(tokens, default=0)

@@ -58,5 +58,5 @@ def prune_(
     # As at the end of SparsityCallback: the metadata config.json carries, which compact saving needs.
     target, names = base_layer_names(model, list(layers))
     if getattr(target, "config", None) is not None:
-        attach_sparsity_metadata(target, config, layers=names)
+        attach_sparsity_metadata(target, config, layers=names, calibration=masks.calibration)
     return masks

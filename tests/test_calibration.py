@@ -181,3 +181,64 @@ def test_inputs_whose_squares_overflow_float32_are_named():
         ValueError, match=r"inputs of layers\.0\.fc on calibration batch 0 are so large \(up to 1e\+20\)"
     ):
         prune_(Stack([8, 8]), SparsityConfig(criterion="sparsegpt"), calibration_data=[{"x": x}])
+
+
+def _trainer(model, tmp_path, callback, size=24):
+    from tests.conftest import RandomQADataset
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1, learning_rate=0.0, report_to="none",
+        save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    return Trainer(model=model, args=args, train_dataset=RandomQADataset(size=size), callbacks=[callback])
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_metadata_records_the_samples_and_tokens_calibration_used_not_the_configured_count(criterion, caplog):
+    model = _bert()
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 10:] = 0  # 6 padding positions
+    with caplog.at_level("WARNING", logger="hf_sparse.criteria"):
+        prune_(model, SparsityConfig(criterion=criterion), calibration_data={"input_ids": ids, "attention_mask": mask})
+    options = model.config.sparsity["criterion_options"]
+    assert (options["calibration_samples"], options["calibration_tokens"]) == (4, 4 * 16 - 6)
+    assert "calibration_samples=128, but the calibration data holds 4 sequence(s)" in caplog.text
+
+
+def test_a_bias_update_is_recorded_only_where_a_layer_had_a_bias(caplog):
+    config = SparsityConfig(criterion="sparsegpt", sparsegpt_update_bias=True)
+    with_biases = _bert()
+    prune_(with_biases, config, calibration_data=[{"input_ids": ids} for ids in IDS])
+    assert with_biases.config.sparsity["criterion_options"]["sparsegpt_update_bias"] is True
+    without = _tiny_seq2seq("t5")  # T5's linear layers have no bias
+    data = Seq2SeqData(size=4)
+    with caplog.at_level("WARNING", logger="hf_sparse.criteria"):
+        prune_(without, config, calibration_data=[{"input_ids": data.source, "labels": data.labels}])
+    assert without.config.sparsity["criterion_options"]["sparsegpt_update_bias"] is False
+    assert "sparsegpt_update_bias=True, but none of the 16 selected layers has a bias" in caplog.text
+
+
+def test_under_the_trainer_the_saved_config_records_the_samples_used(tmp_path):
+    import json
+
+    model = _bert()
+    config = SparsityConfig(criterion="wanda")  # 128 configured, 24 in the training set
+    trainer = _trainer(model, tmp_path, SparsityCallback(config))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "out"))
+    options = json.loads((tmp_path / "out" / "config.json").read_text())["sparsity"]["criterion_options"]
+    assert (options["calibration_samples"], options["calibration_tokens"]) == (24, 24 * 32)
+
+
+def test_masks_from_prune_keep_their_calibration_record_through_a_recovery(tmp_path):
+    model = _bert()
+    config = SparsityConfig(criterion="sparsegpt", sparsegpt_update_bias=True)
+    masks = prune_(model, config, calibration_data=[{"input_ids": IDS[0]}])  # 2 sequences of 16 tokens
+    _trainer(model, tmp_path, SparsityCallback(config, masks=masks)).train()
+    options = model.config.sparsity["criterion_options"]
+    assert (options["calibration_samples"], options["calibration_tokens"], options["sparsegpt_update_bias"]) == (
+        2,
+        32,
+        True,
+    )
