@@ -235,8 +235,11 @@ def refit_kept(
 ) -> torch.Tensor:
     """The exact least-squares weights under a mask: each row's kept weights that best reproduce the dense row.
 
-    Row `r` with kept inputs `S` solves `(H_SS + λI) w_S = (H w_r)_S`, the minimum of `||X (w_r - w)||^2 + λ||w||^2`
-    over the weights that are zero outside `S` (`H = X^T X`, λ = `damping` times the mean diagonal).
+    Row `r` with kept inputs `S` solves `(H_SS + λI) w_S = (H w_r + λ w_r)_S`, the minimum of
+    `||X (w_r - w)||^2 + λ||w - w_r||_S^2` over the weights that are zero outside `S` (`H = X^T X`, λ = `damping`
+    times the mean diagonal). The damping pulls the kept weights toward their dense values, not toward zero: where
+    the calibration inputs leave directions unseen (fewer tokens than inputs), those keep the dense weights, as
+    magnitude pruning does, instead of losing them.
 
     Two solvers give the same weights: "cholesky" gathers `H_SS` per row and factorises it (rows in batches, at most
     ~256 MiB of gathered matrices at a time); "cg" runs Jacobi-preconditioned conjugate gradients on all rows at once
@@ -265,8 +268,9 @@ def refit_kept(
     k = int(per_row[0])
     if method == "auto":
         method = "cg" if hessian.device.type == "cuda" and k >= CG_MIN_KEPT else "cholesky"
-    H = hessian + damping * torch.diag(hessian).mean() * torch.eye(size, device=hessian.device)
-    target = dense @ hessian  # row r: (H w_r)^T
+    ridge = damping * torch.diag(hessian).mean()
+    H = hessian + ridge * torch.eye(size, device=hessian.device)
+    target = dense @ hessian + ridge * dense  # row r: (H w_r + λ w_r)^T
     if method == "cg":
         return _conjugate_gradients(H, target, kept, dense if start is None else start, name)
     index = kept.nonzero()[:, 1].reshape(rows, -1)  # row-major: each row's kept columns, in order
@@ -469,11 +473,11 @@ def _calibrated_masks(model, layers, config, calibration_data, device) -> Masks:
     # pruned. Keep the selected weights (on the CPU) until every mask is computed, and put them back on any error.
     snapshot = _snapshot(layers)
     try:
-        masks, biases, tokens = _prune_block_by_block(model, layers, config, batches, on)
+        masks, biases, seen = _prune_block_by_block(model, layers, config, batches, on)
     except BaseException:
         _restore_(layers, snapshot)
         raise
-    record = {"calibration_samples": samples, "calibration_tokens": tokens}
+    record = {"calibration_samples": samples, "calibration_tokens": min(seen.values(), default=0)}
     if config.criterion == "sparsegpt":
         record["sparsegpt_update_bias"] = bool(biases)
         if config.sparsegpt_update_bias and not biases:
@@ -504,11 +508,11 @@ def _restore_(layers: dict[str, nn.Linear], snapshot: dict[str, torch.Tensor]) -
 
 def _prune_block_by_block(model, layers, config: SparsityConfig, batches: list, on: torch.device) -> tuple:
     """Wanda / SparseGPT masks, pruning each block (or group of layers) of `layers` before the next is calibrated;
-    the names of the layers whose bias SparseGPT updated; and the fewest calibration tokens any layer saw."""
+    the names of the layers whose bias SparseGPT updated; and the calibration tokens each layer saw."""
     hessian = config.criterion == "sparsegpt"
     update_bias = hessian and config.sparsegpt_update_bias
     masks: dict[str, torch.Tensor] = {}
-    biases, tokens = [], []
+    biases, tokens = [], {}
     started = time.perf_counter()
     groups = block_statistics(
         model,
@@ -548,7 +552,7 @@ def _prune_block_by_block(model, layers, config: SparsityConfig, batches: list, 
             masks[name] = mask
             if hessian and stat.constant_input:
                 biases.append(name)
-            tokens.append(stat.tokens)
+            tokens[name] = stat.tokens
     logger.info(
         "hf-sparse: %s pruned %d layer(s) with %d calibration batch(es) in %.1fs (statistics on %s).",
         config.criterion,
@@ -557,4 +561,21 @@ def _prune_block_by_block(model, layers, config: SparsityConfig, batches: list, 
         time.perf_counter() - started,
         on,
     )
-    return masks, biases, min(tokens, default=0)
+    if hessian:
+        _warn_rank_deficient(layers, tokens)
+    return masks, biases, tokens
+
+
+def _warn_rank_deficient(layers: dict[str, nn.Linear], tokens: dict[str, int]) -> None:
+    """SparseGPT on fewer tokens than a layer has inputs: the Hessian is rank-deficient, and the masks (and refit or
+    ADMM weights) fit those few tokens, at the risk of doing worse than magnitude's on other data."""
+    few = [name for name in tokens if tokens[name] < layers[name].in_features]
+    if few:
+        widest = max(layers[name].in_features for name in few)
+        logger.warning(
+            "hf-sparse: sparsegpt calibrated %d of %d layer(s) on fewer tokens than they have inputs (%s: %d tokens "
+            "for %d inputs), so their Hessians are rank-deficient: the masks and weights follow those few tokens and "
+            "may do worse than magnitude pruning on other data. Give more calibration data (well over %d real "
+            "tokens: more or longer calibration_samples).",
+            len(few), len(tokens), few[0], tokens[few[0]], layers[few[0]].in_features, widest,
+        )  # fmt: skip
