@@ -54,6 +54,24 @@ def _is_batch(item) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() >= 2
 
 
+def _is_columns(item) -> bool:
+    """A dict of columns of lists, one sequence per example (a tokenizer's output without `return_tensors`)."""
+    value = item.get("input_ids", next(iter(item.values()), None))
+    return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], (list, tuple, torch.Tensor))
+
+
+def _rows(columns: Mapping) -> list[dict]:
+    """The examples of a dict of columns."""
+    rows = len(columns.get("input_ids", next(iter(columns.values()))))
+    uneven = {key: len(value) for key, value in columns.items() if len(value) != rows}
+    if uneven:
+        raise ValueError(
+            f"calibration data: columns {uneven} do not have one entry per sequence ({rows}); give columns of equal "
+            "length, or tensors with a batch dimension."
+        )
+    return [{key: column[i] for key, column in columns.items()} for i in range(rows)]
+
+
 def _collate(examples: list[Mapping], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Stacks examples into a batch, right-padding 1-D sequences of different lengths (labels with -100)."""
     batch = {}
@@ -115,8 +133,11 @@ def calibration_batches(data, config: SparsityConfig, pad_token_id: int = 0) -> 
             "(a DataLoader, a tokenized dataset, or a list of batches or examples), or SparsityCallback("
             "calibration_data=...); under a Trainer the callback takes it from the train dataloader."
         )
-    if isinstance(data, Mapping):  # one batch, e.g. a tokenizer's BatchEncoding
-        data = [dict(data)] if _is_batch(data) else [data]
+    if isinstance(data, Mapping):  # one batch, e.g. a tokenizer's BatchEncoding, of tensors or of lists
+        if _is_columns(data):
+            data = _rows(data)
+        else:
+            data = [dict(data)] if _is_batch(data) else [data]
     if isinstance(data, (str, bytes)) or not isinstance(data, Iterable) and not hasattr(data, "__getitem__"):
         raise TypeError(
             f"calibration_data must be a DataLoader, a dataset, or a list of batches or examples; got "

@@ -242,3 +242,22 @@ def test_masks_from_prune_keep_their_calibration_record_through_a_recovery(tmp_p
         32,
         True,
     )
+
+
+def test_a_tokenizer_output_of_lists_is_one_example_per_row():
+    # tokenizer(texts) without return_tensors: columns of lists, one sequence per row (here of different lengths)
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 128, (length,), generator=g).tolist() for length in (16, 12, 9, 16)]
+    columns = {"input_ids": rows, "attention_mask": [[1] * len(row) for row in rows]}
+    padded = {
+        "input_ids": torch.tensor([row + [0] * (16 - len(row)) for row in rows]),
+        "attention_mask": torch.tensor([[1] * len(row) + [0] * (16 - len(row)) for row in rows]),
+    }
+    config = SparsityConfig(criterion="wanda")
+    from_columns, from_tensors = _bert(), _bert()
+    prune_(from_columns, config, calibration_data=columns)
+    prune_(from_tensors, config, calibration_data=padded)
+    assert _differ(_masks(from_columns, config), _masks(from_tensors, config)) == []
+    options = from_columns.config.sparsity["criterion_options"]
+    assert (options["calibration_samples"], options["calibration_tokens"]) == (4, 53)
+
