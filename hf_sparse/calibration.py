@@ -24,6 +24,7 @@ forward passes run where the model is.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,8 @@ from torch import nn
 
 from .config import SparsityConfig
 from .selection import block_of
+
+logger = logging.getLogger(__name__)
 
 _LABEL_KEYS = {"labels", "label", "label_ids", "start_positions", "end_positions"}
 """Batch keys that are labels, not model inputs (calibration needs activations only)."""
@@ -239,13 +242,22 @@ def prepare_batch(model: nn.Module, batch: Mapping, device: torch.device, index:
     shifts them, as in training). The decoder's real tokens are those of `decoder_attention_mask`, else those whose
     label is not -100. A float input with a NaN or inf is refused, naming the batch (`index`) and the key.
     """
-    params = inspect.signature(model.forward).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    inputs = {}
+    names, takes_any = _forward_inputs(model)
+    inputs, unnamed = {}, []
     for key, value in batch.items():
-        if key in _LABEL_KEYS or (key not in params and not takes_any):
+        if key in _LABEL_KEYS:
             continue  # calibration needs activations only; labels would just add a loss computation
+        if key not in names:
+            unnamed.append(key)
+            if not takes_any:
+                continue
         inputs[key] = value.to(device) if isinstance(value, torch.Tensor) else value
+    if unnamed and index == 0:  # a misspelt "attention_mask" would silently calibrate on the padding too
+        logger.warning(
+            "hf-sparse: calibration batch keys %s are not named inputs of %s.forward: %s. Check their names.",
+            unnamed, type(model).__name__,
+            "they are passed on through its **kwargs, where the model may ignore them" if takes_any else "left out",
+        )  # fmt: skip
     if not inputs:
         raise ValueError(f"calibration batch keys {sorted(batch)} are not inputs of {type(model).__name__}.forward.")
     _check_finite_inputs(inputs, index)
@@ -253,6 +265,18 @@ def prepare_batch(model: nn.Module, batch: Mapping, device: torch.device, index:
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         masks.append(_decoder_inputs_(model, batch, inputs, masks[0], device))
     return CalibrationBatch(inputs, [mask for mask in masks if mask is not None])
+
+
+def _forward_inputs(model: nn.Module) -> tuple[set[str], bool]:
+    """The named inputs of `model.forward` (with a PEFT model's, its base model's too, which it passes on), and
+    whether it takes any keyword."""
+    params = inspect.signature(model.forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    base = getattr(model, "get_base_model", None)
+    if callable(base):
+        params = {**params, **inspect.signature(base().forward).parameters}
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name for name, p in params.items() if p.kind in named}, takes_any
 
 
 def _check_finite_inputs(inputs: dict, index: int) -> None:

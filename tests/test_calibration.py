@@ -261,3 +261,15 @@ def test_a_tokenizer_output_of_lists_is_one_example_per_row():
     options = from_columns.config.sparsity["criterion_options"]
     assert (options["calibration_samples"], options["calibration_tokens"]) == (4, 53)
 
+
+def test_keys_the_model_does_not_name_are_reported(caplog):
+    mask = torch.ones_like(IDS[0])
+    with caplog.at_level("WARNING", logger="hf_sparse.calibration"):
+        prune_(
+            _bert(), SparsityConfig(criterion="wanda"), calibration_data={"input_ids": IDS[0], "attention_masks": mask}
+        )
+    assert (
+        "calibration batch keys ['attention_masks'] are not named inputs of BertForQuestionAnswering.forward: they are "
+        "passed on through its **kwargs, where the model may ignore them" in caplog.text
+    )
+
