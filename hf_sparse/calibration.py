@@ -389,6 +389,7 @@ class _InputStats:
 
     def __init__(self, in_features: int, hessian: bool, device: torch.device, constant_input: bool = False):
         self.tokens = 0
+        self.unmatched = False
         self.constant_input = constant_input and hessian
         size = in_features + self.constant_input
         self.sq_norms = None if hessian else torch.zeros(in_features, device=device, dtype=torch.float32)
@@ -401,6 +402,8 @@ class _InputStats:
         token_mask = next((mask for mask in token_masks if mask.numel() == x.shape[0]), None)
         if token_mask is not None:
             x = x[token_mask.reshape(-1).to(x.device)]
+        elif any(not bool(mask.all()) for mask in token_masks):
+            self.unmatched = True  # the batch has padding, but these inputs cannot be told where it is
         x = x.to(self.device, torch.float32)
         if self.constant_input:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
@@ -488,6 +491,7 @@ def block_statistics(
                         stats[name].add(x, batch.token_masks)
                     if not stats[name].finite():
                         raise ValueError(_non_finite_message(name, index, stats[name], calls, batch.token_masks))
+            _warn_unmatched([name for name in names if stats[name].unmatched])
             for name in names:
                 if stats[name].tokens == 0:
                     raise ValueError(
@@ -500,6 +504,15 @@ def block_statistics(
         model.train(was_training)
         if use_cache:
             model_config.use_cache = use_cache
+
+
+def _warn_unmatched(names: list[str]) -> None:
+    if names:
+        logger.warning(
+            "hf-sparse: the calibration inputs of %s have as many tokens as none of the batch's attention masks (does "
+            "the model add or drop positions?): their statistics count every position, padding included.",
+            names,
+        )
 
 
 def _group_inputs(

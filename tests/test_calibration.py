@@ -273,3 +273,29 @@ def test_keys_the_model_does_not_name_are_reported(caplog):
         "passed on through its **kwargs, where the model may ignore them" in caplog.text
     )
 
+
+class Prefixed(torch.nn.Module):
+    """Prepends a position to the sequence, as prompt tuning does: no attention mask of the batch fits its layers."""
+
+    def __init__(self):
+        from tests.test_criteria import Block
+
+        super().__init__()
+        self.layers = torch.nn.ModuleList([Block(8, 8)])
+
+    def forward(self, x, attention_mask=None):
+        return self.layers[0](torch.cat([torch.ones_like(x[:, :1]), x], dim=1))
+
+
+def test_inputs_that_no_attention_mask_fits_are_reported(caplog):
+    batch = {"x": torch.randn(2, 4, 8), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])}
+    with caplog.at_level("WARNING", logger="hf_sparse.calibration"):
+        prune_(Prefixed(), SparsityConfig(criterion="wanda"), calibration_data=batch)
+    assert (
+        "calibration inputs of ['layers.0.fc'] have as many tokens as none of the batch's attention masks"
+        in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_sparse.calibration"):  # no padding: nothing to tell apart
+        prune_(Prefixed(), SparsityConfig(criterion="wanda"), calibration_data=dict(batch, attention_mask=None))
+    assert "attention masks" not in caplog.text
