@@ -497,7 +497,8 @@ class Run:
         examples, features = self.examples[1], self.features[1]
         trainer = Trainer(
             model=model,
-            args=self.stage_args(output_dir=str(self.output_dir / "eval")),
+            # With the inputs, compute_metrics checks each feature's order by its input ids, not by labels alone
+            args=self.stage_args(output_dir=str(self.output_dir / "eval"), include_for_metrics=["inputs"]),
             eval_dataset=features,
             compute_metrics=hf_sparse.squad.squad_compute_metrics(
                 examples, features, version_2_with_negative=self.args.version_2_with_negative
