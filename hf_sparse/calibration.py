@@ -14,6 +14,9 @@ group (query/key/value; the attention output; the feed-forward input; the feed-f
 forward pass reaches them, and each group's statistics are gathered after the earlier groups of its block are
 pruned. The forward pass then stops after the group's last layer.
 
+An encoder-decoder's decoder is calibrated on what training feeds it: the decoder inputs of the batch, or those the
+model shifts from its `labels` (`prepare_batch`); its padding, like the encoder's, is left out of the statistics.
+
 Statistics run in float32 on the CUDA GPU when there is one (or on `device`), whatever device the model is on; the
 forward passes run where the model is.
 """
@@ -21,7 +24,10 @@ forward passes run where the model is.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,8 +35,11 @@ from torch import nn
 from .config import SparsityConfig
 from .selection import block_of
 
+logger = logging.getLogger(__name__)
+
 _LABEL_KEYS = {"labels", "label", "label_ids", "start_positions", "end_positions"}
 """Batch keys that are labels, not model inputs (calibration needs activations only)."""
+_DECODER_INPUT_KEYS = ("decoder_input_ids", "decoder_inputs_embeds")
 
 
 class _StopForward(Exception):
@@ -46,6 +55,24 @@ def _is_batch(item) -> bool:
         return False
     value = item.get("input_ids", next(iter(item.values()), None))
     return isinstance(value, torch.Tensor) and value.dim() >= 2
+
+
+def _is_columns(item) -> bool:
+    """A dict of columns of lists, one sequence per example (a tokenizer's output without `return_tensors`)."""
+    value = item.get("input_ids", next(iter(item.values()), None))
+    return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], (list, tuple, torch.Tensor))
+
+
+def _rows(columns: Mapping) -> list[dict]:
+    """The examples of a dict of columns."""
+    rows = len(columns.get("input_ids", next(iter(columns.values()))))
+    uneven = {key: len(value) for key, value in columns.items() if len(value) != rows}
+    if uneven:
+        raise ValueError(
+            f"calibration data: columns {uneven} do not have one entry per sequence ({rows}); give columns of equal "
+            "length, or tensors with a batch dimension."
+        )
+    return [{key: column[i] for key, column in columns.items()} for i in range(rows)]
 
 
 def _collate(examples: list[Mapping], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -109,8 +136,11 @@ def calibration_batches(data, config: SparsityConfig, pad_token_id: int = 0) -> 
             "(a DataLoader, a tokenized dataset, or a list of batches or examples), or SparsityCallback("
             "calibration_data=...); under a Trainer the callback takes it from the train dataloader."
         )
-    if isinstance(data, Mapping):  # one batch, e.g. a tokenizer's BatchEncoding
-        data = [dict(data)] if _is_batch(data) else [data]
+    if isinstance(data, Mapping):  # one batch, e.g. a tokenizer's BatchEncoding, of tensors or of lists
+        if _is_columns(data):
+            data = _rows(data)
+        else:
+            data = [dict(data)] if _is_batch(data) else [data]
     if isinstance(data, (str, bytes)) or not isinstance(data, Iterable) and not hasattr(data, "__getitem__"):
         raise TypeError(
             f"calibration_data must be a DataLoader, a dataset, or a list of batches or examples; got "
@@ -189,18 +219,124 @@ def calibration_from_dataloader(dataloader, config: SparsityConfig, seed: int = 
     return [dict(collate_fn(examples[j : j + size])) for j in range(0, len(examples), size)]
 
 
-def model_inputs(model: nn.Module, batch: dict, device: torch.device) -> dict:
-    """The entries of `batch` that `model.forward` takes, labels left out, tensors moved to `device`."""
-    params = inspect.signature(model.forward).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    inputs = {}
+@dataclass
+class CalibrationBatch:
+    """One calibration batch as the model's forward takes it, and which of its tokens are real.
+
+    `token_masks` holds one boolean `(batch, length)` mask per stream of tokens: the encoder's (or the only one's),
+    from `attention_mask`, and an encoder-decoder's decoder's. A layer's inputs are matched to the mask with as many
+    tokens, and the statistics leave out the padding it marks.
+    """
+
+    inputs: dict[str, Any]
+    token_masks: list[torch.Tensor] = field(default_factory=list)
+
+
+def prepare_batch(model: nn.Module, batch: Mapping, device: torch.device, index: int = 0) -> CalibrationBatch:
+    """The entries of `batch` that `model.forward` takes, labels left out, tensors moved to `device`, and the masks
+    of the real tokens.
+
+    An encoder-decoder is fed the decoder inputs training feeds it: a batch with `labels` but no decoder inputs gets
+    `decoder_input_ids` shifted from the labels by the model itself (`prepare_decoder_input_ids_from_labels`, as
+    transformers' `DataCollatorForSeq2Seq` does), or keeps `labels` for a model without that method (its forward
+    shifts them, as in training). The decoder's real tokens are those of `decoder_attention_mask`, else those whose
+    label is not -100. A float input with a NaN or inf is refused, naming the batch (`index`) and the key.
+    """
+    names, takes_any = _forward_inputs(model)
+    inputs, unnamed = {}, []
     for key, value in batch.items():
-        if key in _LABEL_KEYS or (key not in params and not takes_any):
+        if key in _LABEL_KEYS:
             continue  # calibration needs activations only; labels would just add a loss computation
+        if key not in names:
+            unnamed.append(key)
+            if not takes_any:
+                continue
         inputs[key] = value.to(device) if isinstance(value, torch.Tensor) else value
+    if unnamed and index == 0:  # a misspelt "attention_mask" would silently calibrate on the padding too
+        logger.warning(
+            "hf-sparse: calibration batch keys %s are not named inputs of %s.forward: %s. Check their names.",
+            unnamed, type(model).__name__,
+            "they are passed on through its **kwargs, where the model may ignore them" if takes_any else "left out",
+        )  # fmt: skip
     if not inputs:
         raise ValueError(f"calibration batch keys {sorted(batch)} are not inputs of {type(model).__name__}.forward.")
-    return inputs
+    _check_finite_inputs(inputs, index)
+    masks = [_token_mask(batch.get("attention_mask"), inputs.get("input_ids"))]
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        masks.append(_decoder_inputs_(model, batch, inputs, masks[0], device))
+    return CalibrationBatch(inputs, [mask for mask in masks if mask is not None])
+
+
+def _forward_inputs(model: nn.Module) -> tuple[set[str], bool]:
+    """The named inputs of `model.forward` (with a PEFT model's, its base model's too, which it passes on), and
+    whether it takes any keyword."""
+    params = inspect.signature(model.forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    base = getattr(model, "get_base_model", None)
+    if callable(base):
+        params = {**params, **inspect.signature(base().forward).parameters}
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name for name, p in params.items() if p.kind in named}, takes_any
+
+
+def _check_finite_inputs(inputs: dict, index: int) -> None:
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            count = int((~torch.isfinite(value)).sum())
+            raise ValueError(
+                f"calibration batch {index}: {key!r} holds {count} NaN or inf value(s); calibration needs finite "
+                "data. Clean or drop those examples (nothing was pruned)."
+            )
+
+
+def _token_mask(mask, ids) -> torch.Tensor | None:
+    """A boolean `(batch, length)` mask of the real tokens: `mask` if it is one, else every token of `ids`."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask.bool()
+    return torch.ones(ids.shape[:2], dtype=torch.bool) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+
+
+def _decoder_inputs_(model: nn.Module, batch: Mapping, inputs: dict, encoder_mask, device) -> torch.Tensor | None:
+    """Adds an encoder-decoder's decoder inputs to `inputs` where `batch` has only labels for them, and returns the
+    decoder's token mask."""
+    labels = batch.get("labels")
+    has_labels = isinstance(labels, torch.Tensor) and labels.dim() == 2
+    if has_labels and not any(key in batch for key in _DECODER_INPUT_KEYS):
+        shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+        if shift is not None:
+            inputs["decoder_input_ids"] = shift(labels=labels.to(device))
+        else:
+            inputs["labels"] = labels.to(device)
+    mask = batch.get("decoder_attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        mask = mask.bool()
+    elif has_labels:
+        mask = labels != -100
+    else:
+        mask = _token_mask(None, inputs.get("decoder_input_ids"))
+    if mask is not None and encoder_mask is not None and mask.shape == encoder_mask.shape:
+        if not torch.equal(mask.cpu(), encoder_mask.cpu()):
+            mask = _one_more_decoder_position_(inputs, mask, getattr(model.config, "pad_token_id", None) or 0)
+    return mask
+
+
+def _one_more_decoder_position_(inputs: dict, mask: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Appends one padding position to the decoder's inputs when the decoder has as many tokens as the encoder but
+    other padding, so that a layer's inputs tell which stream they are by their number of tokens. A causal decoder's
+    earlier positions never attend to a later one, so nothing they compute changes; the new position is left out."""
+    fill = {"decoder_input_ids": pad_token_id, "decoder_attention_mask": 0, "labels": -100}
+    for key, value in fill.items():
+        if isinstance(inputs.get(key), torch.Tensor):
+            inputs[key] = torch.cat([inputs[key], inputs[key].new_full((inputs[key].shape[0], 1), value)], dim=1)
+    if isinstance(inputs.get("decoder_inputs_embeds"), torch.Tensor):
+        embeds = inputs["decoder_inputs_embeds"]
+        inputs["decoder_inputs_embeds"] = torch.cat([embeds, embeds.new_zeros(embeds[:, :1].shape)], dim=1)
+    return torch.cat([mask, mask.new_zeros(mask.shape[0], 1)], dim=1)
+
+
+def calibration_samples(batches: list[CalibrationBatch]) -> int:
+    """The number of sequences in `batches`."""
+    return sum(_batch_size(batch.inputs) for batch in batches)
 
 
 # -- block by block --------------------------------------------------------------------------------------------------
@@ -253,28 +389,56 @@ class _InputStats:
 
     def __init__(self, in_features: int, hessian: bool, device: torch.device, constant_input: bool = False):
         self.tokens = 0
+        self.unmatched = False
         self.constant_input = constant_input and hessian
         size = in_features + self.constant_input
         self.sq_norms = None if hessian else torch.zeros(in_features, device=device, dtype=torch.float32)
         self.hessian = torch.zeros(size, size, device=device, dtype=torch.float32) if hessian else None
         self.device = device
 
-    def _tokens(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    def _tokens(self, x: torch.Tensor, token_masks: list[torch.Tensor]) -> torch.Tensor:
         x = x.detach().reshape(-1, x.shape[-1])
-        if token_mask is not None and token_mask.numel() == x.shape[0]:
+        # the stream (encoder or decoder) whose number of tokens the inputs have
+        token_mask = next((mask for mask in token_masks if mask.numel() == x.shape[0]), None)
+        if token_mask is not None:
             x = x[token_mask.reshape(-1).to(x.device)]
+        elif any(not bool(mask.all()) for mask in token_masks):
+            self.unmatched = True  # the batch has padding, but these inputs cannot be told where it is
         x = x.to(self.device, torch.float32)
         if self.constant_input:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
         return x
 
-    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
-        x = self._tokens(x, token_mask)
+    def add(self, x: torch.Tensor, token_masks: list[torch.Tensor]) -> None:
+        x = self._tokens(x, token_masks)
         self.tokens += x.shape[0]
         if self.hessian is not None:
             self.hessian.addmm_(x.T, x)
         else:
             self.sq_norms += (x * x).sum(dim=0)
+
+    def finite(self) -> bool:
+        """Whether the statistics are finite: a NaN or inf input (at a real token), or inputs whose squares overflow
+        float32, make the sums of squares (Wanda's norms, the Hessian's diagonal) non-finite."""
+        squares = self.sq_norms if self.hessian is None else torch.diagonal(self.hessian)
+        return bool(torch.isfinite(squares).all())
+
+
+def _non_finite_message(name: str, index: int, stat: _InputStats, calls: list, masks: list) -> str:
+    """Why the statistics of layer `name` stopped being finite on calibration batch `index`."""
+    inputs = [stat._tokens(x, masks) for x in calls]
+    where = f"the calibration inputs of {name} on calibration batch {index}"
+    if all(bool(torch.isfinite(x).all()) for x in inputs):
+        largest = max(float(x.abs().max()) for x in inputs if x.numel())
+        return (
+            f"{where} are so large (up to {largest:.3g}) that their squares overflow float32: scale the data, or "
+            "check the model's weights and normalisation layers before this layer. Nothing was pruned."
+        )
+    return (
+        f"{where} hold NaN or inf values, the first layer (in forward order) whose inputs do; the calibration data is "
+        f"finite, so the model produced them ({calls[0].dtype} activations): non-finite weights before this layer, or "
+        "an overflow of its dtype (run calibration in float32). Nothing was pruned."
+    )
 
 
 def stats_device(model: nn.Module, device=None) -> torch.device:
@@ -291,7 +455,7 @@ def stats_device(model: nn.Module, device=None) -> torch.device:
 def block_statistics(
     model: nn.Module,
     layers: dict[str, nn.Linear],
-    batches: list[dict],
+    batches: list[CalibrationBatch],
     hessian: bool,
     device: torch.device,
     sequential: bool = False,
@@ -313,19 +477,21 @@ def block_statistics(
     if use_cache:
         model_config.use_cache = False  # a KV cache would grow with every block pass
     try:
-        groups = _input_groups(model, layers, batches[0]) if sequential else _groups(model, layers)
+        groups = _input_groups(model, layers, batches[0].inputs) if sequential else _groups(model, layers)
         for block, names in groups:
             targets = {name: layers[name] for name in names}
             stats = {
                 name: _InputStats(layer.in_features, hessian, device, constant_input and layer.bias is not None)
                 for name, layer in targets.items()
             }
-            for batch in batches:
-                mask = batch.get("attention_mask")
-                token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-                for name, calls in _group_inputs(model, targets, block, modules.get(block), batch, sequential).items():
+            for index, batch in enumerate(batches):
+                seen = _group_inputs(model, targets, block, modules.get(block), batch.inputs, sequential)
+                for name, calls in seen.items():  # in forward order
                     for x in calls:
-                        stats[name].add(x, token_mask)
+                        stats[name].add(x, batch.token_masks)
+                    if not stats[name].finite():
+                        raise ValueError(_non_finite_message(name, index, stats[name], calls, batch.token_masks))
+            _warn_unmatched([name for name in names if stats[name].unmatched])
             for name in names:
                 if stats[name].tokens == 0:
                     raise ValueError(
@@ -338,6 +504,15 @@ def block_statistics(
         model.train(was_training)
         if use_cache:
             model_config.use_cache = use_cache
+
+
+def _warn_unmatched(names: list[str]) -> None:
+    if names:
+        logger.warning(
+            "hf-sparse: the calibration inputs of %s have as many tokens as none of the batch's attention masks (does "
+            "the model add or drop positions?): their statistics count every position, padding included.",
+            names,
+        )
 
 
 def _group_inputs(
@@ -378,8 +553,8 @@ def _group_inputs(
         raise ValueError(
             f"calibrating {block_name or 'the layers outside the blocks'} ({next(iter(targets))}, ...): the model's "
             f"forward failed on a calibration batch with keys {sorted(batch)} ({type(err).__name__}: {err}). The "
-            "batches must reach every selected layer (an encoder-decoder needs decoder inputs such as "
-            "decoder_input_ids too); nothing was pruned."
+            "batches must reach every selected layer (an encoder-decoder needs decoder inputs too: decoder_input_ids, "
+            "or labels that the model shifts into them); nothing was pruned."
         ) from err
     finally:
         for handle in handles:

@@ -49,7 +49,7 @@ class SparsityCallback(TrainerCallback):
     Args:
         config: what to prune and when; default `SparsityConfig()` (2:4, magnitude, once at train start).
         calibration_data: for criterion "wanda" or "sparsegpt": the batches or examples to calibrate on (see
-            `hf_sparse.criteria.calibration_batches`). Default: `config.calibration_samples` examples of the
+            `hf_sparse.calibration.calibration_batches`). Default: `config.calibration_samples` examples of the
             Trainer's training data, drawn with `args.seed` and batched by its collator.
         masks: masks already chosen for the selected layers, by layer name (what `hf_sparse.prune_` returns, e.g.
             after a one-shot SparseGPT pass): held from `mask_start_step` instead of computed there, so a
@@ -78,6 +78,7 @@ class SparsityCallback(TrainerCallback):
         self.config = config or SparsityConfig()
         self.calibration_data = calibration_data
         self.initial_masks = dict(masks) if masks is not None else None
+        self.calibration = getattr(masks, "calibration", None)  # what prune_'s calibration used, for the metadata
         self.masks: dict[str, torch.Tensor] = {}
         self.layers: dict[str, nn.Linear] = {}
         # Values the pruned weights had when pruned, kept only while a mask recomputation is still scheduled.
@@ -230,7 +231,7 @@ class SparsityCallback(TrainerCallback):
             # On a PEFT model the metadata goes on the base model, under its own layer names.
             target, layers = base_layer_names(unwrap_model(model), list(self.layers))
             if getattr(target, "config", None) is not None:
-                record_sparsity_(target, self.config, layers, self._chosen)
+                record_sparsity_(target, self.config, layers, self._chosen, self.calibration)
         self.masks, self.pruned_values = {}, {}
 
     def report(self) -> SparsityReport:
@@ -307,7 +308,7 @@ class SparsityCallback(TrainerCallback):
             apply_masks_(self.layers, self.masks)  # zero the pruned values again: the weights are as they were
             raise
         self._chosen = chosen_after(self._chosen, nonzero, masks)
-        self.masks = masks
+        self.masks, self.calibration = masks, masks.calibration
         if self.config.updates_after(step):
             with torch.no_grad():
                 self.pruned_values = {

@@ -20,7 +20,14 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from ._distributed import broadcast_masks, broadcast_weights_, is_sharded, local_tensor, rank, world_size
-from .calibration import _groups, block_statistics, calibration_batches, model_inputs, stats_device
+from .calibration import (
+    _groups,
+    block_statistics,
+    calibration_batches,
+    calibration_samples,
+    prepare_batch,
+    stats_device,
+)
 from .config import SparsityConfig
 from .masks import nm_mask, nm_mask_from_scores
 
@@ -28,6 +35,20 @@ logger = logging.getLogger(__name__)
 
 CALIBRATED_CRITERIA = ("wanda", "sparsegpt")
 """Criteria that need calibration data."""
+
+
+class Masks(dict):
+    """The N:M masks by layer name, as `compute_masks` returns them, with `calibration`: what the calibration of
+    Wanda or SparseGPT actually used (`None` for magnitude), as the checkpoint metadata records it over the configured
+    values (`attach_sparsity_metadata(..., calibration=masks.calibration)`): `calibration_samples` (the sequences run,
+    which may be fewer than configured), `calibration_tokens` (the real tokens the statistics came from: the fewest
+    any layer saw, e.g. an encoder-decoder's targets) and, for SparseGPT,
+    `sparsegpt_update_bias` (whether any layer had a bias to update).
+    """
+
+    def __init__(self, masks=(), calibration: dict | None = None):
+        super().__init__(masks)
+        self.calibration = calibration
 
 
 def wanda_mask(
@@ -214,8 +235,11 @@ def refit_kept(
 ) -> torch.Tensor:
     """The exact least-squares weights under a mask: each row's kept weights that best reproduce the dense row.
 
-    Row `r` with kept inputs `S` solves `(H_SS + λI) w_S = (H w_r)_S`, the minimum of `||X (w_r - w)||^2 + λ||w||^2`
-    over the weights that are zero outside `S` (`H = X^T X`, λ = `damping` times the mean diagonal).
+    Row `r` with kept inputs `S` solves `(H_SS + λI) w_S = (H w_r + λ w_r)_S`, the minimum of
+    `||X (w_r - w)||^2 + λ||w - w_r||_S^2` over the weights that are zero outside `S` (`H = X^T X`, λ = `damping`
+    times the mean diagonal). The damping pulls the kept weights toward their dense values, not toward zero: where
+    the calibration inputs leave directions unseen (fewer tokens than inputs), those keep the dense weights, as
+    magnitude pruning does, instead of losing them.
 
     Two solvers give the same weights: "cholesky" gathers `H_SS` per row and factorises it (rows in batches, at most
     ~256 MiB of gathered matrices at a time); "cg" runs Jacobi-preconditioned conjugate gradients on all rows at once
@@ -244,8 +268,9 @@ def refit_kept(
     k = int(per_row[0])
     if method == "auto":
         method = "cg" if hessian.device.type == "cuda" and k >= CG_MIN_KEPT else "cholesky"
-    H = hessian + damping * torch.diag(hessian).mean() * torch.eye(size, device=hessian.device)
-    target = dense @ hessian  # row r: (H w_r)^T
+    ridge = damping * torch.diag(hessian).mean()
+    H = hessian + ridge * torch.eye(size, device=hessian.device)
+    target = dense @ hessian + ridge * dense  # row r: (H w_r + λ w_r)^T
     if method == "cg":
         return _conjugate_gradients(H, target, kept, dense if start is None else start, name)
     index = kept.nonzero()[:, 1].reshape(rows, -1)  # row-major: each row's kept columns, in order
@@ -354,7 +379,7 @@ def compute_masks(
     config: SparsityConfig,
     calibration_data=None,
     device: torch.device | str | None = None,
-) -> dict[str, torch.Tensor]:
+) -> Masks:
     """The N:M masks of `layers` (local shards under FSDP2) by `config.criterion`, by layer name.
 
     Magnitude reads the weights only. Wanda and SparseGPT calibrate block by block and prune each block before
@@ -373,8 +398,8 @@ def compute_masks(
         model: the model whose forward takes the calibration batches (unused by magnitude).
         layers: the layers, as `select_layers(model, config).targets` returns them.
         config: criterion, pattern and calibration settings.
-        calibration_data: for "wanda" / "sparsegpt", see `hf_sparse.calibration.calibration_batches`; a list of
-            batches is used as it is.
+        calibration_data: for "wanda" / "sparsegpt", see `hf_sparse.calibration.calibration_batches`: its first
+            `config.calibration_samples` sequences.
         device: where statistics and the SparseGPT solve run; default the model's accelerator, else CUDA when
             available, else the CPU.
 
@@ -385,22 +410,25 @@ def compute_masks(
     ```
     """
     replicated = world_size() > 1 and not any(is_sharded(layer.weight) for layer in layers.values())
+    _check_finite_weights(layers)
     if config.criterion not in CALIBRATED_CRITERIA:
         masks = {
             name: nm_mask(local_tensor(layer.weight, f"{name}.weight"), config.n, config.m, name)
             for name, layer in layers.items()
         }
-        return broadcast_masks(masks) if replicated else masks
+        return Masks(broadcast_masks(masks) if replicated else masks)
     if not replicated:
         return _calibrated_masks(model, layers, config, calibration_data, device)
     started = time.perf_counter()
     if rank() == 0:
         masks = _calibrated_masks(model, layers, config, calibration_data, device)
     else:  # placeholders of the right shapes: the broadcast fills them with rank 0's masks
-        masks = {name: torch.zeros_like(layer.weight, dtype=torch.bool) for name, layer in layers.items()}
+        masks = Masks({name: torch.zeros_like(layer.weight, dtype=torch.bool) for name, layer in layers.items()})
     calibrated = time.perf_counter()
     broadcast_weights_(layers)
-    masks = broadcast_masks(masks)
+    record = [masks.calibration]
+    torch.distributed.broadcast_object_list(record, src=0)
+    masks = Masks(broadcast_masks(masks), record[0])
     logger.log(
         logging.INFO if rank() == 0 else logging.DEBUG,
         "hf-sparse: %s masks calibrated on rank 0 in %.2fs; its masks and weights of %d layer(s) broadcast to %d "
@@ -414,21 +442,51 @@ def compute_masks(
     return masks
 
 
+def _check_finite_weights(layers: dict[str, nn.Linear]) -> None:
+    """Masks chosen from NaN or inf weights would be meaningless (and Wanda's and SparseGPT's statistics would blame a
+    later layer, whose inputs the bad weights spoil): name the layer at fault before anything is changed."""
+    for name, layer in layers.items():
+        weight = local_tensor(layer.weight, f"{name}.weight")
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(
+                f"{name}.weight holds {int((~torch.isfinite(weight)).sum())} NaN or inf value(s) before pruning: "
+                "masks cannot be chosen from non-finite weights (a diverged run or a damaged checkpoint?). Load or "
+                "train finite weights first; nothing was pruned."
+            )
+
+
 @torch.no_grad()
-def _calibrated_masks(model, layers, config, calibration_data, device) -> dict[str, torch.Tensor]:
+def _calibrated_masks(model, layers, config, calibration_data, device) -> Masks:
     pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     batches = calibration_batches(calibration_data, config, pad_token_id)
     model_device = next(model.parameters()).device
-    batches = [model_inputs(model, batch, model_device) for batch in batches]
+    batches = [prepare_batch(model, batch, model_device, index) for index, batch in enumerate(batches)]
+    samples = calibration_samples(batches)
+    if samples < config.calibration_samples:
+        logger.warning(
+            "hf-sparse: calibration_samples=%d, but the calibration data holds %d sequence(s): %s calibrates on "
+            "those, and the checkpoint records %d.",
+            config.calibration_samples, samples, config.criterion, samples,
+        )  # fmt: skip
     on = stats_device(model, device)
     # Calibrated criteria prune block by block: a failure in block k (or an interrupt) would leave blocks < k
     # pruned. Keep the selected weights (on the CPU) until every mask is computed, and put them back on any error.
     snapshot = _snapshot(layers)
     try:
-        return _prune_block_by_block(model, layers, config, batches, on)
+        masks, biases, seen = _prune_block_by_block(model, layers, config, batches, on)
     except BaseException:
         _restore_(layers, snapshot)
         raise
+    record = {"calibration_samples": samples, "calibration_tokens": min(seen.values(), default=0)}
+    if config.criterion == "sparsegpt":
+        record["sparsegpt_update_bias"] = bool(biases)
+        if config.sparsegpt_update_bias and not biases:
+            logger.warning(
+                "hf-sparse: sparsegpt_update_bias=True, but none of the %d selected layers has a bias: no bias was "
+                "updated, and the checkpoint records sparsegpt_update_bias=False.",
+                len(layers),
+            )
+    return Masks(masks, record)
 
 
 def _snapshot(layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
@@ -448,11 +506,13 @@ def _restore_(layers: dict[str, nn.Linear], snapshot: dict[str, torch.Tensor]) -
         local_tensor(getattr(layers[name], kind)).copy_(saved)
 
 
-def _prune_block_by_block(model, layers, config: SparsityConfig, batches: list, on: torch.device) -> dict:
-    """Wanda / SparseGPT masks, pruning each block (or group of layers) of `layers` before the next is calibrated."""
+def _prune_block_by_block(model, layers, config: SparsityConfig, batches: list, on: torch.device) -> tuple:
+    """Wanda / SparseGPT masks, pruning each block (or group of layers) of `layers` before the next is calibrated;
+    the names of the layers whose bias SparseGPT updated; and the calibration tokens each layer saw."""
     hessian = config.criterion == "sparsegpt"
     update_bias = hessian and config.sparsegpt_update_bias
     masks: dict[str, torch.Tensor] = {}
+    biases, tokens = [], {}
     started = time.perf_counter()
     groups = block_statistics(
         model,
@@ -490,6 +550,9 @@ def _prune_block_by_block(model, layers, config: SparsityConfig, batches: list, 
                 mask = wanda_mask(weight, stat.sq_norms, config.n, config.m, name)
             weight.mul_(mask)
             masks[name] = mask
+            if hessian and stat.constant_input:
+                biases.append(name)
+            tokens[name] = stat.tokens
     logger.info(
         "hf-sparse: %s pruned %d layer(s) with %d calibration batch(es) in %.1fs (statistics on %s).",
         config.criterion,
@@ -498,4 +561,21 @@ def _prune_block_by_block(model, layers, config: SparsityConfig, batches: list, 
         time.perf_counter() - started,
         on,
     )
-    return masks
+    if hessian:
+        _warn_rank_deficient(layers, tokens)
+    return masks, biases, tokens
+
+
+def _warn_rank_deficient(layers: dict[str, nn.Linear], tokens: dict[str, int]) -> None:
+    """SparseGPT on fewer tokens than a layer has inputs: the Hessian is rank-deficient, and the masks (and refit or
+    ADMM weights) fit those few tokens, at the risk of doing worse than magnitude's on other data."""
+    few = [name for name in tokens if tokens[name] < layers[name].in_features]
+    if few:
+        widest = max(layers[name].in_features for name in few)
+        logger.warning(
+            "hf-sparse: sparsegpt calibrated %d of %d layer(s) on fewer tokens than they have inputs (%s: %d tokens "
+            "for %d inputs), so their Hessians are rank-deficient: the masks and weights follow those few tokens and "
+            "may do worse than magnitude pruning on other data. Give more calibration data (well over %d real "
+            "tokens: more or longer calibration_samples).",
+            len(few), len(tokens), few[0], tokens[few[0]], layers[few[0]].in_features, widest,
+        )  # fmt: skip

@@ -75,12 +75,17 @@ def chosen_after(
 
 
 def record_sparsity_(
-    model: nn.Module, config: SparsityConfig, layers: list[str], chosen: dict[str, Any] | None = None
+    model: nn.Module,
+    config: SparsityConfig,
+    layers: list[str],
+    chosen: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Stores the sparsity metadata of `model` in `model.config.sparsity`, naming the criterion (and its options)
-    that chose the masks: `chosen` (see `masks_chosen_before`) when given, else `config`'s."""
+    that chose the masks: `chosen` (see `masks_chosen_before`) when given, verbatim, else `config`'s with what its
+    calibration used (`calibration`: `Masks.calibration`) over the configured values."""
     if chosen is None:
-        return attach_sparsity_metadata(model, config, layers=layers)
+        return attach_sparsity_metadata(model, config, layers=layers, calibration=calibration)
     # The metadata writer takes the criterion and options of the metadata the model carries when given no config.
     had, previous = hasattr(model.config, "sparsity"), getattr(model.config, "sparsity", None)
     model.config.sparsity = {"sparsity_pattern": config.sparsity_pattern, **copy.deepcopy(chosen)}
@@ -147,5 +152,5 @@ def prune_(
     apply_masks_(layers, masks)
     # As at the end of SparsityCallback: the metadata config.json carries, which compact saving needs.
     if getattr(target, "config", None) is not None:
-        record_sparsity_(target, config, names, chosen)
+        record_sparsity_(target, config, names, chosen, masks.calibration)
     return masks

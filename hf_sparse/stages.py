@@ -306,9 +306,10 @@ class StagedRun:
         resumed = int(last.rsplit("-", 1)[1]) if last else 0
         return trainer, {**metrics, **whole_run_loss(trainer, metrics, resumed), "resumed_from_step": resumed}
 
-    def evaluate_with(self, model, dataset, compute_metrics, fp16: bool = False) -> dict:
+    def evaluate_with(self, model, dataset, compute_metrics, fp16: bool = False, **eval_args) -> dict:
         """Metrics of `model` (a plain module, never one a Trainer sharded: stages reload what they saved) on
-        `dataset`, in fp16 where `fp16` and a GPU is present; `eval_dtype` says which."""
+        `dataset`, in fp16 where `fp16` and a GPU is present; `eval_dtype` says which. `eval_args` are
+        `TrainingArguments` of the evaluation (e.g. `include_for_metrics=["inputs"]`)."""
         fp16 = fp16 and torch.cuda.is_available()
         if (fp16 and next(model.parameters()).dtype != torch.float16) or fsdp():
             # A copy: the Trainer's fp16_full_eval would cast the model itself, which trains on, and FSDP2 shards
@@ -317,7 +318,7 @@ class StagedRun:
             model = copy.deepcopy(model).to(device=self.training_args.device, **dtype)
         trainer = Trainer(
             model=model,
-            args=self.stage_args(output_dir=str(self.output_dir / "eval")),
+            args=self.stage_args(output_dir=str(self.output_dir / "eval"), **eval_args),
             eval_dataset=dataset,
             compute_metrics=compute_metrics,
         )

@@ -213,10 +213,7 @@ def check_arguments(args: RecipeArguments) -> None:
 
 def load_data(args: RecipeArguments):
     if args.train_file or args.validation_file:
-        train, validation = (
-            hf_sparse.squad.read_squad_json(args.train_file),
-            hf_sparse.squad.read_squad_json(args.validation_file),
-        )
+        train, validation = (hf_sparse.squad.read_squad_json(f) for f in (args.train_file, args.validation_file))
     elif args.dataset_name == "synthetic":
         from hf_sparse.squad.data import squad_records
 
@@ -305,11 +302,14 @@ class Run(stages.StagedRun):
         return (self.args, self.sparsity, self.training_args)
 
     def evaluate(self, model) -> dict:
-        """SQuAD metrics of `model` on the evaluation features (fp16 on a GPU with --fp16_eval)."""
+        """SQuAD metrics of `model` on the evaluation features (fp16 on a GPU with --fp16_eval); with the inputs,
+        compute_metrics checks each feature's order by its input ids, not by its labels alone."""
         metrics = hf_sparse.squad.squad_compute_metrics(
             self.examples[1], self.features[1], version_2_with_negative=self.args.version_2_with_negative
         )
-        return self.evaluate_with(model, self.features[1], metrics, fp16=self.args.fp16_eval)
+        return self.evaluate_with(
+            model, self.features[1], metrics, self.args.fp16_eval, include_for_metrics=["inputs"]
+        )
 
     def load_model(self, folder: Path):
         return load_model(folder)

@@ -41,7 +41,12 @@ def _evaluate(tmp_path, v2=False, **args):
     examples, features, model = build(v2)
     compute_metrics = squad_compute_metrics(examples, features, version_2_with_negative=v2)
     training_args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to="none", use_cpu=True, **args
+        output_dir=str(tmp_path),
+        per_device_eval_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+        include_for_metrics=["inputs"],  # compute_metrics checks each feature's input ids
+        **args,
     )
     trainer = Trainer(model, training_args, eval_dataset=features, compute_metrics=compute_metrics)
     return trainer.evaluate(), compute_metrics.last_predictions, _direct(examples, features, model, v2)
@@ -84,6 +89,45 @@ def test_predictions_out_of_feature_order_are_refused():
         compute_metrics(EvalPrediction(predictions=(logits[0][1:], logits[1][1:]), label_ids=None))
     with pytest.raises(ValueError, match="pair \\(start, end\\) of arrays"):
         compute_metrics(EvalPrediction(predictions=(logits[0], logits[1], logits[0]), label_ids=None))
+
+
+def _reordered_among_shared_labels(features):
+    """The features with two of them that share their labels (but not their inputs) swapped."""
+    from hf_sparse.squad.data import QAFeatures
+
+    pairs = list(zip(features["start_positions"], features["end_positions"]))
+    first = next(i for i, p in enumerate(pairs) if pairs.count(p) > 1)
+    second = next(j for j in range(first + 1, len(pairs)) if pairs[j] == pairs[first])
+    assert features["input_ids"][first] != features["input_ids"][second]
+    order = list(range(len(pairs)))
+    order[first], order[second] = second, first
+    return QAFeatures({k: [v[i] for i in order] for k, v in features.columns.items()})
+
+
+@pytest.mark.parametrize("batches", [{}, {"batch_eval_metrics": True}, {"eval_do_concat_batches": False}])
+def test_reordering_among_features_that_share_labels_is_refused_with_inputs(tmp_path, batches):
+    examples, features, model = build(False)
+    swapped = _reordered_among_shared_labels(features)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to="none", use_cpu=True,
+        include_for_metrics=["inputs"], **batches,
+    )  # fmt: skip
+    compute_metrics = squad_compute_metrics(examples, features)
+    right = Trainer(model, args, eval_dataset=features, compute_metrics=compute_metrics).evaluate()
+    assert right["eval_f1"] == _direct(examples, features, model, False)[1]["f1"]
+    with pytest.raises(ValueError, match=r"input ids the Trainer gathered do not match the features' at 2 features"):
+        Trainer(model, args, eval_dataset=swapped, compute_metrics=compute_metrics).evaluate()
+
+
+def test_without_inputs_a_reordering_among_shared_labels_cannot_be_checked_and_says_so(tmp_path):
+    examples, features, model = build(False)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to="none", use_cpu=True)
+    compute_metrics = squad_compute_metrics(examples, features)
+    trainer = Trainer(
+        model, args, eval_dataset=_reordered_among_shared_labels(features), compute_metrics=compute_metrics
+    )
+    with pytest.warns(UserWarning, match=r"include_for_metrics=\['inputs'\]"):
+        trainer.evaluate()
 
 
 def test_features_without_labels_are_refused_with_a_hint():

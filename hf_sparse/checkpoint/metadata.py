@@ -49,7 +49,10 @@ def layer_weights(model: nn.Module, layers: list[str]) -> dict[str, torch.Tensor
 
 
 def sparsity_metadata(
-    model: nn.Module, config: SparsityConfig | None = None, layers: list[str] | None = None
+    model: nn.Module,
+    config: SparsityConfig | None = None,
+    layers: list[str] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The sparsity metadata of `model`, measured from its current weights.
 
@@ -57,6 +60,8 @@ def sparsity_metadata(
         model: a model whose selected layers are exactly N:M (after `SparsityCallback` or `prune_`).
         config: pattern and criterion; default: those of the metadata the model already carries.
         layers: names of the sparse layers; default: the layers of the existing metadata, or `config`'s selection.
+        calibration: what the calibration actually used (`Masks.calibration` of `hf_sparse.criteria`), recorded in
+            `criterion_options` over the configured values.
 
     Raises:
         ValueError: if a layer is not N:M (naming it), or there is neither a config nor existing metadata.
@@ -80,6 +85,7 @@ def sparsity_metadata(
         criterion, options = existing.get("criterion"), existing.get("criterion_options", {})
     else:
         pattern, criterion, options = config.sparsity_pattern, config.criterion, config.criterion_options()
+    options = {**options, **(calibration or {})}
     n, m = parse_pattern(pattern)
     if layers is None:
         if config is None:
@@ -124,7 +130,10 @@ def sparsity_metadata(
 
 
 def attach_sparsity_metadata(
-    model: nn.Module, config: SparsityConfig | None = None, layers: list[str] | None = None
+    model: nn.Module,
+    config: SparsityConfig | None = None,
+    layers: list[str] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measures the sparsity metadata of `model` and stores it as `model.config.sparsity`, so that
     `save_pretrained` / `Trainer.save_model` write it into `config.json`. Returns the metadata.
@@ -133,6 +142,7 @@ def attach_sparsity_metadata(
         model: a `transformers.PreTrainedModel` whose sparse layers are exactly N:M.
         config: pattern and criterion (default: those of the existing metadata).
         layers: sparse layer names (default: the existing metadata's, or `config`'s selection).
+        calibration: what the calibration actually used (see `sparsity_metadata`).
 
     Example:
 
@@ -145,7 +155,7 @@ def attach_sparsity_metadata(
         raise ValueError(
             f"{type(model).__name__} has no `config` to hold the sparsity metadata; use a PreTrainedModel."
         )
-    meta = sparsity_metadata(model, config, layers)
+    meta = sparsity_metadata(model, config, layers, calibration)
     setattr(model.config, METADATA_KEY, meta)
     if hasattr(model, "add_model_tags"):  # the Trainer's own model card lists these tags
         model.add_model_tags(["hf-sparse", f"{meta['sparsity_pattern']}-sparsity"])

@@ -404,19 +404,28 @@ class SquadComputeMetrics:
             np.asarray(list(_column(features, "start_positions", "features")), dtype=np.int64),
             np.asarray(list(_column(features, "end_positions", "features")), dtype=np.int64),
         )
+        self.tokens = _feature_tokens(features)
+        # Features that share their labels with another can be reordered among themselves unseen by the labels
+        self.shared_labels = len(self.labels[0]) - len(set(zip(*(label.tolist() for label in self.labels))))
         self.last_predictions = None
         self._batches: list = []
 
     def __call__(self, eval_pred: Any, compute_result: bool | None = None) -> dict[str, float]:
         predictions, label_ids = eval_pred.predictions, eval_pred.label_ids
+        inputs = getattr(eval_pred, "inputs", None)
         if compute_result is not None:  # TrainingArguments(batch_eval_metrics=True): one call per batch
             self._batches.append(
-                ((_numpy(predictions[0]), _numpy(predictions[1])), (_numpy(label_ids[0]), _numpy(label_ids[1])))
+                (
+                    (_numpy(predictions[0]), _numpy(predictions[1])),
+                    (_numpy(label_ids[0]), _numpy(label_ids[1])),
+                    _batch_input_ids(inputs, len(_numpy(label_ids[0]))),
+                )
             )
             if not compute_result:
                 return {}
             predictions = [b[0] for b in self._batches]
             label_ids = [b[1] for b in self._batches]
+            inputs = None if any(b[2] is None for b in self._batches) else [b[2] for b in self._batches]
             self._batches = []
         start, end = _start_end(predictions, "predictions")
         if label_ids is None and len(start) == len(self.labels[0]):
@@ -442,12 +451,83 @@ class SquadComputeMetrics:
                     f"(first: feature {f}): predictions are not in the order of the features given to "
                     "squad_compute_metrics. Pass the same features as eval_dataset, unshuffled."
                 )
+            self._check_inputs(inputs)
         answers = self.postprocessor(start, end)
         self.last_predictions = answers
         if self.version_2_with_negative:
             result = squad_v2_metric(answers.metric_inputs(True), self.references)
             return {"exact_match": result["exact"], **result}
         return squad_metric(answers.metric_inputs(False), self.references)
+
+    def _check_inputs(self, inputs: Any) -> None:
+        """Checks the input ids the Trainer gathered (`include_for_metrics=["inputs"]`) against the features', row by
+        row; without them, warns if the labels alone cannot tell every feature apart."""
+        if inputs is None:
+            if self.shared_labels:
+                warnings.warn(
+                    f"{self.shared_labels} of {len(self.labels[0])} evaluation features share their start/end labels "
+                    "with another, so compute_metrics cannot check from the labels alone that their predictions are "
+                    "in the features' order. Pass TrainingArguments(include_for_metrics=['inputs']) to have each "
+                    "feature's input ids checked (with batch_eval_metrics, in one process: the Trainer does not "
+                    "gather inputs per batch).",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            return
+        rows = _padded_rows(inputs if isinstance(inputs, (list, tuple)) else [inputs])
+        if len(rows) != len(self.tokens):
+            raise ValueError(
+                f"compute_metrics got the inputs of {len(rows)} evaluation features but was built from "
+                f"{len(self.tokens)}; pass the same features as eval_dataset and to squad_compute_metrics."
+            )
+        wrong = [f for f, (row, tokens) in enumerate(zip(rows, self.tokens)) if not _holds(row, tokens)]
+        if wrong:
+            raise ValueError(
+                f"the input ids the Trainer gathered do not match the features' at {len(wrong)} features (first: "
+                f"feature {wrong[0]}): predictions are not in the order of the features given to "
+                "squad_compute_metrics. Pass the same features as eval_dataset, unshuffled."
+            )
+
+
+_PAD = -100
+"""What the Trainer pads gathered rows of different lengths with."""
+
+
+def _batch_input_ids(inputs: Any, rows: int) -> np.ndarray | None:
+    """The input ids of one batch under `batch_eval_metrics` (the Trainer passes the batch dict, not gathered across
+    processes: `None` when they are not the `rows` the labels are)."""
+    if isinstance(inputs, Mapping):
+        inputs = inputs.get("input_ids")
+    if inputs is None:
+        return None
+    ids = _numpy(inputs)
+    return ids if ids.ndim == 2 and len(ids) == rows else None
+
+
+def _padded_rows(blocks: Sequence[Any]) -> np.ndarray:
+    """Blocks of integer rows of different widths as one 2-D array, right-padded with -100 as the Trainer does."""
+    arrays = [np.atleast_2d(_numpy(b)).astype(np.int64) for b in blocks]
+    width = max((a.shape[1] for a in arrays), default=0)
+    return np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=_PAD) for a in arrays])
+
+
+def _holds(row: np.ndarray, tokens: np.ndarray) -> bool:
+    """Whether a gathered row of input ids is the feature's `tokens`, padded on the right or on the left."""
+    row = row[row != _PAD]
+    size = len(tokens)
+    return len(row) >= size and (np.array_equal(row[:size], tokens) or np.array_equal(row[len(row) - size :], tokens))
+
+
+def _feature_tokens(features: Any) -> list[np.ndarray]:
+    """Each feature's real tokens: those of its `attention_mask`, else all of its `input_ids`."""
+    from .postprocess import _column
+
+    ids = [np.asarray(i, dtype=np.int64) for i in _column(features, "input_ids", "features")]
+    names = getattr(features, "column_names", None) or (list(features) if isinstance(features, Mapping) else [])
+    if "attention_mask" in names:
+        masks = _column(features, "attention_mask", "features")
+        ids = [i[np.asarray(m, dtype=bool)] for i, m in zip(ids, masks)]
+    return ids
 
 
 def squad_compute_metrics(
@@ -464,7 +544,8 @@ def squad_compute_metrics(
     (`prepare_validation_features` adds them when the examples have answers): that is what makes the Trainer call
     `compute_metrics` at all, gives an `eval_loss`, and lets the callable check that the gathered predictions are
     in the order of the features (also across processes: the Trainer's `gather_for_metrics` drops the samples
-    repeated to even out the last batch). The callable post-processes the logits (`SquadPostprocessor`) and scores
+    repeated to even out the last batch). Labels cannot tell apart features that share them: with
+    `TrainingArguments(include_for_metrics=["inputs"])` each feature's input ids are checked too (else it warns). The callable post-processes the logits (`SquadPostprocessor`) and scores
     the answers with `squad_metric`, or with `squad_v2_metric` in v2 mode (all its keys, plus `exact_match`).
     The answers of the last call stay in `.last_predictions`.
 

@@ -44,6 +44,7 @@ def main():
         report_to="none",
         use_cpu=True,
         disable_tqdm=True,
+        include_for_metrics=["inputs"],  # gathered across processes: compute_metrics checks each feature's input ids
     )
     trainer = Trainer(model, args, eval_dataset=features, compute_metrics=compute_metrics)
     metrics = trainer.evaluate()
