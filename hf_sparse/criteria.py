@@ -30,6 +30,7 @@ from .calibration import (
 )
 from .config import SparsityConfig
 from .masks import nm_mask, nm_mask_from_scores
+from .numerics import count_non_finite, non_finite
 
 logger = logging.getLogger(__name__)
 
@@ -443,16 +444,17 @@ def compute_masks(
 
 
 def _check_finite_weights(layers: dict[str, nn.Linear]) -> None:
-    """Masks chosen from NaN or inf weights would be meaningless (and Wanda's and SparseGPT's statistics would blame a
-    later layer, whose inputs the bad weights spoil): name the layer at fault before anything is changed."""
-    for name, layer in layers.items():
-        weight = local_tensor(layer.weight, f"{name}.weight")
-        if not bool(torch.isfinite(weight).all()):
-            raise ValueError(
-                f"{name}.weight holds {int((~torch.isfinite(weight)).sum())} NaN or inf value(s) before pruning: "
-                "masks cannot be chosen from non-finite weights (a diverged run or a damaged checkpoint?). Load or "
-                "train finite weights first; nothing was pruned."
-            )
+    """Masks chosen from NaN or inf weights would be meaningless (Wanda's and SparseGPT's statistics would blame a
+    later layer, whose inputs the bad weights spoil, and inf times a mask's zero is NaN, which no N:M check passes):
+    name the layer at fault before anything is changed. Every process raises (`non_finite` gathers)."""
+    bad = non_finite({name: local_tensor(layer.weight, f"{name}.weight") for name, layer in layers.items()})
+    if bad:
+        raise ValueError(
+            f"{bad[0]}.weight holds {count_non_finite(layers[bad[0]].weight)} NaN or inf value(s) before pruning "
+            f"({len(bad)} selected layer(s) with non-finite weights in all): masks cannot be chosen from non-finite "
+            "weights (a diverged run or a damaged checkpoint?). Load the model from a checkpoint written before "
+            "training diverged; nothing was pruned."
+        )
 
 
 @torch.no_grad()

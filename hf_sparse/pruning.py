@@ -14,7 +14,6 @@ from .adapters import base_layer_names
 from .checkpoint import attach_sparsity_metadata
 from .config import SparsityConfig
 from .criteria import compute_masks
-from .numerics import count_non_finite, non_finite
 from .selection import select_layers
 
 
@@ -135,15 +134,7 @@ def prune_(
     config = config or SparsityConfig()
     model = unwrap_model(model)  # layer names as the model itself (and its checkpoints) has them
     layers = select_layers(model, config).targets
-    # Checked before anything changes: a NaN or inf weight poisons the calibration of every later layer, and inf
-    # times a mask's zero is NaN, which no N:M check passes once the weights are pruned.
-    bad = non_finite({name: local_tensor(layer.weight, f"{name}.weight") for name, layer in layers.items()})
-    if bad:
-        count = count_non_finite(layers[bad[0]].weight)
-        raise ValueError(
-            f"prune_: layer {bad[0]} has {count} NaN or inf weight(s); nothing was pruned ({len(bad)} layer(s) with "
-            "non-finite weights in all). Load the model from a checkpoint written before training diverged."
-        )
+    # compute_masks refuses NaN or inf weights before anything changes.
     target, names = base_layer_names(model, list(layers))
     chosen = masks_chosen_before(target, names, config)
     nonzero = nonzeros_to_compare(chosen, config, layers)  # before Wanda and SparseGPT prune in place
