@@ -80,6 +80,22 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def exit_ranks() -> None:
+    """Ends a multi-process test script once its results are written: every rank waits at a barrier, then the process
+    leaves without the interpreter's teardown. Tearing a gloo group down at exit now and then aborts a rank ("terminate
+    called without an active exception", from torch's C++ threads), more often on a busy machine: it failed a CI run
+    on two loaded cores after both ranks had done their work. The checks are on the results the ranks wrote."""
+    import sys
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def torchrun_two_ranks(script: str, out: Path, *args: str) -> list[dict]:
     """Runs `tests/scripts/<script>` in two processes (torchrun, gloo) writing into `out`, and returns what each rank
     wrote to `out/rank<r>.json`; fails with the end of the output if a rank failed."""

@@ -15,7 +15,7 @@ from transformers import BertForQuestionAnswering
 
 from hf_sparse import DistillationLoss
 from hf_sparse._distributed import is_sharded, local_tensor
-from tests.conftest import RandomQADataset, tiny_bert_config
+from tests.conftest import RandomQADataset, exit_ranks, tiny_bert_config
 
 
 def main():
@@ -49,7 +49,7 @@ def main():
         "replica_loss": reference.item(),
     }
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    exit_ranks()
 
 
 if __name__ == "__main__":

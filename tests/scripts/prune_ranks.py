@@ -14,7 +14,7 @@ from transformers import BertForQuestionAnswering
 from hf_sparse import SparsityConfig, prune_
 from hf_sparse._distributed import masks_digest
 from hf_sparse.masks import is_nm
-from tests.conftest import RandomQADataset, tiny_bert_config
+from tests.conftest import RandomQADataset, exit_ranks, tiny_bert_config
 
 
 def main():
@@ -65,3 +65,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_ranks()

@@ -10,10 +10,10 @@ import sys
 import torch
 from transformers import BertConfig, BertForQuestionAnswering, Trainer, TrainingArguments
 
-from hf_sparse._distributed import shut_down
 from hf_sparse.squad.data import squad_records, tokenize_squad
 from hf_sparse.squad.metrics import squad_compute_metrics
 from hf_sparse.squad.synthetic import synthetic_squad, synthetic_tokenizer
+from tests.conftest import exit_ranks
 
 
 def build(v2: bool):
@@ -66,4 +66,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    shut_down()
+    exit_ranks()

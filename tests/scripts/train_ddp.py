@@ -10,9 +10,8 @@ import torch
 from transformers import BertForQuestionAnswering, Trainer, TrainerCallback, TrainingArguments
 
 from hf_sparse import SparsityCallback
-from hf_sparse._distributed import shut_down
 from hf_sparse.masks import is_nm
-from tests.conftest import RandomQADataset, tiny_bert_config
+from tests.conftest import RandomQADataset, exit_ranks, tiny_bert_config
 
 
 def digest(tensors):
@@ -58,4 +57,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    shut_down()
+    exit_ranks()

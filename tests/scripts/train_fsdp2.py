@@ -13,9 +13,8 @@ from torch.distributed.fsdp import fully_shard
 from transformers import BertForQuestionAnswering, TrainerControl, TrainerState, TrainingArguments
 
 from hf_sparse import SparsityCallback, SparsityConfig, select_layers
-from hf_sparse._distributed import shut_down
 from hf_sparse.masks import is_nm, nm_mask
-from tests.conftest import RandomQADataset, tiny_bert_config
+from tests.conftest import RandomQADataset, exit_ranks, tiny_bert_config
 
 
 def build(seed=0):
@@ -81,7 +80,7 @@ def main():
         "full_weights_follow_masks": all(torch.equal(full[n] != 0, gathered_masks[n]) for n in full),
     }
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
-    shut_down()
+    exit_ranks()
 
 
 if __name__ == "__main__":
