@@ -435,11 +435,12 @@ def block_statistics(
     allow it. Peak memory, for B calibration sequences of T tokens, hidden size h and activations of s bytes:
 
         B·T·h·s                      the inputs of the block being calibrated, every batch's (its hidden states)
-      + what the batches' calls hold beside them (attention masks: an eager 4-D mask is B·T²·s, SDPA without padding
-        none; rotary cos and sin 2·B·T·d·s for head size d; an encoder's states for its decoder's cross-attention)
-      + one block's statistics: 4 bytes x (the sum of its layers' in_features for Wanda, of (in_features + 1)^2
-        for SparseGPT), on the statistics device
-      + one block's forward on one batch of b sequences, and that batch's outputs (b·T·h·s) as they replace its inputs.
+      + what the batches' calls hold beside them: attention masks (an eager 4-D mask is b·T²·s for a batch of b
+        sequences, SDPA without padding needs none), rotary cos and sin (2·T·d·s per batch for head size d where, as
+        in Llama, a batch's sequences share their positions; up to 2·B·T·d·s), an encoder's states for its decoder
+      + one block's statistics: 4 bytes x the sum over its layers of in_features (Wanda) or in_features^2
+        (SparseGPT; (in_features + 1)^2 with the bias update), on the statistics device
+      + one block's forward on one batch, and that batch's outputs (b·T·h·s) as they replace its inputs.
 
     With `block_inputs="cpu"` (or "auto" where the first term would take more than half of the device's free memory)
     the first two terms are held on the CPU, and one batch's at a time on the device. With "none" nothing is stored:

@@ -386,7 +386,8 @@ def compute_masks(
 
     Magnitude reads the weights only. Wanda and SparseGPT calibrate block by block and prune each block before
     calibrating the next, so on return the masked-out weights of `layers` are zero (and SparseGPT has updated the
-    kept ones); if anything fails on the way, every weight of `layers` is put back as it was before the call. The
+    kept ones); if anything fails on the way, every weight of `layers` is put back as it was before the call (a copy
+    of them is kept on the CPU meanwhile). The
     model's train/eval mode and `config.use_cache` are restored.
 
     Under data parallelism (`torch.distributed` initialized, weights replicated, as under DDP or before the

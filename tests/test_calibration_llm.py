@@ -244,3 +244,66 @@ def test_on_a_gpu_offloaded_block_inputs_give_the_masks_of_inputs_kept_on_it(cap
     assert "offloaded to the CPU" in caplog.text
     for mode in ("cpu", "none"):
         assert all(torch.equal(results[mode][name], results["device"][name]) for name in results["device"]), mode
+
+
+class CausalLMData(torch.utils.data.Dataset):
+    """Token ids with themselves as labels, as a causal-LM collator makes them."""
+
+    def __init__(self, size: int = 16, length: int = 16, seed: int = 0):
+        self.ids = torch.randint(3, 128, (size, length), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated")
+@pytest.mark.parametrize(
+    "setup",
+    [
+        {},  # grouped-query attention: 4 query heads share 2 key/value heads
+        {"tie_word_embeddings": True},
+        {"compile": True},
+        {"gradient_checkpointing": True},
+    ],
+    ids=["gqa", "tied-embeddings", "torch-compile", "gradient-checkpointing"],
+)
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_a_llama_under_the_trainer_calibrates_every_projection_and_trains_it_2_4(tmp_path, criterion, setup):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_sparse import SparsityCallback, prune_
+    from hf_sparse.calibration import calibration_sample
+    from hf_sparse.masks import is_nm
+
+    setup = dict(setup)
+    compiled, checkpointing = setup.pop("compile", False), setup.pop("gradient_checkpointing", False)
+    model = tiny_llama(2, **setup)
+    initial = copy.deepcopy(model)
+    train = CausalLMData()
+    config = SparsityConfig(criterion=criterion, calibration_samples=8, calibration_batch_size=4)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, report_to="none",
+        save_strategy="no", use_cpu=True, disable_tqdm=True, gradient_checkpointing=checkpointing,
+        remove_unused_columns=not compiled,  # the Trainer reads a compiled wrapper's forward(*args, **kwargs)
+    )  # fmt: skip
+    trained = torch.compile(model, backend="eager") if compiled else model  # the wrapper matters, not the compiler
+    Trainer(model=trained, args=args, train_dataset=train, callbacks=[SparsityCallback(config)]).train()
+
+    # The masks are those of pruning the dense model on the same calibration examples, by hand
+    by_hand = copy.deepcopy(initial)
+    expected = prune_(by_hand, config, calibration_data=calibration_sample(train, config, seed=args.seed))
+    names = [f"model.layers.{i}.{kind}_proj" for i in range(2) for kind in ("self_attn.q", "self_attn.k",
+             "self_attn.v", "self_attn.o", "mlp.gate", "mlp.up", "mlp.down")]  # fmt: skip
+    assert sorted(expected) == sorted(names)
+    for name in names:  # trained, and still exactly 2:4 on the masks chosen at the start
+        weight = model.get_submodule(name).weight
+        assert is_nm(weight) and torch.equal(weight != 0, expected[name]), name
+        assert not torch.equal(weight, by_hand.get_submodule(name).weight), name
+    # Embeddings and the output head (the same tensor when tied) were trained, never pruned
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) is setup.get("tie_word_embeddings", False)
+    for name in ("model.embed_tokens", "lm_head"):
+        weight = model.get_submodule(name).weight
+        assert (weight != 0).all() and not torch.equal(weight, initial.get_submodule(name).weight), name
