@@ -1,13 +1,16 @@
 """Calibration for the activation-aware criteria: the batches to calibrate on, and the block-by-block pass that
 gathers each layer's input statistics.
 
-`block_statistics` runs the calibration batches through the model one transformer block at a time. The statistics
-of block k are gathered after the caller has pruned blocks 0..k-1 (and, for SparseGPT, updated them), so every
-block sees the inputs it will see in the pruned model. The forward pass stops at the end of the block being
-calibrated, and only that block's statistics are held: one vector (Wanda) or one `in_features x in_features` matrix
-(SparseGPT) per layer. Hidden states are never stored between blocks; the price is that block k is reached by
-running blocks 0..k-1 again (k(k+1)/2 block passes per batch instead of k), which is small next to SparseGPT's
-solve for the models this library targets.
+`block_statistics` calibrates the model one transformer block at a time. The statistics of block k are gathered
+after the caller has pruned blocks 0..k-1 (and, for SparseGPT, updated them), so every block sees the inputs it will
+see in the pruned model. Only that block's statistics are held: one vector (Wanda) or one `in_features x in_features`
+matrix (SparseGPT) per layer. The blocks run on stored inputs (`hf_sparse.blocks.StackInputs`): the model runs once
+per calibration batch up to the last block, recording each block's inputs; then each block runs on them for its
+statistics and, once pruned, again for its outputs, the next block's inputs. That is about three block passes per
+block and batch whatever the depth (the last block needs one), where reaching block k by running blocks 0..k-1 again
+took k(k+1)/2 for k blocks; it costs the memory of every batch's hidden states (`block_statistics` gives the
+formula), on the GPU or offloaded to the CPU. A model whose blocks cannot be run on stored inputs (the log says
+why), or any with `block_inputs="none"`, reaches each block by running the model from its inputs again instead.
 
 With `sequential`, a block is calibrated group by group instead: layers that take the same input tensor form a
 group (query/key/value; the attention output; the feed-forward input; the feed-forward output), in the order the
@@ -32,18 +35,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .blocks import BLOCK_INPUTS, StackInputs, Unsupported, group_inputs, input_groups, layer_groups
 from .config import SparsityConfig
-from .selection import block_of
 
 logger = logging.getLogger(__name__)
 
 _LABEL_KEYS = {"labels", "label", "label_ids", "start_positions", "end_positions"}
 """Batch keys that are labels, not model inputs (calibration needs activations only)."""
 _DECODER_INPUT_KEYS = ("decoder_input_ids", "decoder_inputs_embeds")
-
-
-class _StopForward(Exception):
-    """Raised by a hook at the end of the block being calibrated: the rest of the model is not needed."""
 
 
 # -- calibration data ------------------------------------------------------------------------------------------------
@@ -339,44 +338,6 @@ def calibration_samples(batches: list[CalibrationBatch]) -> int:
     return sum(_batch_size(batch.inputs) for batch in batches)
 
 
-# -- block by block --------------------------------------------------------------------------------------------------
-
-
-def _groups(model: nn.Module, layers: dict[str, nn.Linear]) -> list[tuple[str | None, list[str]]]:
-    """Layers grouped by block, blocks in module order; layers outside any block come last (one full pass)."""
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    by_block: dict[str | None, list[str]] = {}
-    for name in sorted(layers, key=lambda n: order.get(n, len(order))):
-        by_block.setdefault(block_of(name), []).append(name)
-    blocks = sorted((b for b in by_block if b is not None), key=lambda b: order.get(b, len(order)))
-    groups = [(b, by_block[b]) for b in blocks]
-    if None in by_block:
-        groups.append((None, by_block[None]))
-    return groups
-
-
-@torch.no_grad()
-def _input_groups(model: nn.Module, layers: dict[str, nn.Linear], batch: dict) -> list[tuple[str | None, list[str]]]:
-    """`_groups` with each block split into groups of layers that take the same input tensor, in the order one
-    forward pass of `batch` reaches them. Layers the pass does not reach stay in one group at their block's end."""
-    calls = _group_inputs(model, layers, "the model", None, batch, stop_after_group=False)
-    # the same tensor (as storage, shape and strides: the record is a detached view); all are alive here
-    first_input = {name: (x[0].data_ptr(), x[0].shape, x[0].stride()) for name, x in calls.items()}
-    reached = list(calls)  # in the order the pass first reached them
-    groups = []
-    for block, names in _groups(model, layers):
-        in_block = [name for name in reached if name in names]
-        split: list[list[str]] = []
-        for name in in_block:
-            if split and first_input[name] == first_input[split[-1][0]]:
-                split[-1].append(name)
-            else:
-                split.append([name])
-        missed = [name for name in names if name not in first_input]
-        groups.extend((block, group) for group in split + ([missed] if missed else []))
-    return groups
-
-
 # -- statistics ------------------------------------------------------------------------------------------------------
 
 
@@ -460,6 +421,7 @@ def block_statistics(
     device: torch.device,
     sequential: bool = False,
     constant_input: bool = False,
+    block_inputs: str = "auto",
 ) -> Iterator[dict[str, _InputStats]]:
     """Yields, group after group (block after block, or with `sequential` the groups of layers that share an
     input), the input statistics of `layers` in that group over `batches`.
@@ -468,7 +430,28 @@ def block_statistics(
     the group it was given (prune it) is seen by every later group. `constant_input` appends a constant 1 to the
     inputs of layers with a bias (SparseGPT then updates the bias). The model's train/eval mode and
     `config.use_cache` are restored when the iteration ends or fails.
+
+    Blocks run on stored inputs (`hf_sparse.blocks.StackInputs`) unless `block_inputs="none"` or a stack does not
+    allow it. Peak memory, for B calibration sequences of T tokens, hidden size h and activations of s bytes:
+
+        B·T·h·s                      the inputs of the block being calibrated, every batch's (its hidden states)
+      + what the batches' calls hold beside them: attention masks (an eager 4-D mask is b·T²·s for a batch of b
+        sequences, SDPA without padding needs none), rotary cos and sin (2·T·d·s per batch for head size d where, as
+        in Llama, a batch's sequences share their positions; up to 2·B·T·d·s), an encoder's states for its decoder
+      + one block's statistics: 4 bytes x the sum over its layers of in_features (Wanda) or in_features^2
+        (SparseGPT; (in_features + 1)^2 with the bias update), on the statistics device
+      + one block's forward on one batch, and that batch's outputs (b·T·h·s) as they replace its inputs.
+
+    With `block_inputs="cpu"` (or "auto" where the first term would take more than half of the device's free memory)
+    the first two terms are held on the CPU, and one batch's at a time on the device. With "none" nothing is stored:
+    each block is reached by running the model from its inputs again (k(k+1)/2 block passes for k blocks, against
+    about 3 per block on stored inputs), and the first two terms are one batch's.
+
+    Args:
+        block_inputs: "auto", "device" (keep them where the model computes them), "cpu" or "none".
     """
+    if block_inputs not in BLOCK_INPUTS:
+        raise ValueError(f"block_inputs must be one of {BLOCK_INPUTS}; got {block_inputs!r}.")
     modules = dict(model.named_modules())
     was_training = model.training
     model_config = getattr(model, "config", None)
@@ -477,33 +460,89 @@ def block_statistics(
     if use_cache:
         model_config.use_cache = False  # a KV cache would grow with every block pass
     try:
-        groups = _input_groups(model, layers, batches[0].inputs) if sequential else _groups(model, layers)
-        for block, names in groups:
+        groups = input_groups(model, layers, batches[0].inputs) if sequential else layer_groups(model, layers)
+        stack, stack_name = None, None
+        for position, (block, names) in enumerate(groups):
+            if block is None or _stack_name(block) != stack_name:
+                stack = None  # frees the stored inputs of the stack before
+                stack = _stack_inputs(model, groups, position, batches, block_inputs)
+                stack_name = block and _stack_name(block)
             targets = {name: layers[name] for name in names}
             stats = {
                 name: _InputStats(layer.in_features, hessian, device, constant_input and layer.bias is not None)
                 for name, layer in targets.items()
             }
+            if stack is not None:
+                stack.prepare(_block_index(block))
             for index, batch in enumerate(batches):
-                seen = _group_inputs(model, targets, block, modules.get(block), batch.inputs, sequential)
-                for name, calls in seen.items():  # in forward order
-                    for x in calls:
-                        stats[name].add(x, batch.token_masks)
-                    if not stats[name].finite():
-                        raise ValueError(_non_finite_message(name, index, stats[name], calls, batch.token_masks))
-            _warn_unmatched([name for name in names if stats[name].unmatched])
-            for name in names:
-                if stats[name].tokens == 0:
-                    raise ValueError(
-                        f"{name} saw no calibration tokens: the calibration batches do not reach it (an "
-                        "encoder-decoder needs decoder inputs too), or exclude it with exclude_modules."
-                    )
+                if stack is not None:
+                    seen = stack.record(_block_index(block), index, targets, stop_after_group=sequential)
+                else:
+                    seen = group_inputs(model, targets, block, modules.get(block), batch.inputs, sequential)
+                _add(stats, seen, index, batch)
+            _check_reached(stats)
             yield stats
             del stats
     finally:
         model.train(was_training)
         if use_cache:
             model_config.use_cache = use_cache
+
+
+def _stack_name(block: str) -> str:
+    return block.rpartition(".")[0]
+
+
+def _block_index(block: str) -> int:
+    return int(block.rpartition(".")[2])
+
+
+def _stack_inputs(model: nn.Module, groups: list, position: int, batches: list, where: str) -> StackInputs | None:
+    """The stored inputs of the stack of `groups[position]`'s block, for its blocks from there on; None for layers
+    outside the blocks, with `where="none"`, or (with a log line saying why) where the stack does not allow it."""
+    block, names = groups[position]
+    if block is None or where == "none":
+        return None
+    name = _stack_name(block)
+    indices = []
+    for other, _ in groups[position:]:
+        if other is None or _stack_name(other) != name:
+            break
+        indices.append(_block_index(other))
+    try:
+        stack = StackInputs.capture(model, name, range(indices[0], indices[-1] + 1), batches, names[0], where)
+    except Unsupported as reason:
+        logger.warning(
+            "hf-sparse: %s: calibration cannot run its blocks on stored inputs (%s), so it runs the model from its "
+            "inputs again for each block (k(k+1)/2 block passes for k blocks).",
+            name, reason,
+        )  # fmt: skip
+        return None
+    logger.info(
+        "hf-sparse: %s: calibration runs blocks %d-%d on stored inputs (%.1f MiB%s).",
+        name, indices[0], indices[-1], stack.nbytes() / 2**20, " offloaded to the CPU" if stack.offload else "",
+    )  # fmt: skip
+    return stack
+
+
+def _add(stats: dict[str, _InputStats], seen: dict[str, list], index: int, batch: CalibrationBatch) -> None:
+    """Adds one batch's recorded inputs to the statistics; names the first layer (in forward order) whose
+    statistics stop being finite."""
+    for name, calls in seen.items():
+        for x in calls:
+            stats[name].add(x, batch.token_masks)
+        if not stats[name].finite():
+            raise ValueError(_non_finite_message(name, index, stats[name], calls, batch.token_masks))
+
+
+def _check_reached(stats: dict[str, _InputStats]) -> None:
+    _warn_unmatched([name for name, stat in stats.items() if stat.unmatched])
+    for name, stat in stats.items():
+        if stat.tokens == 0:
+            raise ValueError(
+                f"{name} saw no calibration tokens: the calibration batches do not reach it (an "
+                "encoder-decoder needs decoder inputs too), or exclude it with exclude_modules."
+            )
 
 
 def _warn_unmatched(names: list[str]) -> None:
@@ -513,50 +552,3 @@ def _warn_unmatched(names: list[str]) -> None:
             "the model add or drop positions?): their statistics count every position, padding included.",
             names,
         )
-
-
-def _group_inputs(
-    model: nn.Module,
-    targets: dict[str, nn.Module],
-    block_name: str | None,
-    block: nn.Module | None,
-    batch: dict,
-    stop_after_group: bool,
-) -> dict[str, list[torch.Tensor]]:
-    """The inputs of the layers `targets` on `batch` (one per call), from a forward pass of `model` that stops at
-    the end of `block`, or with `stop_after_group` once every layer of `targets` has run."""
-    seen: dict[str, list[torch.Tensor]] = {}
-    handles = []
-
-    def stop(module, args, output):
-        raise _StopForward
-
-    def stop_once_all_ran(module, args, output):
-        if len(seen) == len(targets):
-            raise _StopForward
-
-    for name, module in targets.items():
-
-        def record(module, args, kwargs, _name=name):
-            seen.setdefault(_name, []).append((args[0] if args else kwargs.get("input")).detach())
-
-        handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
-        if stop_after_group:
-            handles.append(module.register_forward_hook(stop_once_all_ran))
-    if block is not None and not stop_after_group:
-        handles.append(block.register_forward_hook(stop))
-    try:
-        model(**batch)
-    except _StopForward:
-        pass
-    except (ValueError, TypeError) as err:
-        raise ValueError(
-            f"calibrating {block_name or 'the layers outside the blocks'} ({next(iter(targets))}, ...): the model's "
-            f"forward failed on a calibration batch with keys {sorted(batch)} ({type(err).__name__}: {err}). The "
-            "batches must reach every selected layer (an encoder-decoder needs decoder inputs too: decoder_input_ids, "
-            "or labels that the model shifts into them); nothing was pruned."
-        ) from err
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen

@@ -20,8 +20,8 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from ._distributed import broadcast_masks, broadcast_weights_, is_sharded, local_tensor, rank, world_size
+from .blocks import layer_groups
 from .calibration import (
-    _groups,
     block_statistics,
     calibration_batches,
     calibration_samples,
@@ -380,12 +380,14 @@ def compute_masks(
     config: SparsityConfig,
     calibration_data=None,
     device: torch.device | str | None = None,
+    block_inputs: str = "auto",
 ) -> Masks:
     """The N:M masks of `layers` (local shards under FSDP2) by `config.criterion`, by layer name.
 
     Magnitude reads the weights only. Wanda and SparseGPT calibrate block by block and prune each block before
     calibrating the next, so on return the masked-out weights of `layers` are zero (and SparseGPT has updated the
-    kept ones); if anything fails on the way, every weight of `layers` is put back as it was before the call. The
+    kept ones); if anything fails on the way, every weight of `layers` is put back as it was before the call (a copy
+    of them is kept on the CPU meanwhile). The
     model's train/eval mode and `config.use_cache` are restored.
 
     Under data parallelism (`torch.distributed` initialized, weights replicated, as under DDP or before the
@@ -403,6 +405,11 @@ def compute_masks(
             `config.calibration_samples` sequences.
         device: where statistics and the SparseGPT solve run; default the model's accelerator, else CUDA when
             available, else the CPU.
+        block_inputs: where calibration keeps each block's inputs, so that every block runs a fixed number of times
+            whatever its depth: "auto" (where the model computes them, or on the CPU when they would take more than
+            half of the GPU's free memory), "device", "cpu", or "none" (nothing kept: each block is reached by running
+            the model from its inputs again, k(k+1)/2 block passes for k blocks). See `block_statistics` for the
+            memory each takes.
 
     Example:
 
@@ -419,10 +426,10 @@ def compute_masks(
         }
         return Masks(broadcast_masks(masks) if replicated else masks)
     if not replicated:
-        return _calibrated_masks(model, layers, config, calibration_data, device)
+        return _calibrated_masks(model, layers, config, calibration_data, device, block_inputs)
     started = time.perf_counter()
     if rank() == 0:
-        masks = _calibrated_masks(model, layers, config, calibration_data, device)
+        masks = _calibrated_masks(model, layers, config, calibration_data, device, block_inputs)
     else:  # placeholders of the right shapes: the broadcast fills them with rank 0's masks
         masks = Masks({name: torch.zeros_like(layer.weight, dtype=torch.bool) for name, layer in layers.items()})
     calibrated = time.perf_counter()
@@ -458,7 +465,7 @@ def _check_finite_weights(layers: dict[str, nn.Linear]) -> None:
 
 
 @torch.no_grad()
-def _calibrated_masks(model, layers, config, calibration_data, device) -> Masks:
+def _calibrated_masks(model, layers, config, calibration_data, device, block_inputs="auto") -> Masks:
     pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     batches = calibration_batches(calibration_data, config, pad_token_id)
     model_device = next(model.parameters()).device
@@ -475,7 +482,7 @@ def _calibrated_masks(model, layers, config, calibration_data, device) -> Masks:
     # pruned. Keep the selected weights (on the CPU) until every mask is computed, and put them back on any error.
     snapshot = _snapshot(layers)
     try:
-        masks, biases, seen = _prune_block_by_block(model, layers, config, batches, on)
+        masks, biases, seen = _prune_block_by_block(model, layers, config, batches, on, block_inputs)
     except BaseException:
         _restore_(layers, snapshot)
         raise
@@ -508,7 +515,9 @@ def _restore_(layers: dict[str, nn.Linear], snapshot: dict[str, torch.Tensor]) -
         local_tensor(getattr(layers[name], kind)).copy_(saved)
 
 
-def _prune_block_by_block(model, layers, config: SparsityConfig, batches: list, on: torch.device) -> tuple:
+def _prune_block_by_block(
+    model, layers, config: SparsityConfig, batches: list, on: torch.device, block_inputs: str = "auto"
+) -> tuple:
     """Wanda / SparseGPT masks, pruning each block (or group of layers) of `layers` before the next is calibrated;
     the names of the layers whose bias SparseGPT updated; and the calibration tokens each layer saw."""
     hessian = config.criterion == "sparsegpt"
@@ -524,11 +533,12 @@ def _prune_block_by_block(model, layers, config: SparsityConfig, batches: list, 
         on,
         sequential=config.sequential_calibration,
         constant_input=update_bias,
+        block_inputs=block_inputs,
     )
     # A progress bar per block, as the Trainer shows for steps (transformers' tqdm: off with
     # HF_HUB_DISABLE_PROGRESS_BARS=1 or transformers.utils.logging.disable_progress_bar(); main process only).
     progress = hf_logging.tqdm(
-        groups, total=None if config.sequential_calibration else len(_groups(model, layers)),
+        groups, total=None if config.sequential_calibration else len(layer_groups(model, layers)),
         desc=f"{config.criterion} calibration", unit="group" if config.sequential_calibration else "block",
         disable=rank() != 0,
     )  # fmt: skip

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .config import SparsityConfig
 
@@ -49,6 +50,24 @@ def block_of(name: str) -> str | None:
     return None
 
 
+def is_router(name: str) -> bool:
+    """Whether module `name` is (or is inside) a mixture-of-experts router: a name component "gate" (Mixtral,
+    Qwen2-MoE, OLMoE), one with "router" in it (Llama 4, PhiMoE, DBRX's `router.layer`, Switch's
+    `router.classifier`, Gemma 3n's `modality_router`) or one ending in "expert_gate" (Qwen2-MoE's
+    `shared_expert_gate`). A router's outputs choose each token's experts: pruning it changes which weights run,
+    not only what they compute. Projections named after a gate (`gate_proj`, `gate_up_proj`) are not routers."""
+    return any(part == "gate" or "router" in part or part.endswith("expert_gate") for part in name.split("."))
+
+
+def _not_linear_reason(module: nn.Module) -> str:
+    if isinstance(module, Conv1D):
+        return (
+            "Conv1D (GPT-2's linear layer) stores its weight transposed (in_features x out_features); hf-sparse's "
+            "masks, compact checkpoints and 2:4 kernels take nn.Linear's (out_features x in_features)"
+        )
+    return f"{type(module).__name__} is not an nn.Linear"
+
+
 def _head_names(model: nn.Module) -> set[int]:
     heads = set()
     get_output_embeddings = getattr(model, "get_output_embeddings", None)
@@ -83,6 +102,17 @@ def _adapter_names(named: list[tuple[str, nn.Module]]) -> tuple[set[str], set[st
     return tuners, adapters
 
 
+def _default_match(module: nn.Module, name: str, heads: set[int]) -> bool:
+    """Whether the default selection takes `module`: an nn.Linear inside a block, neither a head (`lm_head`, tied
+    or not) nor a router. A GPT-2 Conv1D inside a block is taken too, to be reported as one that cannot be pruned."""
+    from transformers.pytorch_utils import Conv1D
+
+    block = block_of(name)
+    if block is None or id(module) in heads or not isinstance(module, (nn.Linear, Conv1D)):
+        return False
+    return not is_router(name[len(block) + 1 :])
+
+
 def _is_under(name: str, prefixes: set[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
@@ -90,7 +120,10 @@ def _is_under(name: str, prefixes: set[str]) -> bool:
 def select_layers(model: nn.Module, config: SparsityConfig) -> Selection:
     """Finds the layers `config` selects in `model`.
 
-    Default (no `target_modules`): every `nn.Linear` inside the repeated transformer blocks. With
+    Default (no `target_modules`): every `nn.Linear` inside the repeated transformer blocks (a decoder LLM's
+    attention and MLP projections: q/k/v/o, gate/up/down, fused ones such as Phi-3's `qkv_proj` and `gate_up_proj`),
+    never an embedding, a norm, the output head (`lm_head`, tied to the embeddings or not) or a mixture-of-experts
+    router (`is_router`); GPT-2's `Conv1D` layers are reported in `Selection.skipped`, as they cannot be pruned. With
     `target_modules`, every module whose name matches; matched modules that cannot hold an N:M weight (not an
     `nn.Linear`, or an input dimension not divisible by M) are reported in `Selection.skipped`, and so is a layer
     whose weight is the same tensor as an earlier selected layer's (tied weights are pruned once, through the first).
@@ -114,7 +147,7 @@ def select_layers(model: nn.Module, config: SparsityConfig) -> Selection:
         # A PEFT base layer is selected by the name of the layer it replaced (`...query`, not `...base_layer`).
         match_name = parent if parent in tuners and name.endswith(".base_layer") else name
         if config.target_modules is None:
-            if not isinstance(module, nn.Linear) or block_of(match_name) is None or id(module) in heads:
+            if not _default_match(module, match_name, heads):
                 continue
         elif not _matches(match_name, config.target_modules):
             continue
@@ -126,7 +159,7 @@ def select_layers(model: nn.Module, config: SparsityConfig) -> Selection:
                 # only if a pattern matches them too, so say how to select them.
                 skipped[name] = f"{type(module).__name__} is a container; name its nn.Linear children to prune them"
             else:
-                skipped[name] = f"{type(module).__name__} is not an nn.Linear"
+                skipped[name] = _not_linear_reason(module)
             continue
         if module.in_features % config.m != 0:
             skipped[name] = f"in_features={module.in_features} is not divisible by M={config.m}"

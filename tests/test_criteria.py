@@ -10,7 +10,8 @@ from torch import nn
 from transformers import BertForQuestionAnswering, Trainer, TrainingArguments
 
 from hf_sparse import SparsityCallback, SparsityConfig, prune_, sparsity_report
-from hf_sparse.calibration import _input_groups, block_statistics, calibration_batches, prepare_batch
+from hf_sparse.blocks import input_groups
+from hf_sparse.calibration import block_statistics, calibration_batches, prepare_batch
 from hf_sparse.criteria import admm_mask, compute_masks, output_error, refit_kept, sparsegpt_prune_, wanda_mask
 from hf_sparse.masks import nm_mask
 from hf_sparse.selection import select_layers
@@ -269,7 +270,7 @@ def test_sequential_calibration_groups_layers_by_input_in_forward_order():
     model = BertForQuestionAnswering(tiny_bert_config())
     layers = select_layers(model, SparsityConfig()).targets
     batch = {"input_ids": torch.randint(0, 128, (2, 16))}
-    groups = [[name.split("layer.")[1] for name in names] for _, names in _input_groups(model, layers, batch)]
+    groups = [[name.split("layer.")[1] for name in names] for _, names in input_groups(model, layers, batch)]
     per_block = [
         ["attention.self.query", "attention.self.key", "attention.self.value"],
         ["attention.output.dense"],
