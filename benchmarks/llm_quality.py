@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--chat-template", action="store_true", help="ask the questions through the chat template")
     parser.add_argument("--criteria", default="magnitude", help="comma-separated: magnitude, wanda, sparsegpt")
     parser.add_argument("--calibration-samples", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -120,14 +121,14 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = args.model or smollm2_folder(args.cache)
-    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     other, held = evaluation_split(read_squad_json(args.data), args.eval_articles)
     paragraphs = spread(list(dict.fromkeys(r["context"] for r in held)), args.paragraphs)
     questions = spread(answer_choice_questions(held, num_choices=4, seed=0), args.questions)
     calibration = list(dict.fromkeys(r["context"] for r in other))
     print(f"{folder}: {len(paragraphs)} paragraphs, {len(questions)} questions of the last {args.eval_articles} "
-          f"articles of {args.data.name}; {torch.get_num_threads()} threads")  # fmt: skip
+          f"articles of {args.data.name}; {args.device}, {torch.get_num_threads()} threads")  # fmt: skip
 
     rows = {}
     print("dense")
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
                 calibration, truncation=True, max_length=args.max_length, padding=True, return_tensors="pt"
             )
         start = time.perf_counter()
-        masks = prune_(model, config, calibration_data=data)
+        masks = prune_(model, config, calibration_data=data, device=args.device)
         prune_seconds = time.perf_counter() - start
         assert all(r.is_nm for r in sparsity_report(model, layers=list(masks)))
         print(f"{criterion} 2:4, zero-shot ({len(masks)} layers pruned in {prune_seconds:.1f} s)")

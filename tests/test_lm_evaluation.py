@@ -19,7 +19,7 @@ from hf_sparse.lm import (
     perplexity,
 )
 from hf_sparse.squad import read_squad_json
-from tests.conftest import shared_data
+from tests.conftest import needs_gpu, shared_data
 
 TEXTS = [
     "The Normans were the people who gave their name to Normandy, a region in France.",
@@ -260,3 +260,35 @@ def test_questions_with_different_numbers_of_choices_are_refused():
     mixed = [questions[0], replace(questions[1], choices=questions[1].choices[:2], gold=0)]
     with pytest.raises(ValueError, match=r"same number of choices; found \[2, 3\]"):
         answer_choice_accuracy(model, tokenizer, mixed)
+
+
+def _gpt2(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=512)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_a_gpt2_style_model_is_measured_the_same_way():
+    # absolute position embeddings, a fused q/k/v Conv1D and a legacy class name: the same exact sums
+    tokenizer = byte_tokenizer()
+    model = _gpt2(tokenizer)
+    encoded = [tokenizer(t).input_ids for t in TEXTS]
+    expected = -sum(_log_likelihood(model, ids, 1) for ids in encoded) / sum(len(ids) - 1 for ids in encoded)
+    assert perplexity(model, tokenizer, TEXTS, batch_size=3).nll == pytest.approx(expected, rel=1e-5)
+    questions = answer_choice_questions(_records(), num_choices=4, seed=0)
+    result = answer_choice_accuracy(model, tokenizer, questions)
+    reference = [_reference_scores(model, tokenizer, q, False) for q in questions]
+    assert [list(s) for s in result.scores] == [pytest.approx(e, rel=1e-5) for e in reference]
+
+
+@needs_gpu
+def test_on_a_gpu_the_measurements_match_the_cpu():
+    tokenizer, model = byte_tokenizer(), tiny_llama()
+    questions = answer_choice_questions(_records(), num_choices=4, seed=0)
+    on_cpu = perplexity(model, tokenizer, TEXTS), answer_choice_accuracy(model, tokenizer, questions)
+    model.cuda()
+    on_gpu = perplexity(model, tokenizer, TEXTS), answer_choice_accuracy(model, tokenizer, questions)
+    assert on_gpu[0].tokens == on_cpu[0].tokens and on_gpu[0].nll == pytest.approx(on_cpu[0].nll, rel=1e-4)
+    assert [list(s) for s in on_gpu[1].scores] == [pytest.approx(list(s), rel=1e-4) for s in on_cpu[1].scores]
