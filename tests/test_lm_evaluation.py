@@ -292,3 +292,16 @@ def test_on_a_gpu_the_measurements_match_the_cpu():
     on_gpu = perplexity(model, tokenizer, TEXTS), answer_choice_accuracy(model, tokenizer, questions)
     assert on_gpu[0].tokens == on_cpu[0].tokens and on_gpu[0].nll == pytest.approx(on_cpu[0].nll, rel=1e-4)
     assert [list(s) for s in on_gpu[1].scores] == [pytest.approx(list(s), rel=1e-4) for s in on_cpu[1].scores]
+
+
+def test_a_peft_wrapped_model_scores_as_its_base_model(recwarn):
+    peft = pytest.importorskip("peft", reason="install the test extra: pip install -e '.[test]'")
+    tokenizer, model = byte_tokenizer(), tiny_llama()
+    questions = answer_choice_questions(_records(), num_choices=4, seed=0)
+    base = answer_choice_accuracy(model, tokenizer, questions)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj", "v_proj"]))  # B = 0: no change
+    scores = answer_choice_accuracy(wrapped, tokenizer, questions).scores
+    assert [list(s) for s in scores] == [pytest.approx(list(s), rel=1e-6) for s in base.scores]
+    assert perplexity(wrapped, tokenizer, TEXTS).nll == pytest.approx(perplexity(model, tokenizer, TEXTS).nll)
+    # the cache goes by the name the base model's forward takes (transformers 5.25 deprecates past_key_values)
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)]

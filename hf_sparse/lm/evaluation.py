@@ -220,7 +220,10 @@ def _prompt(tokenizer, question: ChoiceQuestion, chat_template: bool) -> tuple[s
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
+    """Whether the model's forward takes `name`; a wrapper that passes **kwargs on (peft's) takes what its base
+    model takes."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return name in inspect.signature(base.forward).parameters
 
 
 def _score_answers(model: nn.Module, context: list[int], answers: list[list[int]], pad_id: int) -> list[float]:
@@ -232,7 +235,7 @@ def _score_answers(model: nn.Module, context: list[int], answers: list[list[int]
     out = model(input_ids=torch.tensor([context], device=device), use_cache=True, **extra)
     # transformers 5.25 renamed `past_key_values` to `cache` (the old name warns); earlier 5.x know only the old one
     cache_name = "cache" if _accepts(model, "cache") else "past_key_values"
-    cache = out.get(cache_name) if isinstance(out, dict) else None
+    cache = (out["cache"] if "cache" in out else out.get("past_key_values")) if isinstance(out, dict) else None
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         segments = [(context + a, len(context)) for a in answers]
         return [s for s, _ in _score_segments(model, segments, pad_id, len(answers))]
