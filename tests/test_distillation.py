@@ -329,6 +329,8 @@ def test_teacher_generations_are_reproducible_and_label_only_what_the_teacher_wr
         assert row["labels"] == [-100] * len(prompt_ids) + written
         assert 1 <= len(written) <= 12 and eos not in written[:-1]  # up to and including the end of sequence
         assert len(written) == 12 or written[-1] == eos
+    with pytest.raises(ValueError, match="temperature > 0"):
+        teacher_generations(model, tokenizer, prompts, temperature=0.0)
     chat = teacher_generations(model, tokenizer, prompts[:1], max_new_tokens=4, chat_template=True)
     assert tokenizer.decode(chat[0]["input_ids"]).startswith("<|im_start|>user\nTell me about Paris.<|im_end|>")
 

@@ -143,6 +143,11 @@ def teacher_generations(
         raise ValueError("chat_template=True but the tokenizer has no chat template; pass chat_template=False.")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}.")
+    if not temperature > 0 or not 0 < top_p <= 1 or batch_size < 1:
+        raise ValueError(
+            f"need temperature > 0, 0 < top_p <= 1 and batch_size >= 1; got temperature={temperature!r}, "
+            f"top_p={top_p!r}, batch_size={batch_size!r}."
+        )
     encoded = [_encode_prompt(tokenizer, p, chat_template) for p in prompts]
     device = input_device(model)
     stops = _stop_ids(model, tokenizer)

@@ -317,7 +317,7 @@ def answer_choice_accuracy(
             scores = _score_answers(model, context, answers, pad_id)
             all_scores.append(tuple(scores))
             right += max(range(len(scores)), key=scores.__getitem__) == question.gold
-            normed = [s / len(c.encode()) for s, c in zip(scores, question.choices)]
+            normed = [s / max(len(c.encode()), 1) for s, c in zip(scores, question.choices)]
             right_norm += max(range(len(normed)), key=normed.__getitem__) == question.gold
     return AnswerChoiceResult(
         accuracy=100.0 * right / len(questions),
