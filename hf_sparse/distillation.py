@@ -21,7 +21,7 @@ from ._distributed import is_sharded, shard_like_
 logger = logging.getLogger(__name__)
 
 _NOT_FOR_TEACHER = {"labels", "label", "label_ids", "start_positions", "end_positions", "num_items_in_batch"}
-HIDDEN_LOSSES = ("mse", "cosine", "similarity")
+HIDDEN_LOSSES = ("mse", "cosine", "normalized_mse", "similarity")
 HIDDEN_LAYERS = ("last", "all", "mean_pooled")
 
 
@@ -47,12 +47,30 @@ def _logit_keys(outputs) -> list[str]:
     return [k for k in keys if k.endswith("logits") and isinstance(outputs[k], torch.Tensor)]
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of per-position values `(B, T)` over the positions where `mask` is set (all if no usable mask)."""
-    if mask is None or mask.shape != values.shape:
-        return values.mean()
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+def _usable(mask: torch.Tensor | None, values: torch.Tensor) -> bool:
+    return mask is not None and mask.shape == values.shape[: mask.dim()]
+
+
+def _teacher_variance(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Variance of the teacher's hidden-state values `(B, T, H)` over the counted positions: the scale that
+    `normalized_mse` divides each layer's squared error by."""
+    values = t[mask.to(t.device).bool()] if _usable(mask, t) else t
+    return values.var(unbiased=False).clamp(min=torch.finfo(values.dtype).tiny)
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    """Whether `model` (or the model a peft wrapper holds) predicts the next token, as the Trainer decides when it
+    shifts labels: its class is one of transformers' causal LMs (GPT2LMHeadModel too, not only `*ForCausalLM`), or
+    its config says it is a decoder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    inner = getattr(getattr(model, "base_model", None), "model", None)  # peft: PeftModel.base_model.model
+    names = {type(m).__name__ for m in (model, inner) if isinstance(m, nn.Module)}
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    config = getattr(model, "config", None)
+    return (
+        bool(names & causal) or any(n.endswith("ForCausalLM") for n in names) or bool(getattr(config, "is_decoder", 0))
+    )
 
 
 class DistillationLoss:
@@ -61,19 +79,31 @@ class DistillationLoss:
     The loss is a weighted sum of
     - `logits_weight` x the KL divergence from the teacher's to the student's softened distributions
       (temperature `temperature`, scaled by T^2), for every output whose name ends in "logits" (`logits`, or
-      `start_logits` and `end_logits` for question answering), averaged over non-padding positions;
+      `start_logits` and `end_logits` for question answering), averaged over the counted positions (below);
     - `hidden_weight` x the distance between hidden states (`hidden_loss`: "mse" or "cosine" = 1 - cosine per
       token; for sentence embeddings also "similarity" = the cosine distance plus the mean squared difference of
-      the in-batch cosine-similarity matrices, as in similarity-preserving distillation, Tung & Mori 2019), of the
-      last layer (`hidden_layers="last"`, the `last_hidden_state` of a base model) or of every
-      layer (`"all"`, which makes both models return `hidden_states`), averaged over non-padding tokens; or
-      between the sentence embeddings (`"mean_pooled"`: the mean of the last hidden states over the attention
-      mask, as sentence-transformers pools), averaged over sequences;
+      the in-batch cosine-similarity matrices, as in similarity-preserving distillation, Tung & Mori 2019; or
+      "normalized_mse" = each layer's mean squared error divided by the variance of the teacher's hidden states of
+      that layer, the SquareHead loss of Kurtic et al. 2023 that Neural Magic's Sparse-Llama recipe distills
+      with), of the last layer (`hidden_layers="last"`, the `last_hidden_state` of a base model) or of every
+      layer (`"all"`, which makes both models return `hidden_states`), averaged over the layers and the counted
+      positions; or between the sentence embeddings (`"mean_pooled"`: the mean of the last hidden states over the
+      attention mask, as sentence-transformers pools), averaged over sequences;
     - `task_weight` x the task loss: the model's own `loss` when it computed one (e.g. from `start_positions`),
       else cross-entropy of `logits` against the `labels` the Trainer passes (shifted for causal LMs).
 
+    The counted positions: for a causal LM given `labels` (as the Trainer passes them for language modeling, SFT and
+    `hf_sparse.lm.teacher_generations`), the positions that predict a labelled token (`labels[p + 1] != -100`), so
+    that padding, prompt tokens and the boundaries of packed sequences are left out as the language-model loss
+    leaves them out; for an encoder-decoder given `labels`, the decoder positions whose label is not -100; otherwise
+    the non-padding positions of the attention mask (all positions without one).
+
     The Trainer does not divide a `compute_loss_func` loss by the gradient accumulation steps (it expects it
-    normalized over the accumulated batch), so pass `gradient_accumulation_steps=args.gradient_accumulation_steps`.
+    normalized over the accumulated batch). Where it passes `num_items_in_batch` (the labelled tokens of the whole
+    accumulated batch, when the batches carry `labels`), the logit and hidden-state terms of causal LMs and
+    encoder-decoders are sums over the counted positions divided by it, exactly as the language-model loss is;
+    otherwise they are means divided by `gradient_accumulation_steps`: pass
+    `gradient_accumulation_steps=args.gradient_accumulation_steps`.
 
     Args:
         teacher: the dense model (e.g. `copy.deepcopy(model)` before pruning); put in eval mode, frozen, and moved
@@ -81,7 +111,7 @@ class DistillationLoss:
         student: the model the Trainer trains (the module itself, not a DDP wrapper).
         temperature: softmax temperature of the logit distillation.
         logits_weight, hidden_weight, task_weight: weights of the three terms (at least one must be > 0).
-        hidden_loss: "mse", "cosine" or (sentence embeddings only) "similarity".
+        hidden_loss: "mse", "cosine", "normalized_mse" or (sentence embeddings only) "similarity".
         hidden_layers: "last", "all" or "mean_pooled".
         gradient_accumulation_steps: the Trainer's `gradient_accumulation_steps`.
         shard_teacher: when the student turns out FSDP2-sharded (as `accelerate launch` with `fsdp_version: 2`
@@ -149,8 +179,8 @@ class DistillationLoss:
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.shard_teacher = shard_teacher
         self._teacher_sharded: bool | None = None  # decided on first use, once the Trainer has wrapped
-        name = type(student).__name__
-        self._causal = name.endswith("ForCausalLM") or bool(getattr(getattr(student, "config", None), "is_decoder", 0))
+        self._causal = _is_causal_lm(student)
+        self._seq2seq = bool(getattr(getattr(student, "config", None), "is_encoder_decoder", False))
         self._inputs: tuple[tuple, dict] | None = None
         self._handle = student.register_forward_pre_hook(self._remember, with_kwargs=True)
         trainer_logger = logging.getLogger("transformers.trainer")
@@ -189,7 +219,7 @@ class DistillationLoss:
         args, kwargs = self._inputs
         self._inputs = None
         teacher = self.teacher_outputs(args, kwargs)
-        attention_mask = kwargs.get("attention_mask")
+        mask, denominator = self._counted(kwargs, labels, num_items_in_batch)
         terms = []
         if self.logits_weight > 0:
             keys = _logit_keys(outputs)
@@ -200,24 +230,43 @@ class DistillationLoss:
                         "states instead (hidden_weight > 0, logits_weight=0)."
                     )
             else:
-                kl = sum(self._kl(outputs[k], teacher[k], attention_mask) for k in keys) / len(keys)
+                kl = sum(self._kl(outputs[k], teacher[k], mask, denominator) for k in keys) / len(keys)
                 terms.append(self.logits_weight * kl)
         if self.hidden_weight > 0:
-            terms.append(self.hidden_weight * self._hidden(outputs, teacher, attention_mask))
-        loss = sum(terms) / self.gradient_accumulation_steps if terms else None
+            terms.append(self.hidden_weight * self._hidden(outputs, teacher, mask, denominator))
+        loss = sum(terms) if terms else None
         if self.task_weight > 0:
             task = self._task(outputs, labels, num_items_in_batch, kwargs)
             loss = self.task_weight * task if loss is None else loss + self.task_weight * task
         return loss
 
-    def _kl(self, student: torch.Tensor, teacher: torch.Tensor, mask) -> torch.Tensor:
+    def _counted(self, kwargs: dict, labels, num_items_in_batch) -> tuple[torch.Tensor | None, object]:
+        """The positions `(B, T)` that the logit and hidden-state terms count, and what their sums are divided by
+        (None: the mean over those positions, divided by the accumulation steps). See the class docstring."""
+        if labels is not None and (self._causal or self._seq2seq) and labels.dim() == 2:
+            mask = labels != -100
+            if self._causal:  # position p predicts token p + 1
+                mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
+            return mask, num_items_in_batch
+        return kwargs.get("attention_mask"), None
+
+    def _reduce(self, values: torch.Tensor, mask, denominator) -> torch.Tensor:
+        """Per-position values `(B, T)` reduced over the counted positions (see `_counted`)."""
+        if not _usable(mask, values):
+            return values.mean() / self.gradient_accumulation_steps
+        mask = mask.to(values.device, values.dtype)
+        if denominator is None:
+            return (values * mask).sum() / mask.sum().clamp(min=1.0) / self.gradient_accumulation_steps
+        return (values * mask).sum() / denominator
+
+    def _kl(self, student: torch.Tensor, teacher: torch.Tensor, mask, denominator) -> torch.Tensor:
         t = self.temperature
         log_p_student = F.log_softmax(student.float() / t, dim=-1)
         log_p_teacher = F.log_softmax(teacher.float() / t, dim=-1)
         per_position = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1)
-        return _masked_mean(per_position, mask) * t * t
+        return self._reduce(per_position, mask, denominator) * t * t
 
-    def _hidden(self, outputs, teacher, mask) -> torch.Tensor:
+    def _hidden(self, outputs, teacher, mask, denominator) -> torch.Tensor:
         if self.hidden_layers == "mean_pooled":
             s, t = _get(outputs, "last_hidden_state"), _get(teacher, "last_hidden_state")
             if s is None or t is None:
@@ -227,14 +276,7 @@ class DistillationLoss:
             weights = torch.ones(s.shape[:2], device=s.device) if mask is None else mask.to(s.device).float()
             weights = (weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)).unsqueeze(-1)
             s, t = (s.float() * weights).sum(dim=1), (t.float() * weights).sum(dim=1)
-            if self.hidden_loss == "mse":
-                return (s - t).pow(2).mean()
-            cosine = (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
-            if self.hidden_loss == "cosine":
-                return cosine
-            # "similarity": also match the in-batch cosine-similarity matrix, the structure retrieval ranks by
-            s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
-            return cosine + (s @ s.T - t @ t.T).pow(2).mean()
+            return self._pooled(s, t) / self.gradient_accumulation_steps
         if self.hidden_layers == "all":
             pairs = list(zip(_get(outputs, "hidden_states") or (), _get(teacher, "hidden_states") or ()))
         else:
@@ -252,12 +294,27 @@ class DistillationLoss:
         total = 0.0
         for s, t in pairs:
             s, t = s.float(), t.float()
-            if self.hidden_loss == "mse":
-                per_token = (s - t).pow(2).mean(dim=-1)
-            else:
+            if self.hidden_loss == "cosine":
                 per_token = 1.0 - F.cosine_similarity(s, t, dim=-1)
-            total = total + _masked_mean(per_token, mask)
+            else:
+                per_token = (s - t).pow(2).mean(dim=-1)
+                if self.hidden_loss == "normalized_mse":
+                    per_token = per_token / _teacher_variance(t, mask)
+            total = total + self._reduce(per_token, mask, denominator)
         return total / len(pairs)
+
+    def _pooled(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The distance between sentence embeddings `(B, H)`."""
+        if self.hidden_loss == "mse":
+            return (s - t).pow(2).mean()
+        if self.hidden_loss == "normalized_mse":
+            return (s - t).pow(2).mean() / _teacher_variance(t, None)
+        cosine = (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
+        if self.hidden_loss == "cosine":
+            return cosine
+        # "similarity": also match the in-batch cosine-similarity matrix, the structure retrieval ranks by
+        s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
+        return cosine + (s @ s.T - t @ t.T).pow(2).mean()
 
     def _task(self, outputs, labels, num_items_in_batch, inputs=None) -> torch.Tensor:
         loss = _get(outputs, "loss")
