@@ -61,9 +61,13 @@ def main():
                 "model.layers: calibration runs blocks 0-2 on stored inputs" in line for line in lines.lines
             ),
             "local_rows": int(masks["model.layers.0.mlp.up_proj"].shape[0]),
-            "masks_equal_unsharded": all(torch.equal(gathered(m), reference_masks[n]) for n, m in masks.items()),
+            # compared on the CPU: where CUDA is visible, fully_shard moves the shards to the GPU
+            "masks_equal_unsharded": all(
+                torch.equal(gathered(m).cpu(), reference_masks[n].cpu()) for n, m in masks.items()
+            ),
             "weights_equal_unsharded": all(
-                torch.equal(full_tensor(layers[n].weight), reference.get_submodule(n).weight) for n in masks
+                torch.equal(full_tensor(layers[n].weight).cpu(), reference.get_submodule(n).weight.cpu())
+                for n in masks
             ),
         }
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
