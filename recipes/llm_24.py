@@ -231,7 +231,11 @@ def load_records(args: RecipeArguments) -> tuple[list[dict], list[dict]]:
     """(training records, evaluation records) in SQuAD's layout: the file's articles split, or synthetic facts."""
     if args.squad_file:
         try:
-            return split_by_article(hf_sparse.squad.read_squad_json(args.squad_file), args.eval_articles)
+            records = hf_sparse.squad.read_squad_json(args.squad_file)
+        except ValueError as err:  # names the file and the record at fault
+            raise SystemExit(str(err)) from None
+        try:
+            return split_by_article(records, args.eval_articles)
         except ValueError as err:
             raise SystemExit(f"--squad_file {args.squad_file}: --{err}") from None
     from hf_sparse.squad.data import squad_records
