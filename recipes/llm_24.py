@@ -407,7 +407,7 @@ def recovery_data(run: Run, dense) -> tuple[Any, dict]:
                                seed=run.training_args.seed, chat_template=run.args.chat_template,
                                train_on_prompt=run.args.recovery_train_on_prompt)  # fmt: skip
     rows = rows.map(lambda row: {k: v[: run.args.max_length] for k, v in row.items()})
-    what = f"the dense model's text from {len(prompts)} prompts of the training articles (data-free)"
+    what = f"the dense model's text from {len(prompts)} prompts of the training articles, data-free"
     return rows, {"recovery_data": what, "generation_seconds": time.perf_counter() - start}
 
 
