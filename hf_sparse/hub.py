@@ -32,7 +32,9 @@ _TASKS = {
     "ForMaskedLM": "fill-mask",
     "ForCausalLM": "text-generation",
 }
-_METRIC_NAMES = {"exact_match": "Exact match", "f1": "F1"}
+_METRIC_NAMES = {"exact_match": "Exact match", "f1": "F1", "perplexity": "Perplexity",
+                 "answer_choice_accuracy": "Answer-choice accuracy",
+                 "answer_choice_accuracy_norm": "Answer-choice accuracy (length-normalised)"}  # fmt: skip
 
 
 class HubPushError(RuntimeError):

@@ -25,6 +25,25 @@ TIMED = {
 }
 """Benchmark variant -> (its keys in a timing row: milliseconds, speed-up over dense; the report stage with its F1)."""
 TIMED_NAMES = {"dense": "dense fp16", "2:4": "2:4 fp16", "fp8": "2:4 FP8 (e4m3)", "fp8-dense": "dense FP8 (e4m3)"}
+QA_METRICS = ({"key": "exact_match", "name": "exact match"}, {"key": "f1", "name": "F1"})
+"""The metrics of a report that names none (`report["metrics"]`): SQuAD's. Each is `{"key", "name"}`, and
+`"lower_is_better": True` for one compared as a ratio to dense (perplexity) rather than a difference."""
+
+
+def metrics_of(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The metrics a report's stages hold, in the order its tables show them (`QA_METRICS` unless it names its own)."""
+    return list(report.get("metrics") or QA_METRICS)
+
+
+def _stage_names(report: dict[str, Any]) -> dict[str, str]:
+    return {**STAGE_NAMES, **report.get("stage_names", {})}
+
+
+def _change(metric: dict[str, Any], dense: float | None, sparse: float | None) -> str:
+    """The 2:4 model's change from dense: a difference in points, or a ratio for a lower-is-better metric."""
+    if dense is None or sparse is None:
+        return "—"
+    return f"{sparse / dense:.2f}x" if metric.get("lower_is_better") else f"{sparse - dense:+.2f}"
 
 
 def environment() -> dict[str, Any]:
@@ -74,15 +93,22 @@ def load_report(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def save_report(report: dict[str, Any], output_dir: str | os.PathLike) -> None:
-    """Writes `report.json`, `report.md` and `f1_by_stage.png` into `output_dir` (atomically, stage by stage)."""
+    """Writes `report.json`, `report.md` and plots into `output_dir` (atomically, stage by stage): `f1_by_stage.png`,
+    or `metrics_by_stage.png` for a report that names its own metrics, and `generation.png` once generation was
+    timed."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp = output_dir / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, sort_keys=False))
     os.replace(tmp, output_dir / "report.json")
     (output_dir / "report.md").write_text(markdown(report))
-    if any("f1" in report["stages"].get(s, {}) for s in STAGES):
+    if report.get("metrics"):
+        if any(m["key"] in report["stages"].get(s, {}) for s in STAGES for m in report["metrics"]):
+            plot_metrics(report, output_dir / "metrics_by_stage.png")
+    elif any("f1" in report["stages"].get(s, {}) for s in STAGES):
         plot_f1(report, output_dir / "f1_by_stage.png")
+    if report.get("generation", {}).get("rows"):
+        plot_generation(report, output_dir / "generation.png")
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -91,17 +117,16 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     """The tutorial-style table: each metric for the dense and the 2:4 model, with the delta or speed-up."""
-    stages = report["stages"]
+    stages, metrics, names = report["stages"], metrics_of(report), _stage_names(report)
     dense, sparse = stages.get("dense", {}), stages.get("swapped") or stages.get("sparse", {})
     lines = [f"# {report.get('title', '2:4 sparsity report')}", ""]
     if report.get("command"):
         lines += ["Produced by:", "", "```bash", report["command"], "```", ""]
     lines += ["| metric | dense | 2:4 | delta |", "|---|---|---|---|"]
-    for key, name in (("exact_match", "exact match"), ("f1", "F1")):
-        if key in dense or key in sparse:
-            a, b = dense.get(key), sparse.get(key)
-            delta = None if a is None or b is None else b - a
-            lines.append(f"| {name} | {_fmt(a)} | {_fmt(b)} | {'—' if delta is None else f'{delta:+.2f}'} |")
+    for metric in metrics:
+        a, b = dense.get(metric["key"]), sparse.get(metric["key"])
+        if a is not None or b is not None:
+            lines.append(f"| {metric['name']} | {_fmt(a)} | {_fmt(b)} | {_change(metric, a, b)} |")
     for row in report.get("timing", {}).get("rows", []):
         lines.append(
             f"| latency, batch {row['batch_size']} (ms) | {_fmt(row['dense_ms'])} | {_fmt(row['sparse_ms'])} | "
@@ -109,24 +134,27 @@ def markdown(report: dict[str, Any]) -> str:
         )
     note = training_note(report)
     lines += ["", note] if note else []
-    lines += ["", "## Stages", "", "| stage | exact match | F1 | evaluated in | sparsity | trained |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "## Stages", "", f"| stage | {' | '.join(m['name'] for m in metrics)} | evaluated in | sparsity | "
+              "trained |", "|---|" + "---|" * (len(metrics) + 3)]  # fmt: skip
     for stage in STAGES:
         if stage in stages:
             s = stages[stage]
             sparsity, steps = s.get("sparsity"), s.get("train_steps")
+            scores = " | ".join(_fmt(s.get(m["key"])) for m in metrics)
             lines.append(
-                f"| {STAGE_NAMES[stage]}{_kernels(s)} | {_fmt(s.get('exact_match'))} | {_fmt(s.get('f1'))} | "
-                f"{s.get('eval_dtype', '—')} | {'—' if sparsity is None else f'{sparsity:.2%}'} | "
-                f"{'—' if steps is None else f'{steps} steps'} |"
+                f"| {names[stage]}{_kernels(s)} | {scores} | {s.get('eval_dtype', '—')} | "
+                f"{'—' if sparsity is None else f'{sparsity:.2%}'} | {'—' if steps is None else f'{steps} steps'} |"
             )
-    table = timing_table(report)
-    if table:
-        lines += ["", "## Latency", "", report["timing"].get("description", ""), ""]
-        lines += ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
-        for row in table:
-            lines.append("| " + " | ".join(_fmt(v) if isinstance(v, float) or v is None else str(v)
-                                           for v in row.values()) + " |")  # fmt: skip
+    for title, table, description in (
+        ("Latency", timing_table(report), report.get("timing", {}).get("description", "")),
+        ("Generation", generation_table(report), report.get("generation", {}).get("description", "")),
+    ):
+        if table:
+            lines += ["", f"## {title}", "", description, ""]
+            lines += ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+            for row in table:
+                lines.append("| " + " | ".join(_fmt(v) if isinstance(v, float) or v is None else str(v)
+                                               for v in row.values()) + " |")  # fmt: skip
     if report.get("skipped"):
         lines += ["", "## Skipped", ""] + [f"- **{k}**: {v}" for k, v in report["skipped"].items()]
     env = report.get("environment")
@@ -140,7 +168,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 def training_note(report: dict[str, Any]) -> str | None:
     """How long the dense and the 2:4 model trained, saying so when the lengths differ (the tutorial compares them
-    at equal training); None before the recovery has trained."""
+    at equal training); None before the recovery has trained. A report's own `training_note` goes first."""
+    if report.get("training_note"):
+        return report["training_note"]
     dense, sparse = (report["stages"].get(s, {}).get("train_steps") for s in ("dense", "sparse"))
     if sparse is None:
         return None
@@ -224,6 +254,74 @@ def plot_f1(report: dict[str, Any], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+def plot_metrics(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """Each of a report's own metrics (`report["metrics"]`) across its stages, one panel per metric, every bar
+    labelled with its value (and, for a lower-is-better metric, its ratio to dense)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = _stage_names(report)
+    panels = [(m, [s for s in STAGES if m["key"] in report["stages"].get(s, {})]) for m in report["metrics"]]
+    panels = [(m, stages) for m, stages in panels if stages]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (metric, stages) in zip(axes[0], panels):
+        values = [report["stages"][s][metric["key"]] for s in stages]
+        dense = report["stages"].get("dense", {}).get(metric["key"])
+        labels = [f"{v:.2f}" + (f"\n({v / dense:.2f}x)" if metric.get("lower_is_better") and dense else "")
+                  for v in values]  # fmt: skip
+        bars = ax.bar(range(len(stages)), values, color=[f"C{STAGES.index(s)}" for s in stages])
+        ax.bar_label(bars, labels=labels, fontsize=8, padding=2)
+        ax.margins(y=0.2)
+        ax.set_xticks(range(len(stages)), [names[s].replace(" (", "\n(") for s in stages], fontsize=8)
+        ax.set_title(metric["name"] + (" (lower is better)" if metric.get("lower_is_better") else ""))
+    fig.suptitle(report.get("title", "metrics across stages"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def generation_table(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per batch size of a report's `generation` timing: new tokens per second of the dense and the 2:4
+    model, and the speed-up."""
+    rows = (report.get("generation") or {}).get("rows", [])
+    return [
+        {
+            "batch size": row["batch_size"],
+            "prompt + new tokens": f"{row['prompt_tokens']} + {row['new_tokens']}",
+            "dense (tokens/s)": row["dense_tokens_per_second"],
+            "2:4 (tokens/s)": row["sparse_tokens_per_second"],
+            "speed-up": _ratio(row["sparse_tokens_per_second"] / row["dense_tokens_per_second"], 2),
+        }
+        for row in rows
+    ]
+
+
+def plot_generation(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """New tokens per second of `generate()`, dense against 2:4, at each batch size of the report's `generation`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["generation"]["rows"]
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for offset, (key, name) in zip((-0.2, 0.2), (("dense_tokens_per_second", "dense"),
+                                                  ("sparse_tokens_per_second", "2:4"))):  # fmt: skip
+        bars = ax.bar([x + offset for x in xs], [r[key] for r in rows], width=0.4, label=name)
+        ax.bar_label(bars, labels=[f"{r[key]:.0f}" for r in rows], fontsize=8, padding=2)
+    ax.set_xticks(list(xs), [f"batch {r['batch_size']}" for r in rows])
+    ax.set_ylabel("new tokens per second")
+    ax.margins(y=0.15)
+    ax.legend()
+    ax.set_title(report["generation"].get("title", "generate(): dense vs 2:4"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def timing_from_benchmark(result: dict[str, Any], seq_len: int) -> dict[str, Any]:
     """The report's "timing" entry from a `hf_sparse.inference.benchmark.run` result: per batch size, the graphs-mode
     time of dense and of each variant in `TIMED` that ran ("2:4" as `sparse_ms`/`speedup`, "fp8" as `fp8_ms`/
@@ -288,15 +386,16 @@ def _ratio(value: float | None, digits: int) -> str:
 def card_kwargs(report: dict[str, Any], output_dir: str | os.PathLike) -> dict[str, Any]:
     """What the model card of a run's sparse model says, from its report: `hf_sparse.model_card(folder, **kwargs)`.
 
-    Metrics of the dense and recovered stages, how long each trained (`training_note`), the command, the data (a Hub dataset id, or the name of local or
-    synthetic data, which get no `model-index`), the base model when it is a Hub id, and the latency table and plot.
+    Metrics of the dense and recovered stages (`metrics_of`), how long each trained (`training_note`), the command, the data (a Hub dataset id, or the name of local or
+    synthetic data, which get no `model-index`), the base model when it is a Hub id, the latency or generation table
+    and plot, and last the report's own `card` entries over these.
     """
     recipe = report.get("arguments", {}).get("recipe", {})
-    stages = report["stages"]
+    stages, keys = report["stages"], [m["key"] for m in metrics_of(report)]
     metrics = {
-        key: {"exact_match": stages[key]["exact_match"], "f1": stages[key]["f1"]}
-        for key in ("dense", "sparse")
-        if "f1" in stages.get(key, {})
+        stage: {k: stages[stage][k] for k in keys if k in stages[stage]}
+        for stage in ("dense", "sparse")
+        if any(k in stages.get(stage, {}) for k in keys)
     }
     card: dict[str, Any] = dict(metrics=metrics, command=report.get("command"), training=training_note(report))
     dataset = recipe.get("dataset_name", "synthetic")
@@ -309,13 +408,15 @@ def card_kwargs(report: dict[str, Any], output_dir: str | os.PathLike) -> dict[s
     model = recipe.get("dense_model_name_or_path") or recipe.get("model_name_or_path")  # what was pruned
     if model and not os.path.exists(model):
         card["base_model"] = model
-    timing = report.get("timing")
-    if timing and timing.get("rows"):
-        card["benchmark"] = timing_table(report)
-        card["benchmark_description"] = timing.get("description")
-        plot = Path(output_dir) / "latency.png"
-        if plot.is_file():
-            card["benchmark_plot"] = str(plot)
+    for key, table, plot in (("timing", timing_table, "latency.png"), ("generation", generation_table,
+                                                                         "generation.png")):  # fmt: skip
+        timing = report.get(key)
+        if timing and timing.get("rows"):
+            card["benchmark"] = table(report)
+            card["benchmark_description"] = timing.get("description")
+            if (Path(output_dir) / plot).is_file():
+                card["benchmark_plot"] = str(Path(output_dir) / plot)
+    card.update(report.get("card", {}))  # what a script knows better than its arguments say (data, base model)
     return card
 
 

@@ -231,6 +231,8 @@ class StagedRun:
     plan: ClassVar[StagePlan]
     titles: ClassVar[Sequence[str]] = ()
     """The stages' names as the console banners number them."""
+    result_key: ClassVar[str] = "f1"
+    """The key a stage's evaluation adds to the report: a stage that has it is done."""
 
     def configs(self) -> tuple[Any, ...]:
         """The run's argument dataclasses, whose fields `plan` records."""
@@ -248,8 +250,8 @@ class StagedRun:
     def main_process(self) -> bool:
         return self.training_args.process_index == 0
 
-    def done(self, stage: str, key: str = "f1") -> bool:
-        return key in self.report["stages"].get(stage, {})
+    def done(self, stage: str, key: str | None = None) -> bool:
+        return (key or self.result_key) in self.report["stages"].get(stage, {})
 
     def begin(self, stage: str) -> None:
         """Records the arguments `stage` runs with before it writes anything (checked when the run is continued)."""
@@ -283,12 +285,13 @@ class StagedRun:
         return dataclasses.replace(self.training_args, **changes)
 
     def train(
-        self, model, name: str, dataset, callbacks=(), compute_loss_func=None, **changes
+        self, model, name: str, dataset, callbacks=(), compute_loss_func=None, data_collator=None, **changes
     ) -> tuple[Trainer, dict]:
         """Trains `model` on `dataset` in `output_dir/name`, resuming from its last complete checkpoint there if a
         run was interrupted (a checkpoint half written when the run was killed is passed over, and written again).
         Returns the trainer and its metrics, with `train_loss` over the whole run (`whole_run_loss`) and the step
-        it resumed from (0: from the start; the Trainer's runtime and throughput cover the steps after it)."""
+        it resumed from (0: from the start; the Trainer's runtime and throughput cover the steps after it).
+        `data_collator`: the Trainer's (default: its own, for rows of equal length)."""
         output_dir = self.output_dir / name
         trainer = Trainer(
             model=model,
@@ -296,6 +299,7 @@ class StagedRun:
             train_dataset=dataset,
             callbacks=[NumericsCallback(), *callbacks],
             compute_loss_func=compute_loss_func,
+            data_collator=data_collator,
         )
         last, broken = last_complete_checkpoint(output_dir)
         for folder, problem in broken.items():

@@ -202,3 +202,75 @@ def _until_stop(generated: list[int], stops: set[int]) -> list[int]:
         if token in stops:
             return generated[: i + 1]
     return generated
+
+
+def split_by_article(records: Sequence[Mapping[str, Any]], eval_articles: int) -> tuple[list, list]:
+    """(the other records, the evaluation records) of SQuAD records: the last `eval_articles` articles (`title`, in
+    the order of the file) are evaluation, so no paragraph or question of them is calibrated or trained on.
+
+    Example:
+
+    ```python
+    >>> from hf_sparse.lm.data import split_by_article
+    >>> other, held = split_by_article(read_squad_json("squad-v2-dev-sample.json"), eval_articles=2)
+    ```
+    """
+    titles = list(dict.fromkeys(r["title"] for r in records))
+    if not isinstance(eval_articles, int) or not 1 <= eval_articles < len(titles):
+        raise ValueError(
+            f"eval_articles must be from 1 to {len(titles) - 1} (the file has {len(titles)} articles); "
+            f"got {eval_articles!r}."
+        )
+    held = set(titles[-eval_articles:])
+    return [r for r in records if r["title"] not in held], [r for r in records if r["title"] in held]
+
+
+def spread(items: Sequence, n: int | None) -> list:
+    """`n` items taken evenly through `items` (so that every article of an evaluation set is represented); all of
+    them when `n` is None or at least their number."""
+    if n is None or n >= len(items):
+        return list(items)
+    return [items[i * len(items) // n] for i in range(n)]
+
+
+def read_texts(path) -> list[str]:
+    """The texts of a local file: `.txt`, one text per non-blank line; `.json` / `.jsonl`, the `"text"` field of each
+    record (a JSON list of records, or one record per line)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass a .txt file (one text per line) or a .json/.jsonl file "
+                                "of records with a 'text' field.")  # fmt: skip
+    if path.suffix == ".txt":
+        texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    elif path.suffix in (".json", ".jsonl"):
+        raw = path.read_text()
+        records = [json.loads(line) for line in raw.splitlines() if line.strip()] if path.suffix == ".jsonl" else (
+            json.loads(raw))  # fmt: skip
+        if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("text"), str)
+                                                    for r in records):  # fmt: skip
+            raise ValueError(f"{path}: expected records with a 'text' string field (a JSON list, or one per line).")
+        texts = [r["text"] for r in records]
+    else:
+        raise ValueError(f"{path}: unknown text file type {path.suffix!r}; use .txt, .json or .jsonl.")
+    if not texts:
+        raise ValueError(f"{path} holds no text.")
+    return texts
+
+
+def language_modeling_rows(tokenizer, texts: Sequence[str], max_length: int):
+    """A training set of `texts` for a causal LM: each text tokenized alone and cut at `max_length` tokens, with
+    `labels` equal to the input ids (the Trainer's language-model loss and `hf_sparse.DistillationLoss` shift them);
+    pad the batches with a collator such as `DataCollatorForSeq2Seq`."""
+    from datasets import Dataset
+
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    return Dataset.from_dict(
+        {
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "labels": [list(ids) for ids in encoded["input_ids"]],
+        }  # fmt: skip
+    )
