@@ -39,7 +39,6 @@ from hf_sparse.lm.smollm2 import smollm2_folder as _smollm2_folder
 from hf_sparse.run_report import environment
 from hf_sparse.squad import read_squad_json
 
-
 SPARSEGPT_OPTIONS = {"bias": {"sparsegpt_update_bias": True}, "admm": {"sparsegpt_admm_steps": 30}}
 
 
