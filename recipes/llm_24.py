@@ -11,7 +11,8 @@ it to sparse kernels and time `generate()` dense against 2:4; then write a repor
 Arguments: `RecipeArguments` and `hf_sparse.SparsityConfig` below, and every `transformers.TrainingArguments` (they
 drive the recovery: --max_steps, --learning_rate, batch sizes). Defaults come from `recipes/llm_offline.yaml`, or from
 the preset and a config file given first (the file's values over the preset's); explicit flags override them all.
-The default criterion, SparseGPT, is the best zero-shot row of the measured table in the README (Decoder LLMs).
+The criterion follows the measured table in the README (Decoder LLMs): SparseGPT, with the bias update and 30 ADMM
+steps in the smollm2 preset (its best zero-shot row).
 `--output_dir` receives `sparse/` (the 2:4 checkpoint with its model card; `dense/` too when the dense model was
 trained here), `report.json`, `report.md` and plots. A run that stops in any stage continues where it stopped when
 started again with the same `--output_dir`.
