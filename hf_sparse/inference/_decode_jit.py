@@ -4,8 +4,6 @@ imported on first use, since importing it imports Triton."""
 import triton
 import triton.language as tl
 
-# ruff: noqa: N803 (Triton's constexpr arguments are upper case)
-
 
 @triton.jit
 def load_weights(values, meta, k0, n_offsets, n_mask, K, stride_v, stride_meta,
