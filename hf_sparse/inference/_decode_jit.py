@@ -6,19 +6,22 @@ import triton.language as tl
 
 
 @triton.jit
-def load_weights(values, meta, k0, n_offsets, n_mask, K, stride_v, stride_meta,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+def load_weights(values, meta, tile, n_offsets, n_mask, K, stride_v, stride_meta,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
     """One tile's kept values `(BLOCK_N, BLOCK_K / 4)` twice (the first and the second of each group) and their
     positions in the group (the first 0-2, the second 1-3)."""
     GROUPS: tl.constexpr = BLOCK_K // 4
-    pairs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    v = tl.load(values + n_offsets[:, None] * stride_v + pairs[None, :],
-                mask=n_mask[:, None] & (pairs[None, :] < K // 2), other=0.0)  # fmt: skip
+    # offsets as multiples of the block (not k0 // 2), so that Triton sees 16-byte aligned, contiguous rows
+    pairs = tile * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    g = tile * GROUPS + tl.arange(0, GROUPS)
+    v_mask, g_mask = n_mask[:, None], n_mask[:, None]  # constant along K: the loads stay 16-byte vectors
+    if not EVEN_K:
+        v_mask = v_mask & (pairs[None, :] < K // 2)
+        g_mask = g_mask & (g[None, :] < K // 4)
+    v = tl.load(values + n_offsets[:, None] * stride_v + pairs[None, :], mask=v_mask, other=0.0)
     first, second = tl.split(tl.reshape(v, (BLOCK_N, GROUPS, 2)))
-    g = k0 // 4 + tl.arange(0, GROUPS)
     # eight groups share a word: the repeated addresses are served by one cached line
-    words = tl.load(meta + n_offsets[:, None] * stride_meta + (g // 8)[None, :],
-                    mask=n_mask[:, None] & (g[None, :] < K // 4), other=0)  # fmt: skip
+    words = tl.load(meta + n_offsets[:, None] * stride_meta + (g // 8)[None, :], mask=g_mask, other=0)
     nibble = (words >> ((g % 8) * 4)[None, :]) & 15
     return first, second, nibble & 3, nibble >> 2
 
@@ -26,9 +29,12 @@ def load_weights(values, meta, k0, n_offsets, n_mask, K, stride_v, stride_meta,
 @triton.jit
 def decode_kernel(x, values, meta, bias, out, M, N, K, stride_x, stride_v, stride_meta, stride_out_m,
                   stride_out_split, tiles_per_split, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):  # fmt: skip
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+                  EVEN_K: tl.constexpr):  # fmt: skip
     GROUPS: tl.constexpr = BLOCK_K // 4
-    pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # row blocks vary fastest: the programs that read the same weights run side by side, so all but the first
+    # find them in L2
+    pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_offsets = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rows < M, n_offsets < N
@@ -37,12 +43,13 @@ def decode_kernel(x, values, meta, bias, out, M, N, K, stride_x, stride_v, strid
     stop = tl.minimum(start + tiles_per_split, tiles)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tile in tl.range(start, stop):
-        k0 = tile * BLOCK_K
-        first, second, i0, i1 = load_weights(values, meta, k0, n_offsets, n_mask, K, stride_v, stride_meta,
-                                             BLOCK_N, BLOCK_K)  # fmt: skip
-        k = k0 + tl.arange(0, BLOCK_K)
-        xs = tl.load(x + rows[:, None] * stride_x + k[None, :], mask=m_mask[:, None] & (k[None, :] < K),
-                     other=0.0)  # fmt: skip
+        first, second, i0, i1 = load_weights(values, meta, tile, n_offsets, n_mask, K, stride_v, stride_meta,
+                                             BLOCK_N, BLOCK_K, EVEN_K)  # fmt: skip
+        k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        x_mask = m_mask[:, None]
+        if not EVEN_K:
+            x_mask = x_mask & (k[None, :] < K)
+        xs = tl.load(x + rows[:, None] * stride_x + k[None, :], mask=x_mask, other=0.0)
         if USE_DOT:
             # the dense tile, position by position, for the tensor cores
             zero = tl.zeros_like(first)

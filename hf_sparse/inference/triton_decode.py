@@ -13,7 +13,8 @@ Values plus metadata are 9/16 of the dense bytes, as cuSPARSELt's and CUTLASS's 
 
 The kernel (after Sparse-Marlin's design for small batches; no code of it) gives each program a block of output
 features, a block of token rows and one slice of the inputs (split-K), so that even one token row spreads over
-enough programs to keep every SM reading. A program walks its slice `BLOCK_K` inputs at a time: it loads the values
+enough programs to keep every SM reading; the programs of one weight block and several row blocks are launched side
+by side, so the weights come from memory once and from L2 after. A program walks its slice `BLOCK_K` inputs at a time: it loads the values
 and metadata of its rows once, and either (few rows) picks each value's activation out of the loaded activations by
 its position and accumulates in fp32 registers, or (16 rows or more) expands the weights to a dense tile in registers
 and runs `tl.dot` with fp32 accumulation. With split-K, each slice writes an fp32 partial sum and a second kernel adds
@@ -204,13 +205,14 @@ def decode_linear(
     split = max(1, min(config.split_k, tiles))
     per_split = triton.cdiv(tiles, split)
     split = triton.cdiv(tiles, per_split)  # no empty slice
-    grid = (triton.cdiv(out_features, config.block_n), split, triton.cdiv(rows, config.block_m))
+    grid = (triton.cdiv(rows, config.block_m), triton.cdiv(out_features, config.block_n), split)
     target = out if split == 1 else torch.empty(split, rows, out_features, dtype=torch.float32, device=x.device)
     decode_kernel[grid](
         x, values, meta, bias if bias is not None else values, target, rows, out_features, in_features,
         x.stride(0), values.stride(0), meta.stride(0), out_features, rows * out_features, per_split,
         HAS_BIAS=bias is not None, SPLIT=split > 1, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, USE_DOT=config.uses_dot, num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_K=config.block_k, USE_DOT=config.uses_dot, EVEN_K=in_features % config.block_k == 0,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if split > 1:
         total = rows * out_features
