@@ -357,3 +357,44 @@ def test_gpu_the_autotuner_sweeps_it_in_a_child_process():
     assert one.ms and one.candidates >= 2 and tuple(one.config) in set(map(tuple, triton_decode.configs_for(1)))
     assert sixteen.ms and tuple(sixteen.config) in set(map(tuple, triton_decode.configs_for(16)))
     assert prefill.ms is None and prefill.candidates == 0
+
+
+# -- the decode benchmark's arguments (CPU; it runs on a GPU) ----------------------------------------------------------
+
+
+def test_the_decode_benchmark_takes_the_llama_projection_shapes_and_refuses_bad_arguments(capsys):
+    from hf_sparse.inference import decode_bench
+
+    args = decode_bench.parse_args([])
+    assert args.models == ["llama-3-8b", "llama-3.2-1b"] and args.dtypes == ["float16", "bfloat16"]
+    assert args.tokens == [1, 16, 64] and args.kernels == ["triton_decode", "cusparselt"]
+    for model, (hidden, heads, kv_heads, intermediate) in {"llama-3-8b": (4096, 32, 8, 14336),
+                                                           "llama-3.2-1b": (2048, 32, 8, 8192)}.items():  # fmt: skip
+        head_dim = hidden // heads
+        assert decode_bench.SHAPES[model] == {"qkv": (hidden + 2 * kv_heads * head_dim, hidden),
+                                              "o_proj": (hidden, hidden), "gate/up": (intermediate, hidden),
+                                              "down": (hidden, intermediate)}  # fmt: skip
+    args = decode_bench.parse_args(["--models", "llama-3.2-1b", "--tokens", "1", "3", "--json", "out.json"])
+    assert args.models == ["llama-3.2-1b"] and args.tokens == [1, 3] and args.json == "out.json"
+    for bad, words in ((["--models", "llama-2"], "--models: ['llama-2'] unknown"), (["--tokens", "0"], "positive"),
+                       (["--kernels", "cutlass"], "choose from ['triton_decode', 'cusparselt']")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            decode_bench.parse_args(bad)
+        assert words in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            decode_bench.main(["--tokens", "1"])
+
+
+@needs_triton_gpu
+def test_gpu_the_decode_benchmark_measures_every_kernel_beside_dense(tmp_path, capsys):
+    from hf_sparse.inference import decode_bench
+
+    out = tmp_path / "decode.json"
+    decode_bench.main(["--models", "llama-3.2-1b", "--dtypes", "bfloat16", "--tokens", "1", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["copy_bandwidth_gbs"] > 0 and len(result["rows"]) == 4
+    for row in result["rows"]:
+        assert row["dense_ms"] > 0 and row["ceiling_ms"] == pytest.approx(row["dense_ms"] * 9 / 16)
+        assert row["triton_decode"]["ms"] and row["cusparselt"]["ms"], row
+    assert "copy bandwidth" in capsys.readouterr().out
