@@ -269,6 +269,7 @@ def test_interpreted_a_tiny_llama_swapped_onto_it_matches_the_masked_dense_model
     assert case["layers"] == 10 and case["fused"] == 2  # per block: q/k/v fused, o_proj, gate, up, down
     assert all(p.startswith("Triton decode 2:4") for p in case["plans"])
     assert case["errors"]["1"] < 5e-3 and case["errors"]["16"] < 5e-3
+    assert case["compiled_equal"]  # under torch.compile, through its custom op
     assert case["state_identical"] and case["restored"] == 14  # 7 projections per block
 
 

@@ -105,8 +105,12 @@ def swap_case() -> None:
     layers = [m for m in model.modules() if isinstance(m, TritonDecodeLinear)]
     with torch.no_grad():
         errors = {rows: relative_error(model(input_ids=i).logits, expected[rows]) for rows, i in ids.items()}
+        # the kernel as the custom op torch.compile traces (aot_eager: no C++ compiler needed)
+        x = torch.randn(3, layers[1].in_features, dtype=torch.float16)
+        compiled_equal = torch.equal(torch.compile(layers[1], backend="aot_eager", fullgraph=True)(x), layers[1](x))
     after = model.state_dict()
     emit(
+        compiled_equal=compiled_equal,
         part="swap",
         statuses=sorted({r.status for r in report}),
         plans=sorted({p for r in report for p in r.plans.values()}),
