@@ -124,6 +124,12 @@ def test_the_plug_in_says_why_it_cannot_run_and_which_shapes_it_takes():
     assert TRITON_DECODE.shape_problem((4096, 14336), torch.bfloat16) is None
     assert "24x40" in TRITON_DECODE.shape_problem((24, 40), torch.float16)
     assert TRITON_DECODE.weight_bytes((4096, 4096), torch.bfloat16) == 4096 * 4096 * 2 * 9 // 16
+    from hf_sparse.inference.autotune import Autotuner  # its timings belong to its source and Triton's version
+
+    key = Autotuner(cache_path=False).key(GemmRequest("triton_decode", 4096, 4096, torch.bfloat16, False, 1))
+    assert (
+        key.startswith("triton_decode@") and "-triton" in key and key.endswith("|4096x4096|bfloat16|nobias|tokens<=8")
+    )
 
 
 def triton_decode_missing():

@@ -6,6 +6,7 @@ pipeline stages (`triton_decode.CONFIGS`)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from importlib import metadata
@@ -65,6 +66,18 @@ def support_problem(
     return None
 
 
+@functools.cache
+def kernel_version() -> str:
+    """The kernel source's hash and Triton's version (read without importing Triton): cached timings of another
+    source or Triton are measured again."""
+    source = (Path(triton_decode.__file__).parent / "_decode_jit.py").read_bytes()
+    try:
+        triton_version = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        triton_version = "none"
+    return f"{hashlib.sha256(source).hexdigest()[:12]}-triton{triton_version}"
+
+
 def compiled(configs: list[triton_decode.DecodeConfig], call) -> list[Config]:
     """The configurations that compile and run once (`call(config)`), in order. Run here, before the sweep's time
     budget starts: Triton compiles a configuration on its first call (about a second each, then cached on disk), and
@@ -118,14 +131,7 @@ class TritonDecodeKernel:
         return out_f * (in_f // 2) * dtype.itemsize + out_f * -(-in_f // 32) * 4
 
     def version(self) -> str:
-        """The kernel source's hash and Triton's version (read without importing Triton): a change of either is
-        timed again."""
-        source = (Path(triton_decode.__file__).parent / "_decode_jit.py").read_bytes()
-        try:
-            triton_version = metadata.version("triton")
-        except metadata.PackageNotFoundError:
-            triton_version = "none"
-        return f"{hashlib.sha256(source).hexdigest()[:12]}-triton{triton_version}"
+        return kernel_version()
 
     def problem(self, request: GemmRequest, inputs: GemmInputs, settings: SweepSettings) -> Problem:
         """The configurations of `triton_decode.configs_for` the token rows (none above `MAX_ROWS`: a decode kernel is
