@@ -59,6 +59,20 @@ needs_cutlass = _gpu_test(
 )
 
 
+def _triton_decode_problem() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    from hf_sparse.inference.kernels import TRITON_DECODE
+
+    return TRITON_DECODE.unsupported_reason(torch.device("cuda"), torch.float16)
+
+
+_TRITON_DECODE_PROBLEM = _triton_decode_problem()
+needs_triton_gpu = _gpu_test(
+    _TRITON_DECODE_PROBLEM and f"needs an NVIDIA GPU of compute capability 8.0+ and Triton: {_TRITON_DECODE_PROBLEM}"
+)
+
+
 def shared_data(*parts: str) -> Path:
     """Path of a file in `../shared/data`. Skips the test where it is absent (a user's clone); fails in CI,
     which always has it."""

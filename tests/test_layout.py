@@ -150,10 +150,13 @@ def test_public_api_is_small_and_exports_the_errors():
 
 
 def test_import_on_a_cpu_machine_loads_no_gpu_only_or_benchmark_code():
+    # torch._dynamo (which transformers imports) imports Triton wherever it is installed, as on every CUDA build of
+    # PyTorch: what it loads by itself is not held against hf_sparse; hf_sparse's own Triton kernels are
     code = (
-        "import sys, hf_sparse; "
-        "bad = [m for m in sys.modules if m.startswith(('nvmath', 'cuda.bindings', 'triton', 'hf_sparse.inference."
-        "benchmark', 'matplotlib', 'datasets', 'evaluate', 'benchmarks'))]; "
+        "import sys, torch._dynamo; base = set(sys.modules); import hf_sparse; "
+        "bad = [m for m in sys.modules if m not in base and m.startswith(('nvmath', 'cuda.bindings', 'triton', "
+        "'hf_sparse.inference.benchmark', 'hf_sparse.inference.decode_bench', 'hf_sparse.inference._decode_jit', "
+        "'matplotlib', 'datasets', 'evaluate', 'benchmarks'))]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)

@@ -192,7 +192,7 @@ def swap_to_semi_structured_(
     cutlass: bool = True,
 ) -> SwapReport:
     """Swaps a model's 2:4 `nn.Linear` layers for 2:4 kernels (`kernels.KERNELS`: cuSPARSELt; CUTLASS on sm_90; the
-    e4m3 kernels with `fp8`), in place, and reports what it did.
+    Triton decode kernel, timed at 1-64 tokens; the e4m3 kernels with `fp8`), in place, and reports what it did.
 
     Each swapped layer holds its weight compressed for its kernel (56% of the dense bytes for cuSPARSELt and CUTLASS)
     and runs it with the bias fused and the output written in the layout the next op reads. For every distinct GEMM

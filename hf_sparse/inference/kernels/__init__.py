@@ -13,8 +13,9 @@ from .cutlass import CUTLASS
 from .dense import DENSE
 from .fp8 import FP8
 from .fp8_dense import FP8_DENSE
+from .triton_decode import TRITON_DECODE
 
-KERNELS: tuple[Kernel, ...] = (DENSE, CUSPARSELT, CUTLASS, FP8_DENSE, FP8)
+KERNELS: tuple[Kernel, ...] = (DENSE, CUSPARSELT, CUTLASS, TRITON_DECODE, FP8_DENSE, FP8)
 
 
 def find(name: str) -> Kernel:

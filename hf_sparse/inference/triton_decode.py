@@ -1,0 +1,247 @@
+"""A 2:4 GEMM for decoding (1-64 token rows) written in Triton: the compressed layout, the kernel and its launcher.
+
+Decoding is memory-bound: each step reads every weight once for a handful of rows, so a 2:4 kernel is as fast as the
+bytes it reads. The layout keeps those bytes few and the reads wide:
+
+- `values` `(out_features, in_features / 2)`, in the layer's dtype: the two kept weights of each group of 4
+  consecutive inputs, in input order. A row is contiguous, so a program reads its rows in 16-byte vectors.
+- `meta` `(out_features, ceil(in_features / 32))` int32: per group a nibble, the first kept position (bits 0-1)
+  and the second (bits 2-3), eight groups a word (group `g` at bits `4 * (g % 8)`). A group with fewer than two
+  nonzeros keeps a zero at the lowest free position, so the first position is always below the second.
+
+Values plus metadata are 9/16 of the dense bytes, as cuSPARSELt's and CUTLASS's layouts are.
+
+The kernel (after Sparse-Marlin's design for small batches; no code of it) gives each program a block of output
+features, a block of token rows and one slice of the inputs (split-K), so that even one token row spreads over
+enough programs to keep every SM reading; the programs of one weight block and several row blocks are launched side
+by side, so the weights come from memory once and from L2 after. A program walks its slice `BLOCK_K` inputs at a time: it loads the values
+and metadata of its rows once, and either (few rows) picks each value's activation out of the loaded activations by
+its position and accumulates in fp32 registers, or (16 rows or more) expands the weights to a dense tile in registers
+and runs `tl.dot` with fp32 accumulation. With split-K, each slice writes an fp32 partial sum and a second kernel adds
+the slices, the bias and casts (deterministic, no atomics); without, the first kernel does that itself.
+
+Triton is imported on first use only: `import hf_sparse` works without it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+MAX_ROWS = 64
+"""The most token rows the autotuner times the kernel at: it is a decode kernel (it runs more rows correctly, one
+block of rows after another, but re-reads the weights for each block)."""
+
+
+class DecodeConfig(NamedTuple):
+    """One configuration of the kernel: the rows, output features and inputs a program takes (`block_m`,
+    `block_n`, `block_k`), the slices the inputs are split into (`split_k`), and Triton's `num_warps` and
+    `num_stages`. `block_m` below 16 accumulates in registers; 16 and up runs `tl.dot` on a dense tile."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def uses_dot(self) -> bool:
+        return self.block_m >= 16
+
+    def describe(self) -> str:
+        return (
+            f"block {self.block_m}x{self.block_n}x{self.block_k}, split-k {self.split_k}, {self.num_warps} warps, "
+            f"{self.num_stages} stages"
+        )
+
+
+# The configurations the autotuner sweeps, likeliest first (a sweep stops after its time budget). Few rows: many
+# narrow programs (one H100 needs several hundred to keep 132 SMs reading) and deep slices; more rows: tensor-core
+# tiles of 16-64 rows.
+CONFIGS: tuple[DecodeConfig, ...] = tuple(
+    DecodeConfig(*c)
+    for c in (
+        (1, 32, 256, 4, 4, 3),
+        (1, 32, 256, 2, 4, 3),
+        (1, 64, 256, 4, 4, 3),
+        (1, 16, 512, 4, 4, 3),
+        (1, 32, 512, 8, 8, 3),
+        (1, 64, 128, 8, 4, 4),
+        (1, 32, 256, 1, 4, 3),
+        (1, 128, 128, 4, 8, 3),
+        (4, 32, 128, 4, 4, 3),
+        (4, 16, 256, 4, 4, 3),
+        (16, 64, 128, 4, 4, 3),
+        (16, 64, 128, 2, 4, 3),
+        (16, 32, 256, 4, 4, 3),
+        (16, 128, 128, 2, 8, 3),
+        (16, 64, 256, 4, 8, 3),
+        (32, 64, 128, 2, 4, 3),
+        (32, 64, 128, 4, 4, 3),
+        (64, 64, 128, 2, 4, 3),
+        (64, 64, 128, 4, 4, 4),
+        (64, 128, 64, 4, 8, 3),
+    )
+)
+
+
+def configs_for(rows: int) -> list[DecodeConfig]:
+    """The configurations worth timing at `rows` token rows: register accumulation up to 8 rows, tensor-core tiles
+    from 2 rows on, no tile taller than the rows need."""
+    tall = max(16, 1 << max(rows - 1, 0).bit_length())
+    return [c for c in CONFIGS if (rows <= 8 if not c.uses_dot else 2 <= rows and c.block_m <= tall)]
+
+
+def default_config(rows: int) -> DecodeConfig:
+    """The configuration an untuned layer runs at `rows`: the first one `configs_for` lists."""
+    return configs_for(min(max(rows, 1), MAX_ROWS))[0]
+
+
+# -- the layout --------------------------------------------------------------------------------------------------------
+
+
+def layout_problem(out_features: int, in_features: int) -> str | None:
+    """Why a `(out_features, in_features)` weight has no such layout, or None."""
+    if in_features % 4 or in_features == 0 or out_features == 0:
+        return (
+            f"the Triton decode kernel needs in_features to be a positive multiple of 4 (groups of 4 inputs); this "
+            f"GEMM is {out_features}x{in_features}"
+        )
+    return None
+
+
+def compress(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `(values, meta)` of a 2:4 `weight` `(out_features, in_features)` (see the module docstring), on its device.
+
+    Raises:
+        ValueError: the shape has no such layout, or a group of 4 holds more than 2 nonzeros.
+    """
+    out_features, in_features = weight.shape
+    problem = layout_problem(out_features, in_features)
+    if problem:
+        raise ValueError(problem)
+    groups = weight.detach().reshape(out_features, in_features // 4, 4)
+    nonzero = groups != 0
+    if bool((nonzero.sum(-1) > 2).any()):
+        raise ValueError("the weight is not 2:4: some group of 4 inputs holds more than 2 nonzeros; prune it first.")
+    # the nonzeros first (then zeros), lower positions first; the two kept positions in ascending order
+    order = (~nonzero).to(torch.int64) * 4 + torch.arange(4, device=weight.device)
+    kept = order.argsort(dim=-1)[..., :2].sort(dim=-1).values
+    values = groups.gather(-1, kept).reshape(out_features, in_features // 2).contiguous()
+    nibbles = kept[..., 0] | (kept[..., 1] << 2)  # (out_features, groups), int64
+    pad = (-nibbles.shape[1]) % 8
+    nibbles = torch.nn.functional.pad(nibbles, (0, pad)).reshape(out_features, -1, 8)
+    words = (nibbles << (4 * torch.arange(8, device=weight.device))).sum(-1)  # < 2**32
+    words = torch.where(words >= 2**31, words - 2**32, words)  # the same bits, as int32
+    return values, words.to(torch.int32).contiguous()
+
+
+def decompress(values: torch.Tensor, meta: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The dense weight `(out_features, in_features)` of a `compress`ed one, exactly."""
+    out_features, groups = values.shape[0], in_features // 4
+    words = meta.to(torch.int64) & 0xFFFFFFFF
+    shifts = 4 * torch.arange(8, device=meta.device)
+    nibbles = ((words[..., None] >> shifts) & 15).reshape(out_features, -1)[:, :groups]
+    kept = torch.stack([nibbles & 3, nibbles >> 2], dim=-1)  # (out_features, groups, 2)
+    dense = torch.zeros(out_features, groups, 4, dtype=values.dtype, device=values.device)
+    dense.scatter_(-1, kept, values.reshape(out_features, groups, 2))
+    return dense.reshape(out_features, in_features)
+
+
+# -- the kernels (Triton, imported on first use) ---------------------------------------------------------------------
+
+
+def triton_problem() -> str | None:
+    """Why Triton cannot be imported here, or None."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as err:  # ImportError, or a broken install
+        return (
+            f"the Triton decode kernel needs Triton (PyTorch's CUDA wheels install it: pip install triton); "
+            f"importing it failed: {err}"
+        )
+    return None
+
+
+@functools.cache
+def _kernels():
+    """Triton and the two kernels, imported on first use."""
+    import triton
+
+    from ._decode_jit import decode_kernel, reduce_kernel
+
+    return triton, decode_kernel, reduce_kernel
+
+
+REDUCE_BLOCK = 1024
+
+
+def decode_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: DecodeConfig | tuple[int, ...],
+) -> torch.Tensor:
+    """`x @ W.T (+ bias)` for a 2D contiguous `x` `(rows, in_features)` and `W` given as `compress` returns it, in
+    the configuration `config`, accumulated in fp32 and returned in `x`'s dtype.
+
+    Raises:
+        ValueError: the inputs do not fit each other or the configuration is not one this kernel runs.
+    """
+    config = DecodeConfig(*config)
+    rows, in_features = x.shape
+    out_features = values.shape[0]
+    _check(x, values, meta, bias, config)
+    triton, decode_kernel, reduce_kernel = _kernels()
+    out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
+    if rows == 0:
+        return out
+    tiles = triton.cdiv(in_features, config.block_k)
+    split = max(1, min(config.split_k, tiles))
+    per_split = triton.cdiv(tiles, split)
+    split = triton.cdiv(tiles, per_split)  # no empty slice
+    grid = (triton.cdiv(rows, config.block_m), triton.cdiv(out_features, config.block_n), split)
+    target = out if split == 1 else torch.empty(split, rows, out_features, dtype=torch.float32, device=x.device)
+    decode_kernel[grid](
+        x, values, meta, bias if bias is not None else values, target, rows, out_features, in_features,
+        x.stride(0), values.stride(0), meta.stride(0), out_features, rows * out_features, per_split,
+        HAS_BIAS=bias is not None, SPLIT=split > 1, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, USE_DOT=config.uses_dot, EVEN_K=in_features % config.block_k == 0,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    if split > 1:
+        total = rows * out_features
+        reduce_kernel[(triton.cdiv(total, REDUCE_BLOCK),)](
+            target, bias if bias is not None else values, out, total, out_features, split,
+            HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def _check(x, values, meta, bias, config: DecodeConfig) -> None:
+    rows, in_features = x.shape
+    out_features = values.shape[0]
+    if tuple(values.shape) != (out_features, in_features // 2) or tuple(meta.shape) != (
+        out_features,
+        -(-in_features // 32),
+    ):
+        raise ValueError(
+            f"the compressed weight ({tuple(values.shape)} values, {tuple(meta.shape)} metadata) does not fit "
+            f"inputs of {in_features} features; compress the weight with triton_decode.compress."
+        )
+    if x.dtype != values.dtype or meta.dtype != torch.int32:
+        raise ValueError(f"inputs are {x.dtype}, values {values.dtype}, metadata {meta.dtype} (int32 expected).")
+    if not (x.is_contiguous() and values.is_contiguous() and meta.is_contiguous()):
+        raise ValueError("the Triton decode kernel takes contiguous inputs, values and metadata.")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias of shape {tuple(bias.shape)} for {out_features} output features.")
+    if config.block_k % 32 or config.block_k < 32 or config.block_n < 16 or config.block_m < 1:
+        raise ValueError(f"not a configuration of the Triton decode kernel: {config}.")
+    for size in (config.block_m, config.block_n, config.block_k):
+        if size & (size - 1):
+            raise ValueError(f"block sizes must be powers of two: {config}.")
