@@ -405,3 +405,16 @@ def test_gpu_the_decode_benchmark_measures_every_kernel_beside_dense(tmp_path, c
         assert row["dense_ms"] > 0 and row["ceiling_ms"] == pytest.approx(row["dense_ms"] * 9 / 16)
         assert row["triton_decode"]["ms"] and row["cusparselt"]["ms"], row
     assert "copy bandwidth" in capsys.readouterr().out
+
+
+def test_on_a_gpu_the_kernel_is_opt_in_until_timed_there(monkeypatch):
+    from hf_sparse.inference.kernels.triton_decode import OPT_IN_ENV
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(triton_decode, "triton_problem", lambda: None)
+    monkeypatch.delenv(OPT_IN_ENV, raising=False)
+    reason = TRITON_DECODE.unsupported_reason(torch.device("cuda"), torch.float16)
+    assert "opt-in" in reason and f"{OPT_IN_ENV}=1" in reason
+    monkeypatch.setenv(OPT_IN_ENV, "1")
+    assert TRITON_DECODE.unsupported_reason(torch.device("cuda"), torch.float16) is None

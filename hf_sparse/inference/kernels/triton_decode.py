@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 from importlib import metadata
 from pathlib import Path
 
@@ -31,6 +32,10 @@ from .base import (
 )
 
 logger = logging.getLogger(__name__)
+
+OPT_IN_ENV = "HF_SPARSE_TRITON_DECODE"
+"""Set to 1 to let the swap time and use the kernel on a GPU. It is opt-in until it has been timed on one: a swap
+then spends its compile time (about a second per configuration) only where asked."""
 
 ALIGN = 16
 """Both weight dimensions must be multiples of this (see `TritonDecodeKernel.shape_problem`)."""
@@ -113,7 +118,13 @@ class TritonDecodeKernel:
         if device.type != "cuda":
             return support_problem(device.type, dtype, layer=layer)
         capability = torch.cuda.get_device_capability(device)
-        return support_problem("cuda", dtype, capability, triton_decode.triton_problem(), layer)
+        problem = support_problem("cuda", dtype, capability, triton_decode.triton_problem(), layer)
+        if problem is None and os.environ.get(OPT_IN_ENV) != "1":
+            return (
+                f"the Triton 2:4 decode kernel is opt-in until it has been timed on a GPU: set {OPT_IN_ENV}=1 to let "
+                "the autotuner time it (a layer runs it only where it measures faster than dense and the other kernels)."
+            )
+        return problem
 
     def shape_problem(self, shape: tuple[int, int], dtype: torch.dtype) -> str | None:
         """The kernel runs any `in_features` that is a multiple of 4, but takes only the shapes cuSPARSELt takes
