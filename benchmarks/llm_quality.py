@@ -42,7 +42,6 @@ from hf_sparse.squad import read_squad_json
 SPARSEGPT_OPTIONS = {
     "bias": {"sparsegpt_update_bias": True},
     "admm": {"sparsegpt_admm_steps": 30},
-    "dense": {"sparsegpt_dense_targets": True},
 }
 
 
@@ -107,8 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--criteria",
         default="magnitude",
         help="comma-separated: magnitude, wanda, sparsegpt, and SparseGPT's options joined by '+': "
-        "sparsegpt+bias (update the biases), sparsegpt+admm (30 ADMM steps), sparsegpt+dense (fit the dense "
-        "model's outputs: sparsegpt_dense_targets), e.g. sparsegpt+dense+admm",
+        "sparsegpt+bias (update the biases), sparsegpt+admm (30 ADMM steps), sparsegpt+bias+admm",
     )
     parser.add_argument("--calibration-samples", type=int, default=128, help="calibration sequences, at most")
     parser.add_argument("--calibration-length", type=int, default=512,

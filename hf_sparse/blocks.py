@@ -316,18 +316,6 @@ class StackInputs:
         while self.ready < index:
             self.advance()
 
-    def copy(self) -> StackInputs:
-        """A second stack over the same blocks and stored calls that advances on its own (calibration's dense stream):
-        the calls' containers are copied and their tensors shared, as `advance` replaces stored tensors and never
-        changes them, and every block already runs more than once on the same stored inputs."""
-        twin = StackInputs(self.name, self.blocks, 0)
-        twin.first, twin.ready, twin.links, twin.offload = self.first, self.ready, self.links, self.offload
-        twin.calls = {
-            index: [None if call is None else _map(call, lambda tensor: tensor) for call in calls]
-            for index, calls in self.calls.items()
-        }
-        return twin
-
     def nbytes(self) -> int:
         return stored_bytes([call for calls in self.calls.values() for call in calls if call is not None])
 

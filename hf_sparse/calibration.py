@@ -37,7 +37,6 @@ from torch import nn
 
 from .blocks import BLOCK_INPUTS, StackInputs, Unsupported, group_inputs, input_groups, layer_groups
 from .config import SparsityConfig
-from .input_stats import InputStats, non_finite_message
 
 logger = logging.getLogger(__name__)
 
@@ -342,6 +341,67 @@ def calibration_samples(batches: list[CalibrationBatch]) -> int:
 # -- statistics ------------------------------------------------------------------------------------------------------
 
 
+class _InputStats:
+    """Running statistics of a linear layer's inputs over the calibration tokens (padding excluded).
+
+    Wanda needs `sq_norms`, the sum of squared inputs per feature. SparseGPT needs `hessian`, the sum of `x x^T`;
+    with `constant_input`, over the inputs with a 1 appended (the bias is the weight of that input).
+    """
+
+    def __init__(self, in_features: int, hessian: bool, device: torch.device, constant_input: bool = False):
+        self.tokens = 0
+        self.unmatched = False
+        self.constant_input = constant_input and hessian
+        size = in_features + self.constant_input
+        self.sq_norms = None if hessian else torch.zeros(in_features, device=device, dtype=torch.float32)
+        self.hessian = torch.zeros(size, size, device=device, dtype=torch.float32) if hessian else None
+        self.device = device
+
+    def _tokens(self, x: torch.Tensor, token_masks: list[torch.Tensor]) -> torch.Tensor:
+        x = x.detach().reshape(-1, x.shape[-1])
+        # the stream (encoder or decoder) whose number of tokens the inputs have
+        token_mask = next((mask for mask in token_masks if mask.numel() == x.shape[0]), None)
+        if token_mask is not None:
+            x = x[token_mask.reshape(-1).to(x.device)]
+        elif any(not bool(mask.all()) for mask in token_masks):
+            self.unmatched = True  # the batch has padding, but these inputs cannot be told where it is
+        x = x.to(self.device, torch.float32)
+        if self.constant_input:
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        return x
+
+    def add(self, x: torch.Tensor, token_masks: list[torch.Tensor]) -> None:
+        x = self._tokens(x, token_masks)
+        self.tokens += x.shape[0]
+        if self.hessian is not None:
+            self.hessian.addmm_(x.T, x)
+        else:
+            self.sq_norms += (x * x).sum(dim=0)
+
+    def finite(self) -> bool:
+        """Whether the statistics are finite: a NaN or inf input (at a real token), or inputs whose squares overflow
+        float32, make the sums of squares (Wanda's norms, the Hessian's diagonal) non-finite."""
+        squares = self.sq_norms if self.hessian is None else torch.diagonal(self.hessian)
+        return bool(torch.isfinite(squares).all())
+
+
+def _non_finite_message(name: str, index: int, stat: _InputStats, calls: list, masks: list) -> str:
+    """Why the statistics of layer `name` stopped being finite on calibration batch `index`."""
+    inputs = [stat._tokens(x, masks) for x in calls]
+    where = f"the calibration inputs of {name} on calibration batch {index}"
+    if all(bool(torch.isfinite(x).all()) for x in inputs):
+        largest = max(float(x.abs().max()) for x in inputs if x.numel())
+        return (
+            f"{where} are so large (up to {largest:.3g}) that their squares overflow float32: scale the data, or "
+            "check the model's weights and normalisation layers before this layer. Nothing was pruned."
+        )
+    return (
+        f"{where} hold NaN or inf values, the first layer (in forward order) whose inputs do; the calibration data is "
+        f"finite, so the model produced them ({calls[0].dtype} activations): non-finite weights before this layer, or "
+        "an overflow of its dtype (run calibration in float32). Nothing was pruned."
+    )
+
+
 def stats_device(model: nn.Module, device=None) -> torch.device:
     """Where statistics and solves run: `device`, else the model's accelerator, else CUDA if any, else the CPU."""
     if device is not None:
@@ -362,8 +422,7 @@ def block_statistics(
     sequential: bool = False,
     constant_input: bool = False,
     block_inputs: str = "auto",
-    dense_targets: bool = False,
-) -> Iterator[dict[str, InputStats]]:
+) -> Iterator[dict[str, _InputStats]]:
     """Yields, group after group (block after block, or with `sequential` the groups of layers that share an
     input), the input statistics of `layers` in that group over `batches`.
 
@@ -388,21 +447,11 @@ def block_statistics(
     each block is reached by running the model from its inputs again (k(k+1)/2 block passes for k blocks, against
     about 3 per block on stored inputs), and the first two terms are one batch's.
 
-    With `dense_targets` (SparseGPT, block by block, on stored inputs), a second stream of stored inputs runs the
-    blocks before they are pruned, and each layer's statistics pair its inputs in the pruned model with its inputs in
-    the dense one (`InputStats.cross`): one more B·T·h·s term, and two more passes of each block.
-
     Args:
         block_inputs: "auto", "device" (keep them where the model computes them), "cpu" or "none".
-        dense_targets: also gather `cross` (see `hf_sparse.refit.dense_target_weight`).
     """
     if block_inputs not in BLOCK_INPUTS:
         raise ValueError(f"block_inputs must be one of {BLOCK_INPUTS}; got {block_inputs!r}.")
-    if dense_targets and (not hessian or sequential or block_inputs == "none"):
-        raise ValueError(
-            "sparsegpt_dense_targets=True needs criterion='sparsegpt', sequential_calibration=False and blocks run "
-            f"on stored inputs (block_inputs 'auto', 'device' or 'cpu'; got {block_inputs!r})."
-        )
     modules = dict(model.named_modules())
     was_training = model.training
     model_config = getattr(model, "config", None)
@@ -412,22 +461,15 @@ def block_statistics(
         model_config.use_cache = False  # a KV cache would grow with every block pass
     try:
         groups = input_groups(model, layers, batches[0].inputs) if sequential else layer_groups(model, layers)
-        stack, dense_stack, stack_name = None, None, None
+        stack, stack_name = None, None
         for position, (block, names) in enumerate(groups):
             if block is None or _stack_name(block) != stack_name:
-                stack = dense_stack = None  # frees the stored inputs of the stack before
+                stack = None  # frees the stored inputs of the stack before
                 stack = _stack_inputs(model, groups, position, batches, block_inputs)
                 stack_name = block and _stack_name(block)
-                dense_stack = _dense_stream(stack, block, names) if dense_targets else None
             targets = {name: layers[name] for name in names}
             stats = {
-                name: InputStats(
-                    layer.in_features,
-                    hessian,
-                    device,
-                    constant_input and layer.bias is not None,
-                    dense_stack is not None,
-                )
+                name: _InputStats(layer.in_features, hessian, device, constant_input and layer.bias is not None)
                 for name, layer in targets.items()
             }
             if stack is not None:
@@ -437,10 +479,7 @@ def block_statistics(
                     seen = stack.record(_block_index(block), index, targets, stop_after_group=sequential)
                 else:
                     seen = group_inputs(model, targets, block, modules.get(block), batch.inputs, sequential)
-                dense_seen = dense_stack and dense_stack.record(_block_index(block), index, targets, False)
-                _add(stats, seen, index, batch, dense_seen)
-            if dense_stack is not None and _block_index(block) < max(dense_stack.blocks):
-                dense_stack.advance()  # the dense stream runs this block before the caller prunes it
+                _add(stats, seen, index, batch)
             _check_reached(stats)
             yield stats
             del stats
@@ -486,36 +525,17 @@ def _stack_inputs(model: nn.Module, groups: list, position: int, batches: list, 
     return stack
 
 
-def _dense_stream(stack: StackInputs | None, block: str | None, names: list[str]) -> StackInputs | None:
-    """The dense model's stream of stored inputs beside `stack`'s (None for layers outside the blocks, which take
-    the pruned model's inputs as their targets' inputs); refuses a stack whose blocks do not run on stored inputs."""
-    if block is None:
-        return None
-    if stack is None:
-        raise ValueError(
-            f"sparsegpt_dense_targets=True: the blocks of {_stack_name(block)} (first layer {names[0]}) cannot run "
-            "on stored inputs (the warning above says why), so the dense model's inputs cannot be kept beside the "
-            "pruned model's; calibrate without sparsegpt_dense_targets. Nothing was pruned."
-        )
-    return stack.copy()
-
-
-def _add(
-    stats: dict[str, InputStats], seen: dict[str, list], index: int, batch: CalibrationBatch, dense_seen=None
-) -> None:
-    """Adds one batch's recorded inputs (with `dense_seen`, paired with the dense model's) to the statistics; names
-    the first layer (in forward order) whose statistics stop being finite."""
+def _add(stats: dict[str, _InputStats], seen: dict[str, list], index: int, batch: CalibrationBatch) -> None:
+    """Adds one batch's recorded inputs to the statistics; names the first layer (in forward order) whose
+    statistics stop being finite."""
     for name, calls in seen.items():
-        for position, x in enumerate(calls):
-            if dense_seen is None:
-                stats[name].add(x, batch.token_masks)
-            else:
-                stats[name].add_pair(x, dense_seen[name][position], batch.token_masks)
+        for x in calls:
+            stats[name].add(x, batch.token_masks)
         if not stats[name].finite():
-            raise ValueError(non_finite_message(name, index, stats[name], calls, batch.token_masks))
+            raise ValueError(_non_finite_message(name, index, stats[name], calls, batch.token_masks))
 
 
-def _check_reached(stats: dict[str, InputStats]) -> None:
+def _check_reached(stats: dict[str, _InputStats]) -> None:
     _warn_unmatched([name for name, stat in stats.items() if stat.unmatched])
     for name, stat in stats.items():
         if stat.tokens == 0:

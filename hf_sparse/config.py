@@ -125,16 +125,6 @@ class SparsityConfig:
             "ADMM's, refits to the lower output error. Implies sparsegpt_refit."
         },
     )
-    sparsegpt_dense_targets: bool = field(
-        default=False,
-        metadata={
-            "help": "sparsegpt: fit each layer's pruned outputs to the dense model's outputs on the dense model's "
-            "inputs, not to the dense layer's outputs on the pruned model's inputs, so that each layer also corrects "
-            "the error the pruned layers before it left in its inputs (asymmetric calibration). Keeps the dense "
-            "model's block inputs beside the pruned model's (twice the stored inputs, two more passes per block); "
-            "block by block only (sequential_calibration=False).",
-        },
-    )
     mask_start_step: int = field(
         default=0,
         metadata={
@@ -200,11 +190,6 @@ class SparsityConfig:
                 f"sparsegpt_admm_steps must be an integer >= 0 (0: off, 30 is a good start); "
                 f"got {self.sparsegpt_admm_steps!r}."
             )
-        if self.criterion == "sparsegpt" and self.sparsegpt_dense_targets and self.sequential_calibration:
-            raise ValueError(
-                "sparsegpt_dense_targets=True calibrates block by block, beside the dense model's stream of block "
-                "inputs: set sequential_calibration=False, or sparsegpt_dense_targets=False."
-            )
         if not isinstance(self.mask_start_step, int) or self.mask_start_step < 0:
             raise ValueError(f"mask_start_step must be an integer >= 0; got {self.mask_start_step!r}.")
         if self.mask_update_every is not None and (
@@ -254,7 +239,6 @@ class SparsityConfig:
         names = ["calibration_samples", "sequential_calibration"]
         if self.criterion == "sparsegpt":
             names += ["sparsegpt_damping", "sparsegpt_update_bias", "sparsegpt_refit", "sparsegpt_admm_steps"]
-            names += ["sparsegpt_dense_targets"]
         return {name: getattr(self, name) for name in names}
 
     def to_dict(self) -> dict:
@@ -274,7 +258,6 @@ _BOOL_FIELDS = (
     "sequential_calibration",
     "sparsegpt_update_bias",
     "sparsegpt_refit",
-    "sparsegpt_dense_targets",
     "swap_at_end",
     "log_per_layer",
 )

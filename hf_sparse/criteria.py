@@ -31,7 +31,7 @@ from .calibration import (
 from .config import SparsityConfig
 from .masks import nm_mask, nm_mask_from_scores
 from .numerics import count_non_finite, non_finite
-from .refit import admm_mask, check_refit_method, dense_target_weight, output_error, refit_kept
+from .refit import admm_mask, check_refit_method, output_error, refit_kept
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,6 @@ def sparsegpt_prune_(
     refit: bool = False,
     admm_steps: int = 0,
     refit_method: str = "auto",
-    cross: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SparseGPT N:M pruning of one weight in place: mask selection plus the OBS update of the kept weights.
 
@@ -140,8 +139,6 @@ def sparsegpt_prune_(
         refit: solve each row's kept weights exactly after the pass.
         admm_steps: if > 0, also search a mask by that many ADMM steps and keep the better (implies `refit`).
         refit_method: the refit's solver, "auto", "cholesky" or "cg" (see `refit_kept`).
-        cross: `sum x_d x^T`, the dense model's inputs against `hessian`'s: fit the dense model's outputs on its own
-            inputs instead of the layer's on `hessian`'s (`hf_sparse.refit.dense_target_weight`).
 
     Returns:
         The boolean mask of kept weights, on `weight`'s device.
@@ -173,8 +170,6 @@ def sparsegpt_prune_(
     dead = torch.diag(H) == 0  # inputs that are always zero: their weights do not matter; keep H invertible
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    if cross is not None:
-        W = dense_target_weight(W, cross.to(device, torch.float32), H, damping, name)
     dense = W.clone() if refit or admm_steps else None
     Hinv = _upper_cholesky_of_inverse(H, damping, name)
     keep = torch.zeros(rows, cols, dtype=torch.bool, device=device)
@@ -374,7 +369,6 @@ def _prune_block_by_block(
         sequential=config.sequential_calibration,
         constant_input=update_bias,
         block_inputs=block_inputs,
-        dense_targets=hessian and config.sparsegpt_dense_targets,
     )
     # A progress bar per block, as the Trainer shows for steps (transformers' tqdm: off with
     # HF_HUB_DISABLE_PROGRESS_BARS=1 or transformers.utils.logging.disable_progress_bar(); main process only).
@@ -398,7 +392,6 @@ def _prune_block_by_block(
                     bias=local_tensor(layers[name].bias, f"{name}.bias") if stat.constant_input else None,
                     refit=config.sparsegpt_refit,
                     admm_steps=config.sparsegpt_admm_steps,
-                    cross=stat.cross,
                 )
             else:
                 mask = wanda_mask(weight, stat.sq_norms, config.n, config.m, name)

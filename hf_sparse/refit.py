@@ -24,37 +24,6 @@ def check_refit_method(method: str, name: str) -> None:
         raise ValueError(f"{name}: refit method must be 'auto', 'cholesky' or 'cg'; got {method!r}.")
 
 
-@torch.no_grad()
-def dense_target_weight(
-    weight: torch.Tensor, cross: torch.Tensor, hessian: torch.Tensor, damping: float = 0.01, name: str = "weight"
-) -> torch.Tensor:
-    """The dense weight that, on the pruned model's inputs `x`, best reproduces the dense model's outputs `W x_d` on
-    its own inputs `x_d` (the same tokens): `V = argmin ||V x - W x_d||^2 + λ||V - W||^2 = (W C + λW)(H + λI)^-1`,
-    with `C = sum x_d x^T`, `H = sum x x^T` and λ = `damping` times H's mean diagonal, pulling unseen directions to
-    `W` as `refit_kept` does.
-
-    Pruning `V` instead of `W` under the same Hessian (SparseGPT, refit, ADMM) fits the dense model's outputs, so each
-    layer also corrects the error that the pruned layers before it left in its inputs: `||V_s x - W x_d||^2` is
-    `||(V_s - V) x||^2` plus a constant. With `C = H` (inputs unchanged by earlier pruning) `V = W`.
-
-    Args:
-        weight: `(rows, size)` float32 dense weight (a bias column last, with inputs that end in a constant 1).
-        cross: `(size, size)` float32 `sum x_d x^T` over the calibration tokens.
-        hessian: `(size, size)` float32 `sum x x^T`, no zero diagonal entries.
-        damping, name: as in `refit_kept`.
-    """
-    ridge = damping * torch.diag(hessian).mean()
-    eye = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
-    lower, info = torch.linalg.cholesky_ex(hessian + ridge * eye)
-    if info != 0:
-        raise RuntimeError(
-            f"{name}: the Hessian of its calibration inputs is not positive definite with damping {damping:g}; raise "
-            "sparsegpt_damping or give more calibration samples."
-        )
-    target = weight @ cross + ridge * weight
-    return torch.cholesky_solve(target.T, lower).T
-
-
 CG_MIN_KEPT = 1024
 """On a GPU, `refit_kept` solves rows that keep at least this many weights by conjugate gradients: one batched
 Cholesky factorisation per row costs `k^3 / 3` and runs far below the GPU's matmul speed (a 4096x14336 layer: 38.6 s
