@@ -391,9 +391,11 @@ def prune_zero_shot(run: Run, dense):
     start = time.perf_counter()
     masks = hf_sparse.prune_(pruned, chosen_by, calibration_data=calibration, device=run.training_args.device)
     seconds = time.perf_counter() - start
+    digests = stages.check_replicas_agree(masks, "after pruning")  # every rank pruned the whole model
     if not run.done("pruned"):
         rows = hf_sparse.sparsity_report(pruned, run.sparsity.n, run.sparsity.m, layers=list(masks))
         run.record("pruned", {**run.evaluate(pruned), "prune_seconds": seconds, "layers": len(masks),
+                              "mask_digests_by_rank": digests,
                               "sparsity": hf_sparse.masks.total_sparsity(rows),
                               "calibration_samples": chosen_by.calibration_samples if calibration else 0})  # fmt: skip
     return pruned, masks, chosen_by
