@@ -113,7 +113,7 @@ def time_layer(
 ) -> dict[str, float]:
     """Seconds that `sparsegpt_prune_` takes on one random `(out_features, in_features)` layer for each SparseGPT
     variant in `criteria` (magnitude and Wanda are not timed here: they cost next to nothing per layer), with the
-    refit's solver `refit_method` (see `hf_sparse.criteria.refit_kept`). The Hessians are formed first and one plain
+    refit's solver `refit_method` (see `hf_sparse.refit.refit_kept`). The Hessians are formed first and one plain
     SparseGPT pass on the shape warms up, neither timed; each variant then runs once."""
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(0)

@@ -34,12 +34,15 @@ import torch
 from benchmarks._common import DEFAULT_DATA
 from hf_sparse import SparsityConfig, prune_, sparsity_report
 from hf_sparse.lm import answer_choice_accuracy, answer_choice_questions, perplexity
-from hf_sparse.lm.data import split_by_article, spread
+from hf_sparse.lm.data import packed_sequences, split_by_article, spread
 from hf_sparse.lm.smollm2 import smollm2_folder as _smollm2_folder
 from hf_sparse.run_report import environment
 from hf_sparse.squad import read_squad_json
 
-SPARSEGPT_OPTIONS = {"bias": {"sparsegpt_update_bias": True}, "admm": {"sparsegpt_admm_steps": 30}}
+SPARSEGPT_OPTIONS = {
+    "bias": {"sparsegpt_update_bias": True},
+    "admm": {"sparsegpt_admm_steps": 30},
+}
 
 
 def sparsity_config(row: str, calibration_samples: int) -> SparsityConfig:
@@ -105,7 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
         help="comma-separated: magnitude, wanda, sparsegpt, and SparseGPT's options joined by '+': "
         "sparsegpt+bias (update the biases), sparsegpt+admm (30 ADMM steps), sparsegpt+bias+admm",
     )
-    parser.add_argument("--calibration-samples", type=int, default=64)
+    parser.add_argument("--calibration-samples", type=int, default=128, help="calibration sequences, at most")
+    parser.add_argument("--calibration-length", type=int, default=512,
+                        help="the calibration paragraphs joined and cut into sequences of this many tokens "
+                        "(hf_sparse.lm.data.packed_sequences); 0: each paragraph alone, padded")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
@@ -132,17 +138,20 @@ def main(argv: list[str] | None = None) -> dict:
         model = copy.deepcopy(dense)
         config = sparsity_config(criterion, args.calibration_samples)
         data = None
-        if config.criterion != "magnitude":
+        if config.criterion != "magnitude" and args.calibration_length:
+            data = packed_sequences(tokenizer, calibration, args.calibration_length, args.calibration_samples)
+        elif config.criterion != "magnitude":
             data = tokenizer(
-                calibration, truncation=True, max_length=args.max_length, padding=True, return_tensors="pt"
-            )
+                calibration[: args.calibration_samples], truncation=True, max_length=args.max_length, padding=True,
+                return_tensors="pt",
+            )  # fmt: skip
         start = time.perf_counter()
         masks = prune_(model, config, calibration_data=data, device=args.device)
         prune_seconds = time.perf_counter() - start
         assert all(r.is_nm for r in sparsity_report(model, layers=list(masks)))
         print(f"{criterion} 2:4, zero-shot ({len(masks)} layers pruned in {prune_seconds:.1f} s)")
         rows[criterion] = measure(model, tokenizer, paragraphs, questions, args)
-        rows[criterion].update(layers=len(masks), prune_seconds=prune_seconds)
+        rows[criterion].update(layers=len(masks), prune_seconds=prune_seconds, calibration=masks.calibration)
         del model
 
     dense_ppl = rows["dense"]["perplexity"]

@@ -49,7 +49,7 @@ from hf_sparse.lm import (
     perplexity,
     teacher_generations,
 )
-from hf_sparse.lm.data import language_modeling_rows, read_texts, split_by_article, spread
+from hf_sparse.lm.data import language_modeling_rows, packed_sequences, read_texts, split_by_article, spread
 from hf_sparse.lm.generation import generation_speed
 from hf_sparse.parser import RecipeParser, check_hub_sources
 
@@ -127,7 +127,8 @@ class RecipeArguments:
     max_length: int = field(
         default=512,
         metadata={"help": "Tokens: each evaluation paragraph is scored alone up to this many (perplexity is "
-                  "comparable only at the same length and tokenizer), and calibration and recovery text is cut here."},
+                  "comparable only at the same length and tokenizer), recovery text is cut here, and the calibration "
+                  "paragraphs are joined and cut into sequences of this many (hf_sparse.lm.data.packed_sequences)."},
     )  # fmt: skip
     chat_template: bool = field(
         default=False,
@@ -380,17 +381,21 @@ def prune_zero_shot(run: Run, dense):
     run.begin("pruned")
     pruned, calibration, chosen_by = copy.deepcopy(dense), None, run.sparsity
     if run.sparsity.criterion != "magnitude":
-        texts = list(dict.fromkeys(r["context"] for r in run.records[0]))[: run.sparsity.calibration_samples]
-        calibration = run.tokenizer(texts, truncation=True, max_length=run.args.max_length, padding=True,
-                                    return_tensors="pt")  # fmt: skip
-        # config.json and the card record how many paragraphs calibrated, not how many were asked for
-        chosen_by = dataclasses.replace(run.sparsity, calibration_samples=len(texts))
+        texts = list(dict.fromkeys(r["context"] for r in run.records[0]))
+        try:  # the paragraphs joined and cut into full sequences: SparseGPT's and Wanda's calibration, no padding
+            calibration = packed_sequences(run.tokenizer, texts, run.args.max_length, run.sparsity.calibration_samples)
+        except ValueError as err:
+            raise ValueError(f"calibration paragraphs: {err} Lower --max_length, or give more text.") from None
+        # config.json and the card record how many sequences calibrated, not how many were asked for
+        chosen_by = dataclasses.replace(run.sparsity, calibration_samples=len(calibration["input_ids"]))
     start = time.perf_counter()
     masks = hf_sparse.prune_(pruned, chosen_by, calibration_data=calibration, device=run.training_args.device)
     seconds = time.perf_counter() - start
+    digests = stages.check_replicas_agree(masks, "after pruning")  # every rank pruned the whole model
     if not run.done("pruned"):
         rows = hf_sparse.sparsity_report(pruned, run.sparsity.n, run.sparsity.m, layers=list(masks))
         run.record("pruned", {**run.evaluate(pruned), "prune_seconds": seconds, "layers": len(masks),
+                              "mask_digests_by_rank": digests,
                               "sparsity": hf_sparse.masks.total_sparsity(rows),
                               "calibration_samples": chosen_by.calibration_samples if calibration else 0})  # fmt: skip
     return pruned, masks, chosen_by

@@ -12,8 +12,9 @@ from transformers import BertForQuestionAnswering, Trainer, TrainingArguments
 from hf_sparse import SparsityCallback, SparsityConfig, prune_, sparsity_report
 from hf_sparse.blocks import input_groups
 from hf_sparse.calibration import block_statistics, calibration_batches, prepare_batch
-from hf_sparse.criteria import admm_mask, compute_masks, output_error, refit_kept, sparsegpt_prune_, wanda_mask
+from hf_sparse.criteria import compute_masks, sparsegpt_prune_, wanda_mask
 from hf_sparse.masks import nm_mask
+from hf_sparse.refit import admm_mask, output_error, refit_kept
 from hf_sparse.selection import select_layers
 from tests.conftest import RandomQADataset, tiny_bert_config
 
@@ -197,7 +198,7 @@ def test_conjugate_gradient_refit_gives_the_cholesky_weights(with_bias):
 
 
 def test_conjugate_gradients_that_cannot_reach_the_tolerance_stop_and_say_so(caplog):
-    from hf_sparse.criteria import _conjugate_gradients
+    from hf_sparse.refit import _conjugate_gradients
 
     x = _correlated_inputs(512, 32, seed=1)
     H = x.T @ x + 0.01 * torch.eye(32)

@@ -89,6 +89,25 @@ def test_the_offline_default_reports_every_stage_and_saves_an_exact_2_4_checkpoi
     assert "recipes/llm_24.py" in card and "Perplexity" in card and "20 paragraphs and 40 questions" in card
 
 
+@pytest.mark.slow
+def test_two_processes_prune_the_same_masks_and_save_an_exact_2_4_checkpoint(tmp_path):
+    # accelerate runs FSDP only on GPUs (on CPUs its FSDP config falls back to plain data parallelism): the FSDP2
+    # logic is tested by the torchrun scripts of test_callback, test_distillation and test_calibration_llm
+    config = REPO / "recipes" / "accelerate_cpu.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+              "--main_process_port", "0", str(RECIPE), "--use_cpu", "true", "--output_dir", str(tmp_path), *TINY]  # fmt: skip
+    result = subprocess.run(launch, env=subprocess_env(), capture_output=True, text=True, timeout=HANG_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    digests = report["stages"]["pruned"]["mask_digests_by_rank"]
+    assert report["environment"]["processes"] == 2 and len(digests) == 2 and digests[0] == digests[1]
+    assert report["stages"]["sparse"]["all_layers_exact"] is True and report["stages"]["sparse"]["train_steps"] == 2
+    assert result.stdout.count("## Stages") == 1  # the main process reports
+    sparse = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")
+    projections = [m.weight for n, m in sparse.named_modules() if n.endswith(("_proj",)) and hasattr(m, "weight")]
+    assert len(projections) == 14 and all(is_nm(w, 2, 4) for w in projections)
+
+
 def test_a_rerun_skips_what_is_done_and_keeps_its_numbers(finished):
     output_dir, _ = finished
     before = json.loads((output_dir / "report.json").read_text())["stages"]

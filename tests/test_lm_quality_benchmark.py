@@ -11,6 +11,7 @@ import pytest
 from benchmarks import llm_quality
 from hf_sparse import prune_
 from hf_sparse.lm import answer_choice_accuracy, answer_choice_questions, byte_tokenizer, perplexity
+from hf_sparse.lm.data import packed_sequences
 from hf_sparse.squad import read_squad_json
 from tests.conftest import shared_data
 from tests.test_lm_evaluation import tiny_llama
@@ -61,3 +62,16 @@ def test_criteria_rows_name_sparsegpt_options_and_refuse_unknown_ones():
         llm_quality.sparsity_config("wanda+bias", 16)
     with pytest.raises(SystemExit, match="unknown option"):
         llm_quality.sparsity_config("sparsegpt+admmm", 16)
+
+
+def test_packed_calibration_sequences_are_the_texts_joined_and_cut_without_padding():
+    tokenizer = byte_tokenizer()
+    texts = ["first paragraph", "a second one", "and a third, longer than the others"]
+    eos = [tokenizer.eos_token_id]
+    joined = [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"] + eos]
+    packed = packed_sequences(tokenizer, texts, 16)
+    assert packed["input_ids"].tolist() == [joined[i : i + 16] for i in range(0, len(joined) - 15, 16)]
+    assert bool(packed["attention_mask"].all()) and packed["input_ids"].shape == (len(joined) // 16, 16)
+    assert packed_sequences(tokenizer, texts, 16, max_sequences=1)["input_ids"].tolist() == [joined[:16]]
+    with pytest.raises(ValueError, match="fewer than one sequence of 1000"):
+        packed_sequences(tokenizer, texts, 1000)

@@ -274,3 +274,25 @@ def language_modeling_rows(tokenizer, texts: Sequence[str], max_length: int):
             "labels": [list(ids) for ids in encoded["input_ids"]],
         }  # fmt: skip
     )
+
+
+def packed_sequences(tokenizer, texts: Sequence[str], length: int, max_sequences: int | None = None) -> dict:
+    """Calibration text as SparseGPT and Wanda calibrate on it: `texts` tokenized, joined (each followed by the
+    tokenizer's end-of-sequence token) and cut into sequences of exactly `length` tokens, with no padding; the
+    last, shorter piece is left out. Short texts such as paragraphs then give `length` real tokens per sequence instead
+    of being padded to the longest one.
+
+    Returns:
+        `{"input_ids", "attention_mask"}`, `(sequences, length)` tensors, at most `max_sequences` sequences.
+    """
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be an integer >= 1; got {length!r}.")
+    eos = tokenizer.eos_token_id
+    ids = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+    sequences = len(ids) // length if max_sequences is None else min(len(ids) // length, max_sequences)
+    if sequences == 0:
+        raise ValueError(f"the {len(texts)} text(s) hold {len(ids)} tokens, fewer than one sequence of {length}.")
+    input_ids = torch.tensor(ids[: sequences * length]).view(sequences, length)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
