@@ -246,6 +246,8 @@ class Kernel(Protocol):
     Attributes:
         name: the key of its timings in the autotuning cache, and of its `Run`s.
         label: how reasons name it ("cuSPARSELt", "CUTLASS kernel").
+        layout: the tensors it reads the weight from ("cusparselt", "triton_decode", "dense"): kernels of one layout
+            share a layer's bytes; a layer holds one layout or, where the memory rule allows, two (`policy.Holds`).
         status: the report's word for a layer on it ("sparse", "fp8 2:4"; "+dense" is added for a dense copy).
         untuned: what a layer on it runs when nothing was tuned, for the report.
         weights: how it holds the weight values (`Weights.MODEL`: the layer's dtype; `Weights.E4M3`: FP8).
@@ -260,6 +262,7 @@ class Kernel(Protocol):
 
     name: str
     label: str
+    layout: str
     status: str
     untuned: str
     weights: Weights

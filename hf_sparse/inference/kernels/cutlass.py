@@ -15,6 +15,7 @@ from .base import Config, Gelu, GemmInputs, GemmRequest, LayerSpec, Problem, Swe
 
 class CutlassKernel:
     name = "cutlass"
+    layout = "cutlass"  # values and the sm90 kernel's metadata (cutlass.compress)
     label = "CUTLASS kernel"
     status = "sparse"
     untuned = "the CUTLASS kernel's first configuration"

@@ -13,6 +13,7 @@ from .base import DENSE_NAME, Config, Gelu, GemmInputs, GemmRequest, LayerSpec, 
 
 class DenseKernel:
     name = DENSE_NAME
+    layout = "dense"  # the model's own weight
     label = "dense"
     status = "dense"
     untuned = "dense"

@@ -14,6 +14,7 @@ from .fp8 import fp8_problem, fp8_shape_problem, quantized
 
 class Fp8DenseKernel:
     name = "fp8-dense"
+    layout = "e4m3"  # dense e4m3 values, float32 scales
     label = "dense FP8"
     status = "fp8 dense"
     untuned = "dense FP8"
