@@ -10,7 +10,8 @@
 - `autotune.py`: the `Autotuner`, timings per kernel, GEMM shape and token count, cached on disk; `tuning.py`: the
   measuring behind it, one generic sweep, in a child process that a GPU fault cannot spread from.
 - the layers: `layers.py` (`SemiStructuredLinear`, fused q/k/v), `cutlass_linear.py` (`CutlassSparseLinear`),
-  `triton_linear.py` (`TritonDecodeLinear`), `multi_layout.py` (`MultiLayoutLinear`: two kernels' layouts), `fp8.py` (`Fp8Linear`, `Fp8Config`; `quantization.py`: their e4m3 scaling).
+  `triton_linear.py` (`TritonDecodeLinear`), `multi_layout.py` (`MultiLayoutLinear`: two kernels' layouts), `fp8.py`
+  (`Fp8Linear`, `Fp8Config`; `quantization.py`: their e4m3 scaling).
 - the bindings: `cusparselt.py` (cuSPARSELt plans kept per shape and token count, bound with ctypes to PyTorch's own
   library), `cutlass.py` (the CUTLASS sm90 kernel, compiled on first use from `csrc/sm90_sparse_gemm.cu`), `triton_decode.py` (the
   decode kernel's layout and launcher; `_decode_jit.py`, its Triton code, imported on first use).
