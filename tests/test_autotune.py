@@ -83,7 +83,7 @@ def test_disk_cache_round_trip(tmp_path):
     assert again == first
 
     on_disk = json.loads(path.read_text())
-    assert on_disk["version"] == CACHE_VERSION == 2
+    assert on_disk["version"] == CACHE_VERSION == 3
     device = "NVIDIA H200 (sm90)|torch 2.11.0|cuda 13.0|cusparselt 800"
     assert sorted(on_disk["devices"][device]) == [
         "cusparselt|3072x768|float16|bias|tokens<=131072",
@@ -101,20 +101,37 @@ def test_disk_cache_round_trip(tmp_path):
     assert len(json.loads(path.read_text())["devices"]) == 2
 
 
-def test_a_cache_of_the_old_format_is_measured_again_and_rewritten(tmp_path, caplog):
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_cache_of_an_old_format_is_measured_again_and_rewritten(tmp_path, caplog, version):
     path = tmp_path / "tune.json"
     device = "NVIDIA H200 (sm90)|torch 2.11.0|cuda 13.0|cusparselt 800"
-    old = {"backend": "sparse", "alg_id": 3, "dense_ms": 1.2, "sparse_ms": 1.0, "tokens": 1536}
-    path.write_text(json.dumps({"version": 1, "devices": {device: {"3072x768|float16|bias|tokens<=2048": old}}}))
+    if version == 1:
+        old = {"3072x768|float16|bias|tokens<=2048": {"backend": "sparse", "alg_id": 3, "dense_ms": 1.2,
+                                                      "sparse_ms": 1.0, "tokens": 1536}}  # fmt: skip
+    else:  # version 2 timed the dense GEMM over 8 rows at 1 token
+        old = {"dense|3072x768|float16|bias|tokens<=8": {"ms": 0.5, "config": [], "tokens": 1, "candidates": 1}}
+    path.write_text(json.dumps({"version": version, "devices": {device: old}}))
     tuner = FakeTimings(cache_path=path)
+    request = gemm(tokens=1536) if version == 1 else gemm("dense", tokens=1)
     with caplog.at_level("WARNING", logger="hf_sparse.inference.autotune"):
-        timing = tuner.timing(gemm(tokens=1536), "cuda")
-    assert timing.ms == 1.5 and tuner.calls == [gemm(tokens=1536)]  # measured again, not read from the old entry
-    assert "format version 1 and this hf-sparse reads 2" in caplog.text and "timed again" in caplog.text
+        timing = tuner.timing(request, "cuda")
+    assert timing.ms in (1.5, 1.2) and tuner.calls == [request]  # measured again, not read from the old entry
+    assert f"format version {version} and this hf-sparse reads 3" in caplog.text and "timed again" in caplog.text
     on_disk = json.loads(path.read_text())
-    assert on_disk["version"] == 2 and list(on_disk["devices"][device]) == [
-        "cusparselt|3072x768|float16|bias|tokens<=2048"
-    ]
+    assert on_disk["version"] == 3 and list(on_disk["devices"][device]) == [cache_key(request)]
+
+
+def test_a_gemm_is_timed_over_exactly_the_token_rows_its_layer_runs(monkeypatch):
+    from hf_sparse.inference import tuning
+    from hf_sparse.inference.kernels import DENSE, KERNELS
+
+    monkeypatch.setattr(tuning, "time_graphed", lambda fn, inner, reps: float(fn().shape[0]))  # "ms": the rows run
+    for tokens in (1, 3, 8, 17):
+        assert tuning.sweep(DENSE, gemm("dense", 64, 32, torch.float32, True, tokens), "cpu").ms == tokens
+    # only the layers that pad a call's rows are timed padded: cuSPARSELt's (to 8) and the e4m3 2:4 one's (to 32)
+    assert {k.name: k.row_align for k in KERNELS} == {
+        "dense": 1, "cusparselt": 8, "cutlass": 1, "triton_decode": 1, "fp8-dense": 1, "fp8": 32
+    }  # fmt: skip
 
 
 def test_other_kernel_dtype_or_bias_is_another_entry(tmp_path):
@@ -133,7 +150,7 @@ def test_unreadable_cache_is_ignored_and_replaced(tmp_path):
     tuner = FakeTimings(cache_path=path)
     tuner.timing(gemm(out_features=768, tokens=64), "cuda")
     assert tuner.calls == [gemm(out_features=768, tokens=64)]
-    assert json.loads(path.read_text())["version"] == 2
+    assert json.loads(path.read_text())["version"] == CACHE_VERSION
 
 
 def test_default_cache_path_follows_environment(monkeypatch, tmp_path):

@@ -20,7 +20,7 @@ from torch import nn
 
 from hf_sparse import prune_
 from hf_sparse.inference import triton_decode
-from hf_sparse.inference.kernels import KERNELS, TRITON_DECODE
+from hf_sparse.inference.kernels import CUSPARSELT, KERNELS, TRITON_DECODE
 from hf_sparse.inference.kernels.base import GemmInputs, GemmRequest, Run, SweepSettings, Timing
 from hf_sparse.inference.kernels.triton_decode import support_problem
 from hf_sparse.inference.triton_linear import TritonDecodeLinear
@@ -165,12 +165,19 @@ print([k.name for k in KERNELS])
     assert "triton_decode" in names
 
 
-def test_the_autotuner_times_it_at_decode_row_counts_only():
+def test_the_autotuner_times_it_up_to_a_prefill_of_8192_rows_only(monkeypatch):
+    from hf_sparse.inference.kernels import triton_decode as plug_in
+
+    monkeypatch.setattr(plug_in, "compiled", lambda configs, call: [tuple(c) for c in configs])  # no GPU to build on
     w = two_four(64, 64)
-    inputs = GemmInputs(torch.zeros(128, 64, dtype=torch.float16), w, None, 128)
-    request = GemmRequest("triton_decode", 64, 64, torch.float16, False, 128)
-    problem = TRITON_DECODE.problem(request, inputs, SweepSettings())
-    assert problem.configs == []  # nothing timed, nothing compiled: the policy keeps the kernel listed before it
+    for rows, expected in ((512, triton_decode.configs_for(512)), (plug_in.PREFILL_ROWS + 1, [])):
+        inputs = GemmInputs(torch.zeros(rows, 64, dtype=torch.float16), w, None, rows)
+        request = GemmRequest("triton_decode", 64, 64, torch.float16, False, rows)
+        problem = TRITON_DECODE.problem(request, inputs, SweepSettings())
+        assert problem.configs == [tuple(c) for c in expected]  # above 8192 rows: nothing timed, nothing compiled
+    assert all(
+        c.uses_dot for c in triton_decode.configs_for(512)
+    )  # tensor-core tiles, one block of rows after another
 
 
 def llama_units():
@@ -207,13 +214,17 @@ def test_the_policy_runs_it_where_its_timings_win_and_keeps_cusparselt_where_it_
                               64: Run("triton_decode", tuple(triton_decode.default_config(64)))}  # fmt: skip
     # against cuSPARSELt's layer as it would run (dense at 1.2 ms, where cuSPARSELt's 1.5 ms loses): 1.2 / 0.7
     assert "runs on the Triton decode kernel (bias in its epilogue): 1.71x the cuSPARSELt GEMM" in decode[0].reason
-    # with a prefill token count it was not timed at, the layers stay on cuSPARSELt (the per-bucket choice of a
-    # sparse kernel is the policy's next step, #30)
+    # with a prefill token count it was not timed at: where a dense copy's bytes are allowed, the layers hold its layout
+    # in their place, beside cuSPARSELt's, and run it at 1 and 16 tokens (0.7 ms, not dense's 1.2)
     mixed = decide(units, DecodeTimings(cache_path=False), [1, 16, 8192], "copy", kernels=kernels)
-    assert {p.kernel.name for p in mixed} == {"cusparselt"} and all("Triton" not in p.reason for p in mixed)
-    # without it, the same timings decide as before it was listed
-    before = decide(units, DecodeTimings(cache_path=False), [1, 16, 8192], "copy", kernels=FP16_KERNELS)
-    assert [(p.status, p.runs, p.reason) for p in before] == [(p.status, p.runs, p.reason) for p in mixed]
+    assert {p.holds for p in mixed} == {(CUSPARSELT, TRITON_DECODE)} and {p.status for p in mixed} == {"sparse+sparse"}
+    assert [r.kernel for _, r in sorted(mixed[0].runs.items())] == ["triton_decode", "triton_decode", "cusparselt"]
+    # compressed only, one layout serves every token count: the kernel not timed at 8192 cannot take the layers,
+    # and the same timings decide as before it was listed
+    one = decide(units, DecodeTimings(cache_path=False), [1, 16, 8192], "none", kernels=kernels)
+    before = decide(units, DecodeTimings(cache_path=False), [1, 16, 8192], "none", kernels=FP16_KERNELS)
+    assert {p.kernel.name for p in one} == {"cusparselt"} and all("Triton" not in p.reason for p in one)
+    assert [(p.status, p.runs, p.reason) for p in before] == [(p.status, p.runs, p.reason) for p in one]
 
 
 # -- the layer without a kernel run (CPU) ------------------------------------------------------------------------------

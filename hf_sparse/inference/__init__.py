@@ -4,13 +4,14 @@
   (`SwapReport`) and `restore_dense_`.
 - `units.py`: the GEMMs a swap decides on (single layers, fused query/key/value groups, the GELU after a layer).
 - `policy.py`: which kernel each layer runs at each token count, what it holds and why: pure decisions from timings
-  (`fp8_policy.py`: the FP8 swap's rules).
+  (`fp8_policy.py`: the FP8 swap's rules; `holdings.py`: weight layouts, second layouts, a decoder's workload).
 - `kernels/`: one file per kernel (dense, cuSPARSELt 2:4, CUTLASS 2:4 with GELU in its epilogue, the Triton 2:4 decode
   kernel, FP8 2:4, dense FP8) and `kernels.KERNELS`, the list of them; `kernels/base.py` is the `Kernel` interface.
 - `autotune.py`: the `Autotuner`, timings per kernel, GEMM shape and token count, cached on disk; `tuning.py`: the
   measuring behind it, one generic sweep, in a child process that a GPU fault cannot spread from.
 - the layers: `layers.py` (`SemiStructuredLinear`, fused q/k/v), `cutlass_linear.py` (`CutlassSparseLinear`),
-  `triton_linear.py` (`TritonDecodeLinear`), `fp8.py` (`Fp8Linear`, `Fp8Config`; `quantization.py`: their e4m3 scaling).
+  `triton_linear.py` (`TritonDecodeLinear`), `multi_layout.py` (`MultiLayoutLinear`: two kernels' layouts), `fp8.py`
+  (`Fp8Linear`, `Fp8Config`; `quantization.py`: their e4m3 scaling).
 - the bindings: `cusparselt.py` (cuSPARSELt plans kept per shape and token count, bound with ctypes to PyTorch's own
   library), `cutlass.py` (the CUTLASS sm90 kernel, compiled on first use from `csrc/sm90_sparse_gemm.cu`), `triton_decode.py` (the
   decode kernel's layout and launcher; `_decode_jit.py`, its Triton code, imported on first use).

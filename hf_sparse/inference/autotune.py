@@ -33,9 +33,11 @@ logger = logging.getLogger(__name__)
 CACHE_ENV = "HF_SPARSE_CACHE"
 """Environment variable naming the autotuning cache file (default `~/.cache/hf_sparse/autotune.json`)."""
 
-CACHE_VERSION = 2
-"""The cache file's format. 2: one entry per kernel (`cache_key`); 1 (hf-sparse before kernels were plug-ins):
-cuSPARSELt's and dense timings together, ignored now."""
+CACHE_VERSION = 3
+"""The cache file's format. 3: every GEMM timed over the token rows its layer runs (`Kernel.row_align`); 2 timed the
+dense, CUTLASS and dense FP8 GEMMs over rows padded to 8 or 32 (at 1 token, cuBLAS at 8 rows against a decode kernel
+at 1), so its timings are measured again; 1 (hf-sparse before kernels were plug-ins): cuSPARSELt's and dense timings
+together. Files of another version are ignored and rewritten."""
 
 
 def default_cache_path() -> Path:

@@ -15,6 +15,14 @@ The rules, for a swap in the model's dtype (fp16, bf16):
   layer at least 1% faster, compared as the layer would run (with a dense copy, compressed only, or, for `AUTO`,
   both ways). A kernel that can run the GELU after the layer in its epilogue is timed and compared with it, against
   the others plus the separate GELU step.
+- Where a dense copy's bytes are allowed (`COPY`, `AUTO`), a layer may spend them on a second compressed layout
+  instead (`Holds.TWO`, `holdings.py`): each bucket then runs the faster of two 2:4 kernels (a decode kernel at 1-64
+  tokens, a GEMM kernel at prefill). It does where that runs the tuned token counts at least as fast as the copy
+  would, or faster than the kernel alone for a layer that never needs dense. `COMPRESSED` (the decoder LLMs'
+  default) holds one compressed layout and no copy: a layer whose kernel loses somewhere stays dense unless its
+  compressed weight is faster over the weighted token counts.
+- Token counts weigh the same, except for a decoder LLM's swap (`Options.workload`): a decode step counts as often as
+  a generation runs it (`holdings.Workload`), so a prefill kernel that loses at decode does not choose the layout.
 
 An FP8 swap follows the rules of `fp8_policy.py`, with the types and helpers of this module.
 """
@@ -25,6 +33,7 @@ import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .holdings import Workload, best_second, pair_kernel, pair_ms, weighted
 from .kernels.base import DENSE_NAME, Gelu, GemmRequest, Kernel, Run, Timing, Weights
 from .units import Unit
 
@@ -45,6 +54,9 @@ class DenseFallback(enum.StrEnum):
     """A dense copy for every such layer."""
     NONE = "none"
     """The compressed weight only."""
+    COMPRESSED = "compressed"
+    """No dense copy and one compressed layout: the compressed weight where it is faster than dense over the tuned
+    token counts (weighted by the workload), else the dense weight only. The default for decoder LLMs."""
 
 
 class Holds(enum.StrEnum):
@@ -54,6 +66,8 @@ class Holds(enum.StrEnum):
     COPY = "copy"
     COMPRESSED = "compressed"
     DENSE = "dense"
+    TWO = "two"
+    """Its kernel's weight and a second kernel's compressed layout (each bucket runs the faster kernel)."""
 
 
 class Outcome(enum.StrEnum):
@@ -78,16 +92,22 @@ class Fp8Options:
 @dataclass(frozen=True)
 class Options:
     """What a swap asks for: the dense fallback, the margin, the token counts tuned (bucket -> the token count named
-    for it; empty: nothing tuned) and, for an FP8 swap, its options."""
+    for it; empty: nothing tuned), for an FP8 swap its options, and for a decoder LLM the generation workload that
+    weighs the token counts (None: each counts the same)."""
 
     fallback: DenseFallback = DenseFallback.AUTO
     min_speedup: float = MIN_SPEEDUP
     buckets: Mapping[int, int] = field(default_factory=dict)
     fp8: Fp8Options | None = None
+    workload: Workload | None = None
 
     @property
     def tuned(self) -> bool:
         return bool(self.buckets)
+
+    def weight(self, bucket: int) -> float:
+        """How much a tuned bucket counts against the others (1.0 each without a workload)."""
+        return self.workload.weight(self.buckets[bucket]) if self.workload is not None else 1.0
 
 
 @dataclass
@@ -129,11 +149,12 @@ class LayerPlan:
     Args:
         unit: the unit.
         holds: the kernels whose weights the layer keeps, the one that builds the layer first (`(dense,)`: the layer
-            stays dense; `(cusparselt, dense)`: the compressed weight and a dense copy).
+            stays dense; `(cusparselt, dense)`: the compressed weight and a dense copy; `(triton_decode, cusparselt)`:
+            two compressed layouts).
         runs: token-count bucket -> what runs there, one of `holds` (empty: nothing was tuned; the layer runs its
             kernel's default).
         gelu: the GELU after the layer runs in the kernel's epilogue.
-        status: the report's word for it ("sparse", "sparse+dense", "dense", "fp8 2:4", "fp8 dense").
+        status: the report's word for it ("sparse", "sparse+dense", "sparse+sparse", "dense", "fp8 2:4", "fp8 dense").
         reason: why, with the measured speed-ups.
         times: token count -> (the dense GEMM's ms, the ms of what runs there), GELU included where it is fused.
     """
@@ -152,7 +173,12 @@ class LayerPlan:
 
     @property
     def keep_dense(self) -> bool:
-        return len(self.holds) > 1
+        return any(k.name == DENSE_NAME for k in self.holds[1:])
+
+    @property
+    def layouts(self) -> tuple[Kernel, ...]:
+        """The compressed kernels whose weights the layer holds (two for `Holds.TWO`)."""
+        return tuple(k for k in self.holds if k.name != DENSE_NAME)
 
 
 def fits(kernel: Kernel, unit: Unit) -> bool:
@@ -222,7 +248,7 @@ def decide(
     """One `LayerPlan` per unit, from the timings of `requests(units, kernels, options)`."""
     _check_not_fp8(options)
     verdicts = [_choose_kernel(unit, kernels, timings, options) if options.tuned else None for unit in units]
-    holds = _holds(units, verdicts, options.fallback)
+    holds = _holds(units, verdicts, options)
     return [_plan(unit, verdict, held, kernels, options) for unit, verdict, held in zip(units, verdicts, holds)]
 
 
@@ -241,12 +267,26 @@ class Verdict:
     """Why the GELU after the layer stays a separate step, where another kernel could have run it."""
     moved: str = ""
     """Why the layer runs on this kernel and not on the first one that takes it."""
+    second: Verdict | None = None
+    """The kernel of another layout the layer could hold beside this one (`Holds.TWO`), where the memory rule may
+    allow it."""
 
     @property
     def status(self) -> Outcome:
         if not any(self.wins.values()):
             return Outcome.DENSE
         return Outcome.SPARSE if all(self.wins.values()) else Outcome.MIXED
+
+    def weighted(self, options: Options, view: str) -> float:
+        """Weighted milliseconds over the tuned buckets: "own" (compressed only), "dense", "copy" (the faster of the
+        two per bucket) or "two" (beside `second`)."""
+        ms = {
+            "own": lambda b: self.own[b].ms,
+            "dense": lambda b: self.dense[b].ms,
+            "copy": lambda b: min(self.dense[b].ms or float("inf"), self.own[b].ms or float("inf")),
+            "two": lambda b: pair_ms(self, self.second, b, NEAR_TIE),
+        }[view]
+        return weighted({b: ms(b) for b in self.own}, options.weight)
 
     def speed(self) -> str:
         parts = []
@@ -269,9 +309,12 @@ def _choose_kernel(unit: Unit, kernels: Kernels, timings, options: Options) -> V
     fitting = kernels.fitting(unit, None)
     if not fitting:
         return None
-    chosen = _verdict(unit, fitting[0], kernels.dense, timings, options)
-    for kernel in fitting[1:]:
-        chosen = _challenge(chosen, _verdict(unit, kernel, kernels.dense, timings, options), options)
+    verdicts = [_verdict(unit, kernel, kernels.dense, timings, options) for kernel in fitting]
+    chosen = verdicts[0]
+    for verdict in verdicts[1:]:
+        chosen = _challenge(chosen, verdict, options)
+    if options.fallback in (DenseFallback.COPY, DenseFallback.AUTO) and chosen.status is not Outcome.DENSE:
+        chosen.second = best_second(chosen, [v for v in verdicts if v is not chosen], options.weight, NEAR_TIE)
     for kernel in kernels.swapping(None):  # a kernel that could run the GELU, but not here
         problem = kernels.reason(kernel, unit) if fits(kernel, unit) and fuses(kernel, unit) else None
         if problem:
@@ -301,7 +344,9 @@ def _challenge(held: Verdict, new: Verdict, options: Options) -> Verdict:
 
     if new.status is Outcome.DENSE:
         return keep(f"dense GEMM + GELU beat the {new.kernel.label} with GELU")
-    views = {DenseFallback.COPY: (True,), DenseFallback.NONE: (False,)}.get(options.fallback, (True, False))
+    views = {DenseFallback.COPY: (True,), DenseFallback.NONE: (False,), DenseFallback.COMPRESSED: (False,)}.get(
+        options.fallback, (True, False)
+    )
     on_new, on_held = dict.fromkeys(views, 0.0), dict.fromkeys(views, 0.0)
     for bucket in new.own:
         if not (new.dense[bucket].ms and new.own[bucket].ms and held.dense[bucket].ms):
@@ -313,8 +358,8 @@ def _challenge(held: Verdict, new: Verdict, options: Options) -> Verdict:
             gelu_ms = max(0.0, with_gelu.dense[bucket].ms - without.dense[bucket].ms)
         new_ms, held_ms = _as_run(new, held, bucket, gelu_ms), _as_run(held, new, bucket, gelu_ms)
         for with_copy in views:
-            on_new[with_copy] += new_ms[with_copy]
-            on_held[with_copy] += held_ms[with_copy]
+            on_new[with_copy] += options.weight(bucket) * new_ms[with_copy]
+            on_held[with_copy] += options.weight(bucket) * held_ms[with_copy]
     ratio = min(on_held[v] / on_new[v] for v in views)
     if ratio < NEAR_TIE:  # a near tie stays on the earlier kernel
         return keep(f"the {new.kernel.label} with GELU took {1 / ratio:.2f}x the time of this GEMM and GELU")
@@ -322,40 +367,55 @@ def _challenge(held: Verdict, new: Verdict, options: Options) -> Verdict:
     gelu = " + GELU" if new.gelu or held.gelu else ""
     new.moved = (
         f"runs on the {new.kernel.label} {what}: {ratio:.2f}x the {held.kernel.label} GEMM{gelu} over the tuned "
-        "token counts"
+        f"token counts{' (weighted by the workload)' if options.workload else ''}"
     )
     if not new.gelu:  # why GELU stays a separate step still holds on the new kernel
         new.notes[:0] = held.notes
     return new
 
 
-def _holds(units: Sequence[Unit], verdicts: Sequence[Verdict | None], fallback: DenseFallback) -> list[Holds | None]:
+def _holds(units: Sequence[Unit], verdicts: Sequence[Verdict | None], options: Options) -> list[Holds | None]:
     """What each unit holds (None: no verdict)."""
-    held: list[Holds | None] = []
-    for verdict in verdicts:
-        if verdict is None:
-            held.append(None)
-        elif verdict.status is not Outcome.MIXED:
-            held.append(Holds.DENSE if verdict.status is Outcome.DENSE else Holds.COMPRESSED)
-        else:
-            held.append(Holds.COMPRESSED if fallback is DenseFallback.NONE else Holds.COPY)
-    if fallback is DenseFallback.AUTO:
-        held = budget_dense_copies(units, verdicts, held)
+    held = [None if verdict is None else _held(verdict, options) for verdict in verdicts]
+    if options.fallback is DenseFallback.AUTO:
+        held = budget_dense_copies(units, verdicts, held, options.weight)
     return held
 
 
+def _held(verdict: Verdict, options: Options) -> Holds:
+    """What one unit holds by the fallback's rule (for `AUTO`, before the budget): a second layout where it runs the
+    tuned token counts at least as fast as a dense copy would (`verdict.second` is set only where the fallback allows
+    a copy's bytes)."""
+    if verdict.status is Outcome.DENSE:
+        return Holds.DENSE
+    if verdict.second is not None and (
+        verdict.status is Outcome.SPARSE or verdict.weighted(options, "two") <= verdict.weighted(options, "copy")
+    ):
+        return Holds.TWO
+    if verdict.status is Outcome.SPARSE or options.fallback is DenseFallback.NONE:
+        return Holds.COMPRESSED
+    if options.fallback is DenseFallback.COMPRESSED:
+        pays = verdict.weighted(options, "dense") >= options.min_speedup * verdict.weighted(options, "own")
+        return Holds.COMPRESSED if pays else Holds.DENSE
+    return Holds.COPY
+
+
 def budget_dense_copies(
-    units: Sequence[Unit], verdicts: Sequence[Verdict | None], held: Sequence[Holds | None]
+    units: Sequence[Unit],
+    verdicts: Sequence[Verdict | None],
+    held: Sequence[Holds | None],
+    weight: Callable[[int], float] = lambda bucket: 1.0,
 ) -> list[Holds | None]:
-    """`DenseFallback.AUTO`: what each mixed unit holds, with the swapped layers within their dense bytes.
+    """`DenseFallback.AUTO`: what each unit holds, with the swapped layers within their dense bytes.
 
     A mixed unit (its kernel faster at some tuned token counts, dense at others) can keep a dense copy (the faster
     kernel everywhere, for its compressed bytes on top of the dense ones), its compressed weight only (the kernel runs
-    where dense would be faster), or stay dense (its dense bytes, and no gain). Each starts with a copy; while the
-    units are over their dense bytes (units faster sparse everywhere save what their compressed weight saves), the
-    unit that gives up the least speed per byte saved moves to compressed-only or to dense. Speed is the GEMM time
-    saved against dense at each tuned token count, relative to the dense GEMM time of all units there, so every named
-    token count weighs the same.
+    where dense would be faster), or stay dense (its dense bytes, and no gain); a unit that holds a second compressed
+    layout (`Holds.TWO`, mixed or not) can give it up the same ways. Each starts with what `held` says; while the units
+    are over their dense bytes (units holding one compressed layout save what it saves), the unit that gives up the
+    least speed per byte saved moves to compressed-only or to dense. Speed is the GEMM time saved against dense at each
+    tuned bucket, relative to the dense GEMM time of all units there and times the bucket's `weight`, so without a
+    workload every named token count weighs the same.
     """
     totals: dict[int, float] = {}
     for verdict in verdicts:
@@ -368,40 +428,45 @@ def budget_dense_copies(
             dense, sparse = verdict.dense[bucket].ms, own.ms
             if not (dense and sparse and totals.get(bucket)):
                 continue
-            ran = {Holds.COPY: min(dense, sparse), Holds.COMPRESSED: sparse, Holds.DENSE: dense}[holds]
-            total += (dense - ran) / totals[bucket]
+            if holds is Holds.TWO:
+                ran = pair_ms(verdict, verdict.second, bucket, NEAR_TIE)
+            else:
+                ran = {Holds.COPY: min(dense, sparse), Holds.COMPRESSED: sparse, Holds.DENSE: dense}[holds]
+            total += weight(bucket) * (dense - ran) / totals[bucket]
         return total
 
     def extra_bytes(index: int, holds: Holds) -> int:
         """Bytes over the unit's dense bytes."""
-        unit = units[index]
-        compressed = verdicts[index].kernel.weight_bytes(unit.shape, unit.dtype)
+        unit, verdict = units[index], verdicts[index]
+        compressed = verdict.kernel.weight_bytes(unit.shape, unit.dtype)
+        if holds is Holds.TWO:
+            return compressed + verdict.second.kernel.weight_bytes(unit.shape, unit.dtype) - unit.dense_bytes
         return {Holds.COPY: compressed, Holds.COMPRESSED: compressed - unit.dense_bytes, Holds.DENSE: 0}[holds]
 
-    mixed = {i: Holds.COPY for i, v in enumerate(verdicts) if v is not None and v.status is Outcome.MIXED}
-    over = sum(extra_bytes(i, h) for i, h in mixed.items())
-    over += sum(extra_bytes(i, Holds.COMPRESSED) for i, v in enumerate(verdicts) if v and v.status is Outcome.SPARSE)
+    start = {i: h for i, h in enumerate(held) if h in (Holds.COPY, Holds.TWO)}
+    now = dict(start)
+    over = sum(extra_bytes(i, h) for i, h in enumerate(held) if h is not None)
     moved: list[int] = []
     while over > 0:
         moves = [
-            ((gain(i, Holds.COPY) - gain(i, to)) / saved, i, to, saved)
-            for i, h in mixed.items()
-            if h is Holds.COPY
+            ((gain(i, h) - gain(i, to)) / saved, i, to, saved)
+            for i, h in now.items()
+            if h is start[i]
             for to in (Holds.COMPRESSED, Holds.DENSE)
-            if (saved := extra_bytes(i, Holds.COPY) - extra_bytes(i, to)) > 0
+            if (saved := extra_bytes(i, h) - extra_bytes(i, to)) > 0
         ]
         if not moves:
             break
         _, index, to, saved = min(moves)
-        mixed[index] = to
+        now[index] = to
         over -= saved
         moved.append(index)
     for index in reversed(moved):  # the last moves may have saved more than needed: take back what still fits
-        cost = extra_bytes(index, Holds.COPY) - extra_bytes(index, mixed[index])
+        cost = extra_bytes(index, start[index]) - extra_bytes(index, now[index])
         if over + cost <= 0:
-            mixed[index] = Holds.COPY
+            now[index] = start[index]
             over += cost
-    return [mixed.get(i, h) for i, h in enumerate(held)]
+    return [now.get(i, h) for i, h in enumerate(held)]
 
 
 def unswappable(unit: Unit, kernels: Kernels, fp8: Fp8Options | None) -> str:
@@ -430,15 +495,26 @@ _WHY = {
     (Holds.COPY, DenseFallback.COPY): "dense_fallback='copy'",
     (Holds.COMPRESSED, DenseFallback.AUTO): "a dense copy would take the swapped layers over their dense bytes",
     (Holds.COMPRESSED, DenseFallback.NONE): "dense_fallback='none'",
+    (Holds.COMPRESSED, DenseFallback.COMPRESSED): "dense_fallback='compressed'",
+    (Holds.TWO, DenseFallback.AUTO): "within the dense weights' bytes",
+    (Holds.TWO, DenseFallback.COPY): "in place of the dense copy dense_fallback='copy' allows",
 }
 
 
-def _base_reason(verdict: Verdict, held: Holds, fallback: DenseFallback) -> str:
-    speed = verdict.speed()
+def _base_reason(verdict: Verdict, held: Holds, options: Options) -> str:
+    speed, fallback = verdict.speed(), options.fallback
     if verdict.status is Outcome.DENSE:
         return f"dense is faster at every tuned token count ({speed})"
+    if held is Holds.TWO:
+        return _two_reason(verdict, _WHY[held, fallback])
     if verdict.status is Outcome.SPARSE:
         return f"sparse is faster at every tuned token count ({speed})"
+    if held is Holds.DENSE and fallback is DenseFallback.COMPRESSED:
+        return (
+            f"kept dense: compressed only, the {verdict.kernel.label} would be slower than dense over the tuned token "
+            f"counts{' (weighted by the workload)' if options.workload else ''}, and dense_fallback='compressed' keeps "
+            f"no dense copy ({speed})"
+        )
     if held is Holds.DENSE:
         return (
             "kept dense: its sparse gains were worth less per byte than other layers' within the dense weights' "
@@ -449,25 +525,57 @@ def _base_reason(verdict: Verdict, held: Holds, fallback: DenseFallback) -> str:
     return f"compressed weight only ({_WHY[held, fallback]}): sparse runs where dense would be faster ({speed})"
 
 
+def _two_reason(verdict: Verdict, why: str) -> str:
+    """Names the kernel each tuned token count runs, with its speed-up over dense."""
+    parts = []
+    for bucket in sorted(verdict.own):
+        chosen = pair_kernel(verdict, verdict.second, bucket, NEAR_TIE) or verdict
+        dense, own = verdict.dense[bucket].ms, chosen.own[bucket].ms
+        parts.append(
+            f"{verdict.tokens[bucket]}: {chosen.kernel.label} {f'{dense / own:.2f}x' if dense and own else 'n/a'}"
+        )
+    return (
+        f"holds the {verdict.kernel.label}'s and the {verdict.second.kernel.label}'s compressed weights ({why}); each "
+        f"token count runs the faster kernel (speed-up over dense by tokens: {', '.join(parts)})"
+    )
+
+
+def _runs(verdict: Verdict, held: Holds, dense: Kernel, min_speedup: float) -> dict[int, Run]:
+    """What each tuned bucket runs, from the kernels the layer holds."""
+    runs = {}
+    for bucket, own in verdict.own.items():
+        if held is Holds.DENSE:
+            runs[bucket] = Run(dense.name)
+        elif held is Holds.TWO:
+            chosen = pair_kernel(verdict, verdict.second, bucket, NEAR_TIE)
+            runs[bucket] = Run(dense.name) if chosen is None else Run(chosen.kernel.name, chosen.own[bucket].config)
+        else:
+            runs[bucket] = bucket_run(verdict.kernel, verdict.dense[bucket], own, min_speedup, held is Holds.COPY)
+    return runs
+
+
 def _plan(unit: Unit, verdict: Verdict | None, held: Holds | None, kernels: Kernels, options: Options) -> LayerPlan:
     if verdict is None:
         if options.tuned:
             return LayerPlan(unit, (kernels.dense,), reason=unswappable(unit, kernels, None))
         return untuned(unit, kernels, None)
     dense, kernel = kernels.dense, verdict.kernel
-    holds = {Holds.COPY: (kernel, dense), Holds.COMPRESSED: (kernel,), Holds.DENSE: (dense,)}[held]
-    runs = {
-        b: Run(dense.name) if held is Holds.DENSE else bucket_run(kernel, verdict.dense[b], own, options.min_speedup,
-                                                                  has_dense=held is Holds.COPY)
-        for b, own in verdict.own.items()
-    }  # fmt: skip
-    times = {
-        verdict.tokens[b]: (verdict.dense[b].ms, (verdict.dense if run.kernel == dense.name else verdict.own)[b].ms)
-        for b, run in sorted(runs.items())
+    second = verdict.second.kernel if held is Holds.TWO else None
+    holds = {
+        Holds.COPY: (kernel, dense),
+        Holds.COMPRESSED: (kernel,),
+        Holds.DENSE: (dense,),
+        Holds.TWO: (kernel, second),
     }
-    reason = _base_reason(verdict, held, options.fallback)
+    runs = _runs(verdict, held, dense, options.min_speedup)
+    ran = {kernel.name: verdict.own, dense.name: verdict.dense}
+    if second is not None:
+        ran[second.name] = verdict.second.own
+    times = {verdict.tokens[b]: (verdict.dense[b].ms, ran[run.kernel][b].ms) for b, run in sorted(runs.items())}
+    reason = _base_reason(verdict, held, options)
     if held is not Holds.DENSE and verdict.moved:
         reason += f"; {verdict.moved}"
     reason += "".join(f"; GELU stays a separate step ({note})" for note in verdict.notes)
-    status = "dense" if held is Holds.DENSE else kernel.status + ("+dense" if held is Holds.COPY else "")
-    return LayerPlan(unit, holds, runs, verdict.gelu and held is not Holds.DENSE, status, reason, times)
+    extra = {Holds.COPY: "+dense", Holds.TWO: "+" + (second.status if second is not None else "")}.get(held, "")
+    status = "dense" if held is Holds.DENSE else kernel.status + extra
+    return LayerPlan(unit, holds[held], runs, verdict.gelu and held is not Holds.DENSE, status, reason, times)

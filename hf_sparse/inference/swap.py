@@ -32,15 +32,24 @@ from . import kernels as kernel_registry
 from .autotune import Autotuner, default_tuner
 from .cuda_graphs import GENERATION, CudaGraphModel, EagerGraphs, remove_cuda_graphs
 from .fp8 import Fp8Config, calibrate_input_scales
+from .holdings import Workload
 from .kernels.base import Kernel, LayerSpec, Weights, token_bucket
 from .kernels.cusparselt import semi_structured_support
 from .layers import FusedLinearSlice, GeluInEpilogue, SemiStructuredLinear, SwappedLinear, _FusedGroup
+from .multi_layout import MultiLayoutLinear
 from .units import DEFAULT_FUSE_GROUPS, Unit, find_units, fusable, named_linears, parent_of
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_COUNTS: tuple[int, ...] = (512, 2048, 8192, 32768, 131072)
-"""Token counts (batch x sequence length) tuned at swap time when none are given."""
+"""Token counts (batch x sequence length) tuned at swap time when none are given, for a model that does not generate
+(an encoder: its calls are whole sequences)."""
+GENERATION_TOKEN_COUNTS: tuple[int, ...] = (1, 16, 32, 64, 512)
+"""Token counts tuned by default for a decoder LLM (`decoder_lm`): its decode steps at batch 1 to 64 (one new token
+per sequence), one per token bucket (`token_bucket`: 1-8, 9-16, 17-32, 33-64; the first timed at 1 row, batch-1
+generation), and the prefill of a 512-token prompt at batch 1."""
+GENERATION_WORKLOAD = Workload()
+"""How a decoder LLM's swap weighs its tuned token counts: a 512-token prompt, then 256 new tokens."""
 FALLBACKS = tuple(f.value for f in policy.DenseFallback)
 
 
@@ -78,9 +87,11 @@ class LayerSwap:
 
 class SwapReport(list):
     """Per-layer result of `swap_to_semi_structured_`: a list of `LayerSwap`, with memory totals and a table.
-    `eager_graphs` says whether plain `model(...)` calls at inference now run through CUDA graphs."""
+    `eager_graphs` says whether plain `model(...)` calls at inference now run through CUDA graphs; `defaults` names
+    the defaults the swap chose for this model (a decoder LLM's token counts, memory rule and workload)."""
 
     eager_graphs: bool = False
+    defaults: str = ""
 
     def rows(self, *statuses: str) -> list[LayerSwap]:
         return [r for r in self if r.status in statuses]
@@ -126,14 +137,16 @@ class SwapReport(list):
         (from the autotuner's per-GEMM timings), then the totals."""
         if not self:
             return "(no layers)"
-        width = max(len(r.name) for r in self)
+        width, status = max(len(r.name) for r in self), max(12, *(len(r.status) for r in self))
         counts = self.token_counts
         speed_head = "".join(f"  {f'x@{t}':>9}" for t in counts)
-        lines = [f"{'layer':<{width}}  {'out x in':>11}  {'status':<12}  {'memory':>6}{speed_head}  why"]
+        lines = [f"{'layer':<{width}}  {'out x in':>11}  {'status':<{status}}  {'memory':>6}{speed_head}  why"]
         for r in self:
             shape = f"{r.shape[0]}x{r.shape[1]}"
             speeds = "".join(f"  {r.time_ratio(t):9.2f}" if r.time_ratio(t) else f"  {'-':>9}" for t in counts)
-            lines.append(f"{r.name:<{width}}  {shape:>11}  {r.status:<12}  {r.memory_ratio:6.3f}{speeds}  {r.reason}")
+            lines.append(
+                f"{r.name:<{width}}  {shape:>11}  {r.status:<{status}}  {r.memory_ratio:6.3f}{speeds}  {r.reason}"
+            )
         lines.append(
             f"{len(self.swapped)} of {len(self.two_four)} 2:4 layer(s) swapped; "
             f"weight memory of the swapped layers: {self.memory_ratio:.3f}x dense "
@@ -147,6 +160,8 @@ class SwapReport(list):
             )
         if self.eager_graphs:
             lines.append("model(...) at inference (no grad, eval mode) runs through CUDA graphs, one per input shape")
+        if self.defaults:
+            lines.append(self.defaults)
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -184,8 +199,8 @@ def swap_to_semi_structured_(
     layers: SparsityConfig | Iterable[str] | None = None,
     *,
     fuse_qkv: bool | Sequence[Sequence[str]] = True,
-    token_counts: Sequence[int] | None = DEFAULT_TOKEN_COUNTS,
-    dense_fallback: str = "auto",
+    token_counts: Sequence[int] | str | None = "auto",
+    dense_fallback: str | None = None,
     autotune: bool | Autotuner = True,
     eager_graphs: bool = True,
     fp8: bool | Fp8Config = False,
@@ -220,14 +235,23 @@ def swap_to_semi_structured_(
             names and their `state_dict` keys.
         token_counts: token counts (batch size x sequence length) to tune at swap time; give those you will run.
             None or () tunes nothing now (each new bucket is tuned at its first eager call) and keeps no dense
-            copies.
+            copies. "auto" (default): `GENERATION_TOKEN_COUNTS` (decode steps at batch 1-64 and a 512-token
+            prefill) for a decoder LLM (`decoder_lm`), `DEFAULT_TOKEN_COUNTS` for other models. A decoder LLM's
+            token counts, given or default, are weighted as a generation runs them (`GENERATION_WORKLOAD`: a decode
+            step counts once per new token, a prefill once), so a layer is never left dense, or on a kernel that
+            loses there, at decode because a prefill kernel wins at the prompt.
         dense_fallback: what a layer holds when dense is faster at some tuned token counts and sparse at others.
-            "auto" (default): a dense copy for the layers that lose most there, as long as the swapped layers'
-            weights stay within their dense bytes; compressed only for the rest (each saves 7/16 of its bytes).
-            "copy": a dense copy for every such layer (fastest; 1.56x the dense bytes of those layers). "none":
-            compressed weights only (least memory: 0.56x; the sparse kernel then runs where dense would be a bit
-            faster). Layers where dense wins at every tuned token count stay dense either way. The report says,
-            per layer and in total, what the choice costs in memory and in (measured) GEMM time.
+            "auto" (the default for other models than decoder LLMs): a dense copy for the layers that lose most
+            there, as long as the swapped layers' weights stay within their dense bytes; compressed only for the
+            rest (each saves 7/16 of its bytes). "copy": a dense copy for every such layer (fastest; 1.56x the
+            dense bytes of those layers). "none": compressed weights only (least memory: 0.56x; the sparse kernel
+            then runs where dense would be a bit faster). "compressed" (the default for decoder LLMs): no dense
+            copies either, and a layer whose compressed weight is slower than dense over the (weighted) token counts
+            stays dense; the swapped layers hold at most their compressed bytes. Where "auto" and "copy" allow a
+            dense copy's bytes, a layer may hold a second 2:4 kernel's compressed weight instead (a decode kernel
+            beside a prefill kernel), each token count running the faster. Layers where dense wins at every tuned
+            token count stay dense either way. The report says, per layer and in total, what the choice costs in
+            memory and in (measured) GEMM time, and which defaults applied.
         autotune: True uses the process-wide `Autotuner` (cache in `~/.cache/hf_sparse`), an `Autotuner` instance
             uses that one, False uses cuSPARSELt's default algorithm everywhere (no timing, no dense fallback).
         eager_graphs: route `model(...)` at inference through CUDA graphs per input shape (each keeps its
@@ -255,7 +279,8 @@ def swap_to_semi_structured_(
     ...     outputs = model(**batch)   # first call per shape captures a CUDA graph, later calls replay it
     ```
     """
-    fp8_config, fuse_groups, counts = _arguments(dense_fallback, fp8, fuse_qkv, token_counts)
+    fp8_config, fuse_groups = _arguments(dense_fallback, fp8, fuse_qkv, token_counts)
+    counts, fallback, workload, defaults = _choices(model, token_counts, dense_fallback, fp8_config)
     linears, named = named_linears(model, layers)
     units, not_nm = find_units(model, linears, fuse_groups)
     _check_2_4(model, units, not_nm, named)
@@ -269,7 +294,7 @@ def swap_to_semi_structured_(
     for tokens in counts if tuner is not None else ():
         buckets.setdefault(token_bucket(tokens), tokens)
     options = policy.Options(
-        policy.DenseFallback(dense_fallback), tuner.min_speedup if tuner else policy.MIN_SPEEDUP, buckets, fp8_options
+        fallback, tuner.min_speedup if tuner else policy.MIN_SPEEDUP, buckets, fp8_options, workload
     )
     # Decide everything before changing anything, so a failure leaves the model as it was.
     rules = policy if fp8_options is None else fp8_policy  # an FP8 swap follows its own rules
@@ -278,6 +303,7 @@ def swap_to_semi_structured_(
     plans = rules.decide(units, kernels, timings, options)
 
     report = SwapReport(_install_plan(model, plan, kernels, tuner, scales) for plan in plans)
+    report.defaults = defaults
     for unit in not_nm:
         zeros = float((unit.layers[0].weight.detach() == 0).float().mean())
         reason = f"weight is not 2:4 ({zeros:.1%} zeros); left as nn.Linear"
@@ -295,11 +321,9 @@ def swap_to_semi_structured_(
     return report
 
 
-def _arguments(
-    dense_fallback, fp8, fuse_qkv, token_counts
-) -> tuple[Fp8Config | None, Sequence[Sequence[str]], list[int]]:
-    """The swap's arguments checked: the FP8 config (or None), the sibling groups to fuse, the token counts."""
-    if dense_fallback not in FALLBACKS:
+def _arguments(dense_fallback, fp8, fuse_qkv, token_counts) -> tuple[Fp8Config | None, Sequence[Sequence[str]]]:
+    """The swap's arguments checked: the FP8 config (or None) and the sibling groups to fuse."""
+    if dense_fallback is not None and dense_fallback not in FALLBACKS:
         raise ValueError(f"dense_fallback must be one of {list(FALLBACKS)}; got {dense_fallback!r}.")
     fp8_config = Fp8Config() if fp8 is True else (fp8 or None)  # True: static scales, which need calibration
     if fp8_config is not None and not isinstance(fp8_config, Fp8Config):
@@ -310,10 +334,46 @@ def _arguments(
         fuse_groups = ()
     else:
         fuse_groups = [tuple(g) for g in fuse_qkv]
-    counts = [int(t) for t in (token_counts or ())]
-    if any(t < 1 for t in counts):
+    if isinstance(token_counts, str) and token_counts != "auto":
+        raise ValueError(f"token_counts must be a list of positive integers, None or 'auto'; got {token_counts!r}.")
+    if not isinstance(token_counts, str) and any(int(t) < 1 for t in token_counts or ()):
         raise ValueError(f"token_counts must be positive integers; got {list(token_counts)}.")
-    return fp8_config, fuse_groups, counts
+    return fp8_config, fuse_groups
+
+
+def decoder_lm(model: nn.Module) -> str | None:
+    """Why `model` takes the swap's decoder-LLM defaults, or None when it does not.
+
+    A decoder LLM here is a model that generates (`model.can_generate()`, transformers' own test for `generate()`, true
+    of every `*ForCausalLM`) and is not an encoder-decoder (`config.is_encoder_decoder`: its encoder runs whole
+    prompts, never decode steps). `config.is_decoder` is no test: causal LMs such as Llama do not set it.
+    """
+    config = getattr(model, "config", None)
+    can_generate = getattr(model, "can_generate", None)
+    if config is None or getattr(config, "is_encoder_decoder", False) or not callable(can_generate):
+        return None
+    return f"{type(model).__name__} generates" if can_generate() else None
+
+
+def _choices(model: nn.Module, token_counts, dense_fallback: str | None, fp8_config: Fp8Config | None):
+    """The token counts, the dense fallback and the workload this swap runs with, and a line for the report naming
+    the defaults it chose for a decoder LLM. An FP8 swap keeps the defaults of other models."""
+    decoder = decoder_lm(model) if fp8_config is None else None
+    auto = isinstance(token_counts, str)
+    counts = list((GENERATION_TOKEN_COUNTS if decoder else DEFAULT_TOKEN_COUNTS) if auto else (token_counts or ()))
+    fallback = policy.DenseFallback(dense_fallback or ("compressed" if decoder else "auto"))
+    if decoder is None:
+        return [int(t) for t in counts], fallback, None, ""
+    chosen = [f"token_counts={list(GENERATION_TOKEN_COUNTS)}"] if auto else []
+    if dense_fallback is None:
+        chosen.append(
+            "dense_fallback='compressed' (no dense copies: the 2:4 layers hold at most their compressed bytes)"
+        )
+    said = f"{', '.join(chosen)} by default; " if chosen else ""
+    defaults = (
+        f"decoder LLM ({decoder}): {said}token counts weighted by the workload ({GENERATION_WORKLOAD.describe()})"
+    )
+    return [int(t) for t in counts], fallback, GENERATION_WORKLOAD, defaults
 
 
 def _check_2_4(model: nn.Module, units: list[Unit], not_nm: list[Unit], named: bool) -> None:
@@ -384,7 +444,7 @@ def _install_plan(
         output_scale=scales.get(unit.gelu.next_layer) if plan.gelu else None,
         tuner=tuner,
     )
-    layer = kernel.layer(spec)
+    layer = MultiLayoutLinear(plan.layouts, spec) if len(plan.layouts) > 1 else kernel.layer(spec)
     if layer is None:
         return LayerSwap(
             unit.name, unit.shape, plan.status, plan.reason, unit.dense_bytes, unit.dense_bytes, {}, plan.times
@@ -484,9 +544,13 @@ def restore_dense_(model: nn.Module) -> list[str]:
                     linear.bias.copy_(bias)
             setattr(*parent_of(model, name), linear)
             restored.append(name)
+    removed: list[str] = []
     for name, module in list(model.named_modules()):
+        if any(name.startswith(gone + ".") for gone in removed):
+            continue  # a layout inside a fused group's layer removed above
         if isinstance(module, SwappedLinear) and not module.emits_state:
             delattr(*parent_of(model, name))
+            removed.append(name)
         elif isinstance(module, GeluInEpilogue):  # the GELU a layer ran in its epilogue
             setattr(*parent_of(model, name), module.original)
     return restored

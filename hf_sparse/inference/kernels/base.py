@@ -165,7 +165,8 @@ class SweepSettings:
 @dataclass
 class GemmInputs:
     """The random GEMM a sweep times: `x` `(rows, in_features)`, the 2:4 `weight` and the `bias` (or None), in the
-    request's dtype on one GPU; `rows` is the token count padded to the kernel's `row_align`."""
+    request's dtype on one GPU; `rows` is the token count padded to the kernel's `row_align` (the rows its layer
+    runs: the token count itself for every kernel whose layer pads nothing)."""
 
     x: torch.Tensor
     weight: torch.Tensor
@@ -245,6 +246,8 @@ class Kernel(Protocol):
     Attributes:
         name: the key of its timings in the autotuning cache, and of its `Run`s.
         label: how reasons name it ("cuSPARSELt", "CUTLASS kernel").
+        layout: the tensors it reads the weight from ("cusparselt", "triton_decode", "dense"): kernels of one layout
+            share a layer's bytes; a layer holds one layout or, where the memory rule allows, two (`policy.Holds`).
         status: the report's word for a layer on it ("sparse", "fp8 2:4"; "+dense" is added for a dense copy).
         untuned: what a layer on it runs when nothing was tuned, for the report.
         weights: how it holds the weight values (`Weights.MODEL`: the layer's dtype; `Weights.E4M3`: FP8).
@@ -252,11 +255,14 @@ class Kernel(Protocol):
         gelu: the GELU it can run in its epilogue, for layers of a dtype in `gelu_dtypes`.
         gelu_dtypes: the layer dtypes it runs GELU in its epilogue for.
         groups: its layer can stand for a fused q/k/v group (False: single layers only).
-        row_align: the token rows it pads a GEMM to (its sweep times the padded GEMM).
+        row_align: the multiple its layer pads a call's token rows to (cuSPARSELt: 8; 1 for a kernel whose layer
+            runs any row count), so that its sweep times the GEMM a model runs: the dense GEMM at 1 token is timed
+            at 1 row, not 8.
     """
 
     name: str
     label: str
+    layout: str
     status: str
     untuned: str
     weights: Weights

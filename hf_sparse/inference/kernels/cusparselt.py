@@ -115,6 +115,7 @@ def last_algorithm(
 
 class CusparseltKernel:
     name = "cusparselt"
+    layout = "cusparselt"  # torch._cslt_compress's opaque tensor
     label = "cuSPARSELt"
     status = "sparse"
     untuned = "sparse kernel with cuSPARSELt's default algorithm"

@@ -15,6 +15,7 @@ from .base import Config, Gelu, GemmInputs, GemmRequest, LayerSpec, Problem, Swe
 
 class CutlassKernel:
     name = "cutlass"
+    layout = "cutlass"  # values and the sm90 kernel's metadata (cutlass.compress)
     label = "CUTLASS kernel"
     status = "sparse"
     untuned = "the CUTLASS kernel's first configuration"
@@ -23,7 +24,7 @@ class CutlassKernel:
     gelu = Gelu.EXACT
     gelu_dtypes = (torch.float16,)
     groups = False
-    row_align = 8
+    row_align = 1  # the kernel takes any token count (`cutlass.ALIGN_OUT`), and its layer pads nothing
 
     def unsupported_reason(self, device: torch.device, dtype: torch.dtype, layer: str = "") -> str | None:
         """Why the kernel cannot run here: not an sm_90 GPU, no toolchain, or a build that failed. Builds the kernels

@@ -13,6 +13,7 @@ from .base import DENSE_NAME, Config, Gelu, GemmInputs, GemmRequest, LayerSpec, 
 
 class DenseKernel:
     name = DENSE_NAME
+    layout = "dense"  # the model's own weight
     label = "dense"
     status = "dense"
     untuned = "dense"
@@ -21,7 +22,7 @@ class DenseKernel:
     gelu = Gelu.NONE
     gelu_dtypes: tuple[torch.dtype, ...] = ()
     groups = True
-    row_align = 8
+    row_align = 1  # F.linear runs any row count: timed over exactly the request's token rows
 
     def unsupported_reason(self, device: torch.device, dtype: torch.dtype, layer: str = "") -> str | None:
         return None

@@ -45,6 +45,7 @@ def quantized(inputs: GemmInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 class Fp8Kernel:
     name = "fp8"
+    layout = "cusparselt-e4m3"  # e4m3 values compressed by torch._cslt_compress, float32 scales
     label = "e4m3 2:4"
     status = "fp8 2:4"
     untuned = "e4m3 2:4 kernel, cuSPARSELt's default algorithm"

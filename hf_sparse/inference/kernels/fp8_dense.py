@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cusparselt import ROW_ALIGN
 from .base import Config, Gelu, GemmInputs, GemmRequest, LayerSpec, Problem, SweepSettings, Weights
 from .fp8 import fp8_problem, fp8_shape_problem, quantized
 
 
 class Fp8DenseKernel:
     name = "fp8-dense"
+    layout = "e4m3"  # dense e4m3 values, float32 scales
     label = "dense FP8"
     status = "fp8 dense"
     untuned = "dense FP8"
@@ -23,7 +23,7 @@ class Fp8DenseKernel:
     gelu = Gelu.NONE
     gelu_dtypes: tuple[torch.dtype, ...] = ()
     groups = True
-    row_align = ROW_ALIGN  # timed over the rows the e4m3 2:4 kernel pads to
+    row_align = 1  # its layer runs torch._scaled_mm over exactly the token rows, unpadded
 
     def unsupported_reason(self, device: torch.device, dtype: torch.dtype, layer: str = "") -> str | None:
         return fp8_problem(device, dtype, layer)

@@ -1,8 +1,9 @@
 """The Triton 2:4 decode kernel (fp16, bf16; compute capability 8.0+, Triton): a layer holds its weight in the
 kernel's own layout (`inference/triton_decode.py`: the kept values and their 2-bit positions) and runs it with the bias
-(`TritonDecodeLinear`). Written for decoding, where a GEMM reads every weight once for a few token rows: the
-autotuner times it at 1-64 rows only (`triton_decode.MAX_ROWS`) and sweeps its block sizes, split-K, warps and
-pipeline stages (`triton_decode.CONFIGS`)."""
+(`TritonDecodeLinear`). Written for decoding, where a GEMM reads every weight once for a few token rows; it runs
+more rows correctly, one block of rows after another. The autotuner sweeps its block sizes, split-K, warps and
+pipeline stages (`triton_decode.CONFIGS`) at up to `PREFILL_ROWS` rows: a decoder layer that holds only this layout
+(the decoder LLMs' memory default) runs its prompts' prefills on it too, and the policy weighs that time."""
 
 from __future__ import annotations
 
@@ -38,6 +39,12 @@ OPT_IN_ENV = "HF_SPARSE_TRITON_DECODE"
 then spends its compile time (about a second per configuration) only where asked."""
 
 ALIGN = 16
+"""Both weight dimensions must be multiples of this (see `TritonDecodeKernel.shape_problem`)."""
+
+PREFILL_ROWS = 8192
+"""The most token rows the autotuner times the kernel at: a 512-token prompt at batch 16. Above, each block of rows
+re-reads the weights and the sweep would mostly spend its time budget; a layer that tunes such a token count runs
+another kernel there, or holds another layout for it."""
 """Both weight dimensions must be multiples of this (see `TritonDecodeKernel.shape_problem`)."""
 
 
@@ -101,6 +108,7 @@ def compiled(configs: list[triton_decode.DecodeConfig], call) -> list[Config]:
 
 class TritonDecodeKernel:
     name = "triton_decode"
+    layout = "triton_decode"  # values (N, K/2) and 2-bit positions, 8 groups per int32 (triton_decode.compress)
     label = "Triton decode kernel"
     status = "sparse"
     untuned = "the Triton decode kernel's default configuration per token count"
@@ -128,8 +136,8 @@ class TritonDecodeKernel:
 
     def shape_problem(self, shape: tuple[int, int], dtype: torch.dtype) -> str | None:
         """The kernel runs any `in_features` that is a multiple of 4, but takes only the shapes cuSPARSELt takes
-        (multiples of 16), so it is never the only 2:4 kernel of a layer: the policy compares kernels over every tuned
-        token count, and this one is timed at decode token counts only."""
+        (multiples of 16), so it is never the only 2:4 kernel a layer could hold: the policy compares kernels over
+        every tuned token count, and this one is not timed above `PREFILL_ROWS`."""
         out_f, in_f = shape
         if out_f % ALIGN or in_f % ALIGN:
             return (
@@ -145,10 +153,10 @@ class TritonDecodeKernel:
         return kernel_version()
 
     def problem(self, request: GemmRequest, inputs: GemmInputs, settings: SweepSettings) -> Problem:
-        """The configurations of `triton_decode.configs_for` the token rows (none above `MAX_ROWS`: a decode kernel is
-        not timed at prefill), each checked against `F.linear` in fp32."""
+        """The configurations of `triton_decode.configs_for` the token rows (none above `PREFILL_ROWS`), each checked
+        against `F.linear` in fp32."""
         x, w, b, rows = inputs.x, inputs.weight, inputs.bias, inputs.rows
-        if rows > triton_decode.MAX_ROWS:
+        if rows > PREFILL_ROWS:
             return Problem(configs=[], call=lambda config: lambda: None)
         values, meta = triton_decode.compress(w)
         reference = F.linear(x.float(), w.float(), None if b is None else b.float())
