@@ -31,8 +31,9 @@ from typing import NamedTuple
 import torch
 
 MAX_ROWS = 64
-"""The most token rows the autotuner times the kernel at: it is a decode kernel (it runs more rows correctly, one
-block of rows after another, but re-reads the weights for each block)."""
+"""The most token rows an untuned layer picks its default configuration for: a decode kernel (it runs more rows
+correctly, one block of rows after another, re-reading the weights for each block; the autotuner times it up to
+`kernels.triton_decode.PREFILL_ROWS`)."""
 
 
 class DecodeConfig(NamedTuple):

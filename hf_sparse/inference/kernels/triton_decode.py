@@ -45,7 +45,6 @@ PREFILL_ROWS = 8192
 """The most token rows the autotuner times the kernel at: a 512-token prompt at batch 16. Above, each block of rows
 re-reads the weights and the sweep would mostly spend its time budget; a layer that tunes such a token count runs
 another kernel there, or holds another layout for it."""
-"""Both weight dimensions must be multiples of this (see `TritonDecodeKernel.shape_problem`)."""
 
 
 def support_problem(
