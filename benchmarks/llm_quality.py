@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
                 calibration[: args.calibration_samples], truncation=True, max_length=args.max_length, padding=True,
                 return_tensors="pt",
             )  # fmt: skip
+        if data is not None:  # the sequences there are (the checkpoint records those), not the most asked for
+            config = sparsity_config(criterion, len(data["input_ids"]))
         start = time.perf_counter()
         masks = prune_(model, config, calibration_data=data, device=args.device)
         prune_seconds = time.perf_counter() - start
