@@ -263,21 +263,27 @@ def interpreted(mode: str) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-def test_interpreted_every_configuration_shape_dtype_bias_and_row_count_matches_the_fp32_result():
-    cases = interpreted("kernel")
+def check_interpreted(cases: list[dict], matrix_part: str, shapes: list[tuple[int, int]]) -> None:
+    """Every case within its dtype's tolerance of the fp32 result, in the inputs' dtype and shape; the `matrix_part`
+    cases cover fp16 and bf16 x bias or not x rows 1/3/16/17/64 x `shapes`, with and without split-K."""
     for case in cases:
         dtype = getattr(torch, case["dtype"].removeprefix("torch."))
         assert case["error"] < tolerance(dtype), case
         assert case["out_dtype"] == case["dtype"] and case["out_shape"] == [case["rows"], case["shape"][0]], case
-    configs = {tuple(c["config"]) for c in cases if c["part"] == "config"}
-    assert configs == {tuple(c) for c in triton_decode.CONFIGS}
-    matrix = {(c["dtype"], c["bias"], c["rows"], tuple(c["shape"])) for c in cases if c["part"] == "matrix"}
-    shapes = [(48, 256), (32, 352), (40, 100)]  # K a multiple of the 128 and 256 blocks; of none; not even of 32
+    matrix = [c for c in cases if c["part"] == matrix_part]
     # bfloat16 from 16 rows runs tl.dot, which the interpreter gets wrong (see the script): the GPU tests run those
     expected = {(str(dtype), bias, rows, shape) for dtype in (torch.float16, torch.bfloat16) for bias in (True, False)
                 for rows in (1, 3, 16, 17, 64) for shape in shapes if dtype == torch.float16 or rows < 16}  # fmt: skip
-    assert matrix == expected
-    assert {c["config"][3] for c in cases if c["part"] == "matrix"} >= {1, 4}  # with and without split-K
+    assert {(c["dtype"], c["bias"], c["rows"], tuple(c["shape"])) for c in matrix} == expected
+    assert {c["config"][3] for c in matrix} >= {1, 4}  # with and without split-K
+
+
+def test_interpreted_every_configuration_shape_dtype_bias_and_row_count_matches_the_fp32_result():
+    cases = interpreted("kernel")
+    configs = {tuple(c["config"]) for c in cases if c["part"] == "config"}
+    assert configs == {tuple(c) for c in triton_decode.CONFIGS}
+    # K a multiple of the 128 and 256 blocks; of none; not even of 32
+    check_interpreted(cases, "matrix", [(48, 256), (32, 352), (40, 100)])
 
 
 def test_interpreted_a_tiny_llama_swapped_onto_it_matches_the_masked_dense_model():
@@ -303,14 +309,21 @@ def test_gpu_every_configuration_matches_at_decode_shapes(shape, dtype):
     b = torch.randn(shape[0], device="cuda", dtype=dtype)
     values, meta = triton_decode.compress(w)
     assert torch.equal(triton_decode.decompress(values, meta, shape[1]), w)
-    for rows in (1, 3, 16, 17, 64):
-        x = torch.randn(rows, shape[1], device="cuda", dtype=dtype)
-        for bias in (b, None):
-            expected = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+    run = lambda x, bias, config: triton_decode.decode_linear(x, values, meta, bias, config)  # noqa: E731
+    check_every_configuration(run, w.float(), b, (1, 3, 16, 17, 64))
+
+
+def check_every_configuration(run, weight: torch.Tensor, bias: torch.Tensor, row_counts) -> None:
+    """`run(x, bias, config)` against the fp32 product with `weight` (the float32 weight it stands for), at every
+    configuration of each row count, with `bias` and without, in `bias`'s dtype."""
+    for rows in row_counts:
+        x = torch.randn(rows, weight.shape[1], device=weight.device, dtype=bias.dtype)
+        for b in (bias, None):
+            expected = F.linear(x.float(), weight, None if b is None else b.float())
             for config in triton_decode.configs_for(rows):
-                got = triton_decode.decode_linear(x, values, meta, bias, config)
-                assert got.dtype == dtype and got.shape == (rows, shape[0])
-                assert rel_error(got, expected) < tolerance(dtype), (rows, bias is None, config)
+                got = run(x, b, config)
+                assert got.dtype == bias.dtype and got.shape == (rows, weight.shape[0])
+                assert rel_error(got, expected) < tolerance(bias.dtype), (rows, b is None, config)
 
 
 @needs_triton_gpu
@@ -320,11 +333,19 @@ def test_gpu_layer_runs_its_plans_in_cuda_graphs_and_under_torch_compile(dtype):
     runs = {8: Run("triton_decode", tuple(triton_decode.configs_for(1)[1])), 16: Run("dense"),
             64: Run("triton_decode", tuple(triton_decode.configs_for(64)[0]))}  # fmt: skip
     layer = TritonDecodeLinear(w, b, runs=runs, keep_dense=True, name="o_proj")
+    check_in_graphs_and_compiled(layer, w.float(), b)
+
+
+def check_in_graphs_and_compiled(layer: TritonDecodeLinear, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """`layer` against the fp32 product with `weight` (the float32 weight it stands for) and `bias` at 1/5/16/64 rows:
+    eagerly, replayed from a CUDA graph (identical to eager), and (1 and 64 rows) as the custom op torch.compile
+    traces."""
+    dtype = bias.dtype
     for rows in (1, 5, 16, 64):
-        x = torch.randn(rows, 4096, device="cuda", dtype=dtype)
-        expected = F.linear(x.float(), w.float(), b.float())
+        x = torch.randn(rows, layer.in_features, device="cuda", dtype=dtype)
+        expected = F.linear(x.float(), weight, bias.float())
         eager = layer(x)
-        assert rel_error(eager, expected) < tolerance(dtype), rows
+        assert eager.dtype == dtype and rel_error(eager, expected) < tolerance(dtype), rows
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             captured = layer(x)

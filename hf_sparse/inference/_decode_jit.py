@@ -1,5 +1,6 @@
-"""The Triton kernels of the 2:4 decode GEMM (`triton_decode.py` holds the layout, the launcher and the reasons);
-imported on first use, since importing it imports Triton."""
+"""The Triton kernels of the 2:4 decode GEMM (`triton_decode.py` holds the layout, the launcher and the reasons), for
+fp16/bf16 weights and, with `SCALED`, e4m3 weights with a float32 scale per output feature; imported on first use,
+since importing it imports Triton."""
 
 import triton
 import triton.language as tl
@@ -27,10 +28,21 @@ def load_weights(values, meta, tile, n_offsets, n_mask, K, stride_v, stride_meta
 
 
 @triton.jit
-def decode_kernel(x, values, meta, bias, out, M, N, K, stride_x, stride_v, stride_meta, stride_out_m,
-                  stride_out_split, tiles_per_split, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-                  EVEN_K: tl.constexpr):  # fmt: skip
+def epilogue(acc, scale, bias, n, n_mask, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """`acc * scale[n] + bias[n]` in fp32: an FP8 weight's scale of each output feature `n` (applied to the whole sum,
+    after split-K's reduction: see `triton_decode.py`), then the bias."""
+    if SCALED:
+        acc = acc * tl.load(scale + n, mask=n_mask, other=0.0)
+    if HAS_BIAS:
+        acc = acc + tl.load(bias + n, mask=n_mask, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def decode_kernel(x, values, meta, scale, bias, out, M, N, K, stride_x, stride_v, stride_meta, stride_out_m,
+                  stride_out_split, tiles_per_split, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
     GROUPS: tl.constexpr = BLOCK_K // 4
     # row blocks vary fastest: the programs that read the same weights run side by side, so all but the first
     # find them in L2
@@ -51,7 +63,9 @@ def decode_kernel(x, values, meta, bias, out, M, N, K, stride_x, stride_v, strid
             x_mask = x_mask & (k[None, :] < K)
         xs = tl.load(x + rows[:, None] * stride_x + k[None, :], mask=x_mask, other=0.0)
         if USE_DOT:
-            # the dense tile, position by position, for the tensor cores
+            # the dense tile, position by position, for the tensor cores, in the activations' dtype (e4m3 values
+            # widen exactly; fp16/bf16 values are already in it)
+            first, second = first.to(xs.dtype), second.to(xs.dtype)
             zero = tl.zeros_like(first)
             d0 = tl.where(i0 == 0, first, zero)
             d1 = tl.where(i0 == 1, first, tl.where(i1 == 1, second, zero))
@@ -73,19 +87,18 @@ def decode_kernel(x, values, meta, bias, out, M, N, K, stride_x, stride_v, strid
         target = out + pid_s * stride_out_split + rows[:, None] * stride_out_m + n_offsets[None, :]
         tl.store(target, acc, mask=mask)
     else:
-        if HAS_BIAS:
-            acc += tl.load(bias + n_offsets, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc = epilogue(acc, scale, bias, n_offsets[None, :], n_mask[None, :], SCALED, HAS_BIAS)
         target = out + rows[:, None] * stride_out_m + n_offsets[None, :]
         tl.store(target, acc.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def reduce_kernel(partials, bias, out, total, N, splits, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def reduce_kernel(partials, scale, bias, out, total, N, splits, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BLOCK: tl.constexpr):  # fmt: skip
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < total
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(splits):
         acc += tl.load(partials + s * total + offsets, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias + offsets % N, mask=mask, other=0.0).to(tl.float32)
+    acc = epilogue(acc, scale, bias, offsets % N, mask, SCALED, HAS_BIAS)
     tl.store(out + offsets, acc.to(out.dtype.element_ty), mask=mask)

@@ -11,6 +11,13 @@ bytes it reads. The layout keeps those bytes few and the reads wide:
 
 Values plus metadata are 9/16 of the dense bytes, as cuSPARSELt's and CUTLASS's layouts are.
 
+FP8 x 2:4 (weight-only, `compress_fp8`): the same layout with the kept values in `float8_e4m3fn` and a float32 scale
+per output feature (the row's largest kept value / 448, as `quantization.quantize_weight` scales every e4m3 weight of
+hf-sparse): 0.5 + 0.125 bytes per weight, 0.3125x the fp16 dense bytes (plus 4 bytes per output feature). The
+activations stay fp16/bf16: the kernel widens each e4m3 value to the activations' dtype (exact: every e4m3 value is an
+fp16 and a bf16 value), accumulates `x @ values.T` in fp32 and multiplies by the scale in its epilogue, before the
+bias.
+
 The kernel (after Sparse-Marlin's design for small batches; no code of it) gives each program a block of output
 features, a block of token rows and one slice of the inputs (split-K), so that even one token row spreads over
 enough programs to keep every SM reading; the programs of one weight block and several row blocks are launched side
@@ -18,7 +25,11 @@ by side, so the weights come from memory once and from L2 after. A program walks
 and metadata of its rows once, and either (few rows) picks each value's activation out of the loaded activations by
 its position and accumulates in fp32 registers, or (16 rows or more) expands the weights to a dense tile in registers
 and runs `tl.dot` with fp32 accumulation. With split-K, each slice writes an fp32 partial sum and a second kernel adds
-the slices, the bias and casts (deterministic, no atomics); without, the first kernel does that itself.
+the slices, the bias and casts (deterministic, no atomics); without, the first kernel does that itself. An FP8 weight's
+scale is applied once, after the slices are summed: it is one factor per output feature, so it factors out of the sum
+(`sum(p_s) * scale == sum(p_s * scale)` in exact arithmetic), and applying it after the sum rounds once, in the same
+order as the kernel without split-K does, where scaling each partial would round once per slice and read the scales
+`split_k` times.
 
 Triton is imported on first use only: `import hf_sparse` works without it.
 """
@@ -29,6 +40,8 @@ import functools
 from typing import NamedTuple
 
 import torch
+
+from .quantization import E4M3, quantize_weight
 
 MAX_ROWS = 64
 """The most token rows an untuned layer picks its default configuration for: a decode kernel (it runs more rows
@@ -140,8 +153,28 @@ def compress(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, words.to(torch.int32).contiguous()
 
 
+def compress_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The `(values, meta, scale)` of a 2:4 `weight` for the FP8 kernel: `compress`'s layout with the kept values in
+    e4m3 and one float32 scale per output feature (`quantize_weight` of the kept values, so a row's largest kept value
+    maps to 448), `weight ~ decompress(values, meta) * scale[:, None]`.
+
+    Raises:
+        ValueError: as `compress`.
+    """
+    values, meta = compress(weight)
+    values, scale = quantize_weight(values)
+    return values, meta, scale
+
+
+def dequantize(values: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The float32 dense weight a `compress_fp8`ed one stands for: the e4m3 values times their row's scale."""
+    return decompress(values, meta, in_features).float() * scale[:, None]
+
+
 def decompress(values: torch.Tensor, meta: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The dense weight `(out_features, in_features)` of a `compress`ed one, exactly."""
+    """The dense weight `(out_features, in_features)` of a `compress`ed one, exactly (e4m3 values included)."""
+    if values.dtype == E4M3:  # no scatter for float8 on the CPU: move the bytes (a zero byte is e4m3's +0)
+        return decompress(values.view(torch.uint8), meta, in_features).view(E4M3)
     out_features, groups = values.shape[0], in_features // 4
     words = meta.to(torch.int64) & 0xFFFFFFFF
     shifts = 4 * torch.arange(8, device=meta.device)
@@ -187,9 +220,13 @@ def decode_linear(
     meta: torch.Tensor,
     bias: torch.Tensor | None,
     config: DecodeConfig | tuple[int, ...],
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x @ W.T (+ bias)` for a 2D contiguous `x` `(rows, in_features)` and `W` given as `compress` returns it, in
     the configuration `config`, accumulated in fp32 and returned in `x`'s dtype.
+
+    With `scale` (FP8 x 2:4), `W` is given as `compress_fp8` returns it, `(values, meta, scale)` with e4m3 `values`:
+    `(x @ values.T) * scale (+ bias)`, the scale and the bias applied in fp32 in the epilogue (after split-K's sum).
 
     Raises:
         ValueError: the inputs do not fit each other or the configuration is not one this kernel runs.
@@ -197,7 +234,7 @@ def decode_linear(
     config = DecodeConfig(*config)
     rows, in_features = x.shape
     out_features = values.shape[0]
-    _check(x, values, meta, bias, config)
+    _check(x, values, meta, bias, config, scale)
     triton, decode_kernel, reduce_kernel = _kernels()
     out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
     if rows == 0:
@@ -208,23 +245,26 @@ def decode_linear(
     split = triton.cdiv(tiles, per_split)  # no empty slice
     grid = (triton.cdiv(rows, config.block_m), triton.cdiv(out_features, config.block_n), split)
     target = out if split == 1 else torch.empty(split, rows, out_features, dtype=torch.float32, device=x.device)
+    # absent bias and scale: any pointer in their place (a constexpr switch keeps them unread)
+    bias_arg, scale_arg = bias if bias is not None else values, scale if scale is not None else values
     decode_kernel[grid](
-        x, values, meta, bias if bias is not None else values, target, rows, out_features, in_features,
+        x, values, meta, scale_arg, bias_arg, target, rows, out_features, in_features,
         x.stride(0), values.stride(0), meta.stride(0), out_features, rows * out_features, per_split,
-        HAS_BIAS=bias is not None, SPLIT=split > 1, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, USE_DOT=config.uses_dot, EVEN_K=in_features % config.block_k == 0,
+        SCALED=scale is not None, HAS_BIAS=bias is not None, SPLIT=split > 1, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, USE_DOT=config.uses_dot,
+        EVEN_K=in_features % config.block_k == 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if split > 1:
         total = rows * out_features
         reduce_kernel[(triton.cdiv(total, REDUCE_BLOCK),)](
-            target, bias if bias is not None else values, out, total, out_features, split,
-            HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4,
+            target, scale_arg, bias_arg, out, total, out_features, split,
+            SCALED=scale is not None, HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4,
         )  # fmt: skip
     return out
 
 
-def _check(x, values, meta, bias, config: DecodeConfig) -> None:
+def _check(x, values, meta, bias, config: DecodeConfig, scale) -> None:
     rows, in_features = x.shape
     out_features = values.shape[0]
     if tuple(values.shape) != (out_features, in_features // 2) or tuple(meta.shape) != (
@@ -235,8 +275,11 @@ def _check(x, values, meta, bias, config: DecodeConfig) -> None:
             f"the compressed weight ({tuple(values.shape)} values, {tuple(meta.shape)} metadata) does not fit "
             f"inputs of {in_features} features; compress the weight with triton_decode.compress."
         )
-    if x.dtype != values.dtype or meta.dtype != torch.int32:
-        raise ValueError(f"inputs are {x.dtype}, values {values.dtype}, metadata {meta.dtype} (int32 expected).")
+    if meta.dtype != torch.int32:
+        raise ValueError(f"metadata of {meta.dtype}: the positions are packed into int32 (triton_decode.compress).")
+    problem = _dtype_problem(x, values, scale)
+    if problem:
+        raise ValueError(problem)
     if not (x.is_contiguous() and values.is_contiguous() and meta.is_contiguous()):
         raise ValueError("the Triton decode kernel takes contiguous inputs, values and metadata.")
     if bias is not None and tuple(bias.shape) != (out_features,):
@@ -246,3 +289,30 @@ def _check(x, values, meta, bias, config: DecodeConfig) -> None:
     for size in (config.block_m, config.block_n, config.block_k):
         if size & (size - 1):
             raise ValueError(f"block sizes must be powers of two: {config}.")
+
+
+def _dtype_problem(x, values, scale) -> str | None:
+    """Why the inputs, values and scale do not go together (fp16/bf16 values of the inputs' dtype, or e4m3 values
+    with a float32 scale per output feature), or None."""
+    if scale is None:
+        if values.dtype == E4M3:
+            return (
+                "values are float8_e4m3fn but no scale was given: FP8 decode needs the float32 scale of each output "
+                "feature (scale=, as triton_decode.compress_fp8 returns it)."
+            )
+        if x.dtype != values.dtype:
+            return f"inputs are {x.dtype} but values {values.dtype}: cast the inputs to the weights' dtype."
+        return None
+    if values.dtype != E4M3:
+        return (
+            f"values are {values.dtype} but a scale was given: FP8 decode takes float8_e4m3fn values "
+            "(triton_decode.compress_fp8); without a scale the kernel runs fp16/bf16 values."
+        )
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"inputs are {x.dtype}: FP8 decode (e4m3 weights) takes float16 or bfloat16 activations."
+    if scale.dtype != torch.float32 or tuple(scale.shape) != (values.shape[0],) or not scale.is_contiguous():
+        return (
+            f"scale is {scale.dtype} of shape {tuple(scale.shape)}: FP8 decode needs one contiguous float32 scale per "
+            f"output feature, shape ({values.shape[0]},)."
+        )
+    return None

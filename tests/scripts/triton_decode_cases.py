@@ -3,8 +3,11 @@ Triton is imported) and prints one JSON line per case: what ran and its relative
 
     TRITON_INTERPRET=1 python tests/scripts/triton_decode_cases.py kernel   # the kernel: configurations, shapes, rows
     TRITON_INTERPRET=1 python tests/scripts/triton_decode_cases.py swap     # a tiny Llama swapped onto it (fake timings)
+    TRITON_INTERPRET=1 python tests/scripts/triton_decode_cases.py fp8      # FP8 x 2:4: dtypes, bias, rows, split-K
+    TRITON_INTERPRET=1 python tests/scripts/triton_decode_cases.py fp8_llama  # a tiny Llama on FP8 x 2:4 layers
 
-`tests/test_triton_decode.py` runs both and asserts on the lines.
+`tests/test_triton_decode.py` runs the first two and `tests/test_triton_decode_fp8.py` the FP8 ones, and they assert on
+the lines.
 """
 
 from __future__ import annotations
@@ -122,5 +125,67 @@ def swap_case() -> None:
     )
 
 
+def fp8_cases() -> None:
+    """FP8 x 2:4 against the fp32 product of the dequantized weight: dtypes x bias x rows x K a multiple of the blocks
+    or not, in the rows' default configuration (split-K) and one without split-K."""
+    for dtype in (torch.float16, torch.bfloat16):
+        for bias in (True, False):
+            for rows in ROWS:
+                for shape in (SHAPES[0], SHAPES[2]):
+                    one_slice = next(c for c in triton_decode.configs_for(rows) if c.split_k == 1 or c.uses_dot)
+                    for config in {triton_decode.default_config(rows), one_slice}:
+                        if not interpretable(config, dtype):
+                            continue
+                        x, w, b = gemm(*shape, rows, dtype, bias, seed=rows)
+                        values, meta, scale = triton_decode.compress_fp8(w)
+                        got = triton_decode.decode_linear(x, values, meta, b, config, scale)
+                        dequantized = triton_decode.dequantize(values, meta, scale, shape[1])
+                        expected = F.linear(x.float(), dequantized, None if b is None else b.float())
+                        emit(part="fp8", config=list(config), dtype=str(dtype), shape=list(shape), rows=rows,
+                             bias=bias, out_dtype=str(got.dtype), out_shape=list(got.shape),
+                             error=relative_error(got, expected))  # fmt: skip
+
+
+def fp8_llama_case() -> None:
+    """A tiny fp16 Llama whose 2:4 projections are replaced by FP8 `TritonDecodeLinear` layers, against the masked
+    model with the same per-row fake-quantized weights (and against the masked model without quantization)."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_sparse import prune_
+    from hf_sparse.inference.quantization import quantize_weight
+    from hf_sparse.inference.triton_linear import TritonDecodeLinear
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
+    model = LlamaForCausalLM(config).half().eval()
+    prune_(model)
+    fake = copy.deepcopy(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]  # 2:4
+    ids = {rows: torch.randint(0, 128, (1, rows)) for rows in (1, 16)}
+    with torch.no_grad():
+        masked = {rows: model(input_ids=i).logits for rows, i in ids.items()}  # before the replacement
+    for name in names:
+        parent, child = name.rsplit(".", 1)
+        linear = model.get_submodule(name)
+        model.get_submodule(parent).register_module(child, TritonDecodeLinear.from_linear(linear, fp8=True, name=name))
+        values, scales = quantize_weight(linear.weight)
+        with torch.no_grad():
+            fake.get_submodule(name).weight.copy_(values.float() * scales[:, None])
+    with torch.no_grad():
+        got = {rows: model(input_ids=i).logits for rows, i in ids.items()}
+        errors = {rows: relative_error(got[rows], fake(input_ids=i).logits) for rows, i in ids.items()}
+        unquantized = {rows: relative_error(got[rows], masked[rows]) for rows in ids}
+        layer = model.get_submodule(names[0])
+        x = torch.randn(3, layer.in_features, dtype=torch.float16)
+        compiled_equal = torch.equal(torch.compile(layer, backend="aot_eager", fullgraph=True)(x), layer(x))
+    emit(part="fp8_llama", layers=len(names), errors=errors, unquantized=unquantized, compiled_equal=compiled_equal,
+         reprs=sorted({m.extra_repr().split("weights=")[1] for m in model.modules()
+                       if isinstance(m, TritonDecodeLinear)}))  # fmt: skip
+
+
 if __name__ == "__main__":
-    {"kernel": kernel_cases, "swap": swap_case}[sys.argv[1]]()
+    modes = {"kernel": kernel_cases, "swap": swap_case, "fp8": fp8_cases, "fp8_llama": fp8_llama_case}
+    modes[sys.argv[1]]()
