@@ -13,7 +13,8 @@ questions as 4-way answer choice, distractors from the same article); the articl
 calibration and recovery text. XQuAD is the project's held-out data and is not read.
 
 Rows: dense, then every block's projections (q/k/v/o, gate/up/down) pruned 2:4 zero-shot by each `--criteria`
-(magnitude by default; Wanda and SparseGPT calibrate on the paragraphs of the other articles).
+(magnitude by default; Wanda and SparseGPT calibrate on the paragraphs of the other articles, joined and cut into
+`--calibration-length` token sequences).
 
 Run (7 minutes on one thread of a busy 2-core CPU with the defaults, 3.5 minutes of it CPU time, with the one-time
 conversion):

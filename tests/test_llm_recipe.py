@@ -178,7 +178,8 @@ def test_the_smollm2_preset_names_the_packaged_model_and_the_squad_sample(recipe
     args, sparsity, training_args = recipe.parse_args(["--preset", "smollm2", "--max_steps", "7"])
     assert args.model_name_or_path == recipe.SMOLLM2 and args.squad_file.endswith("squad-v2-dev-sample.json")
     assert (sparsity.criterion, args.max_length, training_args.max_steps) == ("sparsegpt", 512, 7)
-    assert (sparsity.sparsegpt_update_bias, sparsity.sparsegpt_admm_steps) == (True, 30)  # the README's best row
+    assert (sparsity.sparsegpt_admm_steps, sparsity.calibration_samples) == (30, 128)  # the README's best row
+    assert sparsity.sparsegpt_update_bias is False  # a Llama's projections have no bias to update
     default, sparsity, _ = recipe.parse_args([])
     assert default.model_name_or_path is None and sparsity.criterion == "sparsegpt"
     assert (sparsity.sparsegpt_update_bias, sparsity.sparsegpt_admm_steps) == (False, 0)
