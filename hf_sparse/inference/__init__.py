@@ -18,7 +18,8 @@
 - `cuda_graphs.py`: `cuda_graphs(model)` replays captured forwards per input shape; `EagerGraphs` does it for a
   swapped model's own inference calls.
 - `benchmark.py`: the latency benchmark (`python -m hf_sparse.inference.benchmark`, or `hf-sparse-bench`);
-  `decode_bench.py`: per-GEMM decode timings (`python -m hf_sparse.inference.decode_bench`).
+  `decode_bench.py`: per-GEMM decode timings (`python -m hf_sparse.inference.decode_bench`); `generate_bench.py`:
+  `generate()` tokens/s of dense, 2:4 and FP8 variants (`python -m hf_sparse.inference.generate_bench`).
 
 Everything here imports on a CPU machine; the kernels need an NVIDIA GPU of compute capability 8.0 or newer.
 """

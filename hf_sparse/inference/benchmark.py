@@ -382,18 +382,7 @@ def build_variants(args: BenchmarkArguments, base: nn.Module, names: list[str]) 
             "ratio": swapped_after / dense_2_4_bytes,
             "swapped_layers_ratio": report.memory_ratio,
         }
-        reports[variant] = [
-            {
-                "name": r.name,
-                "shape": r.shape,
-                "status": r.status,
-                "reason": r.reason,
-                "memory_ratio": r.memory_ratio,
-                "plans": r.plans,
-                "times_ms": {t: list(v) for t, v in r.times.items()},
-            }
-            for r in report
-        ]
+        reports[variant] = swap_report_rows(report)
         memory[variant]["gemm_speedup_by_tokens"] = {t: report.gemm_speedup(t) for t in report.token_counts}
     if "stock" in args.variants:
         model = copy.deepcopy(base)
@@ -407,6 +396,23 @@ def build_variants(args: BenchmarkArguments, base: nn.Module, names: list[str]) 
         models["dense-unfused"] = copy.deepcopy(base)
         memory["dense-unfused"] = {"weight_bytes": dense_2_4_bytes, "ratio": 1.0}
     return models, memory, reports
+
+
+def swap_report_rows(report) -> list[dict]:
+    """A `SwapReport` as JSON-ready rows: per layer its status, reason, memory, kernel per token bucket (`plans`) and
+    the autotuner's (dense ms, its kernel's ms) per tuned token count."""
+    return [
+        {
+            "name": r.name,
+            "shape": r.shape,
+            "status": r.status,
+            "reason": r.reason,
+            "memory_ratio": r.memory_ratio,
+            "plans": r.plans,
+            "times_ms": {t: list(v) for t, v in r.times.items()},
+        }
+        for r in report
+    ]
 
 
 def _compiled(models: dict[str, nn.Module], batch_sizes: int) -> dict[str, nn.Module]:
