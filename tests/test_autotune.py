@@ -130,7 +130,8 @@ def test_a_gemm_is_timed_over_exactly_the_token_rows_its_layer_runs(monkeypatch)
         assert tuning.sweep(DENSE, gemm("dense", 64, 32, torch.float32, True, tokens), "cpu").ms == tokens
     # only the layers that pad a call's rows are timed padded: cuSPARSELt's (to 8) and the e4m3 2:4 one's (to 32)
     assert {k.name: k.row_align for k in KERNELS} == {
-        "dense": 1, "cusparselt": 8, "cutlass": 1, "triton_decode": 1, "fp8-dense": 1, "fp8": 32
+        "dense": 1, "cusparselt": 8, "cutlass": 1, "triton_decode": 1, "fp8-dense": 1, "fp8": 32,
+        "triton_decode_fp8": 1,
     }  # fmt: skip
 
 

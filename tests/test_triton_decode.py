@@ -406,7 +406,7 @@ def test_the_decode_benchmark_takes_the_llama_projection_shapes_and_refuses_bad_
 
     args = decode_bench.parse_args([])
     assert args.models == ["llama-3-8b", "llama-3.2-1b"] and args.dtypes == ["float16", "bfloat16"]
-    assert args.tokens == [1, 16, 64] and args.kernels == ["triton_decode", "cusparselt"]
+    assert args.tokens == [1, 16, 64] and args.kernels == ["triton_decode", "cusparselt", "triton_decode_fp8", "fp8"]
     for model, (hidden, heads, kv_heads, intermediate) in {"llama-3-8b": (4096, 32, 8, 14336),
                                                            "llama-3.2-1b": (2048, 32, 8, 8192)}.items():  # fmt: skip
         head_dim = hidden // heads
@@ -416,7 +416,7 @@ def test_the_decode_benchmark_takes_the_llama_projection_shapes_and_refuses_bad_
     args = decode_bench.parse_args(["--models", "llama-3.2-1b", "--tokens", "1", "3", "--json", "out.json"])
     assert args.models == ["llama-3.2-1b"] and args.tokens == [1, 3] and args.json == "out.json"
     for bad, words in ((["--models", "llama-2"], "--models: ['llama-2'] unknown"), (["--tokens", "0"], "positive"),
-                       (["--kernels", "cutlass"], "choose from ['triton_decode', 'cusparselt']")):  # fmt: skip
+                       (["--kernels", "cutlass"], "choose from ['triton_decode', 'cusparselt', 'triton_decode_fp8'")):  # fmt: skip
         with pytest.raises(SystemExit):
             decode_bench.parse_args(bad)
         assert words in capsys.readouterr().err
@@ -435,7 +435,8 @@ def test_gpu_the_decode_benchmark_measures_every_kernel_beside_dense(tmp_path, c
     assert result["copy_bandwidth_gbs"] > 0 and len(result["rows"]) == 4
     for row in result["rows"]:
         assert row["dense_ms"] > 0 and row["ceiling_ms"] == pytest.approx(row["dense_ms"] * 9 / 16)
-        assert row["triton_decode"]["ms"] and row["cusparselt"]["ms"], row
+        assert row["triton_decode"]["ms"] and row["cusparselt"]["ms"] and row["triton_decode_fp8"]["ms"], row
+        assert row["fp8"]["ms"] or row["fp8"]["why_not"], row
     assert "copy bandwidth" in capsys.readouterr().out
 
 

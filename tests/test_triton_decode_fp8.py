@@ -6,6 +6,8 @@ compute capability 8.9 or newer (`needs_triton_gpu` and `needs_fp8_gpu`).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -174,3 +176,86 @@ def test_gpu_fp8_layer_runs_in_cuda_graphs_and_under_torch_compile(dtype):
     layer = TritonDecodeLinear.from_linear(linear, fp8=True, name="o_proj")
     assert layer.weight_bytes == 4096 * 4096 * 5 // 8 + 4 * 4096
     check_in_graphs_and_compiled(layer, fake_quantized(linear.weight), linear.bias.detach())
+
+
+# -- the plug-in of the FP8 swap (CPU) ---------------------------------------------------------------------------------
+
+
+def test_the_fp8_plug_in_is_the_last_kernel_and_says_why_it_cannot_run_here(monkeypatch):
+    from hf_sparse.inference.kernels import KERNELS, TRITON_DECODE_FP8
+    from hf_sparse.inference.kernels.base import Weights
+
+    assert KERNELS[-1] is TRITON_DECODE_FP8 and TRITON_DECODE_FP8.weights is Weights.E4M3 and TRITON_DECODE_FP8.sparse
+    assert TRITON_DECODE_FP8.layout != "triton_decode"  # e4m3 values: it shares no bytes with the fp16 layout
+    reason = TRITON_DECODE_FP8.unsupported_reason(torch.device("cpu"), torch.bfloat16, "model.layers.0.mlp.up_proj")
+    assert "model.layers.0.mlp.up_proj" in reason and "NVIDIA GPU" in reason
+    # 5/16 of the fp16 bytes and a float32 scale per output feature
+    assert TRITON_DECODE_FP8.weight_bytes((4096, 4096), torch.float16) == 4096 * 4096 * 5 // 8 + 4 * 4096
+    assert TRITON_DECODE_FP8.shape_problem((24, 40), torch.float16) is not None
+
+
+def test_the_fp8_swap_puts_a_layer_on_the_triton_kernel_where_it_is_fastest_and_builds_its_e4m3_layer():
+    from hf_sparse.inference import policy
+    from hf_sparse.inference.kernels import DENSE, FP8, FP8_DENSE, TRITON_DECODE_FP8
+    from hf_sparse.inference.kernels.base import LayerSpec, Timing
+    from hf_sparse.inference.units import find_units
+    from tests.test_autotune import FakeTimings
+    from tests.test_inference import decide, pruned_tiny_model
+
+    class Measured(FakeTimings):  # decode: the Triton kernel 0.3 ms, cuSPARSELt's e4m3 GEMM 0.6, fp16 dense 1.0
+        def measure(self, request):
+            ms = {"dense": 1.0, "fp8-dense": 0.7, "fp8": 0.6, "triton_decode_fp8": 0.3}[request.kernel]
+            return Timing(
+                ms, (1, 64, 256, 1, 4, 1) if request.kernel == "triton_decode_fp8" else (), request.tokens, 1
+            )
+
+    model = pruned_tiny_model(hidden_size=64, intermediate_size=128)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith("output.dense")}
+    units, _ = find_units(model, linears, ())
+    kernels = (DENSE, FP8_DENSE, FP8, TRITON_DECODE_FP8)
+    plan = decide(units[:1], Measured(cache_path=False), [1, 16], kernels=kernels, fp8=policy.Fp8Options(True))[0]
+    assert plan.kernel is TRITON_DECODE_FP8 and plan.status == "fp8 2:4"
+    assert "Triton e4m3 decode kernel is fastest" in plan.reason
+    assert {run.kernel for run in plan.runs.values()} == {"triton_decode_fp8"}
+    layer = TRITON_DECODE_FP8.layer(LayerSpec(units[0].weight.half(), None, units[0].name, runs=plan.runs))
+    assert isinstance(layer, TritonDecodeLinear) and layer.fp8 and layer.values.dtype == E4M3
+    assert layer.run_for(1).config == (1, 64, 256, 1, 4, 1)
+
+
+@needs_triton_gpu
+@needs_fp8_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_the_fp8_swap_runs_a_llama_on_it_where_its_timings_win(dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_sparse import swap_to_semi_structured_
+    from hf_sparse.inference import Fp8Config
+    from hf_sparse.inference.kernels.base import Timing
+    from hf_sparse.pruning import prune_
+    from tests.test_autotune import FakeTimings
+    from tests.test_inference import rel_error
+
+    class Measured(FakeTimings):  # the Triton e4m3 kernel fastest at every token count
+        def measure(self, request):
+            if request.kernel == "triton_decode_fp8":
+                return Timing(0.3, tuple(triton_decode.default_config(request.tokens)), request.tokens, 1)
+            return Timing({"dense": 1.0, "fp8-dense": 0.7}.get(request.kernel, 0.6), (), request.tokens, 1)
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    model = LlamaForCausalLM(config).to("cuda", dtype).eval()
+    prune_(model)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if isinstance(module, nn.Linear) and "layers" in name:
+                module.weight.copy_(fake_quantized(module.weight))
+    prompt = torch.randint(0, 256, (4, 8), device="cuda")
+    report = swap_to_semi_structured_(model, fp8=Fp8Config("dynamic"), token_counts=[1, 16, 32],
+                                      autotune=Measured(cache_path=False), eager_graphs=False)  # fmt: skip
+    layers = [m for m in model.modules() if isinstance(m, TritonDecodeLinear)]
+    assert len(layers) == 2 * 5 and all(layer.fp8 for layer in layers), report.format()
+    with torch.no_grad():
+        assert rel_error(model(input_ids=prompt).logits, reference(input_ids=prompt).logits) < 2e-2
+        model.generate(prompt, max_new_tokens=4, do_sample=False)

@@ -29,7 +29,7 @@ SHAPES: dict[str, dict[str, tuple[int, int]]] = {
     "llama-3-8b": {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)},
     "llama-3.2-1b": {"qkv": (3072, 2048), "o_proj": (2048, 2048), "gate/up": (8192, 2048), "down": (2048, 8192)},
 }
-SPARSE_KERNELS = ("triton_decode", "cusparselt")
+SPARSE_KERNELS = ("triton_decode", "cusparselt", "triton_decode_fp8", "fp8")
 DTYPES = ("float16", "bfloat16")
 
 

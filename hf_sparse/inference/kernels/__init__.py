@@ -14,8 +14,9 @@ from .dense import DENSE
 from .fp8 import FP8
 from .fp8_dense import FP8_DENSE
 from .triton_decode import TRITON_DECODE
+from .triton_decode_fp8 import TRITON_DECODE_FP8
 
-KERNELS: tuple[Kernel, ...] = (DENSE, CUSPARSELT, CUTLASS, TRITON_DECODE, FP8_DENSE, FP8)
+KERNELS: tuple[Kernel, ...] = (DENSE, CUSPARSELT, CUTLASS, TRITON_DECODE, FP8_DENSE, FP8, TRITON_DECODE_FP8)
 
 
 def find(name: str) -> Kernel:
