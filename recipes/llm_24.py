@@ -50,7 +50,7 @@ from hf_sparse.lm import (
     teacher_generations,
 )
 from hf_sparse.lm.data import language_modeling_rows, packed_sequences, read_texts, split_by_article, spread
-from hf_sparse.lm.generation import generation_speed
+from hf_sparse.lm.generation import COMPILE_MODES, GenerationSettings, generation_speed
 from hf_sparse.parser import RecipeParser, check_hub_sources
 
 logger = logging.getLogger("llm_24")
@@ -165,6 +165,11 @@ class RecipeArguments:
     )
     timing_prompt_tokens: int = field(default=128, metadata={"help": "GPU only: prompt tokens of the timing."})
     timing_new_tokens: int = field(default=128, metadata={"help": "GPU only: tokens generated per row in the timing."})
+    timing_compile_mode: str = field(
+        default="reduce-overhead",
+        metadata={"help": "GPU only: how both models' generate() runs: a static KV cache and the decode step under "
+                  "torch.compile in this mode (reduce-overhead: CUDA graphs), or 'none' for an eager decode."},
+    )  # fmt: skip
     cpu_threads: int | None = field(default=None, metadata={"help": "torch's CPU threads (torch.set_num_threads); "
                                     "llm_offline.yaml: 1. Default: torch's choice."})  # fmt: skip
     overwrite_output_dir: bool = field(
@@ -191,6 +196,9 @@ def parse_args(argv: list[str] | None = None):
 
 def check_arguments(args: RecipeArguments) -> None:
     """Fails at once, before anything runs, on files that are missing and on a model the Hub must give and cannot."""
+    if args.timing_compile_mode not in (*COMPILE_MODES, "none"):
+        raise SystemExit(f"--timing_compile_mode {args.timing_compile_mode!r}: choose from "
+                         f"{[*COMPILE_MODES, 'none']}")  # fmt: skip
     for flag in ("squad_file", "recovery_text_file"):
         path = getattr(args, flag)
         if path is not None and not Path(path).is_file():
@@ -475,9 +483,12 @@ def swap_and_time(run: Run, dense, sparse) -> None:
     run.begin("generation")
     if run.main_process and "generation" not in run.report:
         dense16 = copy.deepcopy(dense).to(device="cuda", dtype=torch.float16).eval()
+        mode = run.args.timing_compile_mode
+        settings = GenerationSettings("static", None if mode == "none" else mode)  # the same for both models
         rows = []
         for batch in sizes:
-            speed = {name: generation_speed(model, run.tokenizer, run.eval_texts, batch, prompt_tokens, new_tokens)
+            speed = {name: generation_speed(model, run.tokenizer, run.eval_texts, batch, prompt_tokens, new_tokens,
+                                            settings=settings)
                      for name, model in (("dense", dense16), ("sparse", swapped))}  # fmt: skip
             rows.append({"batch_size": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
                          **{f"{k}_tokens_per_second": s.tokens_per_second for k, s in speed.items()},
@@ -485,7 +496,10 @@ def swap_and_time(run: Run, dense, sparse) -> None:
         run.report["generation"] = {
             "description": f"{torch.cuda.get_device_name()}, fp16, greedy generate() of exactly {new_tokens} new "
             f"tokens after {prompt_tokens} prompt tokens, median of 3 calls after a warm-up "
-            "(hf_sparse.lm.generation.generation_speed); the 2:4 model on sparse kernels (swap_to_semi_structured_).",
+            "(hf_sparse.lm.generation.generation_speed), both with a static KV cache and "
+            + (f"the decode step under torch.compile(mode={mode!r})" if mode != "none" else "an eager decode step")
+            + "; the 2:4 model on sparse kernels (swap_to_semi_structured_).",
+            "settings": dataclasses.asdict(settings),
             "rows": rows,
         }
         run_report.save_report(run.report, run.output_dir)

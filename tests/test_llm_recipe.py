@@ -163,7 +163,8 @@ def _squad(path, articles):
     [(["--squad_file", "missing.json"], "--squad_file missing.json does not exist"),
      (["--recovery_text_file", "missing.txt"], "--recovery_text_file missing.txt does not exist"),
      (["--eval_articles", "3"], "--eval_articles must be from 1 to 2 (the file has 3 articles)"),
-     (["--eval_articles", "1", "--num_choices", "4"], "no evaluation question has 3 other answers in its article")],
+     (["--eval_articles", "1", "--num_choices", "4"], "no evaluation question has 3 other answers in its article"),
+     (["--timing_compile_mode", "graphs"], "--timing_compile_mode 'graphs': choose from")],
 )  # fmt: skip
 def test_inputs_that_cannot_work_are_refused_before_anything_runs(recipe, tmp_path, flags, message):
     squad = _squad(tmp_path / "three.json", 3)
