@@ -93,7 +93,13 @@ def _launch(config):
 
 @pytest.mark.parametrize(
     "config, processes",
-    [("accelerate_cpu.yaml", 2), ("accelerate_gpu.yaml", 1), ("accelerate_ddp.yaml", 2), ("accelerate_fsdp.yaml", 2)],
+    [
+        ("accelerate_cpu.yaml", 2),
+        ("accelerate_gpu.yaml", 1),
+        ("accelerate_ddp.yaml", 2),
+        ("accelerate_fsdp.yaml", 2),
+        ("accelerate_fsdp_llm.yaml", 2),
+    ],
 )
 def test_each_accelerate_config_starts_its_number_of_processes(tmp_path, config, processes):
     script = tmp_path / "ranks.py"  # one file per process (their prints to one pipe can interleave)

@@ -39,3 +39,25 @@ def test_fsdp2_shards_the_teacher_and_ends_exactly_2_4(tmp_path):
                         num_attention_heads=12, intermediate_size=3072)  # fmt: skip
     full = sum(p.numel() * p.element_size() for p in BertForQuestionAnswering(config).parameters())
     assert all(r["teacher_bytes_on_rank"] <= 0.51 * full for r in ranks)  # half of the teacher on each rank
+
+
+def test_fsdp2_llm_recipe_prunes_the_same_masks_on_both_ranks_and_saves_an_exact_2_4_llama(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_sparse.masks import is_nm
+
+    recipe = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "recipes" / "accelerate_fsdp_llm.yaml"), "--main_process_port", "0",
+              str(REPO / "recipes" / "llm_24.py"), "--output_dir", str(tmp_path), "--bf16", "true",
+              "--config_overrides", "hidden_size=256,intermediate_size=512,num_attention_heads=4",
+              "--dense_max_steps", "20", "--max_steps", "10", "--calibration_samples", "8", "--disable_tqdm", "true",
+              "--criterion", "sparsegpt", "--sparsegpt_admm_steps", "5"]  # fmt: skip
+    result = subprocess.run(recipe, env=subprocess_env(), capture_output=True, text=True, timeout=HANG_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    digests = report["stages"]["pruned"]["mask_digests_by_rank"]
+    assert report["environment"]["processes"] == 2 and len(digests) == 2 and digests[0] == digests[1]
+    assert report["stages"]["sparse"]["all_layers_exact"] is True
+    sparse = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")
+    projections = [m.weight for n, m in sparse.named_modules() if n.endswith("_proj") and hasattr(m, "weight")]
+    assert len(projections) == 14 and all(is_nm(w, 2, 4) for w in projections)
