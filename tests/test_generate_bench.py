@@ -159,3 +159,20 @@ def test_a_missing_prompt_file_is_named(tmp_path):
     )
     with pytest.raises(FileNotFoundError, match="--prompts .*x: no such file"):
         generate_bench.check_prompts(args, object(), 260)
+
+
+def test_a_compact_checkpoint_loads_into_a_model_whose_decode_step_compiles(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    import hf_sparse
+
+    model = tiny_llama()
+    hf_sparse.prune_(model)
+    hf_sparse.save_pretrained(model, tmp_path, compact=True)
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    # loaded dense, the quantizer gone (a quantizer that is not `is_compileable` would make generate() run eagerly)
+    assert getattr(loaded, "hf_quantizer", None) is None
+    prompts = random_prompts(2)
+    settings = GenerationSettings(compile_backend="eager", compile_on_cpu=True)
+    assert greedy_generations(loaded, prompts, 8, settings=settings) == greedy_generations(model, prompts, 8)
+    assert decode_compiled(loaded)
