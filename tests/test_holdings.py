@@ -216,3 +216,24 @@ def test_a_layer_holding_two_layouts_runs_each_bucket_on_its_kernel_and_saves_an
     assert len(restore_dense_(model)) == 7
     assert not any(isinstance(m, MultiLayoutLinear) for m in model.modules())
     assert all(torch.equal(v, dense_state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_weight_one_layout_fails_to_take_leaves_every_layout_as_it_was(two_fake_kernels):
+    model = tiny_llama()
+    swap_to_semi_structured_(model, dense_fallback="copy", autotune=TwoKernelTimings(cache_path=False),
+                             eager_graphs=False)  # fmt: skip
+    layer = next(m for m in model.modules() if isinstance(m, MultiLayoutLinear) and m.emits_state)
+    before = layer.weight.clone()
+    first, second = layer.layouts.values()
+    new = before.flip(0).contiguous()  # 2:4 still, and another weight
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    second.set_weight_ = fail  # the second layout fails after the first took the new weight
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        layer.set_weight_(new)
+    assert torch.equal(first.weight, before) and torch.equal(layer.weight, before)
+    del second.set_weight_
+    layer.set_weight_(new)  # with nothing failing, every layout takes it
+    assert all(torch.equal(layout.weight, new) for layout in layer.layouts.values())

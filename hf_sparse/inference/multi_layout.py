@@ -81,9 +81,19 @@ class MultiLayoutLinear(SwappedLinear):
         return self.layer_for(x.numel() // self.in_features if x.numel() else 0)(x)
 
     def set_weight_(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows: slice | None = None) -> None:
-        """Replaces the weight (or the rows `rows` of it) with a dense 2:4 tensor, recompressing every layout (the
-        first checks the shape and the 2:4 pattern before it changes anything, so a refusal leaves the layer as it
-        was)."""
-        for layer in self.layouts.values():
-            layer.set_weight_(weight, bias, rows)
+        """Replaces the weight (or the rows `rows` of it) with a dense 2:4 tensor, recompressing every layout. All or
+        nothing: where a layout refuses or fails (a shape or 2:4 check, a device error), the layouts changed before it
+        are put back to the weight and bias they held, and the error is raised."""
+        with torch.no_grad():
+            previous = self.weight.detach().clone()
+            previous_bias = None if self.bias is None else self.bias.detach().clone()
+        changed = []
+        try:
+            for layer in self.layouts.values():
+                changed.append(layer)
+                layer.set_weight_(weight, bias, rows)
+        except Exception:
+            for layer in changed:
+                layer.set_weight_(previous, previous_bias)
+            raise
         copy_bias(self, bias, rows)
