@@ -259,3 +259,35 @@ def test_gpu_the_fp8_swap_runs_a_llama_on_it_where_its_timings_win(dtype):
     with torch.no_grad():
         assert rel_error(model(input_ids=prompt).logits, reference(input_ids=prompt).logits) < 2e-2
         model.generate(prompt, max_new_tokens=4, do_sample=False)
+
+
+def test_for_a_decoder_the_fp8_swap_weighs_decode_steps_as_often_as_a_generation_runs_them():
+    from hf_sparse.inference import fp8_policy, policy
+    from hf_sparse.inference.holdings import Workload
+    from hf_sparse.inference.kernels import DENSE, FP8, FP8_DENSE, TRITON_DECODE_FP8
+    from hf_sparse.inference.kernels.base import Timing
+    from hf_sparse.inference.units import find_units
+    from tests.test_autotune import FakeTimings
+    from tests.test_inference import pruned_tiny_model
+
+    class Measured(FakeTimings):  # the Triton kernel 3x faster than fp16 at decode, 4x slower at a 512-token prefill
+        def measure(self, request):
+            decode = request.tokens <= 64
+            ms = {"dense": 1.0, "fp8-dense": 0.8, "fp8": 0.7, "triton_decode_fp8": 0.33 if decode else 4.0}
+            return Timing(ms[request.kernel], (), request.tokens, 1)
+
+    model = pruned_tiny_model(hidden_size=64, intermediate_size=128)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith("output.dense")}
+    units, _ = find_units(model, linears, ())
+    in_play = policy.Kernels((DENSE, FP8_DENSE, FP8, TRITON_DECODE_FP8))
+    buckets = {8: 1, 16: 16, 512: 512}
+    chosen = {}
+    for workload in (None, Workload()):
+        options = policy.Options(buckets=buckets, fp8=policy.Fp8Options(True), workload=workload)
+        needed = fp8_policy.requests(units[:1], in_play, options)
+        timings = dict(zip(needed, Measured(cache_path=False).timings(needed, "cpu")))
+        chosen[workload is not None] = fp8_policy.decide(units[:1], in_play, timings, options)[0].kernel
+    assert chosen == {
+        False: FP8,
+        True: TRITON_DECODE_FP8,
+    }  # each count alike: cuSPARSELt's; weighed: the decode kernel

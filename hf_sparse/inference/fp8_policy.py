@@ -2,8 +2,9 @@
 types and helpers of `policy.py`.
 
 Each layer takes the fastest of its fp16 self and the e4m3 kernels over the tuned token counts (each weighed relative
-to its fp16 time; an e4m3 kernel must beat fp16, and a later one of `KERNELS` the earlier, by `min_speedup`; one
-weight format per layer, so the weights never take more bytes than the fastest choice needs). Then a 2:4 layer whose
+to its fp16 time, and for a decoder LLM by how often a generation runs it; an e4m3 kernel must beat fp16, and a later
+one of `KERNELS` the earlier, by `min_speedup`; one weight format per layer, so the weights never take more bytes than
+the fastest choice needs). Then a 2:4 layer whose
 GELU feeds another FP8 layer runs GELU and that layer's e4m3 quantization in its epilogue where that measures no
 slower than the GEMM plus the separate GELU step.
 """
@@ -88,9 +89,11 @@ def _fp8_plan(unit: Unit, kernels: Kernels, timings, options: Options) -> LayerP
         return LayerPlan(
             unit, (dense,), runs, reason=f"left fp16: its FP8 GEMMs were not measured ({why})", times=times
         )
-    relative = {k: sum((own[k][b].ms or math.inf) / base[b].ms for b in measured) for k in fitting}
+    # each bucket's time relative to fp16, weighed by how often the workload runs it (a decoder LLM's decode steps
+    # count new_tokens times, its prefill once; each bucket the same otherwise)
+    relative = {k: sum(options.weight(b) * (own[k][b].ms or math.inf) / base[b].ms for b in measured) for k in fitting}
     best = dense
-    if min(relative.values()) * options.min_speedup <= len(measured):  # an e4m3 kernel beats fp16
+    if min(relative.values()) * options.min_speedup <= sum(options.weight(b) for b in measured):  # beats fp16
         best = fitting[0]
         for kernel in fitting[1:]:  # a later kernel must beat the earlier by the margin too
             if relative[kernel] * options.min_speedup <= relative[best]:
