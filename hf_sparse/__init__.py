@@ -12,6 +12,7 @@ from .config import SparsityConfig
 from .distillation import DistillationLoss
 from .hub import HubPushError, model_card, push_to_hub
 from .inference import SwapReport, cuda_graphs, restore_dense_, swap_to_semi_structured_
+from .learned_masks import learn_masks
 from .masks import sparsity_report
 from .pruning import prune_
 from .quantizer import HfSparseConfig as _HfSparseConfig  # noqa: F401 - registers compact checkpoints with transformers
@@ -24,6 +25,7 @@ __all__ = [
     "SparsityCallback",
     "SparsityConfig",
     "prune_",
+    "learn_masks",
     "select_layers",
     "sparsity_report",
     "DistillationLoss",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-CRITERIA = ("magnitude", "wanda", "sparsegpt")
+CRITERIA = ("magnitude", "wanda", "sparsegpt", "learned")
 """Pruning criteria known to the library (see `hf_sparse.criteria`). "wanda" and "sparsegpt" need calibration data."""
 
 
@@ -65,7 +65,8 @@ class SparsityConfig:
             "wanda: the largest |w| * ||x_j||_2 (input column norm over calibration tokens). sparsegpt: the mask and "
             "weight update of SparseGPT (second-order, the kept weights are changed to compensate). wanda and "
             "sparsegpt run the calibration data through the model block by block, so later blocks see the pruned "
-            "earlier ones.",
+            "earlier ones. learned: masks trained by hf_sparse.learn_masks (MaskLLM-style) and given to "
+            "SparsityCallback(masks=...), which holds them; never computed here.",
         },
     )
     calibration_samples: int = field(
@@ -168,6 +169,11 @@ class SparsityConfig:
         self.exclude_modules = _as_pattern_list("exclude_modules", self.exclude_modules)
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {list(CRITERIA)}; got {self.criterion!r}.")
+        if self.criterion == "learned" and self.mask_update_every:
+            raise ValueError(
+                "criterion='learned' masks come from hf_sparse.learn_masks and cannot be recomputed during training; "
+                f"leave mask_update_every at None (got {self.mask_update_every})."
+            )
         if not isinstance(self.calibration_samples, int) or self.calibration_samples < 1:
             raise ValueError(f"calibration_samples must be an integer >= 1; got {self.calibration_samples!r}.")
         if not isinstance(self.calibration_batch_size, int) or self.calibration_batch_size < 1:
