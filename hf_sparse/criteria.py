@@ -255,8 +255,8 @@ def compute_masks(
     if config.criterion == "learned":
         raise ValueError(
             "criterion='learned': these masks are trained by hf_sparse.learn_masks, not computed from the weights; "
-            "learn them first and pass them on (SparsityCallback(config, masks=masks)), or choose magnitude, wanda "
-            "or sparsegpt."
+            "learn them first and pass them on (prune_(model, config, masks=masks) or SparsityCallback(config, "
+            "masks=masks)), or choose magnitude, wanda or sparsegpt."
         )
     replicated = world_size() > 1 and not any(is_sharded(layer.weight) for layer in layers.values())
     _check_finite_weights(layers)

@@ -13,7 +13,8 @@ from ._distributed import local_tensor, unwrap_model
 from .adapters import base_layer_names
 from .checkpoint import attach_sparsity_metadata
 from .config import SparsityConfig
-from .criteria import compute_masks
+from .criteria import Masks, compute_masks
+from .masks import is_nm
 from .selection import select_layers
 
 
@@ -103,6 +104,7 @@ def prune_(
     config: SparsityConfig | None = None,
     calibration_data=None,
     device: torch.device | str | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prunes `model` in place to N:M (one shot, no training) and returns the masks by layer name.
 
@@ -120,6 +122,9 @@ def prune_(
             by block (see `hf_sparse.calibration`). Not used by "magnitude".
         device: where the calibration statistics and the SparseGPT solve run; default the model's GPU, else CUDA
             when available, else the CPU.
+        masks: masks chosen elsewhere (`hf_sparse.learn_masks`, with `SparsityConfig(criterion="learned")`), by
+            layer name, one for every selected layer: applied instead of computed, and recorded under
+            `config.criterion`.
 
     Example:
 
@@ -138,10 +143,33 @@ def prune_(
     target, names = base_layer_names(model, list(layers))
     chosen = masks_chosen_before(target, names, config)
     nonzero = nonzeros_to_compare(chosen, config, layers)  # before Wanda and SparseGPT prune in place
-    masks = compute_masks(model, layers, config, calibration_data, device)
+    if masks is not None:
+        masks = Masks(checked_masks(masks, layers, config))
+    else:
+        masks = compute_masks(model, layers, config, calibration_data, device)
     chosen = chosen_after(chosen, nonzero, masks)
     apply_masks_(layers, masks)
     # As at the end of SparsityCallback: the metadata config.json carries, which compact saving needs.
     if getattr(target, "config", None) is not None:
         record_sparsity_(target, config, names, chosen, masks.calibration)
     return masks
+
+
+def checked_masks(masks: dict[str, torch.Tensor], layers: dict[str, nn.Linear], config: SparsityConfig) -> dict:
+    """`masks` as boolean tensors on their layers' devices, refused (naming the layer) unless there is one for every
+    layer, of its weight's shape and exactly `config`'s N:M."""
+    missing = [name for name in layers if name not in masks]
+    if missing:
+        raise ValueError(f"prune_(masks=...): no mask for {missing[:3]} ({len(missing)} of the {len(layers)} selected "
+                         "layers); give one for every layer the SparsityConfig selects.")  # fmt: skip
+    checked = {}
+    for name, layer in layers.items():
+        mask = masks[name]
+        if tuple(mask.shape) != tuple(layer.weight.shape):
+            raise ValueError(f"prune_(masks=...): the mask of {name} is {tuple(mask.shape)}, its weight "
+                             f"{tuple(layer.weight.shape)}.")  # fmt: skip
+        if not is_nm(mask.float(), config.n, config.m):
+            raise ValueError(f"prune_(masks=...): the mask of {name} is not {config.sparsity_pattern}; masks keep "
+                             f"at most {config.n} of every {config.m} weights along the input dimension.")  # fmt: skip
+        checked[name] = mask.to(device=layer.weight.device, dtype=torch.bool)
+    return checked

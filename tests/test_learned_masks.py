@@ -154,3 +154,24 @@ def test_learned_masks_are_held_through_a_recovery_and_named_in_the_checkpoint(t
     save_pretrained(model, tmp_path / "out")
     sparsity = json.loads((tmp_path / "out" / "config.json").read_text())["sparsity"]
     assert sparsity["criterion"] == "learned"
+
+
+def test_prune_applies_given_masks_names_their_criterion_and_refuses_ones_that_do_not_fit():
+    model = tiny_llama()
+    layers = select_layers(model, SparsityConfig()).targets
+    generator = torch.Generator().manual_seed(3)
+    masks = {
+        n: nm_mask_from_scores(torch.rand(layer.weight.shape, generator=generator)) for n, layer in layers.items()
+    }
+    name = "model.layers.0.self_attn.o_proj"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = [({k: v for k, v in masks.items() if k != name}, "no mask for"),
+           ({**masks, name: masks[name][:, :16]}, f"the mask of {name} is \\(32, 16\\), its weight \\(32, 32\\)"),
+           ({**masks, name: torch.ones_like(masks[name])}, f"the mask of {name} is not 2:4")]  # fmt: skip
+    for given, words in bad:
+        with pytest.raises(ValueError, match=words):
+            prune_(model, SparsityConfig(criterion="learned"), masks=given)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing changed
+    applied = prune_(model, SparsityConfig(criterion="learned"), masks=masks)
+    assert all(torch.equal(layers[n].weight != 0, masks[n]) and torch.equal(applied[n], masks[n]) for n in masks)
+    assert model.config.sparsity["criterion"] == "learned"
