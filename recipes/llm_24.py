@@ -151,6 +151,17 @@ class RecipeArguments:
         metadata={"help": "Data-free recovery: distill on the prompt's tokens too (the teacher's distributions there "
                   "teach as much as on its own text); False: on the generated tokens only."},
     )  # fmt: skip
+    mask_learning_prior: str = field(
+        default="sparsegpt",
+        metadata={"help": "--criterion learned: the criterion whose masks the learning starts from (magnitude, wanda "
+                  "or sparsegpt; only its masks: they are learned on the dense weights)."},
+    )  # fmt: skip
+    mask_learning_steps: int = field(
+        default=200,
+        metadata={"help": "--criterion learned: optimizer steps of mask learning (hf_sparse.learn_masks), distilling "
+                  "the dense model on the calibration sequences, the weights frozen."},
+    )  # fmt: skip
+    mask_learning_rate: float = field(default=0.05, metadata={"help": "--criterion learned: the mask logits' lr."})
     distill_temperature: float = field(default=2.0, metadata={"help": "Temperature of the logit distillation (KL)."})
     distill_hidden_weight: float = field(
         default=0.0,
@@ -196,6 +207,10 @@ def parse_args(argv: list[str] | None = None):
 
 def check_arguments(args: RecipeArguments) -> None:
     """Fails at once, before anything runs, on files that are missing and on a model the Hub must give and cannot."""
+    if args.mask_learning_prior not in ("magnitude", "wanda", "sparsegpt"):
+        raise SystemExit(f"--mask_learning_prior {args.mask_learning_prior!r}: choose magnitude, wanda or sparsegpt")
+    if args.mask_learning_steps < 1:
+        raise SystemExit(f"--mask_learning_steps must be at least 1; got {args.mask_learning_steps}")
     if args.timing_compile_mode not in (*COMPILE_MODES, "none"):
         raise SystemExit(f"--timing_compile_mode {args.timing_compile_mode!r}: choose from "
                          f"{[*COMPILE_MODES, 'none']}")  # fmt: skip
@@ -264,7 +279,8 @@ def prompt(record: dict) -> str:
 PLAN = stages.StagePlan(
     stages=("dense", "pruned", "sparse", "swapped", "generation"),
     first_used={
-        "pruned": tuple(f.name for f in dataclasses.fields(hf_sparse.SparsityConfig)),
+        "pruned": (*(f.name for f in dataclasses.fields(hf_sparse.SparsityConfig)), "mask_learning_prior",
+                   "mask_learning_steps", "mask_learning_rate"),
         # TrainingArguments' length and lr are the recovery's (the dense training has its own)
         "sparse": ("recovery_text_file", "recovery_prompts", "recovery_new_tokens", "recovery_train_on_prompt",
                    "distill_temperature", "distill_hidden_weight", "distill_task_weight", "max_steps",
@@ -385,7 +401,7 @@ def prune_zero_shot(run: Run, dense):
     """2. Zero-shot: prune a copy of the dense model (calibrated on paragraphs of the training articles) and evaluate
     it without training."""
     run.banner(2, STAGES[1], f"prune a copy of the dense model to {run.sparsity.sparsity_pattern} by "
-               f"{run.sparsity.criterion} and evaluate it without training")  # fmt: skip
+               f"{_criterion_words(run)} and evaluate it without training")  # fmt: skip
     run.begin("pruned")
     pruned, calibration, chosen_by = copy.deepcopy(dense), None, run.sparsity
     if run.sparsity.criterion != "magnitude":
@@ -397,7 +413,9 @@ def prune_zero_shot(run: Run, dense):
         # config.json and the card record how many sequences calibrated, not how many were asked for
         chosen_by = dataclasses.replace(run.sparsity, calibration_samples=len(calibration["input_ids"]))
     start = time.perf_counter()
-    masks = hf_sparse.prune_(pruned, chosen_by, calibration_data=calibration, device=run.training_args.device)
+    given = learned_masks(run, dense, pruned, chosen_by, calibration) if run.sparsity.criterion == "learned" else None
+    masks = hf_sparse.prune_(pruned, chosen_by, calibration_data=calibration, device=run.training_args.device,
+                             masks=given)  # fmt: skip
     seconds = time.perf_counter() - start
     digests = stages.check_replicas_agree(masks, "after pruning")  # every rank pruned the whole model
     if not run.done("pruned"):
@@ -407,6 +425,33 @@ def prune_zero_shot(run: Run, dense):
                               "sparsity": hf_sparse.masks.total_sparsity(rows),
                               "calibration_samples": chosen_by.calibration_samples if calibration else 0})  # fmt: skip
     return pruned, masks, chosen_by
+
+
+def _criterion_words(run: Run) -> str:
+    if run.sparsity.criterion == "learned":
+        return (f"masks learned for {run.args.mask_learning_steps} steps from {run.args.mask_learning_prior}'s "
+                "(hf_sparse.learn_masks)")  # fmt: skip
+    return run.sparsity.criterion
+
+
+def learned_masks(run: Run, dense, pruned, chosen_by, calibration) -> dict:
+    """--criterion learned: masks learned on `pruned` (still dense here) by distilling the dense model on the
+    calibration sequences, starting from --mask_learning_prior's masks (hf_sparse.learn_masks)."""
+    prior_config = dataclasses.replace(chosen_by, criterion=run.args.mask_learning_prior)
+    prior = hf_sparse.prune_(copy.deepcopy(dense), prior_config, calibration_data=calibration,
+                             device=run.training_args.device)  # fmt: skip
+    from datasets import Dataset
+
+    ids = calibration["input_ids"].tolist()
+    rows = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    loss = hf_sparse.DistillationLoss(dense, pruned, temperature=run.args.distill_temperature)
+    args = run.stage_args(output_dir=str(run.output_dir / "mask-learning"), max_steps=run.args.mask_learning_steps,
+                          learning_rate=run.args.mask_learning_rate, warmup_steps=0, weight_decay=0.0,
+                          lr_scheduler_type="constant", save_strategy="no")  # fmt: skip
+    try:
+        return hf_sparse.learn_masks(pruned, rows, args, chosen_by, prior=prior, compute_loss_func=loss)
+    finally:
+        loss.remove()
 
 
 def recovery_data(run: Run, dense) -> tuple[Any, dict]:
@@ -516,7 +561,7 @@ def write_card_and_push(run: Run) -> None:
         trained = f"The dense model was trained here for {dense['train_steps']} optimizer steps. " if dense.get(
             "train_steps") else ""  # fmt: skip
         run.report["training_note"] = (
-            f"{trained}The 2:4 model was pruned from it by {sparse['criterion']} and distilled from it for "
+            f"{trained}The 2:4 model was pruned from it by {_criterion_words(run)} and distilled from it for "
             f"{sparse['train_steps']} optimizer steps on {sparse['recovery_data']} ({sparse['recovery_rows']} rows, "
             f"{sparse['recovery_labelled_tokens']} labelled tokens)."
         )

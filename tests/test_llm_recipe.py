@@ -221,3 +221,18 @@ def test_generation_speed_names_what_it_cannot_time(kwargs, named):
     tokenizer = byte_tokenizer()
     with pytest.raises(ValueError, match=named):
         generation_speed(tiny_llama(tokenizer), tokenizer, ["short text"], **kwargs)
+
+
+def test_learned_masks_start_from_the_prior_criterion_and_are_held_to_an_exact_2_4_checkpoint(recipe, tmp_path):
+    flags = ["--output_dir", str(tmp_path), *TINY, "--criterion", "learned", "--mask_learning_prior", "magnitude",
+             "--mask_learning_steps", "3"]  # fmt: skip
+    report = recipe.main(flags)
+    stages = report["stages"]
+    assert stages["pruned"]["layers"] == 14 and stages["pruned"]["sparsity"] == 0.5
+    assert stages["sparse"]["all_layers_exact"] is True
+    assert "masks learned for 3 steps from magnitude's" in report["training_note"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")
+    assert model.config.sparsity["criterion"] == "learned"
+    assert report["stage_arguments"]["pruned"]["mask_learning_steps"] == 3
+    with pytest.raises(SystemExit, match="--mask_learning_prior 'learned': choose magnitude, wanda or sparsegpt"):
+        recipe.main([*flags[:-4], "--mask_learning_prior", "learned", "--overwrite_output_dir", "true"])
