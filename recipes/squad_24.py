@@ -150,14 +150,9 @@ class RecipeArguments:
         default=384,
         metadata={"help": "Sequence length of the timing stage (at most the model's max_position_embeddings)."},
     )
-    timing_tune_seconds: float = field(
-        default=2.0,
-        metadata={"help": "Autotuning time per GEMM shape and token count in the timing stage (cached on disk; "
-                  "more finds faster cuSPARSELt algorithms for large layers)."},
-    )  # fmt: skip
-    fp16_eval: bool = field(
-        default=True, metadata={"help": "Evaluate in fp16 on a GPU, as the tutorial does (fp32 on a CPU)."}
-    )
+    timing_tune_seconds: float = field(default=2.0, metadata={"help": "Autotuning time per GEMM shape and token "
+                                       "count in the timing stage (cached on disk; more finds faster algorithms)."})  # fmt: skip
+    fp16_eval: bool = field(default=True, metadata={"help": "Evaluate in fp16 on a GPU, as the tutorial does."})
     cpu_threads: int | None = field(default=None, metadata={"help": "torch's CPU threads (torch.set_num_threads, over "
                                     "OMP_NUM_THREADS); offline.yaml: 1. Default: torch's choice."})  # fmt: skip
     overwrite_output_dir: bool = field(
@@ -201,8 +196,11 @@ def check_sources(args: RecipeArguments) -> None:
                       "the offline default (python recipes/squad_24.py).")  # fmt: skip
 
 
-def check_arguments(args: RecipeArguments) -> None:
+def check_arguments(args: RecipeArguments, sparsity) -> None:
     """Fails at once on arguments that cannot work together."""
+    if sparsity.criterion == "learned":  # learn_masks runs in recipes/llm_24.py; here, SparsityCallback(masks=...)
+        raise SystemExit("--criterion learned: this recipe has no mask-learning stage; choose magnitude, wanda or "
+                         "sparsegpt (recipes/llm_24.py learns masks, or see hf_sparse.learn_masks).")  # fmt: skip
     if bool(args.train_file) != bool(args.validation_file):
         given, missing = ("--train_file", "--validation_file")[:: 1 if args.train_file else -1]
         raise SystemExit(
@@ -318,7 +316,7 @@ class Run(stages.StagedRun):
 def prepare(args: RecipeArguments, sparsity, training_args: TrainingArguments) -> Run:
     """Checks the arguments and sources, reads and tokenizes the data, and opens the report (an earlier run's, if
     any, whose stages must have run with the same arguments)."""
-    check_arguments(args)
+    check_arguments(args, sparsity)
     check_sources(args)
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)

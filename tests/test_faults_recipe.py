@@ -159,6 +159,12 @@ def test_one_data_file_without_the_other_is_refused(recipe, tmp_path, given, mis
         _prepare(recipe, tmp_path, given, path)
 
 
+def test_learned_masks_are_refused_before_anything_runs(recipe, tmp_path):
+    with pytest.raises(SystemExit, match="--criterion learned: this recipe has no mask-learning stage"):
+        _prepare(recipe, tmp_path, "--criterion", "learned")
+    assert not (tmp_path / "report.json").exists()
+
+
 def test_v2_data_without_the_v2_flag_is_refused_before_training(recipe, tmp_path):
     path = shared_data("squad", "squad-v2-dev-sample.json")
     first = next(

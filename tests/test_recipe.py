@@ -176,7 +176,7 @@ def test_help_has_a_description_the_defaults_in_effect_and_criterion_choices(cap
         recipe.parse_args(["--help"])
     text = capsys.readouterr().out
     assert "The 2:4 workflow of PyTorch's BERT tutorial in one command" in text  # the description
-    assert "--criterion {magnitude,wanda,sparsegpt}" in text
+    assert "--criterion {magnitude,wanda,sparsegpt,learned}" in text
     recovery = text[text.index("--recovery-max-steps") : text.index("--distill [DISTILL]   ")]
     assert "(default: 300)" in " ".join(recovery.split())  # offline.yaml's value, which is the default in effect
     with pytest.raises(SystemExit):
@@ -325,7 +325,7 @@ BAD_CONFIGS = {
     "misspelt-key": ("max_step: 10\n", "unknown key 'max_step': did you mean 'max_steps'"),
     "unknown-key": ("zzz_nothing: 1\n", "unknown key 'zzz_nothing': it is no argument of the recipe"),
     "bad-number": ("learning_rate: fast\n", "learning_rate: 'fast' is not a valid value"),
-    "bad-choice": ("criterion: l1\n", "criterion: 'l1' is not one of ['magnitude', 'wanda', 'sparsegpt']"),
+    "bad-choice": ("criterion: l1\n", "criterion: 'l1' is not one of ['magnitude', 'wanda', 'sparsegpt', 'learned']"),
     "bad-list": ("timing_batch_sizes: [4, many]\n", "timing_batch_sizes: 'many' is not a valid value"),
 }
 
