@@ -214,6 +214,12 @@ def learn_masks(
     """
     from transformers import Trainer
 
+    if getattr(args, "gradient_checkpointing", False):
+        raise ValueError(
+            "learn_masks: gradient_checkpointing=True would recompute the forward pass during the backward one, "
+            "after the masked weights were swapped back out (torch.func.functional_call), and learn from the wrong "
+            "weights; train without it (lower the batch size or the sequence length to fit)."
+        )
     config = config or SparsityConfig()
     layers = select_layers(model, config).targets
     if not layers:

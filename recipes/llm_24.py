@@ -444,10 +444,12 @@ def learned_masks(run: Run, dense, pruned, chosen_by, calibration) -> dict:
 
     ids = calibration["input_ids"].tolist()
     rows = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    # without gradient checkpointing, which learn_masks refuses (it would recompute on the unmasked weights)
     loss = hf_sparse.DistillationLoss(dense, pruned, temperature=run.args.distill_temperature)
     args = run.stage_args(output_dir=str(run.output_dir / "mask-learning"), max_steps=run.args.mask_learning_steps,
                           learning_rate=run.args.mask_learning_rate, warmup_steps=0, weight_decay=0.0,
-                          lr_scheduler_type="constant", save_strategy="no")  # fmt: skip
+                          lr_scheduler_type="constant", save_strategy="no",
+                          gradient_checkpointing=False)  # fmt: skip
     try:
         return hf_sparse.learn_masks(pruned, rows, args, chosen_by, prior=prior, compute_loss_func=loss)
     finally:

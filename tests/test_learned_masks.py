@@ -134,6 +134,8 @@ def test_bad_priors_and_settings_are_refused_naming_what_to_fix():
         MaskLearner(model, layers, {k: v for k, v in prior.items() if k != name})
     with pytest.raises(ValueError, match="0 < temperature_end <= temperature_start"):
         MaskLearningConfig(temperature_start=0.1, temperature_end=1.0)
+    with pytest.raises(ValueError, match="gradient_checkpointing=True would recompute the forward pass"):
+        learn_masks(model, token_data(16), TrainingArguments("/tmp/never", gradient_checkpointing=True, use_cpu=True))
     with pytest.raises(ValueError, match="cannot be recomputed during training"):
         SparsityConfig(criterion="learned", mask_update_every=10)
     with pytest.raises(ValueError, match="learn them first and pass them on"):
