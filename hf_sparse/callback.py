@@ -23,7 +23,14 @@ from .config import SparsityConfig
 from .criteria import CALIBRATED_CRITERIA, compute_masks
 from .masks import SparsityReport, group_counts, is_nm, layer_sparsity, nm_mask, total_sparsity
 from .numerics import NonFiniteLossError, NumericsCallback, count_non_finite, non_finite
-from .pruning import apply_masks_, chosen_after, masks_chosen_before, nonzeros_to_compare, record_sparsity_
+from .pruning import (
+    apply_masks_,
+    checked_masks,
+    chosen_after,
+    masks_chosen_before,
+    nonzeros_to_compare,
+    record_sparsity_,
+)
 from .selection import block_of, select_layers
 
 logger = logging.getLogger(__name__)
@@ -267,22 +274,7 @@ class SparsityCallback(TrainerCallback):
 
     def _hold_masks(self, masks: dict[str, torch.Tensor]) -> None:
         self._check_finite(self._step)
-        missing, extra = set(self.layers) - set(masks), set(masks) - set(self.layers)
-        if missing or extra:
-            raise ValueError(
-                f"SparsityCallback(masks=...) must have one mask per selected layer; missing {sorted(missing)[:3]}, "
-                f"not selected {sorted(extra)[:3]}. Pass the masks prune_ returned with the same SparsityConfig."
-            )
-        held = {}
-        for name, layer in self.layers.items():
-            weight = local_tensor(layer.weight, f"{name}.weight")
-            mask = masks[name].to(device=weight.device, dtype=torch.bool)
-            if mask.shape != weight.shape or not is_nm(mask, self.config.n, self.config.m):
-                raise ValueError(
-                    f"SparsityCallback(masks=...): the mask of {name} has shape {tuple(mask.shape)} or is not "
-                    f"{self.config.sparsity_pattern}; expected an N:M boolean mask of shape {tuple(weight.shape)}."
-                )
-            held[name] = mask
+        held = checked_masks(masks, self.layers, self.config, "SparsityCallback(masks=...)")
         self._chosen = chosen_after(self._chosen, nonzeros_to_compare(self._chosen, self.config, self.layers), held)
         self.masks = held
         if self.config.updates_after(self.config.mask_start_step):

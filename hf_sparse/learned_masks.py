@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -131,14 +130,18 @@ class MaskLearner(nn.Module):
             if noise:
                 uniform = torch.rand_like(logits).clamp_(1e-10, 1 - 1e-10)
                 logits = logits - noise * torch.log(-torch.log(uniform))
-            choice = torch.softmax(logits / self.temperature, dim=-1)
+            mask = torch.softmax(logits / self.temperature, dim=-1) @ self.patterns.to(logits.dtype)
         else:
-            choice = nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
-        mask = choice @ self.patterns.to(choice.dtype)
+            mask = self.patterns[logits.argmax(-1)]  # the hard mask, as `hard_masks`
         return mask.reshape(weights.shape).to(weights.dtype)
 
     def hard_masks(self) -> dict[str, torch.Tensor]:
-        """Each layer's boolean mask: every group's most likely pattern (exactly N:M)."""
+        """Each layer's boolean mask: every group's most likely pattern (exactly N:M). Raises RuntimeError, naming the
+        layer, where its logits are not finite (a diverged learning would otherwise give every group pattern 0)."""
+        broken = [name for name in self.layers if not torch.isfinite(self.logits[_key(name)]).all()]
+        if broken:
+            raise RuntimeError(f"MaskLearner: the mask logits of {broken[:3]} are not finite (the learning diverged); "
+                               "lower the learning rate.")  # fmt: skip
         with torch.no_grad():
             return {
                 name: (self.patterns[self.logits[_key(name)].argmax(-1)] > 0).reshape(layer.weight.shape)
@@ -161,19 +164,20 @@ class MaskLearningCallback(TrainerCallback):
         progress = state.global_step / max(state.max_steps - 1, 1)
         self.learner.temperature = self.learner.config.temperature(progress)
 
-    def changed(self) -> float:
-        """The share of the N:M groups whose hard mask differs from the prior's."""
-        masks, total, differ = self.learner.hard_masks(), 0, 0
-        for name, mask in masks.items():
-            groups = (mask != self.prior[name].to(mask.device)).reshape(mask.shape[0], -1, self.learner.m)
-            differ += int(groups.any(-1).sum())
-            total += groups.shape[0] * groups.shape[1]
-        return differ / max(total, 1)
-
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None:
             logs["mask_temperature"] = round(self.learner.temperature, 5)
-            logs["mask_changed"] = round(self.changed(), 5)
+            logs["mask_changed"] = round(changed_share(self.learner.hard_masks(), self.prior, self.learner.m), 5)
+
+
+def changed_share(masks: dict[str, torch.Tensor], prior: dict[str, torch.Tensor], m: int) -> float:
+    """The share of the groups of `m` weights whose mask in `masks` differs from the prior's."""
+    total, differ = 0, 0
+    for name, mask in masks.items():
+        groups = (mask != prior[name].to(mask.device)).reshape(mask.shape[0], -1, m)
+        differ += int(groups.any(-1).sum())
+        total += groups.shape[0] * groups.shape[1]
+    return differ / max(total, 1)
 
 
 def learn_masks(
@@ -244,11 +248,8 @@ def learn_masks(
         )  # fmt: skip
         trainer.train()
         masks = learner.hard_masks()
-        share = MaskLearningCallback(learner, prior).changed()
         logger.info("hf-sparse: learned %s masks for %d layer(s); %.2f%% of the groups differ from the prior.",
-                    f"{config.n}:{config.m}", len(masks), 100 * share)  # fmt: skip
-        if not math.isfinite(share):
-            raise RuntimeError("learn_masks: the learned logits are not finite")
+                    f"{config.n}:{config.m}", len(masks), 100 * changed_share(masks, prior, config.m))  # fmt: skip
         return masks
     finally:
         for name, p in model.named_parameters():

@@ -144,7 +144,7 @@ def prune_(
     chosen = masks_chosen_before(target, names, config)
     nonzero = nonzeros_to_compare(chosen, config, layers)  # before Wanda and SparseGPT prune in place
     if masks is not None:
-        masks = Masks(checked_masks(masks, layers, config))
+        masks = Masks(checked_masks(masks, layers, config, "prune_(masks=...)"))
     else:
         masks = compute_masks(model, layers, config, calibration_data, device)
     chosen = chosen_after(chosen, nonzero, masks)
@@ -155,21 +155,27 @@ def prune_(
     return masks
 
 
-def checked_masks(masks: dict[str, torch.Tensor], layers: dict[str, nn.Linear], config: SparsityConfig) -> dict:
-    """`masks` as boolean tensors on their layers' devices, refused (naming the layer) unless there is one for every
-    layer, of its weight's shape and exactly `config`'s N:M."""
-    missing = [name for name in layers if name not in masks]
-    if missing:
-        raise ValueError(f"prune_(masks=...): no mask for {missing[:3]} ({len(missing)} of the {len(layers)} selected "
-                         "layers); give one for every layer the SparsityConfig selects.")  # fmt: skip
+def checked_masks(
+    masks: dict[str, torch.Tensor], layers: dict[str, nn.Linear], config: SparsityConfig, source: str
+) -> dict[str, torch.Tensor]:
+    """`masks` chosen elsewhere, as boolean tensors on their layers' devices (each weight's local shard under FSDP2),
+    refused (naming `source` and the layer) unless there is exactly one for each of `layers`, of its weight's shape
+    and exactly `config`'s N:M."""
+    missing, extra = set(layers) - set(masks), set(masks) - set(layers)
+    if missing or extra:
+        raise ValueError(
+            f"{source} must have one mask per selected layer; missing {sorted(missing)[:3]}, not selected "
+            f"{sorted(extra)[:3]}. Pass the masks prune_ or learn_masks returned with the same SparsityConfig."
+        )
     checked = {}
     for name, layer in layers.items():
-        mask = masks[name]
-        if tuple(mask.shape) != tuple(layer.weight.shape):
-            raise ValueError(f"prune_(masks=...): the mask of {name} is {tuple(mask.shape)}, its weight "
-                             f"{tuple(layer.weight.shape)}.")  # fmt: skip
-        if not is_nm(mask.float(), config.n, config.m):
-            raise ValueError(f"prune_(masks=...): the mask of {name} is not {config.sparsity_pattern}; masks keep "
-                             f"at most {config.n} of every {config.m} weights along the input dimension.")  # fmt: skip
-        checked[name] = mask.to(device=layer.weight.device, dtype=torch.bool)
+        weight = local_tensor(layer.weight, f"{name}.weight")
+        if tuple(masks[name].shape) != tuple(weight.shape):
+            raise ValueError(f"{source}: the mask of {name} has shape {tuple(masks[name].shape)}, its weight "
+                             f"{tuple(weight.shape)}.")  # fmt: skip
+        mask = masks[name].to(device=weight.device, dtype=torch.bool)
+        if not is_nm(mask, config.n, config.m):
+            raise ValueError(f"{source}: the mask of {name} is not {config.sparsity_pattern}; masks keep at most "
+                             f"{config.n} of every {config.m} weights along the input dimension.")  # fmt: skip
+        checked[name] = mask
     return checked

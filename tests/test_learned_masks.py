@@ -132,6 +132,11 @@ def test_bad_priors_and_settings_are_refused_naming_what_to_fix():
         MaskLearner(model, layers, {**prior, name: torch.ones_like(prior[name])})
     with pytest.raises(ValueError, match="no prior mask for"):
         MaskLearner(model, layers, {k: v for k, v in prior.items() if k != name})
+    learner = MaskLearner(model, layers, prior)
+    with torch.no_grad():
+        learner.logits["model__layers__0__mlp__down_proj"][3, 1, 0] = float("nan")
+    with pytest.raises(RuntimeError, match=f"mask logits of \\['{name}'\\] are not finite"):
+        learner.hard_masks()
     with pytest.raises(ValueError, match="0 < temperature_end <= temperature_start"):
         MaskLearningConfig(temperature_start=0.1, temperature_end=1.0)
     with pytest.raises(ValueError, match="gradient_checkpointing=True would recompute the forward pass"):
@@ -167,8 +172,8 @@ def test_prune_applies_given_masks_names_their_criterion_and_refuses_ones_that_d
     }
     name = "model.layers.0.self_attn.o_proj"
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    bad = [({k: v for k, v in masks.items() if k != name}, "no mask for"),
-           ({**masks, name: masks[name][:, :16]}, f"the mask of {name} is \\(32, 16\\), its weight \\(32, 32\\)"),
+    bad = [({k: v for k, v in masks.items() if k != name}, f"one mask per selected layer; missing \\['{name}'\\]"),
+           ({**masks, name: masks[name][:, :16]}, f"the mask of {name} has shape \\(32, 16\\), its weight \\(32, 32\\)"),
            ({**masks, name: torch.ones_like(masks[name])}, f"the mask of {name} is not 2:4")]  # fmt: skip
     for given, words in bad:
         with pytest.raises(ValueError, match=words):
