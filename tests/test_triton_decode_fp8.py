@@ -192,6 +192,10 @@ def test_the_fp8_plug_in_is_the_last_kernel_and_says_why_it_cannot_run_here(monk
     # 5/16 of the fp16 bytes and a float32 scale per output feature
     assert TRITON_DECODE_FP8.weight_bytes((4096, 4096), torch.float16) == 4096 * 4096 * 5 // 8 + 4 * 4096
     assert TRITON_DECODE_FP8.shape_problem((24, 40), torch.float16) is not None
+    # a sweep runs the e4m3 layout and checks it against the weight those values stand for, not the fp16 one
+    w = two_four(32, 64, seed=5)
+    values, meta, scale, held = TRITON_DECODE_FP8.pack(w)
+    assert values.dtype == E4M3 and scale.shape == (32,) and torch.equal(held, fake_quantized(w))
 
 
 def test_the_fp8_swap_puts_a_layer_on_the_triton_kernel_where_it_is_fastest_and_builds_its_e4m3_layer():

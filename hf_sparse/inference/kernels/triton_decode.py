@@ -157,18 +157,24 @@ class TritonDecodeKernel:
         x, w, b, rows = inputs.x, inputs.weight, inputs.bias, inputs.rows
         if rows > PREFILL_ROWS:
             return Problem(configs=[], call=lambda config: lambda: None)
-        values, meta = triton_decode.compress(w)
-        reference = F.linear(x.float(), w.float(), None if b is None else b.float())
+        values, meta, scale, held = self.pack(w)
+        reference = F.linear(x.float(), held, None if b is None else b.float())
         tolerance = 1e-2 if request.dtype == torch.bfloat16 else 5e-3
+
+        def run(config: Config) -> torch.Tensor:
+            return triton_decode.decode_linear(x, values, meta, b, config, scale)
+
         return Problem(
-            configs=compiled(
-                triton_decode.configs_for(rows), lambda c: triton_decode.decode_linear(x, values, meta, b, c)
-            ),
-            call=lambda config: lambda: triton_decode.decode_linear(x, values, meta, b, config),
+            configs=compiled(triton_decode.configs_for(rows), run),
+            call=lambda config: lambda: run(config),
             reference=reference,
             tolerance=tolerance if settings.tolerance is None else settings.tolerance,
             stop_at_refusal=False,
         )
+
+    def pack(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """`(values, meta, scale or None, the float32 weight they hold)` of a dense 2:4 weight, for a sweep."""
+        return (*triton_decode.compress(weight), None, weight.float())
 
     def layer(self, spec: LayerSpec) -> nn.Module | None:
         from ..triton_linear import TritonDecodeLinear

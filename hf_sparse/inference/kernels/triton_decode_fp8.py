@@ -8,12 +8,11 @@ against cuSPARSELt's e4m3 GEMM over every tuned token count.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import triton_decode
-from .base import Config, GemmInputs, GemmRequest, LayerSpec, Problem, SweepSettings, Weights
-from .triton_decode import PREFILL_ROWS, TritonDecodeKernel, compiled
+from .base import Config, LayerSpec, Weights
+from .triton_decode import TritonDecodeKernel
 
 
 class TritonDecodeFp8Kernel(TritonDecodeKernel):
@@ -36,28 +35,12 @@ class TritonDecodeFp8Kernel(TritonDecodeKernel):
         out_f, in_f = shape
         return out_f * (in_f // 2) + out_f * -(-in_f // 32) * 4 + 4 * out_f  # e4m3 values, positions, scales
 
-    def problem(self, request: GemmRequest, inputs: GemmInputs, settings: SweepSettings) -> Problem:
-        """The configurations of `triton_decode.configs_for` the token rows (none above `PREFILL_ROWS`), each checked
-        against `F.linear` in fp32 of the same e4m3 values times their scales (the quantization is the format's, not
-        the kernel's error)."""
-        x, w, b, rows = inputs.x, inputs.weight, inputs.bias, inputs.rows
-        if rows > PREFILL_ROWS:
-            return Problem(configs=[], call=lambda config: lambda: None)
-        values, meta, scale = triton_decode.compress_fp8(w)
-        dequantized = triton_decode.dequantize(values, meta, scale, w.shape[1])
-        reference = F.linear(x.float(), dequantized, None if b is None else b.float())
-        tolerance = 1e-2 if request.dtype == torch.bfloat16 else 5e-3
-
-        def run(config: Config) -> torch.Tensor:
-            return triton_decode.decode_linear(x, values, meta, b, config, scale)
-
-        return Problem(
-            configs=compiled(triton_decode.configs_for(rows), run),
-            call=lambda config: lambda: run(config),
-            reference=reference,
-            tolerance=tolerance if settings.tolerance is None else settings.tolerance,
-            stop_at_refusal=False,
-        )
+    def pack(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The e4m3 values, positions and row scales, and the float32 weight they stand for: each configuration is
+        checked against the same e4m3 values times their scales (the quantization is the format's, not the
+        kernel's error)."""
+        values, meta, scale = triton_decode.compress_fp8(weight)
+        return values, meta, scale, triton_decode.dequantize(values, meta, scale, weight.shape[1])
 
     def layer(self, spec: LayerSpec) -> nn.Module | None:
         from ..triton_linear import TritonDecodeLinear
