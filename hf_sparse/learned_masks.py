@@ -229,9 +229,6 @@ def learn_masks(
     if not layers:
         raise ValueError("learn_masks: the SparsityConfig selects no layer of this model; set target_modules.")
     prior = prior or {name: nm_mask(layer.weight, config.n, config.m, name) for name, layer in layers.items()}
-    missing = [name for name in layers if name not in prior]
-    if missing:
-        raise ValueError(f"learn_masks: no prior mask for {missing[:3]}; give one for every selected layer.")
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
     learner = MaskLearner(model, layers, prior, config.n, config.m, learning)
